@@ -1,0 +1,1 @@
+"""The `seedcache` command line."""

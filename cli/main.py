@@ -1,0 +1,146 @@
+"""The `seedcache` command: parses options into a `Config` and calls into `proxy/`.
+
+Options default to None so that `Config` alone decides the defaults; every `serve` option also
+reads `SEEDCACHE_<OPTION>` from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from proxy.config import DEFAULT_STORE, Config
+from proxy.errors import SeedcacheError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Group(click.Group):
+    """Maps the package's errors to a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SeedcacheError as exc:
+            click.echo(f"seedcache: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="seedcache")
+def main() -> None:
+    """seedcache: record, replay and audit OpenAI-compatible LLM calls."""
+
+
+def env(name: str) -> str:
+    """The environment variable that feeds option `name`."""
+    return "SEEDCACHE_" + name.upper().replace("-", "_")
+
+
+def store_option(func: F) -> F:
+    """The `--store` option shared by every command that reads or writes recordings."""
+    return click.option(
+        "--store",
+        envvar=env("store"),
+        help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
+        "or redis://host:port/db.",
+    )(func)
+
+
+@main.command()
+@click.option("--host", envvar=env("host"), help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, envvar=env("port"), help="Port to listen on (default 8080).")
+@click.option(
+    "--mode",
+    envvar=env("mode"),
+    help="auto (default), replay, record, audit or passthrough; VCR aliases none, once, "
+    "new_episodes, all.",
+)
+@store_option
+@click.option(
+    "--upstream",
+    envvar=env("upstream"),
+    help="The real API's base URL (default https://api.openai.com/v1).",
+)
+@click.option("--namespace", envvar=env("namespace"), help="Namespace of the recordings.")
+@click.option("--max-body", type=int, envvar=env("max_body"), help="Largest request body, bytes.")
+@click.option(
+    "--replay-timing/--no-replay-timing",
+    default=None,
+    envvar=env("replay_timing"),
+    help="Replay streams with their recorded pacing.",
+)
+@click.option(
+    "--upstream-timeout", type=float, envvar=env("upstream_timeout"), help="Read timeout, s."
+)
+@click.option(
+    "--connect-timeout", type=float, envvar=env("connect_timeout"), help="Connect timeout, s."
+)
+@click.option(
+    "--on-fingerprint-change",
+    envvar=env("on_fingerprint_change"),
+    help="keep (default), refresh or fail, when no sample has the current fingerprint.",
+)
+@click.option("--repeat", envvar=env("repeat"), help="reuse (default) or sequence.")
+@click.option("--log-level", envvar=env("log_level"), help="debug, info (default), warning.")
+@click.option(
+    "--access-log/--no-access-log",
+    default=None,
+    envvar=env("access_log"),
+    help="One line per request (default on).",
+)
+def serve(**options: Any) -> None:
+    """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
+    from aiohttp import web
+
+    from proxy.app import create_app
+
+    config = Config.build(**options)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(config)
+    click.echo(
+        f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
+        f"store {config.store}, upstream {config.upstream_base}; "
+        f"export OPENAI_BASE_URL={config.public_url}"
+    )
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        print=None,
+        access_log=logging.getLogger("seedcache.access") if config.access_log else None,
+        access_log_format='%a "%r" %s %b %Tfs %{X-Seedcache-Status}o %{X-Seedcache-Key}o',
+    )
+
+
+@main.command()
+@click.argument("request_file", type=click.File("rb"))
+@click.option("--method", default="POST", show_default=True, help="HTTP method of the request.")
+@click.option(
+    "--path",
+    default="/v1/chat/completions",
+    show_default=True,
+    help="Request path (with or without /v1).",
+)
+@click.option("--namespace", default="", help="Namespace the key is made in.")
+def key(request_file: Any, method: str, path: str, namespace: str) -> None:
+    """Print the key material and the key of a request body (a file, or - for stdin)."""
+    from proxy.keys import check_body, make_key, normalise_path, parse_json
+
+    raw = request_file.read()
+    path, _, query = path.partition("?")
+    try:
+        body = parse_json(raw)
+        check_body(body)
+    except SeedcacheError as exc:
+        raise click.ClickException(str(exc)) from None
+    canon = make_key(method, normalise_path(path, query), body, namespace)
+    click.echo(canon.material)
+    click.echo(f"key: {canon.key}")

@@ -1,0 +1,153 @@
+"""`create_app(config)`: routes, the error middleware, admin endpoints and the app's lifecycle.
+
+Long-lived resources (the store, the upstream session) live in `cleanup_ctx`; nothing is global.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from proxy import __version__
+from proxy.config import Config
+from proxy.errors import FormatError, ProxyError, StoreError
+from proxy.handlers import Handlers
+from proxy.stores.base import Store, open_store
+from proxy.upstream import Upstream
+
+log = logging.getLogger("seedcache")
+
+HANDLERS = web.AppKey("handlers", Handlers)
+CONFIG = web.AppKey("config", Config)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: Config, *, store: Store | None = None) -> web.Application:
+    """The seedcache application for `config`; a given `store` is used instead of opening one."""
+    # Bodies over max_body are refused by aiohttp itself while reading (413).
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body)
+    app[CONFIG] = config
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        opened = (
+            store if store is not None else open_store(config.store, timeout=config.store_timeout)
+        )
+        upstream = Upstream(config)
+        await upstream.start()
+        app[HANDLERS] = Handlers(config, opened, upstream)
+        try:
+            yield
+        finally:
+            await upstream.close()
+            if store is None:
+                await opened.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/_seedcache/health", health)
+    app.router.add_get("/_seedcache/stats", stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Every path that is not an admin endpoint."""
+    return await request.app[HANDLERS].handle(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness, with the mode, store and upstream."""
+    config = request.app[CONFIG]
+    return json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "mode": config.mode.value,
+            "store": request.app[HANDLERS].store.description,
+            "upstream": config.upstream_base,
+        }
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Counters: hits, misses, recorded, stale, divergences, upstream errors, by model."""
+    return json_response(request.app[HANDLERS].metrics.to_json())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    body = request.app[HANDLERS].metrics.prometheus()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(
+        status=status, body=orjson.dumps(data), headers={"Content-Type": "application/json"}
+    )
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """An OpenAI-shaped error; `x-should-retry` tells the SDK whether retrying can help."""
+    response = json_response(error.envelope(), status=error.status)
+    response.headers["x-should-retry"] = "true" if error.retry else "false"
+    response.headers["x-request-id"] = f"req_seedcache_{uuid.uuid4().hex[:24]}"
+    response.headers["X-Seedcache-Status"] = "error"
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into an OpenAI error envelope; never a traceback to the client."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    except StoreError as exc:
+        log.error("store failure on %s %s: %s", request.method, request.path, exc)
+        return error_response(
+            ProxyError(
+                503,
+                f"The seedcache store is unavailable: {exc}",
+                type="store_error",
+                code="store_unavailable",
+                retry=True,
+            )
+        )
+    except FormatError as exc:
+        log.error("unreadable recording for %s %s: %s", request.method, request.path, exc)
+        return error_response(
+            ProxyError(
+                500,
+                f"A stored recording could not be read: {exc}",
+                type="store_error",
+                code="recording_unreadable",
+            )
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = "body_too_large" if exc.status == 413 else "http_error"
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            config = request.app[CONFIG]
+            message = (
+                f"The request body is larger than the proxy's --max-body of {config.max_body} "
+                "bytes; raise it with --max-body or SEEDCACHE_MAX_BODY."
+            )
+        return error_response(ProxyError(exc.status, message, code=code))
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(
+            ProxyError(
+                500,
+                "seedcache hit an internal error; the log has the details.",
+                type="server_error",
+                code="internal_error",
+            )
+        )

@@ -1,0 +1,149 @@
+"""Modes and the server configuration: every default lives here and is validated once.
+
+The CLI passes options that were given (None means "not given"); `Config.build` fills the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import ConfigError
+
+
+class Mode(enum.StrEnum):
+    """What the proxy does with a request (DESIGN §2)."""
+
+    AUTO = "auto"
+    REPLAY = "replay"
+    RECORD = "record"
+    AUDIT = "audit"
+    PASSTHROUGH = "passthrough"
+
+    @classmethod
+    def parse(cls, value: str) -> Mode:
+        """A mode or a VCR-style alias; anything else is an error, never a fallback."""
+        name = value.strip().lower()
+        name = MODE_ALIASES.get(name, name)
+        try:
+            return cls(name)
+        except ValueError:
+            choices = ", ".join([m.value for m in cls] + sorted(MODE_ALIASES))
+            raise ConfigError(f"unknown mode {value!r}; choose one of {choices}") from None
+
+
+MODE_ALIASES = {"none": "replay", "once": "auto", "new_episodes": "auto", "all": "record"}
+
+
+class OnFingerprintChange(enum.StrEnum):
+    """What replay does when the current fingerprint has no sample (DESIGN §4)."""
+
+    KEEP = "keep"
+    REFRESH = "refresh"
+    FAIL = "fail"
+
+
+class Repeat(enum.StrEnum):
+    """Which sample identical requests get (DESIGN §5)."""
+
+    REUSE = "reuse"
+    SEQUENCE = "sequence"
+
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+DEFAULT_STORE = ".seedcache"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything `seedcache serve` can be told; the defaults here are the only defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    mode: Mode = Mode.AUTO
+    store: str = DEFAULT_STORE
+    upstream: str = DEFAULT_UPSTREAM
+    namespace: str = ""
+    max_body: int = 32 * MiB
+    replay_timing: bool = False
+    # The SDK's own read timeout is 600 s (x-stainless-read-timeout); ours must not be shorter.
+    upstream_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    on_fingerprint_change: OnFingerprintChange = OnFingerprintChange.KEEP
+    repeat: Repeat = Repeat.REUSE
+    audit_log: str | None = None
+    audit_embeddings: str | None = None
+    isolate_by_key: bool = False
+    access_tokens: tuple[str, ...] = ()
+    upstream_api_key_env: str | None = None
+    workers: int = 1
+    log_level: str = "info"
+    access_log: bool = True
+    # Seconds a disk store call may wait on SQLite's lock before failing (diskcache default is 60).
+    store_timeout: float = 2.0
+
+    @classmethod
+    def build(cls, **given: Any) -> Config:
+        """A Config from the options that were given; None means "use the default"."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(given) - fields
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        values = {name: value for name, value in given.items() if value is not None}
+        if "mode" in values and not isinstance(values["mode"], Mode):
+            values["mode"] = Mode.parse(str(values["mode"]))
+        if "on_fingerprint_change" in values:
+            values["on_fingerprint_change"] = _choice(
+                OnFingerprintChange, values["on_fingerprint_change"], "on-fingerprint-change"
+            )
+        if "repeat" in values:
+            values["repeat"] = _choice(Repeat, values["repeat"], "repeat")
+        if "access_tokens" in values:
+            values["access_tokens"] = tuple(values["access_tokens"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work."""
+        if not self.upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream must be an http(s) URL, got {self.upstream!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535, got {self.port}")
+        if self.max_body <= 0:
+            raise ConfigError("max-body must be positive")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+        if self.upstream_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+        if self.upstream_api_key_env and not os.environ.get(self.upstream_api_key_env):
+            raise ConfigError(
+                f"--upstream-api-key-env names {self.upstream_api_key_env}, which is not set"
+            )
+
+    @property
+    def upstream_base(self) -> str:
+        """The upstream URL without a trailing slash."""
+        return self.upstream.rstrip("/")
+
+    @property
+    def public_url(self) -> str:
+        """The base URL clients should use (OPENAI_BASE_URL)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/v1"
+
+
+def _choice(kind: type[enum.StrEnum], value: Any, option: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"unknown {option} {value!r}; choose one of {choices}") from None

@@ -1,0 +1,65 @@
+"""The package's few exceptions and the OpenAI error envelope they become on the wire.
+
+Every error a user can hit says what happened and what to do next; the CLI maps `SeedcacheError`
+to exit code 2 and the app maps `ProxyError` to an OpenAI-shaped response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SeedcacheError(Exception):
+    """Base of every error seedcache raises on purpose."""
+
+
+class ConfigError(SeedcacheError, ValueError):
+    """A configuration value that cannot work."""
+
+
+class FormatError(SeedcacheError, ValueError):
+    """Stored data in a format or version this seedcache does not read."""
+
+
+class StoreError(SeedcacheError):
+    """The store could not be read or written (unreachable, locked, full)."""
+
+
+class ProxyError(SeedcacheError):
+    """An error answered to the client as an OpenAI error envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry = retry
+
+    def envelope(self) -> dict[str, Any]:
+        """The OpenAI error body: {"error": {message, type, param, code}}."""
+        return error_envelope(self.message, type=self.type, code=self.code, param=self.param)
+
+
+def error_envelope(
+    message: str, *, type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The body every OpenAI-compatible server sends with an error status."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(
+    message: str, *, param: str | None = None, code: str = "invalid_body"
+) -> ProxyError:
+    """A 400 for input the proxy cannot use; the SDK does not retry it."""
+    return ProxyError(400, message, code=code, param=param)

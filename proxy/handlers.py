@@ -1,0 +1,475 @@
+"""What each mode does with a request: the only module that uses both the store and the upstream.
+
+A request flows one way: parse and key it, look in the store, replay or forward, record, answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import sse
+from proxy.config import Config, Mode, OnFingerprintChange
+from proxy.errors import ProxyError, bad_request
+from proxy.keys import CanonicalRequest, check_body, make_key, normalise_path, parse_json
+from proxy.metrics import Metrics
+from proxy.recording import Recording, Sample, pick_sample, redact, stored_headers, utc_now
+from proxy.stores.base import Store
+from proxy.upstream import Upstream, UpstreamBroken, iter_body, read_body, response_headers
+
+log = logging.getLogger("seedcache")
+
+# Endpoints whose responses are recorded and replayed (DESIGN §5); every other path is forwarded.
+RECORDED = frozenset(
+    {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/models"),
+    }
+)
+# Responses API members that make the output depend on state held upstream: never replayed.
+STATEFUL = ("previous_response_id", "conversation", "background")
+
+STATUS = "X-Seedcache-Status"
+KEY = "X-Seedcache-Key"
+FINGERPRINT = "X-Seedcache-Fingerprint"
+RECORDED_AT = "X-Seedcache-Recorded-At"
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+# How long a remembered current fingerprint is trusted before the store is asked again, so that
+# proxies sharing a store see each other's fingerprint changes without a store read per replay.
+FINGERPRINT_TTL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A request as the handlers see it: parsed, keyed, with its per-request options."""
+
+    method: str
+    path: str
+    raw: bytes
+    body: Any
+    mode: Mode
+    read: bool
+    write: bool
+    stream: bool
+    include_usage: bool
+    canon: CanonicalRequest | None
+
+    @property
+    def model(self) -> str | None:
+        return self.canon.model if self.canon else None
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A non-2xx upstream answer, kept so that coalesced followers get the same answer."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class Handlers:
+    """Per-app state (config, store, upstream, metrics, in-flight misses) and the request logic."""
+
+    def __init__(self, config: Config, store: Store, upstream: Upstream) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.metrics = Metrics()
+        # key -> the leader's outcome: True when it recorded, a Relayed error, or None (failed).
+        self._inflight: dict[str, asyncio.Future[bool | Relayed | None]] = {}
+        self._fingerprints: dict[str, tuple[str | None, float]] = {}
+
+    # -- entry point ------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one proxied request according to its mode."""
+        incoming = await self._incoming(request)
+        if incoming.mode is Mode.PASSTHROUGH or incoming.canon is None:
+            if incoming.mode is Mode.REPLAY:
+                raise self._miss(incoming, reason="this endpoint is not recorded")
+            return await self._forward(request, incoming, status="bypass")
+        canon = incoming.canon
+        if incoming.mode in (Mode.AUTO, Mode.REPLAY) and incoming.read:
+            replay = await self._lookup(request, incoming)
+            if replay is not None:
+                return replay
+            if incoming.mode is Mode.REPLAY:
+                raise self._miss(incoming)
+        coalesce = incoming.mode is Mode.AUTO
+        while True:
+            flight = self._inflight.get(canon.key) if coalesce else None
+            if flight is None:
+                return await self._lead(request, incoming, coalesce=coalesce)
+            outcome = await asyncio.shield(flight)
+            if isinstance(outcome, Relayed):
+                return web.Response(
+                    status=outcome.status, headers=outcome.headers, body=outcome.body
+                )
+            if outcome:
+                replay = await self._lookup(request, incoming)
+                if replay is not None:
+                    return replay
+            # The leader failed (client gone, upstream broke): the next one in line leads.
+
+    # -- parsing ----------------------------------------------------------------------------
+
+    async def _incoming(self, request: web.Request) -> Incoming:
+        method = request.method.upper()
+        path = normalise_path(request.path, request.query_string)
+        mode = self._mode(request)
+        raw = await request.read()
+        cache_control = request.headers.get("Cache-Control", "").lower()
+        read = "no-cache" not in cache_control
+        write = "no-store" not in cache_control
+        body: Any = None
+        canon = None
+        route = (method, path.split("?", 1)[0])
+        if mode is not Mode.PASSTHROUGH and route in RECORDED:
+            if method == "POST":
+                body = parse_json(raw)
+                check_body(body)
+            if not (route[1] == "/v1/responses" and any(body.get(m) for m in STATEFUL)):
+                namespace = request.headers.get("X-Seedcache-Namespace", self.config.namespace)
+                canon = make_key(method, path, body, namespace)
+        stream = isinstance(body, dict) and body.get("stream") is True
+        options = body.get("stream_options") if isinstance(body, dict) else None
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return Incoming(method, path, raw, body, mode, read, write, stream, include_usage, canon)
+
+    def _mode(self, request: web.Request) -> Mode:
+        asked = request.headers.get("X-Seedcache-Mode")
+        if self.config.mode is Mode.REPLAY or not asked:
+            # A replay server never contacts upstream, whatever a request says.
+            return self.config.mode
+        try:
+            return Mode.parse(asked)
+        except ValueError as exc:
+            raise bad_request(str(exc), code="invalid_seedcache_mode") from None
+
+    # -- replay -----------------------------------------------------------------------------
+
+    async def _lookup(self, request: web.Request, incoming: Incoming) -> web.StreamResponse | None:
+        """Replay the recording of this request if there is one fit to serve, else None."""
+        canon = incoming.canon
+        assert canon is not None
+        raw = await self.store.get(canon.namespace, canon.key)
+        if raw is None:
+            return None
+        recording = Recording.loads(raw)
+        pinned = request.headers.get(FINGERPRINT)
+        current = None if pinned else await self._current_fingerprint(canon.model)
+        sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
+        if sample is None:
+            if incoming.mode is Mode.REPLAY:
+                raise self._miss(incoming, reason=f"no sample has fingerprint {pinned}")
+            return None
+        if stale:
+            policy = self.config.on_fingerprint_change
+            if policy is OnFingerprintChange.REFRESH and incoming.mode is not Mode.REPLAY:
+                return None
+            if policy is OnFingerprintChange.FAIL:
+                raise ProxyError(
+                    409,
+                    f"The recording {canon.key[:12]} has no sample for the current fingerprint "
+                    f"{current} of {canon.model} (newest: {sample.system_fingerprint}). Re-record "
+                    "it with X-Seedcache-Mode: record, or pin a fingerprint with "
+                    "X-Seedcache-Fingerprint.",
+                    type="seedcache_stale",
+                    code="fingerprint_changed",
+                )
+        status = "stale" if stale else "hit"
+        self.metrics.count(status, canon.model, sample.system_fingerprint)
+        return await self._replay(request, incoming, sample, status)
+
+    async def _replay(
+        self, request: web.Request, incoming: Incoming, sample: Sample, status: str
+    ) -> web.StreamResponse:
+        canon = incoming.canon
+        assert canon is not None
+        headers = dict(sample.headers)
+        headers[STATUS] = status
+        headers[KEY] = canon.key
+        headers[RECORDED_AT] = sample.recorded_at
+        headers.setdefault("x-request-id", f"req_replay_{canon.key[:24]}")
+        if sample.system_fingerprint is not None:
+            headers[FINGERPRINT] = sample.system_fingerprint
+        if not incoming.stream:
+            body = sample.body if sample.events is None else sse.assemble(sample.events)
+            headers["content-type"] = "application/json"
+            return web.Response(status=sample.status, body=orjson.dumps(body), headers=headers)
+        events = replay_events(sample, include_usage=incoming.include_usage)
+        headers.update(SSE_HEADERS)
+        headers.pop("content-type", None)
+        response = web.StreamResponse(status=sample.status, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        if self.config.replay_timing:
+            start = time.monotonic()
+            for event in events:
+                delay = event.t_ms / 1000 - (time.monotonic() - start)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await response.write(sse.encode(event))
+        else:
+            await response.write(b"".join(sse.encode(event) for event in events))
+        await response.write_eof()
+        return response
+
+    def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
+        model = incoming.model
+        self.metrics.count("miss", model)
+        what = f"{incoming.method} {incoming.path}"
+        details = []
+        if model:
+            details.append(f"model={model}")
+        if incoming.canon is not None and incoming.canon.seed is not None:
+            details.append(f"seed={incoming.canon.seed}")
+        if details:
+            what += f" ({', '.join(details)})"
+        key = f", key {incoming.canon.key[:12]}" if incoming.canon is not None else ""
+        because = f": {reason}" if reason else ""
+        return ProxyError(
+            404,
+            f"No recording for {what}{key}{because}. Record it with: seedcache serve --mode auto",
+            type="seedcache_miss",
+            code="recording_not_found",
+        )
+
+    async def _current_fingerprint(self, model: str | None) -> str | None:
+        name = self._fingerprint_name(model)
+        cached = self._fingerprints.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < FINGERPRINT_TTL:
+            return cached[0]
+        value = await self.store.get_meta(name)
+        self._fingerprints[name] = (value, now)
+        return value
+
+    async def _remember_fingerprint(self, model: str | None, fingerprint: str | None) -> None:
+        if fingerprint is None:
+            return  # unknown is never a change
+        name = self._fingerprint_name(model)
+        if await self._current_fingerprint(model) != fingerprint:
+            await self.store.set_meta(name, fingerprint)
+        self._fingerprints[name] = (fingerprint, time.monotonic())
+
+    def _fingerprint_name(self, model: str | None) -> str:
+        return f"fingerprint:{self.config.upstream_base}|{model or ''}"
+
+    # -- live -------------------------------------------------------------------------------
+
+    async def _lead(
+        self, request: web.Request, incoming: Incoming, *, coalesce: bool
+    ) -> web.StreamResponse:
+        """Forward this request and record it; identical concurrent misses wait for us."""
+        canon = incoming.canon
+        assert canon is not None
+        flight: asyncio.Future[bool | Relayed | None] = asyncio.get_running_loop().create_future()
+        if coalesce:
+            self._inflight[canon.key] = flight
+        try:
+            return await self._forward(request, incoming, status="recorded", flight=flight)
+        finally:
+            if coalesce:
+                del self._inflight[canon.key]
+            if not flight.done():
+                flight.set_result(None)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        *,
+        status: str,
+        flight: asyncio.Future[bool | Relayed | None] | None = None,
+    ) -> web.StreamResponse:
+        """Send the request upstream and relay the answer, recording it when `flight` is given."""
+        started = time.monotonic()
+        try:
+            async with self.upstream.open(
+                incoming.method, incoming.path, request.headers.items(), incoming.raw or None
+            ) as live:
+                headers = response_headers(live.headers.items())
+                if incoming.canon is not None:
+                    headers[KEY] = incoming.canon.key
+                is_stream = live.content_type == "text/event-stream"
+                if not 200 <= live.status < 300:
+                    self.metrics.upstream_error(live.status)
+                    body = await read_body(live)
+                    headers[STATUS] = "bypass" if flight is None else "miss"
+                    if flight is not None and 400 <= live.status < 500 and live.status != 429:
+                        flight.set_result(Relayed(live.status, tuple(headers.items()), body))
+                    return web.Response(status=live.status, headers=headers, body=body)
+                headers[STATUS] = status
+                if is_stream:
+                    return await self._relay_stream(
+                        request, incoming, live, headers, flight, started
+                    )
+                body = await read_body(live)
+                if flight is not None:
+                    await self._record_body(incoming, live, body, started, flight)
+                self.metrics.count(status, incoming.model)
+                return web.Response(status=live.status, headers=headers, body=body)
+        except ProxyError:
+            self.metrics.upstream_error(0)
+            raise
+
+    async def _record_body(
+        self,
+        incoming: Incoming,
+        live: Any,
+        body: bytes,
+        started: float,
+        flight: asyncio.Future[bool | Relayed | None],
+    ) -> None:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            log.warning("not recording %s: the upstream body is not JSON", incoming.path)
+            return
+        if not isinstance(parsed, (dict, list)):
+            return
+        sample = self._sample(live, started, body=parsed)
+        await self._record(incoming, sample, flight)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        live: Any,
+        headers: Any,
+        flight: asyncio.Future[bool | Relayed | None] | None,
+        started: float,
+    ) -> web.StreamResponse:
+        headers.update(SSE_HEADERS)
+        response = web.StreamResponse(status=live.status, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        decoder = sse.Decoder()
+        events: list[sse.Event] = []
+        try:
+            async for chunk in iter_body(live):
+                t_ms = int((time.monotonic() - started) * 1000)
+                for event in decoder.decode(chunk, t_ms):
+                    events.append(event)
+                    await response.write(sse.encode(event))
+        except UpstreamBroken as exc:
+            # Ending the body cleanly would make a truncated answer look complete to the SDK:
+            # close the connection with the chunked body unterminated instead.
+            log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
+            self.metrics.upstream_error(0)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionError:
+            # The client went away: what it did not receive is not recorded (DESIGN §5).
+            log.info("client left during the stream of %s; nothing recorded", incoming.path)
+            return response
+        events.extend(decoder.flush())
+        if flight is not None and sse.is_complete(events, incoming.path):
+            sample = self._sample(live, started, events=tuple(events))
+            await self._record(incoming, sample, flight)
+        self.metrics.count(headers[STATUS], incoming.model)
+        await response.write_eof()
+        return response
+
+    def _sample(
+        self,
+        live: Any,
+        started: float,
+        *,
+        body: Any = None,
+        events: tuple[sse.Event, ...] | None = None,
+    ) -> Sample:
+        first = body if body is not None else _first_chunk(events or ())
+        model = first.get("model") if isinstance(first, dict) else None
+        fingerprint = first.get("system_fingerprint") if isinstance(first, dict) else None
+        return Sample(
+            recorded_at=utc_now(),
+            upstream=self.config.upstream_base,
+            model=model if isinstance(model, str) else None,
+            system_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+            status=live.status,
+            headers=stored_headers(live.headers.items()),
+            elapsed_ms=int((time.monotonic() - started) * 1000),
+            body=body,
+            events=events,
+        )
+
+    async def _record(
+        self, incoming: Incoming, sample: Sample, flight: asyncio.Future[bool | Relayed | None]
+    ) -> None:
+        canon = incoming.canon
+        assert canon is not None
+        await self._remember_fingerprint(canon.model, sample.system_fingerprint)
+        if not incoming.write:
+            return
+        fresh = Recording(
+            key=canon.key,
+            method=canon.method,
+            path=canon.path,
+            body=redact(canon.body),
+            namespace=canon.namespace,
+        )
+
+        def add(old: bytes | None) -> bytes:
+            recording = fresh if old is None else Recording.loads(old)
+            return recording.with_sample(sample).dumps()
+
+        await self.store.update(canon.namespace, canon.key, add)
+        if not flight.done():
+            flight.set_result(True)
+
+
+def _first_chunk(events: tuple[sse.Event, ...]) -> Mapping[str, Any] | None:
+    for event in events:
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            # Responses API events carry the response object inside.
+            inner = data.get("response")
+            return inner if isinstance(inner, dict) else data
+    return None
+
+
+def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
+    """The events a streaming request gets from a sample.
+
+    A streamed sample is replayed as recorded, unless the request's include_usage differs from
+    the recording's: code that reads `chunk.choices[0]` crashes on a usage chunk it did not ask
+    for, so the stream is then rebuilt from the assembled response.
+    """
+    if sample.events is not None:
+        if _has_usage_chunk(sample.events) == include_usage or _is_responses(sample.events):
+            return list(sample.events)
+        return sse.synthesise(sse.assemble(sample.events), include_usage=include_usage)
+    return sse.synthesise(sample.body, include_usage=include_usage)
+
+
+def _has_usage_chunk(events: tuple[sse.Event, ...]) -> bool:
+    for event in reversed(events):
+        if event.data.startswith("{") and '"usage"' in event.data:
+            try:
+                data = orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and data.get("choices") == [] and data.get("usage"):
+                return True
+    return False
+
+
+def _is_responses(events: tuple[sse.Event, ...]) -> bool:
+    return any(event.event is not None for event in events[:1])

@@ -1,0 +1,178 @@
+"""The canonical request and its key (DESIGN §3).
+
+Pure: turns a method, path and parsed JSON body into key material and a sha256 key. Changing any
+rule here changes `KEY_SCHEME`, so that old recordings miss instead of answering the wrong request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.errors import bad_request
+
+KEY_SCHEME = "seedcache-key/1"
+
+# Members that change framing, billing or tracking but never the generated output. An explicit
+# denylist: an allowlist would silently merge requests differing in an extension it did not know.
+BOOKKEEPING = frozenset(
+    {
+        "stream",
+        "stream_options",
+        "user",
+        "safety_identifier",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        # vLLM and llama.cpp server bookkeeping.
+        "request_id",
+        "priority",
+        "cache_salt",
+        "kv_transfer_params",
+        "id_slot",
+        "timings_per_token",
+        "return_progress",
+    }
+)
+
+# Members whose type the key (and the miss explanation) relies on: name -> accepted types.
+_TYPED_MEMBERS: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "messages": (list,),
+    "seed": (int,),
+    "n": (int,),
+    "temperature": (int, float),
+    "top_p": (int, float),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalRequest:
+    """A request reduced to what decides its output, with its key material and key."""
+
+    namespace: str
+    method: str
+    path: str
+    body: Any
+    material: str
+    key: str
+
+    @property
+    def model(self) -> str | None:
+        """The requested model, if the body names one."""
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return model if isinstance(model, str) else None
+
+    @property
+    def seed(self) -> int | None:
+        """The requested seed, if any."""
+        seed = self.body.get("seed") if isinstance(self.body, dict) else None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def normalise_path(path: str, query: str = "") -> str:
+    """The request path with the `/v1` prefix made explicit, plus its query string if any."""
+    path = "/" + path.lstrip("/")
+    if path != "/v1" and not path.startswith("/v1/"):
+        path = "/v1" + path
+    return f"{path}?{query}" if query else path
+
+
+def canonical_body(body: Any) -> Any:
+    """The body as keyed: top-level nulls and bookkeeping dropped, numbers by value."""
+    if not isinstance(body, Mapping):
+        return _canonical_value(body)
+    return {
+        name: _canonical_value(value)
+        for name, value in body.items()
+        if value is not None and name not in BOOKKEEPING
+    }
+
+
+def canonical_json(value: Any) -> str:
+    """Compact JSON with sorted members and raw UTF-8: the text that is hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_body(body: Any) -> None:
+    """Raise a 400 for a body the key cannot be built from (not an object, mistyped members)."""
+    if not isinstance(body, dict):
+        raise bad_request(
+            f"The request body must be a JSON object, got {type(body).__name__}.",
+            code="invalid_body",
+        )
+    for name, types in _TYPED_MEMBERS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
+            raise bad_request(
+                f"'{name}' must be {wanted}, got {_json_type(value)}.",
+                param=name,
+                code="invalid_type",
+            )
+
+
+def make_key(method: str, path: str, body: Any, namespace: str = "") -> CanonicalRequest:
+    """Canonicalise a request and hash it into its key."""
+    canonical = canonical_body(body)
+    method = method.upper()
+    material = "\n".join((KEY_SCHEME, namespace, method, path, canonical_json(canonical)))
+    key = hashlib.sha256(material.encode("utf-8")).hexdigest()
+    return CanonicalRequest(namespace, method, path, canonical, material, key)
+
+
+def _canonical_value(value: Any) -> Any:
+    # 1 and 1.0 are one number: integral floats become ints, so every SDK keys alike.
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        return value
+    if isinstance(value, Mapping):
+        return {name: _canonical_value(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_canonical_value(item) for item in value]
+    return value
+
+
+_JSON_TYPE_NAMES = {str: "a string", list: "an array", int: "an integer", float: "a number"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON, or a 400 that says what is wrong with it."""
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            # orjson refuses integers beyond 64 bits, which JSON allows; NaN stays refused.
+            return json.loads(raw, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request(
+                f"The request body is not valid JSON: {exc}.", code="invalid_json"
+            ) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,80 @@
+"""Counters of what the proxy did: the `/_seedcache/stats` JSON and the Prometheus `/metrics`.
+
+Pure bookkeeping; the handlers count, the app serves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client.exposition import generate_latest
+
+OUTCOMES = ("hit", "miss", "recorded", "stale", "bypass", "audited")
+
+
+class Metrics:
+    """Totals and per (model, fingerprint) counts of outcomes, divergences and upstream errors."""
+
+    def __init__(self) -> None:
+        self.totals: Counter[str] = Counter(
+            {name: 0 for name in (*OUTCOMES, "divergences", "upstream_errors")}
+        )
+        self.by_model: dict[tuple[str, str], Counter[str]] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = PromCounter(
+            "seedcache_requests",
+            "Proxied requests by outcome (X-Seedcache-Status).",
+            ["status", "model"],
+            registry=self.registry,
+        )
+        self._divergences = PromCounter(
+            "seedcache_divergences",
+            "Live responses that diverged from their recording, by verdict.",
+            ["model", "verdict", "fingerprint_changed"],
+            registry=self.registry,
+        )
+        self._upstream_errors = PromCounter(
+            "seedcache_upstream_errors",
+            "Upstream failures and non-2xx answers, by status.",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def count(self, outcome: str, model: str | None, fingerprint: str | None = None) -> None:
+        """Count one request's outcome."""
+        self.totals[outcome] += 1
+        self._bucket(model, fingerprint)[outcome] += 1
+        self._requests.labels(outcome, model or "").inc()
+
+    def divergence(
+        self, model: str | None, fingerprint: str | None, verdict: str, fingerprint_changed: bool
+    ) -> None:
+        """Count one divergence found by the audit."""
+        self.totals["divergences"] += 1
+        self._bucket(model, fingerprint)["divergences"] += 1
+        self._divergences.labels(model or "", verdict, str(fingerprint_changed).lower()).inc()
+
+    def upstream_error(self, status: int) -> None:
+        """Count an upstream failure (status 0: no response at all)."""
+        self.totals["upstream_errors"] += 1
+        self._upstream_errors.labels(str(status)).inc()
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats document."""
+        return {
+            **dict(self.totals),
+            "by_model": [
+                {"model": model, "system_fingerprint": fingerprint or None, **dict(counts)}
+                for (model, fingerprint), counts in sorted(self.by_model.items())
+            ],
+        }
+
+    def prometheus(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
+
+    def _bucket(self, model: str | None, fingerprint: str | None) -> Counter[str]:
+        return self.by_model.setdefault((model or "", fingerprint or ""), Counter())

@@ -1,0 +1,218 @@
+"""Recordings and samples: the `seedcache.recording/1` format, header allowlists and redaction.
+
+Pure: converts between `Recording` objects and the JSON every store holds (DESIGN §8). Picking
+which sample to serve is here too, since it only reads a recording.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from proxy.errors import FormatError
+from proxy.sse import Event
+
+FORMAT = "seedcache.recording/1"
+
+# Response headers worth replaying; the rest (cookies, rate limits, organisation) is live-only.
+STORED_RESPONSE_HEADERS = frozenset(
+    {"content-type", "openai-processing-ms", "openai-version", "x-request-id"}
+)
+
+# API-key shaped secrets: OpenAI/Anthropic style keys and bearer tokens.
+_SECRET = re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}|\bBearer\s+[A-Za-z0-9._~+/\-]{8,}=*")
+REDACTED = "<redacted>"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One recorded response with the identity of the backend that produced it."""
+
+    recorded_at: str
+    upstream: str
+    model: str | None
+    system_fingerprint: str | None
+    status: int
+    headers: dict[str, str]
+    elapsed_ms: int
+    body: Any = None
+    events: tuple[Event, ...] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        """True when the sample was recorded from a stream."""
+        return self.events is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The sample as stored."""
+        return {
+            "recorded_at": self.recorded_at,
+            "upstream": self.upstream,
+            "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
+            "status": self.status,
+            "headers": dict(sorted(self.headers.items())),
+            "elapsed_ms": self.elapsed_ms,
+            "body": self.body,
+            "events": None
+            if self.events is None
+            else [{"data": e.data, "event": e.event, "t_ms": e.t_ms} for e in self.events],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Sample:
+        """A sample from its stored JSON."""
+        events = data.get("events")
+        return cls(
+            recorded_at=str(data["recorded_at"]),
+            upstream=str(data.get("upstream", "")),
+            model=data.get("model"),
+            system_fingerprint=data.get("system_fingerprint"),
+            status=int(data.get("status", 200)),
+            headers={str(k): str(v) for k, v in (data.get("headers") or {}).items()},
+            elapsed_ms=int(data.get("elapsed_ms", 0)),
+            body=data.get("body"),
+            events=None
+            if events is None
+            else tuple(
+                Event(str(e["data"]), e.get("event"), int(e.get("t_ms", 0))) for e in events
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Recording:
+    """Everything stored under one key: the canonical request and its samples, oldest first."""
+
+    key: str
+    method: str
+    path: str
+    body: Any
+    namespace: str = ""
+    samples: tuple[Sample, ...] = field(default_factory=tuple)
+
+    @property
+    def model(self) -> str | None:
+        """The requested model, if the request named one."""
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return model if isinstance(model, str) else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The recording as stored (DESIGN §8)."""
+        return {
+            "format": FORMAT,
+            "key": self.key,
+            "namespace": self.namespace,
+            "request": {"method": self.method, "path": self.path, "body": self.body},
+            "samples": [s.to_json() for s in self.samples],
+        }
+
+    def dumps(self, *, pretty: bool = False) -> bytes:
+        """The stored bytes; `pretty` gives the stable, indented form for files in git."""
+        option = orjson.OPT_SORT_KEYS | (orjson.OPT_INDENT_2 if pretty else 0)
+        text = orjson.dumps(self.to_json(), option=option)
+        return text + b"\n" if pretty else text
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Recording:
+        """A recording from its stored JSON; an unknown format is an error that says what to do."""
+        fmt = data.get("format")
+        if fmt != FORMAT:
+            raise FormatError(
+                f"recording format {fmt!r} is not {FORMAT!r}: this seedcache cannot read it; "
+                "re-record it, or upgrade seedcache if it was written by a newer version"
+            )
+        request = data["request"]
+        return cls(
+            key=str(data["key"]),
+            method=str(request["method"]),
+            path=str(request["path"]),
+            body=request.get("body"),
+            namespace=str(data.get("namespace", "")),
+            samples=tuple(Sample.from_json(s) for s in data.get("samples", ())),
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Recording:
+        """A recording from stored bytes."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise FormatError(f"stored recording is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise FormatError("stored recording is not a JSON object")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"stored recording is malformed: {exc!r}") from None
+
+    def with_sample(self, sample: Sample) -> Recording:
+        """This recording with `sample` added, newest last.
+
+        One sample per distinct (fingerprint, output): a sample equal in both to an existing one
+        replaces it (moving it to the end), so re-recording the same output does not grow it.
+        """
+        kept = tuple(s for s in self.samples if not _same_output(s, sample))
+        return replace(self, samples=(*kept, sample))
+
+
+def _same_output(a: Sample, b: Sample) -> bool:
+    if a.system_fingerprint != b.system_fingerprint:
+        return False
+    if a.events is not None and b.events is not None:
+        return [e.data for e in a.events] == [e.data for e in b.events]
+    return a.events is None and b.events is None and a.body == b.body
+
+
+def pick_sample(
+    samples: tuple[Sample, ...], *, current: str | None, pinned: str | None = None
+) -> tuple[Sample | None, bool]:
+    """The sample to replay and whether it is stale (DESIGN §4).
+
+    A pinned fingerprint must match exactly. Otherwise the newest sample with the current
+    fingerprint wins; a null fingerprint on either side is "unknown" and matches anything; if
+    nothing matches, the newest sample is returned marked stale.
+    """
+    if not samples:
+        return None, False
+    if pinned is not None:
+        return next((s for s in reversed(samples) if s.system_fingerprint == pinned), None), False
+    if current is None:
+        return samples[-1], False
+    for sample in reversed(samples):
+        if sample.system_fingerprint == current:
+            return sample, False
+    for sample in reversed(samples):
+        if sample.system_fingerprint is None:
+            return sample, False
+    return samples[-1], True
+
+
+def stored_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The allowlisted response headers, lower-cased, for storing with a sample."""
+    return {
+        name.lower(): redact(value)
+        for name, value in headers
+        if name.lower() in STORED_RESPONSE_HEADERS
+    }
+
+
+def redact(value: Any) -> Any:
+    """`value` with API-key shaped strings replaced, recursively through JSON containers."""
+    if isinstance(value, str):
+        return _SECRET.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def utc_now() -> str:
+    """The current time as stored: ISO 8601 UTC with a Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,64 @@
+"""The `Store` protocol every store implements, and `open_store` to pick one from `--store`.
+
+Stores speak bytes under (namespace, key); what the bytes mean (recordings, HTTP) stays above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from proxy.errors import ConfigError
+
+# An atomic read-modify-write step: given the stored bytes (None if absent), the bytes to store,
+# or None to leave the value as it is.
+Updater = Callable[[bytes | None], bytes | None]
+
+
+class Store(Protocol):
+    """Where recordings, the current fingerprints and audit events live."""
+
+    description: str
+
+    async def get(self, namespace: str, key: str) -> bytes | None:
+        """The value under `key`, or None."""
+
+    async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
+        """Apply `fn` to the value atomically (against other writers); return what is stored."""
+
+    async def put(self, namespace: str, key: str, value: bytes) -> None:
+        """Store `value` under `key`, replacing what was there."""
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        """Remove `key`; True if it was there."""
+
+    def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
+        """Every (namespace, key, value) stored, in no particular order."""
+
+    async def get_meta(self, name: str) -> str | None:
+        """A small shared state value (the current fingerprint of a model, …)."""
+
+    async def set_meta(self, name: str, value: str) -> None:
+        """Set a shared state value."""
+
+    async def append_event(self, event: bytes) -> None:
+        """Append one audit event (JSON bytes)."""
+
+    def events(self) -> AsyncIterator[bytes]:
+        """Every audit event, oldest first."""
+
+    async def close(self) -> None:
+        """Release connections and files."""
+
+
+def open_store(spec: str, *, timeout: float = 2.0) -> Store:
+    """The store named by a `--store` value: a directory, `files:DIR`, or `redis://…`."""
+    if not spec:
+        raise ConfigError("--store must not be empty")
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("the Redis store is not available in this version of seedcache")
+    if spec.startswith("files:"):
+        raise ConfigError("the files: store is not available in this version of seedcache")
+    from proxy.stores.disk import DiskStore
+
+    return DiskStore(spec, timeout=timeout)

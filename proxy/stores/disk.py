@@ -1,0 +1,98 @@
+"""The default store: a diskcache directory with eviction off (recordings are an archive).
+
+Reads run on the event loop: SQLite in WAL mode never makes a reader wait for a writer, so a read
+costs one indexed lookup. Writes take a transaction and may wait on other writers, so they run in
+a worker thread, and a short SQLite timeout turns a stuck lock into an error instead of a stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import diskcache
+
+from proxy.errors import StoreError
+from proxy.stores.base import Updater
+
+T = TypeVar("T")
+
+_RECORDING = "rec:"
+_META = "meta:"
+_EVENTS = "audit"
+
+
+class DiskStore:
+    """Recordings in a local diskcache directory."""
+
+    def __init__(self, directory: str, *, timeout: float = 2.0) -> None:
+        self.description = directory
+        try:
+            # eviction_policy="none": never cull; size_limit is then irrelevant.
+            self._cache = diskcache.Cache(directory, eviction_policy="none", timeout=timeout)
+        except (OSError, diskcache.Timeout) as exc:
+            raise StoreError(f"cannot open the disk store at {directory!r}: {exc}") from None
+
+    async def get(self, namespace: str, key: str) -> bytes | None:
+        return self._call(self._cache.get, _RECORDING + key)  # type: ignore[no-any-return]
+
+    async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
+        return await self._off_loop(self._update, _RECORDING + key, fn)
+
+    async def put(self, namespace: str, key: str, value: bytes) -> None:
+        await self._off_loop(self._cache.set, _RECORDING + key, value)
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        return bool(await self._off_loop(self._cache.delete, _RECORDING + key))
+
+    async def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
+        names = await self._off_loop(lambda: list(self._cache.iterkeys()))
+        for name in names:
+            if isinstance(name, str) and name.startswith(_RECORDING):
+                value = await self._off_loop(self._cache.get, name)
+                if value is not None:
+                    yield "", name[len(_RECORDING) :], value
+
+    async def get_meta(self, name: str) -> str | None:
+        return self._call(self._cache.get, _META + name)  # type: ignore[no-any-return]
+
+    async def set_meta(self, name: str, value: str) -> None:
+        await self._off_loop(self._cache.set, _META + name, value)
+
+    async def append_event(self, event: bytes) -> None:
+        await self._off_loop(self._cache.push, event, prefix=_EVENTS)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        prefix = _EVENTS + "-"
+        names = await self._off_loop(lambda: list(self._cache.iterkeys()))
+        for name in names:
+            if isinstance(name, str) and name.startswith(prefix):
+                value = await self._off_loop(self._cache.get, name)
+                if value is not None:
+                    yield value
+
+    async def close(self) -> None:
+        self._cache.close()
+
+    def _update(self, name: str, fn: Updater) -> bytes | None:
+        with self._cache.transact():
+            old = self._cache.get(name)
+            new = fn(old)
+            if new is None:
+                return old  # type: ignore[no-any-return]
+            self._cache.set(name, new)
+            return new
+
+    def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except diskcache.Timeout:
+            raise StoreError(f"the disk store at {self.description!r} is locked") from None
+        except OSError as exc:
+            raise StoreError(f"the disk store at {self.description!r} failed: {exc}") from None
+
+    async def _off_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(self._call, method, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
