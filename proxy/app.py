@@ -129,6 +129,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 code="recording_unreadable",
             )
         )
+    except ConnectionError:
+        # The client went away mid-response; aiohttp drops the connection quietly.
+        log.info("client disconnected during %s %s", request.method, request.path)
+        return web.Response(status=499)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,7 +222,7 @@ class Handlers:
                 await response.write(sse.encode(event))
         else:
             await response.write(b"".join(sse.encode(event) for event in events))
-        await response.write_eof()
+        # aiohttp ends the body (write_eof) and handles a client that has already gone.
         return response
 
     def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
@@ -317,9 +316,11 @@ class Handlers:
                         request, incoming, live, headers, flight, started
                     )
                 body = await read_body(live)
+                sample = None
                 if flight is not None:
-                    await self._record_body(incoming, live, body, started, flight)
-                self.metrics.count(status, incoming.model)
+                    sample = await self._record_body(incoming, live, body, started, flight)
+                fingerprint = sample.system_fingerprint if sample else None
+                self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
         except ProxyError:
             self.metrics.upstream_error(0)
@@ -332,16 +333,17 @@ class Handlers:
         body: bytes,
         started: float,
         flight: asyncio.Future[bool | Relayed | None],
-    ) -> None:
+    ) -> Sample | None:
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
             log.warning("not recording %s: the upstream body is not JSON", incoming.path)
-            return
+            return None
         if not isinstance(parsed, (dict, list)):
-            return
+            return None
         sample = self._sample(live, started, body=parsed)
         await self._record(incoming, sample, flight)
+        return sample
 
     async def _relay_stream(
         self,
@@ -377,11 +379,11 @@ class Handlers:
             log.info("client left during the stream of %s; nothing recorded", incoming.path)
             return response
         events.extend(decoder.flush())
+        _, fingerprint = response_identity(None, tuple(events))
         if flight is not None and sse.is_complete(events, incoming.path):
             sample = self._sample(live, started, events=tuple(events))
             await self._record(incoming, sample, flight)
-        self.metrics.count(headers[STATUS], incoming.model)
-        await response.write_eof()
+        self.metrics.count(headers[STATUS], incoming.model, fingerprint)
         return response
 
     def _sample(
@@ -392,14 +394,12 @@ class Handlers:
         body: Any = None,
         events: tuple[sse.Event, ...] | None = None,
     ) -> Sample:
-        first = body if body is not None else _first_chunk(events or ())
-        model = first.get("model") if isinstance(first, dict) else None
-        fingerprint = first.get("system_fingerprint") if isinstance(first, dict) else None
+        model, fingerprint = response_identity(body, events or ())
         return Sample(
             recorded_at=utc_now(),
             upstream=self.config.upstream_base,
-            model=model if isinstance(model, str) else None,
-            system_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+            model=model,
+            system_fingerprint=fingerprint,
             status=live.status,
             headers=stored_headers(live.headers.items()),
             elapsed_ms=int((time.monotonic() - started) * 1000),
@@ -432,17 +432,25 @@ class Handlers:
             flight.set_result(True)
 
 
-def _first_chunk(events: tuple[sse.Event, ...]) -> Mapping[str, Any] | None:
-    for event in events:
-        try:
-            data = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(data, dict):
-            # Responses API events carry the response object inside.
-            inner = data.get("response")
-            return inner if isinstance(inner, dict) else data
-    return None
+def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | None, str | None]:
+    """The response `model` and `system_fingerprint` of a body, or of a stream's first chunk."""
+    first: Any = body
+    if first is None:
+        for event in events:
+            try:
+                first = orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(first, dict) and isinstance(first.get("response"), dict):
+                first = first["response"]  # Responses API events carry the response inside
+            break
+    if not isinstance(first, dict):
+        return None, None
+    model, fingerprint = first.get("model"), first.get("system_fingerprint")
+    return (
+        model if isinstance(model, str) else None,
+        fingerprint if isinstance(fingerprint, str) else None,
+    )
 
 
 def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:

@@ -1,0 +1,743 @@
+"""Comparing a recorded response with a live one (DESIGN §7): the verdict, the differing JSON paths
+and the similarity measures. Pure: the caller assembles streams, fetches embeddings and writes the
+audit event.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import difflib
+import enum
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from proxy.keys import BOOKKEEPING
+
+# Left out of the verdict (DESIGN §7). `created_at`/`completed_at` are the Responses API's
+# timestamps and `timings` is llama.cpp's per-request performance report: both differ on every
+# call. `usage` is special: its differences are listed and decide the verdict only when nothing
+# else differs.
+VOLATILE = frozenset(
+    {
+        "id",
+        "created",
+        "created_at",
+        "completed_at",
+        "system_fingerprint",
+        "usage",
+        "service_tier",
+        "obfuscation",
+        "timings",
+    }
+)
+
+# Stands for a member or item present on one side only, in `Difference.recorded`/`.live`.
+ABSENT = "<absent>"
+
+# Responses objects echo request members; the bookkeeping ones are not in the key (DESIGN §3), so
+# two requests differing only in `metadata` or `user` share a sample and must not look diverged.
+_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | BOOKKEEPING
+
+# Random per call upstream: tool call ids (`call_…`), Responses item ids (`msg_…`, `fc_…`, `rs_…`)
+# and call ids, audio ids and their expiry, and reasoning encrypted with a fresh nonce each time.
+_NESTED_VOLATILE = re.compile(
+    r"choices\[\d+\]\.message\.(?:tool_calls\[\d+\]\.id|audio\.(?:id|expires_at))"
+    r"|output\[\d+\]\.(?:id|call_id|encrypted_content)"
+)
+_NESTED_VOLATILE_ENDINGS = (".id", ".expires_at", ".call_id", ".encrypted_content")
+
+_CHAT_CONTENT = re.compile(
+    r"choices\[\d+\]\.(?:text|message\.(?:content|refusal|audio"
+    r"|reasoning_content|reasoning|reasoning_details))(?![^.\[])"
+)
+# Tool calls themselves, whole or by their type, function or custom input; not other members of a
+# call such as a stream's leftover `index`, which are differences of form.
+_CHAT_TOOL_CALLS = re.compile(
+    r"choices\[\d+\]\.message\.(?:function_call(?:[.\[].*)?"
+    r"|tool_calls(?:\[\d+\](?:\.(?:type|function|custom)(?:[.\[].*)?)?)?)",
+    re.DOTALL,
+)
+_CHOICE_FINISH = re.compile(r"choices\[\d+\]\.(?:finish_reason|stop_reason)")
+_INCOMPLETE = ("incomplete_details.", "incomplete_details[")
+_EMBEDDING = re.compile(r"data\[\d+\]\.embedding")
+_OUTPUT_ITEM = re.compile(r"output\[(\d+)\](.*)", re.DOTALL)
+_OUTPUT_TEXT = re.compile(r"\.(?:content|summary)(?:\[\d+\](?:\.(?:text|refusal|transcript))?)?")
+_TOOL_ITEM_TYPES = frozenset({"function_call", "custom_tool_call"})
+_TEXT_ITEM_TYPES = frozenset({"message", "reasoning"})
+_TOOL_ITEM_MEMBERS = frozenset({".name", ".arguments", ".input"})
+
+_PLAIN_NAME = re.compile(r"[^.\[\]\s\"']+")
+
+# Character-level SequenceMatcher costs roughly len(a) * len(b) / 100 µs on English text (2,000
+# chars each: ~40 ms). Above this budget the middle part is matched word by word instead.
+_EXACT_RATIO_BUDGET = 2_000_000
+_WORD = re.compile(r"\s*\S+|\s+")
+
+_DIFFERENCE_LIMIT = 50
+
+
+class Verdict(enum.StrEnum):
+    """What a divergence is about, in order of precedence (DESIGN §7)."""
+
+    IDENTICAL = "identical"
+    CONTENT = "content"
+    TOOL_CALLS = "tool_calls"
+    FINISH_REASON = "finish_reason"
+    USAGE_ONLY = "usage_only"
+    SHAPE = "shape"
+
+
+# How `differences` are ordered: what decided the verdict first, usage last.
+_LISTING_ORDER = (
+    Verdict.CONTENT,
+    Verdict.TOOL_CALLS,
+    Verdict.FINISH_REASON,
+    Verdict.SHAPE,
+    Verdict.USAGE_ONLY,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """One JSON path whose value differs, with both values shortened for a log line."""
+
+    path: str
+    recorded: Any
+    live: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Similarity:
+    """How far apart the two output texts (or embedding vectors) are."""
+
+    text_ratio: float | None
+    ngram_cosine_distance: float | None
+    first_difference_at: int | None
+    embedding_distance: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The outcome of comparing a recorded response with a live one."""
+
+    verdict: Verdict
+    differences: tuple[Difference, ...]
+    similarity: Similarity
+    recorded_fingerprint: str | None
+    live_fingerprint: str | None
+
+    @property
+    def fingerprint_changed(self) -> bool:
+        """True only when both fingerprints are known and differ (null means unknown, §4)."""
+        return (
+            self.recorded_fingerprint is not None
+            and self.live_fingerprint is not None
+            and self.recorded_fingerprint != self.live_fingerprint
+        )
+
+    @property
+    def diverged(self) -> bool:
+        """True when the live response differs from the recorded one in anything but volatiles."""
+        return self.verdict is not Verdict.IDENTICAL
+
+    def to_json(self) -> dict[str, Any]:
+        """The comparison part of an audit event, JSON-serialisable, floats to 4 places."""
+        sim = self.similarity
+        return {
+            "verdict": self.verdict.value,
+            "fingerprint_changed": self.fingerprint_changed,
+            "recorded_fingerprint": self.recorded_fingerprint,
+            "live_fingerprint": self.live_fingerprint,
+            "differences": [
+                {"path": d.path, "recorded": d.recorded, "live": d.live} for d in self.differences
+            ],
+            "similarity": {
+                "text_ratio": _round(sim.text_ratio),
+                "ngram_cosine_distance": _round(sim.ngram_cosine_distance),
+                "first_difference_at": sim.first_difference_at,
+                "embedding_distance": _round(sim.embedding_distance),
+            },
+        }
+
+
+def compare(recorded: Mapping[str, Any], live: Mapping[str, Any]) -> Comparison:
+    """Compare two responses of the same shape (streams already assembled)."""
+    collector = _Collector(_item_types(recorded), _item_types(live))
+    _walk(recorded, live, "", collector)
+
+    verdict = Verdict.IDENTICAL
+    for candidate in (Verdict.CONTENT, Verdict.TOOL_CALLS, Verdict.FINISH_REASON, Verdict.SHAPE):
+        if collector.found[candidate]:
+            verdict = candidate
+            break
+    else:
+        if collector.found[Verdict.USAGE_ONLY]:
+            verdict = Verdict.USAGE_ONLY
+
+    listed = [d for category in _LISTING_ORDER for d in collector.found[category]]
+    similarity = _text_similarity(output_text(recorded), output_text(live))
+    if _has_embeddings(recorded) and _has_embeddings(live):
+        similarity = Similarity(
+            similarity.text_ratio,
+            similarity.ngram_cosine_distance,
+            similarity.first_difference_at,
+            _embedding_distance(collector.embedding_pairs),
+        )
+    return Comparison(
+        verdict=verdict,
+        differences=tuple(listed[:_DIFFERENCE_LIMIT]),
+        similarity=similarity,
+        recorded_fingerprint=_fingerprint(recorded),
+        live_fingerprint=_fingerprint(live),
+    )
+
+
+def output_text(body: Mapping[str, Any]) -> str:
+    """The text a human reads in a response, parts joined with newlines; "" when there is none.
+
+    Chat: per choice in index order, the message content, audio transcript, refusal and tool calls
+    as `name(arguments)`. Legacy completions: each choice's text. Responses: output text, refusals
+    and function calls. Embeddings and anything else: "".
+    """
+    if not isinstance(body, Mapping):
+        return ""
+    parts: list[str] = []
+    choices = body.get("choices")
+    if isinstance(choices, list):
+        for choice in _in_index_order(choices):
+            message = choice.get("message")
+            if isinstance(message, Mapping):
+                parts.extend(_message_texts(message))
+            elif isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+    output = body.get("output")
+    if isinstance(output, list):
+        for item in output:
+            if isinstance(item, Mapping):
+                parts.extend(_output_item_texts(item))
+    elif isinstance(body.get("output_text"), str):
+        parts.append(body["output_text"])
+    return "\n".join(part for part in parts if part)
+
+
+def json_paths_diff(
+    a: Any,
+    b: Any,
+    *,
+    ignore: Callable[[str], bool] | None = None,
+    limit: int = _DIFFERENCE_LIMIT,
+) -> list[Difference]:
+    """The JSON paths where `a` and `b` differ, in document order, at most `limit` of them.
+
+    Objects are compared member by member (sorted names), arrays index by index, numbers by value
+    (1 == 1.0, but true != 1), strings exactly. A member or item on one side only is `ABSENT` on the
+    other. `ignore(path)` drops a path and everything under it; the root path is "".
+    """
+    if limit <= 0:
+        return []
+    sink = _ListSink(ignore, limit)
+    with contextlib.suppress(_Full):
+        _walk(a, b, "", sink)
+    return sink.differences
+
+
+def short(value: Any, limit: int = 60) -> Any:
+    """A value cut down for a log line: long strings and JSON texts of containers end in "…"."""
+    limit = max(limit, 1)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, Mapping | list | tuple):
+        text = _json_prefix(value, limit + 1)
+    else:
+        return value
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cosine_distance(
+    a: Sequence[float] | npt.ArrayLike, b: Sequence[float] | npt.ArrayLike
+) -> float:
+    """1 - cosine similarity: 0.0 for equal directions (and for two zero vectors), up to 2.0."""
+    va = np.asarray(a, dtype=np.float64).ravel()
+    vb = np.asarray(b, dtype=np.float64).ravel()
+    if va.shape != vb.shape:
+        raise ValueError(f"vectors of different lengths: {va.size} and {vb.size}")
+    norm_a = float(np.linalg.norm(va))
+    norm_b = float(np.linalg.norm(vb))
+    if norm_a == 0.0 and norm_b == 0.0:
+        return 0.0
+    if norm_a == 0.0 or norm_b == 0.0:
+        # No direction to compare with: as far apart as orthogonal vectors.
+        return 1.0
+    if np.array_equal(va, vb):
+        return 0.0  # exactly, not 1e-16 from rounding
+    cosine = float(np.dot(va, vb)) / (norm_a * norm_b)
+    return min(2.0, max(0.0, 1.0 - cosine))
+
+
+def ngram_cosine_distance(a: str, b: str, n: int = 3) -> float:
+    """Cosine distance between the character n-gram count vectors of two texts.
+
+    Texts shorter than `n` are compared with n-grams as long as the shorter text. Identical texts
+    (also two empty ones) are 0.0; an empty text against a non-empty one is 1.0.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    if a == b:
+        return 0.0
+    n = min(n, len(a), len(b))
+    if n == 0:
+        return 1.0
+    ranks_a, ranks_b, alphabet = _char_ranks(a, b)
+    grams_a, grams_b = _gram_ids(ranks_a, ranks_b, alphabet, n)
+    _, inverse = np.unique(np.concatenate((grams_a, grams_b)), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    size = int(inverse.max()) + 1
+    counts_a = np.bincount(inverse[: grams_a.size], minlength=size)
+    counts_b = np.bincount(inverse[grams_a.size :], minlength=size)
+    return cosine_distance(counts_a, counts_b)
+
+
+# --- the walk ---------------------------------------------------------------------------------
+
+
+class _Missing:
+    """A member or item absent on one side (distinct from any JSON value, "<absent>" included)."""
+
+    def __repr__(self) -> str:
+        return ABSENT
+
+
+_MISSING: Any = _Missing()
+
+
+class _Full(Exception):
+    """Raised by a sink that has collected as many differences as it was asked for."""
+
+
+class _Sink(Protocol):
+    def ignore(self, path: str) -> bool: ...
+    def atomic(self, path: str) -> bool: ...
+    def add(self, path: str, recorded: Any, live: Any) -> None: ...
+
+
+def _walk(a: Any, b: Any, path: str, sink: _Sink) -> None:
+    if a is _MISSING or b is _MISSING:
+        sink.add(path, a, b)
+    elif isinstance(a, Mapping) and isinstance(b, Mapping):
+        if _same(a, b):
+            return
+        names = a.keys() | b.keys()
+        try:
+            ordered = sorted(names)
+        except TypeError:  # mixed key types, only possible outside JSON
+            ordered = sorted(names, key=str)
+        for name in ordered:
+            child = _member_path(path, name)
+            if sink.ignore(child):
+                continue
+            x, y = a.get(name, _MISSING), b.get(name, _MISSING)
+            if sink.atomic(child):
+                if not _atomic_equal(x, y):
+                    sink.add(child, x, y)
+            else:
+                _walk(x, y, child, sink)
+    elif _is_array(a) and _is_array(b):
+        if _same(a, b):
+            return
+        for i in range(max(len(a), len(b))):
+            child = f"{path}[{i}]"
+            if sink.ignore(child):
+                continue
+            _walk(a[i] if i < len(a) else _MISSING, b[i] if i < len(b) else _MISSING, child, sink)
+    elif not _leaf_equal(a, b):
+        sink.add(path, a, b)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal by the walk's rules, decided at C speed; False means "walk it to find out".
+
+    Python's == says true == 1, so a JSON text comparison backs it up; 1 vs 1.0 or a different
+    member order make the texts differ, and the walk then settles those by value.
+    """
+    if a is b:
+        return True
+    try:
+        return bool(a == b) and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    except (TypeError, ValueError):
+        return False
+
+
+def _leaf_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b or (a != a and b != b)  # NaN (Python's JSON allows it) equals itself here
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b
+    return type(a) is type(b) and bool(a == b)
+
+
+def _atomic_equal(a: Any, b: Any) -> bool:
+    # Embedding vectors: thousands of floats, compared as one value by C-level ==.
+    if _is_array(a) and _is_array(b):
+        return len(a) == len(b) and bool(a == b)
+    return _leaf_equal(a, b)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, list | tuple)
+
+
+def _member_path(parent: str, name: Any) -> str:
+    name = str(name)
+    if not _PLAIN_NAME.fullmatch(name):
+        # A name that would make the path ambiguous (a dot, a bracket, a space) is quoted.
+        return f"{parent}[{json.dumps(name, ensure_ascii=False)}]"
+    return f"{parent}.{name}" if parent else name
+
+
+class _ListSink:
+    __slots__ = ("_ignore", "_limit", "differences")
+
+    def __init__(self, ignore: Callable[[str], bool] | None, limit: int) -> None:
+        self._ignore = ignore
+        self._limit = limit
+        self.differences: list[Difference] = []
+
+    def ignore(self, path: str) -> bool:
+        return self._ignore is not None and self._ignore(path)
+
+    def atomic(self, path: str) -> bool:
+        return False
+
+    def add(self, path: str, recorded: Any, live: Any) -> None:
+        self.differences.append(_difference(path, recorded, live))
+        if len(self.differences) >= self._limit:
+            raise _Full
+
+
+class _Collector:
+    """Sorts each difference of a comparison into the verdict category it supports."""
+
+    __slots__ = ("_live_items", "_recorded_items", "embedding_pairs", "found")
+
+    def __init__(self, recorded_items: dict[int, Any], live_items: dict[int, Any]) -> None:
+        self._recorded_items = recorded_items
+        self._live_items = live_items
+        self.found: dict[Verdict, list[Difference]] = {v: [] for v in _LISTING_ORDER}
+        self.embedding_pairs: list[tuple[Any, Any]] = []
+
+    def ignore(self, path: str) -> bool:
+        if path in _IGNORED_TOP_LEVEL:
+            return True
+        return (
+            path.endswith(_NESTED_VOLATILE_ENDINGS) and _NESTED_VOLATILE.fullmatch(path) is not None
+        )
+
+    def atomic(self, path: str) -> bool:
+        return path.endswith(".embedding") and _EMBEDDING.fullmatch(path) is not None
+
+    def add(self, path: str, recorded: Any, live: Any) -> None:
+        category = self._category(path, recorded, live)
+        if category is Verdict.CONTENT and _EMBEDDING.fullmatch(path):
+            self.embedding_pairs.append((recorded, live))
+        bucket = self.found[category]
+        # Only the first ones of each category can make the final list; the rest just count.
+        if len(bucket) < _DIFFERENCE_LIMIT:
+            bucket.append(_difference(path, recorded, live))
+
+    def _category(self, path: str, recorded: Any, live: Any) -> Verdict:
+        if path == "usage" or path.startswith(("usage.", "usage[")):
+            return Verdict.USAGE_ONLY
+        category = self._output_category(path)
+        # A member that is null/empty on one side and absent on the other (`refusal: null` from
+        # OpenAI, nothing from vLLM; `tool_calls: []`) is a difference of form, not of output.
+        if category is not Verdict.SHAPE and _empty(recorded) and _empty(live):
+            return Verdict.SHAPE
+        return category
+
+    def _output_category(self, path: str) -> Verdict:
+        if path.startswith("choices["):
+            if _CHAT_CONTENT.match(path):
+                return Verdict.CONTENT
+            if _CHAT_TOOL_CALLS.fullmatch(path):
+                return Verdict.TOOL_CALLS
+            if _CHOICE_FINISH.fullmatch(path):
+                return Verdict.FINISH_REASON
+            return Verdict.SHAPE
+        if path.startswith("output["):
+            return self._responses_item_category(path)
+        if path == "output_text" or _EMBEDDING.fullmatch(path):
+            return Verdict.CONTENT
+        if path == "status" or path == "incomplete_details" or path.startswith(_INCOMPLETE):
+            return Verdict.FINISH_REASON
+        return Verdict.SHAPE
+
+    def _responses_item_category(self, path: str) -> Verdict:
+        match = _OUTPUT_ITEM.fullmatch(path)
+        if match is None:
+            return Verdict.SHAPE
+        index, rest = int(match.group(1)), match.group(2)
+        types = {self._recorded_items.get(index), self._live_items.get(index)}
+        if rest == "":
+            # An output item on one side only: the model said more, or called another tool.
+            if types & _TEXT_ITEM_TYPES:
+                return Verdict.CONTENT
+            if types & _TOOL_ITEM_TYPES:
+                return Verdict.TOOL_CALLS
+            return Verdict.SHAPE
+        if _OUTPUT_TEXT.fullmatch(rest) or rest.endswith(".text"):
+            return Verdict.CONTENT
+        if rest in _TOOL_ITEM_MEMBERS and types & _TOOL_ITEM_TYPES:
+            return Verdict.TOOL_CALLS
+        if rest == ".status":
+            return Verdict.FINISH_REASON
+        return Verdict.SHAPE
+
+
+def _difference(path: str, recorded: Any, live: Any) -> Difference:
+    return Difference(
+        path,
+        ABSENT if recorded is _MISSING else short(recorded),
+        ABSENT if live is _MISSING else short(live),
+    )
+
+
+def _empty(value: Any) -> bool:
+    return (
+        value is _MISSING or value is None or (isinstance(value, str | list | dict) and not value)
+    )
+
+
+def _item_types(body: Any) -> dict[int, Any]:
+    output = body.get("output") if isinstance(body, Mapping) else None
+    if not isinstance(output, list):
+        return {}
+    return {i: item.get("type") for i, item in enumerate(output) if isinstance(item, Mapping)}
+
+
+def _has_embeddings(body: Any) -> bool:
+    data = body.get("data") if isinstance(body, Mapping) else None
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and all(isinstance(item, Mapping) and "embedding" in item for item in data)
+    )
+
+
+def _fingerprint(body: Any) -> str | None:
+    value = body.get("system_fingerprint") if isinstance(body, Mapping) else None
+    # Null, absent or empty all mean "unknown" (DESIGN §4).
+    return value if isinstance(value, str) and value else None
+
+
+# --- output text ------------------------------------------------------------------------------
+
+
+def _in_index_order(choices: list[Any]) -> list[Mapping[str, Any]]:
+    mappings = [c for c in choices if isinstance(c, Mapping)]
+
+    def index(pair: tuple[int, Mapping[str, Any]]) -> tuple[int, int]:
+        position, choice = pair
+        value = choice.get("index")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value, position)
+        return (position, position)
+
+    return [choice for _, choice in sorted(enumerate(mappings), key=index)]
+
+
+def _message_texts(message: Mapping[str, Any]) -> Iterator[str]:
+    content = message.get("content")
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        # Some servers answer with content parts, as in requests.
+        for part in content:
+            if isinstance(part, str):
+                yield part
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                yield part["text"]
+    audio = message.get("audio")
+    if isinstance(audio, Mapping) and isinstance(audio.get("transcript"), str):
+        yield audio["transcript"]
+    if isinstance(message.get("refusal"), str):
+        yield message["refusal"]
+    tool_calls = message.get("tool_calls")
+    if isinstance(tool_calls, list):
+        for call in tool_calls:
+            if isinstance(call, Mapping):
+                spec = call.get("function", call.get("custom"))
+                if isinstance(spec, Mapping):
+                    yield _call_text(spec.get("name"), spec.get("arguments", spec.get("input")))
+    function_call = message.get("function_call")
+    if isinstance(function_call, Mapping):
+        yield _call_text(function_call.get("name"), function_call.get("arguments"))
+
+
+def _output_item_texts(item: Mapping[str, Any]) -> Iterator[str]:
+    kind = item.get("type")
+    if kind == "message" and isinstance(item.get("content"), list):
+        for part in item["content"]:
+            if not isinstance(part, Mapping):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                yield part["text"]
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                yield part["refusal"]
+    elif kind in _TOOL_ITEM_TYPES:
+        yield _call_text(item.get("name"), item.get("arguments", item.get("input")))
+
+
+def _call_text(name: Any, arguments: Any) -> str:
+    args = arguments if isinstance(arguments, str) else ""
+    return f"{name if isinstance(name, str) else ''}({args})"
+
+
+# --- similarity -------------------------------------------------------------------------------
+
+
+def _text_similarity(a: str, b: str) -> Similarity:
+    if not a and not b:
+        return Similarity(None, None, None)
+    if a == b:
+        return Similarity(1.0, 0.0, None)
+    prefix = _common_prefix_length(a, b)
+    suffix = _common_prefix_length(a[prefix:][::-1], b[prefix:][::-1])
+    return Similarity(
+        text_ratio=_text_ratio(a, b, prefix, suffix),
+        ngram_cosine_distance=ngram_cosine_distance(a, b),
+        first_difference_at=prefix,
+    )
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    # Binary search over slice comparisons: linear work done in C, not a Python loop per char.
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _text_ratio(a: str, b: str, prefix: int, suffix: int) -> float:
+    """difflib's ratio, with the common prefix and suffix matched first as diff tools do.
+
+    When the differing middles are too long for character matching (see _EXACT_RATIO_BUDGET),
+    they are matched word by word and the matched words counted in characters.
+    """
+    middle_a, middle_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
+    matched = prefix + suffix
+    if middle_a and middle_b:
+        if len(middle_a) * len(middle_b) <= _EXACT_RATIO_BUDGET:
+            matcher = difflib.SequenceMatcher(None, middle_a, middle_b, autojunk=False)
+            matched += sum(block.size for block in matcher.get_matching_blocks())
+        else:
+            matched += _word_matched_chars(middle_a, middle_b)
+    return 2.0 * matched / (len(a) + len(b))
+
+
+def _word_matched_chars(a: str, b: str) -> int:
+    words_a, words_b = _WORD.findall(a), _WORD.findall(b)
+    offsets = np.concatenate(([0], np.cumsum([len(w) for w in words_a])))
+    matcher = difflib.SequenceMatcher(None, words_a, words_b, autojunk=False)
+    return sum(int(offsets[i + size] - offsets[i]) for i, _, size in matcher.get_matching_blocks())
+
+
+def _char_ranks(a: str, b: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    codes = np.frombuffer((a + b).encode("utf-32-le"), dtype="<u4")
+    alphabet, ranks = np.unique(codes, return_inverse=True)
+    ranks = ranks.reshape(-1).astype(np.int64)
+    return ranks[: len(a)], ranks[len(a) :], int(alphabet.size)
+
+
+def _gram_ids(
+    ranks_a: npt.NDArray[np.int64], ranks_b: npt.NDArray[np.int64], alphabet: int, n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    if alphabet**n < 2**63:
+        # Each n-gram packed into one int64, in base `alphabet`: a vectorised rolling number.
+        def pack(ranks: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+            count = ranks.size - n + 1
+            ids = np.zeros(count, dtype=np.int64)
+            for j in range(n):
+                ids = ids * alphabet + ranks[j : j + count]
+            return ids
+
+        return pack(ranks_a), pack(ranks_b)
+    # Too many distinct characters for packing: number the distinct n-gram rows instead.
+    windows = np.lib.stride_tricks.sliding_window_view
+    rows = np.concatenate((windows(ranks_a, n), windows(ranks_b, n)))
+    _, inverse = np.unique(rows, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1).astype(np.int64)
+    split = ranks_a.size - n + 1
+    return inverse[:split], inverse[split:]
+
+
+def _embedding_distance(pairs: list[tuple[Any, Any]]) -> float:
+    """The largest cosine distance between differing embedding vectors; 0.0 if none differ."""
+    distances = [0.0]
+    for recorded, live in pairs:
+        va, vb = _vector(recorded), _vector(live)
+        if va is not None and vb is not None and va.shape == vb.shape:
+            distances.append(cosine_distance(va, vb))
+    return max(distances)
+
+
+def _vector(value: Any) -> npt.NDArray[np.float64] | None:
+    if isinstance(value, str):
+        # `encoding_format: base64` (the Python SDK's default): little-endian float32 (§6.3).
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) % 4:
+            return None
+        return np.frombuffer(raw, dtype="<f4").astype(np.float64)
+    if _is_array(value):
+        try:
+            return np.asarray(value, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _json_prefix(value: Any, length: int) -> str:
+    """The start of `value`'s compact JSON text, at least `length` chars if it is that long.
+
+    Encodes incrementally, so shortening a 3,000-float embedding does not serialise all of it.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    pieces: list[str] = []
+    size = 0
+    for piece in encoder.iterencode(value):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= length:
+            break
+    return "".join(pieces)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, _Missing):
+        return ABSENT
+    return str(value)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

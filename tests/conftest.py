@@ -1,0 +1,133 @@
+"""Shared fixtures: a background loop, the fake upstream, and proxies on real ports."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.app import create_app
+from proxy.config import Config
+from tests.fake_upstream import FakeUpstream
+from tests.servers import BackgroundLoop, RunningApp
+
+API_KEY = "test-key-not-a-secret"
+
+
+@dataclass
+class HTTPResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class RunningProxy:
+    """A seedcache app served on a real loopback port."""
+
+    running: RunningApp
+    config: Config
+
+    @property
+    def base_url(self) -> str:
+        """What a user puts in OPENAI_BASE_URL."""
+        return self.running.url + "/v1"
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        options.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, **options)
+
+    def async_client(self, **options: Any) -> openai.AsyncOpenAI:
+        options.setdefault("max_retries", 0)
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=API_KEY, **options)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HTTPResult:
+        """A raw HTTP request, for what the SDK would never send."""
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+        try:
+            conn.request(
+                method,
+                path,
+                body=body,
+                headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})},
+            )
+            response = conn.getresponse()
+            return HTTPResult(
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                response.read(),
+            )
+        finally:
+            conn.close()
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/_seedcache/stats").json()
+        return result
+
+    def stop(self) -> None:
+        self.running.stop()
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[BackgroundLoop]:
+    background = BackgroundLoop()
+    yield background
+    background.close()
+
+
+@pytest.fixture
+def upstream(loop: BackgroundLoop) -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    running = loop.start_app(fake.app)
+    fake.url = running.url
+    yield fake
+    running.stop()
+
+
+StartProxy = Callable[..., RunningProxy]
+
+
+@pytest.fixture
+def start_proxy(
+    loop: BackgroundLoop, upstream: FakeUpstream, tmp_path: Path
+) -> Iterator[StartProxy]:
+    """Start a proxy in front of the fake upstream; options override the Config defaults."""
+    started: list[RunningProxy] = []
+
+    def start(**options: Any) -> RunningProxy:
+        options.setdefault("upstream", upstream.url + "/v1")
+        options.setdefault("store", str(tmp_path / "store"))
+        config = Config.build(**options)
+        running = loop.start_app(create_app(config))
+        proxy = RunningProxy(running, config)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in reversed(started):
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: StartProxy) -> RunningProxy:
+    """A proxy in the default mode (auto) on a fresh disk store."""
+    return start_proxy()
