@@ -29,7 +29,7 @@ def test_modes_and_vcr_aliases(given: str, mode: Mode) -> None:
 
 
 def test_unknown_mode_is_an_error_naming_the_choices() -> None:
-    with pytest.raises(ConfigError, match="unknown mode 'replya'.*auto.*new_episodes"):
+    with pytest.raises(ConfigError, match=r"unknown mode 'replya'.*auto.*new_episodes"):
         Mode.parse("replya")
 
 
