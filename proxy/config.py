@@ -131,12 +131,26 @@ class Config:
         return self.upstream.rstrip("/")
 
     @property
+    def audit_log_path(self) -> str | None:
+        """The JSONL audit log: as configured, else inside the disk store's folder."""
+        if self.audit_log:
+            return self.audit_log
+        if is_disk_store(self.store):
+            return os.path.join(self.store, "audit.jsonl")
+        return None
+
+    @property
     def public_url(self) -> str:
         """The base URL clients should use (OPENAI_BASE_URL)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}/v1"
+
+
+def is_disk_store(spec: str) -> bool:
+    """True when a --store value names a diskcache directory (not files: or redis)."""
+    return not spec.startswith(("files:", "redis://", "rediss://", "unix://"))
 
 
 def _choice(kind: type[enum.StrEnum], value: Any, option: str) -> Any:

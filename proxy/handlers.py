@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientResponse, web
+from multidict import CIMultiDict
 
 from proxy import sse
+from proxy.audit import AuditLog, audit_event, baseline, sample_body
 from proxy.config import Config, Mode, OnFingerprintChange
+from proxy.divergence import cosine_distance, output_text
 from proxy.errors import ProxyError, bad_request
 from proxy.keys import CanonicalRequest, check_body, make_key, normalise_path, parse_json
 from proxy.metrics import Metrics
@@ -42,6 +46,7 @@ STATUS = "X-Seedcache-Status"
 KEY = "X-Seedcache-Key"
 FINGERPRINT = "X-Seedcache-Fingerprint"
 RECORDED_AT = "X-Seedcache-Recorded-At"
+VERDICT = "X-Seedcache-Verdict"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 # How long a remembered current fingerprint is trusted before the store is asked again, so that
 # proxies sharing a store see each other's fingerprint changes without a store read per replay.
@@ -85,6 +90,7 @@ class Handlers:
         self.store = store
         self.upstream = upstream
         self.metrics = Metrics()
+        self.audit = AuditLog(config.audit_log_path, store)
         # key -> the leader's outcome: True when it recorded, a Relayed error, or None (failed).
         self._inflight: dict[str, asyncio.Future[bool | Relayed | None]] = {}
         self._fingerprints: dict[str, tuple[str | None, float]] = {}
@@ -278,7 +284,8 @@ class Handlers:
         if coalesce:
             self._inflight[canon.key] = flight
         try:
-            return await self._forward(request, incoming, status="recorded", flight=flight)
+            status = "audited" if incoming.mode is Mode.AUDIT else "recorded"
+            return await self._forward(request, incoming, status=status, flight=flight)
         finally:
             if coalesce:
                 del self._inflight[canon.key]
@@ -302,7 +309,6 @@ class Handlers:
                 headers = response_headers(live.headers.items())
                 if incoming.canon is not None:
                     headers[KEY] = incoming.canon.key
-                is_stream = live.content_type == "text/event-stream"
                 if not 200 <= live.status < 300:
                     self.metrics.upstream_error(live.status)
                     body = await read_body(live)
@@ -311,14 +317,14 @@ class Handlers:
                         flight.set_result(Relayed(live.status, tuple(headers.items()), body))
                     return web.Response(status=live.status, headers=headers, body=body)
                 headers[STATUS] = status
-                if is_stream:
-                    return await self._relay_stream(
-                        request, incoming, live, headers, flight, started
-                    )
+                if live.content_type == "text/event-stream":
+                    return await self._relay_stream(request, incoming, live, headers, flight)
                 body = await read_body(live)
                 sample = None
                 if flight is not None:
-                    sample = await self._record_body(incoming, live, body, started, flight)
+                    sample = self._body_sample(incoming, live, body, started)
+                if sample is not None and flight is not None:
+                    await self._record(request, incoming, sample, flight, headers)
                 fingerprint = sample.system_fingerprint if sample else None
                 self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
@@ -326,13 +332,8 @@ class Handlers:
             self.metrics.upstream_error(0)
             raise
 
-    async def _record_body(
-        self,
-        incoming: Incoming,
-        live: Any,
-        body: bytes,
-        started: float,
-        flight: asyncio.Future[bool | Relayed | None],
+    def _body_sample(
+        self, incoming: Incoming, live: ClientResponse, body: bytes, started: float
     ) -> Sample | None:
         try:
             parsed = orjson.loads(body)
@@ -341,23 +342,28 @@ class Handlers:
             return None
         if not isinstance(parsed, (dict, list)):
             return None
-        sample = self._sample(live, started, body=parsed)
-        await self._record(incoming, sample, flight)
-        return sample
+        return self._sample(live, started, body=parsed)
 
     async def _relay_stream(
         self,
         request: web.Request,
         incoming: Incoming,
-        live: Any,
-        headers: Any,
+        live: ClientResponse,
+        headers: CIMultiDict[str],
         flight: asyncio.Future[bool | Relayed | None] | None,
-        started: float,
     ) -> web.StreamResponse:
+        """Relay an upstream stream event by event and record it if it completes.
+
+        In audit mode the stream is received whole first, so that the client's headers can
+        carry the verdict; the client still gets the live events exactly as sent.
+        """
+        started = time.monotonic()
         headers.update(SSE_HEADERS)
         response = web.StreamResponse(status=live.status, headers=headers)
         response.enable_chunked_encoding()
-        await response.prepare(request)
+        buffered = incoming.mode is Mode.AUDIT
+        if not buffered:
+            await response.prepare(request)
         decoder = sse.Decoder()
         events: list[sse.Event] = []
         try:
@@ -365,12 +371,21 @@ class Handlers:
                 t_ms = int((time.monotonic() - started) * 1000)
                 for event in decoder.decode(chunk, t_ms):
                     events.append(event)
-                    await response.write(sse.encode(event))
+                    if not buffered:
+                        await response.write(sse.encode(event))
         except UpstreamBroken as exc:
-            # Ending the body cleanly would make a truncated answer look complete to the SDK:
-            # close the connection with the chunked body unterminated instead.
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
             self.metrics.upstream_error(0)
+            if buffered:
+                raise ProxyError(
+                    502,
+                    f"The upstream stream broke off: {exc}",
+                    type="upstream_error",
+                    code="upstream_broken",
+                    retry=True,
+                ) from None
+            # Ending the body cleanly would make a truncated answer look complete to the SDK:
+            # close the connection with the chunked body unterminated instead.
             if request.transport is not None:
                 request.transport.close()
             return response
@@ -379,16 +394,18 @@ class Handlers:
             log.info("client left during the stream of %s; nothing recorded", incoming.path)
             return response
         events.extend(decoder.flush())
-        _, fingerprint = response_identity(None, tuple(events))
+        sample = self._sample(live, started, events=tuple(events))
         if flight is not None and sse.is_complete(events, incoming.path):
-            sample = self._sample(live, started, events=tuple(events))
-            await self._record(incoming, sample, flight)
-        self.metrics.count(headers[STATUS], incoming.model, fingerprint)
+            await self._record(request, incoming, sample, flight, response.headers)
+        if buffered:
+            await response.prepare(request)
+            await response.write(b"".join(sse.encode(event) for event in events))
+        self.metrics.count(status_of(headers), incoming.model, sample.system_fingerprint)
         return response
 
     def _sample(
         self,
-        live: Any,
+        live: ClientResponse,
         started: float,
         *,
         body: Any = None,
@@ -408,13 +425,17 @@ class Handlers:
         )
 
     async def _record(
-        self, incoming: Incoming, sample: Sample, flight: asyncio.Future[bool | Relayed | None]
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        sample: Sample,
+        flight: asyncio.Future[bool | Relayed | None],
+        headers: MutableMapping[str, str],
     ) -> None:
+        """Store a live sample; when the key already had samples, audit it against them."""
         canon = incoming.canon
         assert canon is not None
         await self._remember_fingerprint(canon.model, sample.system_fingerprint)
-        if not incoming.write:
-            return
         fresh = Recording(
             key=canon.key,
             method=canon.method,
@@ -422,14 +443,67 @@ class Handlers:
             body=redact(canon.body),
             namespace=canon.namespace,
         )
+        old = await self.store.get(canon.namespace, canon.key)
+        if old is not None:
+            verdict = await self._audit(request, Recording.loads(old), sample)
+            if incoming.mode is Mode.AUDIT:
+                headers[VERDICT] = verdict
+        elif incoming.mode is Mode.AUDIT:
+            headers[VERDICT] = "new"
+        if not incoming.write or (incoming.mode is Mode.AUDIT and old is not None):
+            return
 
-        def add(old: bytes | None) -> bytes:
-            recording = fresh if old is None else Recording.loads(old)
-            return recording.with_sample(sample).dumps()
+        def add(stored: bytes | None) -> bytes:
+            recording = fresh if stored is None else Recording.loads(stored)
+            return recording.with_sample(sample).dumps(pretty=self.store.pretty)
 
         await self.store.update(canon.namespace, canon.key, add)
         if not flight.done():
             flight.set_result(True)
+
+    async def _audit(self, request: web.Request, recording: Recording, live: Sample) -> str:
+        """Compare a live sample with its recording, write the audit event, return the verdict."""
+        recorded = baseline(recording.samples, live.system_fingerprint)
+        if recorded is None:
+            return "new"
+        distance = None
+        if self.config.audit_embeddings:
+            distance = await self._embedding_distance(request, recorded, live)
+        event, comparison = audit_event(recording, recorded, live, embedding_distance=distance)
+        await self.audit.write(event)
+        if comparison.diverged:
+            self.metrics.divergence(
+                recording.model,
+                live.system_fingerprint,
+                comparison.verdict.value,
+                comparison.fingerprint_changed,
+            )
+        return comparison.verdict.value
+
+    async def _embedding_distance(
+        self, request: web.Request, recorded: Sample, live: Sample
+    ) -> float | None:
+        """Cosine distance of upstream embeddings of the two texts (the seed guide's measure)."""
+        texts = [output_text(sample_body(recorded)), output_text(sample_body(live))]
+        if texts[0] == texts[1]:
+            return 0.0
+        body = {"model": self.config.audit_embeddings, "input": texts, "encoding_format": "float"}
+        try:
+            async with self.upstream.open(
+                "POST", "/v1/embeddings", request.headers.items(), orjson.dumps(body)
+            ) as answer:
+                data = orjson.loads(await read_body(answer)) if answer.status == 200 else None
+            vectors = [item["embedding"] for item in data["data"]] if data else []
+            if len(vectors) == 2:
+                return cosine_distance(vectors[0], vectors[1])
+        except (ProxyError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("audit embeddings with %s failed: %s", body["model"], exc)
+        return None
+
+
+def status_of(headers: Mapping[str, str]) -> str:
+    """The X-Seedcache-Status a response carries."""
+    return str(headers.get(STATUS, "bypass"))
 
 
 def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | None, str | None]:

@@ -27,6 +27,8 @@ _EVENTS = "audit"
 class DiskStore:
     """Recordings in a local diskcache directory."""
 
+    pretty = False
+
     def __init__(self, directory: str, *, timeout: float = 2.0) -> None:
         self.description = directory
         try:

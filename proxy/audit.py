@@ -1,0 +1,222 @@
+"""Audit events (DESIGN §7): build one from a comparison, append it to the JSONL log and the store,
+and summarise a series of them per model and fingerprint for `seedcache audit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy import sse
+from proxy.divergence import Comparison, compare
+from proxy.recording import Recording, Sample, utc_now
+from proxy.stores.base import Store
+
+log = logging.getLogger("seedcache")
+
+
+def sample_body(sample: Sample) -> Any:
+    """A sample brought to the non-streaming shape: a stream is assembled."""
+    return sample.body if sample.events is None else sse.assemble(sample.events)
+
+
+def baseline(samples: Iterable[Sample], live_fingerprint: str | None) -> Sample | None:
+    """The sample a live response is compared with: the newest of the same fingerprint, or the
+    newest of all when none has it."""
+    ordered = list(samples)
+    same = [s for s in ordered if live_fingerprint and s.system_fingerprint == live_fingerprint]
+    candidates = same or ordered
+    return candidates[-1] if candidates else None
+
+
+def audit_event(
+    recording: Recording, recorded: Sample, live: Sample, *, embedding_distance: float | None = None
+) -> tuple[dict[str, Any], Comparison]:
+    """Compare a live sample with a recorded one and describe the comparison as an audit event."""
+    comparison = compare(sample_body(recorded), sample_body(live))
+    result = comparison.to_json()
+    if embedding_distance is not None:
+        result["similarity"]["embedding_distance"] = round(embedding_distance, 4)
+    body = recording.body if isinstance(recording.body, dict) else {}
+    seed = body.get("seed")
+    event = {
+        "ts": utc_now(),
+        "key": recording.key,
+        "path": recording.path,
+        "model": recording.model,
+        "response_model": live.model,
+        "seed": seed if isinstance(seed, int) else None,
+        "namespace": recording.namespace,
+        "upstream": live.upstream,
+        "recorded_at": recorded.recorded_at,
+        "recorded_fingerprint": comparison.recorded_fingerprint,
+        "live_fingerprint": comparison.live_fingerprint,
+        "fingerprint_changed": comparison.fingerprint_changed,
+        "verdict": result["verdict"],
+        "differences": result["differences"],
+        "similarity": result["similarity"],
+    }
+    return event, comparison
+
+
+class AuditLog:
+    """Where audit events go: a JSONL file (if configured) and the store, so that
+    `seedcache audit` works against a shared Redis too."""
+
+    def __init__(self, path: str | None, store: Store) -> None:
+        self.path = path
+        self.store = store
+
+    async def write(self, event: Mapping[str, Any]) -> None:
+        """Append one event; a divergence is also one WARNING line."""
+        line = orjson.dumps(event)
+        if event.get("verdict") != "identical":
+            log.warning(
+                "divergence on key %s: model %s, verdict %s, fingerprint %s -> %s",
+                str(event.get("key", ""))[:12],
+                event.get("model"),
+                event.get("verdict"),
+                event.get("recorded_fingerprint"),
+                event.get("live_fingerprint"),
+            )
+        if self.path:
+            await asyncio.get_running_loop().run_in_executor(None, _append_line, self.path, line)
+        await self.store.append_event(line)
+
+
+def _append_line(path: str, line: bytes) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # One write of a whole line with O_APPEND: concurrent writers never interleave lines.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line + b"\n")
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Events from a JSONL audit log; a torn or foreign line is skipped, not fatal."""
+    events = []
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def parse_since(value: str, *, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO date/time, or a duration back from now like 30m, 24h, 7d."""
+    now = now or datetime.now(UTC)
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    text = value.strip()
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
+        return now - timedelta(**{units[text[-1]]: float(text[:-1])})
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"--since takes an ISO date (2026-11-01) or a duration (30m, 24h, 7d), got {value!r}"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def event_time(event: Mapping[str, Any]) -> datetime | None:
+    """When an event was written, or None if it carries no readable time."""
+    try:
+        return datetime.fromisoformat(str(event.get("ts", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def select(
+    events: Iterable[Mapping[str, Any]], *, since: datetime | None = None, model: str | None = None
+) -> list[Mapping[str, Any]]:
+    """The events after `since` and for `model` (request or response model)."""
+    chosen = []
+    for event in events:
+        if model and model not in (event.get("model"), event.get("response_model")):
+            continue
+        if since is not None:
+            moment = event_time(event)
+            if moment is None or moment < since:
+                continue
+        chosen.append(event)
+    return chosen
+
+
+@dataclass
+class Group:
+    """The summary of the comparisons of one model at one live fingerprint."""
+
+    model: str
+    fingerprint: str | None
+    comparisons: int = 0
+    identical: int = 0
+    fingerprint_changes: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)
+    _ratios: list[float] = field(default_factory=list)
+    _distances: list[float] = field(default_factory=list)
+    _embeddings: list[float] = field(default_factory=list)
+
+    def add(self, event: Mapping[str, Any]) -> None:
+        self.comparisons += 1
+        verdict = str(event.get("verdict"))
+        self.verdicts[verdict] = self.verdicts.get(verdict, 0) + 1
+        self.identical += verdict == "identical"
+        self.fingerprint_changes += bool(event.get("fingerprint_changed"))
+        similarity = event.get("similarity") or {}
+        for name, values in (
+            ("text_ratio", self._ratios),
+            ("ngram_cosine_distance", self._distances),
+            ("embedding_distance", self._embeddings),
+        ):
+            value = similarity.get(name)
+            if isinstance(value, (int, float)):
+                values.append(float(value))
+
+    def to_json(self) -> dict[str, Any]:
+        divergences = self.comparisons - self.identical
+        return {
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "comparisons": self.comparisons,
+            "identical": self.identical,
+            "divergences": divergences,
+            "divergence_rate": round(divergences / self.comparisons, 4) if self.comparisons else 0,
+            "mean_text_ratio": _mean(self._ratios),
+            "mean_ngram_distance": _mean(self._distances),
+            "mean_embedding_distance": _mean(self._embeddings),
+            "fingerprint_changes": self.fingerprint_changes,
+            "verdicts": dict(sorted(self.verdicts.items())),
+        }
+
+
+def summarise(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and live fingerprint: comparisons, identical, divergence rate, mean distances,
+    fingerprint changes."""
+    groups: dict[tuple[str, str], Group] = {}
+    for event in events:
+        model = str(event.get("model") or event.get("response_model") or "")
+        fingerprint = event.get("live_fingerprint")
+        group = groups.get((model, str(fingerprint)))
+        if group is None:
+            group = groups[(model, str(fingerprint))] = Group(model, fingerprint)
+        group.add(event)
+    return [groups[name].to_json() for name in sorted(groups)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(math.fsum(values) / len(values), 4) if values else None
