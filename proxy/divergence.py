@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextlib
 import difflib
 import enum
 import json
+import marshal
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,8 +20,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-
-from proxy.keys import BOOKKEEPING
 
 # Left out of the verdict (DESIGN §7). `created_at`/`completed_at` are the Responses API's
 # timestamps and `timings` is llama.cpp's per-request performance report: both differ on every
@@ -42,9 +42,32 @@ VOLATILE = frozenset(
 # Stands for a member or item present on one side only, in `Difference.recorded`/`.live`.
 ABSENT = "<absent>"
 
-# Responses objects echo request members; the bookkeeping ones are not in the key (DESIGN §3), so
-# two requests differing only in `metadata` or `user` share a sample and must not look diverged.
-_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | BOOKKEEPING
+# Responses objects (and vLLM, for `kv_transfer_params`) echo request members; the bookkeeping ones
+# are not in the key (DESIGN §3), so two requests differing only in `metadata` or `user` share a
+# sample and must not look diverged. The same list as keys.BOOKKEEPING, which cannot be imported
+# here (keys uses this module to explain misses); a test keeps the two in step.
+_ECHOED_BOOKKEEPING = frozenset(
+    {
+        "stream",
+        "stream_options",
+        "user",
+        "safety_identifier",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "request_id",
+        "priority",
+        "cache_salt",
+        "kv_transfer_params",
+        "id_slot",
+        "timings_per_token",
+        "return_progress",
+    }
+)
+_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | _ECHOED_BOOKKEEPING
 
 # Random per call upstream: tool call ids (`call_…`), Responses item ids (`msg_…`, `fc_…`, `rs_…`)
 # and call ids, audio ids and their expiry, and reasoning encrypted with a fresh nonce each time.
@@ -67,6 +90,11 @@ _CHAT_TOOL_CALLS = re.compile(
 )
 _CHOICE_FINISH = re.compile(r"choices\[\d+\]\.(?:finish_reason|stop_reason)")
 _INCOMPLETE = ("incomplete_details.", "incomplete_details[")
+_LOGPROBS = re.compile(
+    r"(?:choices\[\d+\]\.logprobs|prompt_logprobs|output\[\d+\]\.content\[\d+\]\.logprobs)"
+    r"(?:[.\[].*)?",
+    re.DOTALL,
+)
 _EMBEDDING = re.compile(r"data\[\d+\]\.embedding")
 _OUTPUT_ITEM = re.compile(r"output\[(\d+)\](.*)", re.DOTALL)
 _OUTPUT_TEXT = re.compile(r"\.(?:content|summary)(?:\[\d+\](?:\.(?:text|refusal|transcript))?)?")
@@ -76,9 +104,11 @@ _TOOL_ITEM_MEMBERS = frozenset({".name", ".arguments", ".input"})
 
 _PLAIN_NAME = re.compile(r"[^.\[\]\s\"']+")
 
-# Character-level SequenceMatcher costs roughly len(a) * len(b) / 100 µs on English text (2,000
-# chars each: ~40 ms). Above this budget the middle part is matched word by word instead.
-_EXACT_RATIO_BUDGET = 2_000_000
+# difflib's SequenceMatcher is quadratic: on unrelated English texts, ~15 ms at 1,000 chars each,
+# ~60 ms at 2,000. Texts within the first budget (~1,600 chars each) get difflib's exact ratio;
+# longer ones are approximated (see _text_ratio), in tens of ms even for 100,000 chars.
+_CHAR_MATCH_BUDGET = 2_500_000
+_WORD_MATCH_BUDGET = 25_000_000
 _WORD = re.compile(r"\s*\S+|\s+")
 
 _DIFFERENCE_LIMIT = 50
@@ -235,7 +265,7 @@ def json_paths_diff(
     ignore: Callable[[str], bool] | None = None,
     limit: int = _DIFFERENCE_LIMIT,
 ) -> list[Difference]:
-    """The JSON paths where `a` and `b` differ, in document order, at most `limit` of them.
+    """The JSON paths where `a` and `b` differ (members by name, items by index), at most `limit`.
 
     Objects are compared member by member (sorted names), arrays index by index, numbers by value
     (1 == 1.0, but true != 1), strings exactly. A member or item on one side only is `ABSENT` on the
@@ -325,6 +355,7 @@ class _Full(Exception):
 class _Sink(Protocol):
     def ignore(self, path: str) -> bool: ...
     def atomic(self, path: str) -> bool: ...
+    def settled(self, path: str) -> bool: ...
     def add(self, path: str, recorded: Any, live: Any) -> None: ...
 
 
@@ -332,7 +363,7 @@ def _walk(a: Any, b: Any, path: str, sink: _Sink) -> None:
     if a is _MISSING or b is _MISSING:
         sink.add(path, a, b)
     elif isinstance(a, Mapping) and isinstance(b, Mapping):
-        if _same(a, b):
+        if _same(a, b) or sink.settled(path):
             return
         names = a.keys() | b.keys()
         try:
@@ -350,7 +381,7 @@ def _walk(a: Any, b: Any, path: str, sink: _Sink) -> None:
             else:
                 _walk(x, y, child, sink)
     elif _is_array(a) and _is_array(b):
-        if _same(a, b):
+        if _same(a, b) or sink.settled(path):
             return
         for i in range(max(len(a), len(b))):
             child = f"{path}[{i}]"
@@ -364,14 +395,16 @@ def _walk(a: Any, b: Any, path: str, sink: _Sink) -> None:
 def _same(a: Any, b: Any) -> bool:
     """Equal by the walk's rules, decided at C speed; False means "walk it to find out".
 
-    Python's == says true == 1, so a JSON text comparison backs it up; 1 vs 1.0 or a different
-    member order make the texts differ, and the walk then settles those by value.
+    Python's == says true == 1, so equal marshal bytes back it up (bools and ints have different
+    codes; 5x faster than JSON text). 1 vs 1.0 or another member order make the bytes differ, and
+    the walk then settles those by value. Version 2 writes no back-references, whose presence
+    would depend on reference counts.
     """
     if a is b:
         return True
     try:
-        return bool(a == b) and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    except (TypeError, ValueError):
+        return bool(a == b) and marshal.dumps(a, 2) == marshal.dumps(b, 2)
+    except (TypeError, ValueError):  # not marshallable: a Mapping that is not a dict, …
         return False
 
 
@@ -418,6 +451,9 @@ class _ListSink:
     def atomic(self, path: str) -> bool:
         return False
 
+    def settled(self, path: str) -> bool:
+        return False
+
     def add(self, path: str, recorded: Any, live: Any) -> None:
         self.differences.append(_difference(path, recorded, live))
         if len(self.differences) >= self._limit:
@@ -429,7 +465,7 @@ class _Collector:
 
     __slots__ = ("_live_items", "_recorded_items", "embedding_pairs", "found")
 
-    def __init__(self, recorded_items: dict[int, Any], live_items: dict[int, Any]) -> None:
+    def __init__(self, recorded_items: dict[int, str], live_items: dict[int, str]) -> None:
         self._recorded_items = recorded_items
         self._live_items = live_items
         self.found: dict[Verdict, list[Difference]] = {v: [] for v in _LISTING_ORDER}
@@ -444,6 +480,14 @@ class _Collector:
 
     def atomic(self, path: str) -> bool:
         return path.endswith(".embedding") and _EMBEDDING.fullmatch(path) is not None
+
+    def settled(self, path: str) -> bool:
+        # Two logprobs lists that part ways differ at thousands of leaves, all of them SHAPE: once
+        # SHAPE has all the entries it can list, walking the rest would change nothing.
+        return (
+            len(self.found[Verdict.SHAPE]) >= _DIFFERENCE_LIMIT
+            and _LOGPROBS.fullmatch(path) is not None
+        )
 
     def add(self, path: str, recorded: Any, live: Any) -> None:
         category = self._category(path, recorded, live)
@@ -517,11 +561,15 @@ def _empty(value: Any) -> bool:
     )
 
 
-def _item_types(body: Any) -> dict[int, Any]:
+def _item_types(body: Any) -> dict[int, str]:
     output = body.get("output") if isinstance(body, Mapping) else None
     if not isinstance(output, list):
         return {}
-    return {i: item.get("type") for i, item in enumerate(output) if isinstance(item, Mapping)}
+    return {
+        i: item["type"]
+        for i, item in enumerate(output)
+        if isinstance(item, Mapping) and isinstance(item.get("type"), str)
+    }
 
 
 def _has_embeddings(body: Any) -> bool:
@@ -585,6 +633,8 @@ def _message_texts(message: Mapping[str, Any]) -> Iterator[str]:
 
 def _output_item_texts(item: Mapping[str, Any]) -> Iterator[str]:
     kind = item.get("type")
+    if not isinstance(kind, str):
+        return
     if kind == "message" and isinstance(item.get("content"), list):
         for part in item["content"]:
             if not isinstance(part, Mapping):
@@ -632,15 +682,20 @@ def _common_prefix_length(a: str, b: str) -> int:
 
 
 def _text_ratio(a: str, b: str, prefix: int, suffix: int) -> float:
-    """difflib's ratio, with the common prefix and suffix matched first as diff tools do.
+    """difflib's SequenceMatcher ratio (autojunk off), approximated for long texts.
 
-    When the differing middles are too long for character matching (see _EXACT_RATIO_BUDGET),
-    they are matched word by word and the matched words counted in characters.
+    Within _CHAR_MATCH_BUDGET it is exactly difflib's. Beyond, the common prefix and suffix count
+    as matched (as diff tools do) and only the differing middles are matched: by character if they
+    fit the budget, else word by word with the matched words counted in characters, and when too
+    long even for that, by the word triples they share in any order (linear, order-blind beyond
+    three words, so it can overrate a reshuffled text).
     """
+    if len(a) * len(b) <= _CHAR_MATCH_BUDGET:
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
     middle_a, middle_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
     matched = prefix + suffix
     if middle_a and middle_b:
-        if len(middle_a) * len(middle_b) <= _EXACT_RATIO_BUDGET:
+        if len(middle_a) * len(middle_b) <= _CHAR_MATCH_BUDGET:
             matcher = difflib.SequenceMatcher(None, middle_a, middle_b, autojunk=False)
             matched += sum(block.size for block in matcher.get_matching_blocks())
         else:
@@ -650,13 +705,26 @@ def _text_ratio(a: str, b: str, prefix: int, suffix: int) -> float:
 
 def _word_matched_chars(a: str, b: str) -> int:
     words_a, words_b = _WORD.findall(a), _WORD.findall(b)
+    if len(words_a) * len(words_b) > _WORD_MATCH_BUDGET:
+        return _shingle_matched_chars(words_a, words_b)
     offsets = np.concatenate(([0], np.cumsum([len(w) for w in words_a])))
     matcher = difflib.SequenceMatcher(None, words_a, words_b, autojunk=False)
     return sum(int(offsets[i + size] - offsets[i]) for i, _, size in matcher.get_matching_blocks())
 
 
+def _shingle_matched_chars(words_a: list[str], words_b: list[str]) -> int:
+    # Linear: a word counts as matched when the three words starting at it occur in the other text
+    # too, as often. Unlike a bag of words, unrelated texts of one vocabulary score low.
+    def shingles(words: list[str]) -> collections.Counter[tuple[str, ...]]:
+        return collections.Counter(zip(words, words[1:], words[2:], strict=False))
+
+    common = shingles(words_a) & shingles(words_b)
+    return sum(len(shingle[0]) * count for shingle, count in common.items())
+
+
 def _char_ranks(a: str, b: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
-    codes = np.frombuffer((a + b).encode("utf-32-le"), dtype="<u4")
+    # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which json.loads keeps as is.
+    codes = np.frombuffer((a + b).encode("utf-32-le", "surrogatepass"), dtype="<u4")
     alphabet, ranks = np.unique(codes, return_inverse=True)
     ranks = ranks.reshape(-1).astype(np.int64)
     return ranks[: len(a)], ranks[len(a) :], int(alphabet.size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -18,10 +19,18 @@ from multidict import CIMultiDict
 
 from proxy import sse
 from proxy.audit import AuditLog, audit_event, baseline, sample_body
-from proxy.config import Config, Mode, OnFingerprintChange
+from proxy.config import Config, Mode, OnFingerprintChange, Repeat
 from proxy.divergence import cosine_distance, output_text
-from proxy.errors import ProxyError, bad_request
-from proxy.keys import CanonicalRequest, check_body, make_key, normalise_path, parse_json
+from proxy.errors import FormatError, ProxyError, bad_request
+from proxy.keys import (
+    CanonicalRequest,
+    check_body,
+    describe_differences,
+    make_key,
+    nearest,
+    normalise_path,
+    parse_json,
+)
 from proxy.metrics import Metrics
 from proxy.recording import Recording, Sample, pick_sample, redact, stored_headers, utc_now
 from proxy.stores.base import Store
@@ -51,6 +60,10 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 # How long a remembered current fingerprint is trusted before the store is asked again, so that
 # proxies sharing a store see each other's fingerprint changes without a store read per replay.
 FINGERPRINT_TTL = 1.0
+# How long the index of recordings used to explain misses is reused before a new store scan.
+INDEX_TTL = 5.0
+NAMESPACE_PREFIX = "/_seedcache/ns/"
+NAMESPACE_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +107,12 @@ class Handlers:
         # key -> the leader's outcome: True when it recorded, a Relayed error, or None (failed).
         self._inflight: dict[str, asyncio.Future[bool | Relayed | None]] = {}
         self._fingerprints: dict[str, tuple[str | None, float]] = {}
+        self._index: dict[str, tuple[str, str, str, str | None, Any]] = {}
+        self._index_at = -INDEX_TTL
+        # Keys replayed or recorded by this run: the pytest plugin lists recordings no test used.
+        self.used: set[str] = set()
+        # --repeat sequence: how many identical requests per key this run has served.
+        self._sequence: dict[str, int] = {}
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -102,7 +121,7 @@ class Handlers:
         incoming = await self._incoming(request)
         if incoming.mode is Mode.PASSTHROUGH or incoming.canon is None:
             if incoming.mode is Mode.REPLAY:
-                raise self._miss(incoming, reason="this endpoint is not recorded")
+                raise await self._miss(incoming, reason="this endpoint is not recorded")
             return await self._forward(request, incoming, status="bypass")
         canon = incoming.canon
         if incoming.mode in (Mode.AUTO, Mode.REPLAY) and incoming.read:
@@ -110,7 +129,7 @@ class Handlers:
             if replay is not None:
                 return replay
             if incoming.mode is Mode.REPLAY:
-                raise self._miss(incoming)
+                raise await self._miss(incoming)
         coalesce = incoming.mode is Mode.AUTO
         while True:
             flight = self._inflight.get(canon.key) if coalesce else None
@@ -131,7 +150,20 @@ class Handlers:
 
     async def _incoming(self, request: web.Request) -> Incoming:
         method = request.method.upper()
-        path = normalise_path(request.path, request.query_string)
+        namespace = request.headers.get("X-Seedcache-Namespace", self.config.namespace)
+        path = request.path
+        if path.startswith(NAMESPACE_PREFIX):
+            # A base URL of /_seedcache/ns/<name>/v1 selects a namespace for clients that cannot
+            # send headers (the pytest plugin's per-test namespaces).
+            namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
+            path = "/" + rest
+        path = normalise_path(path, request.query_string)
+        if not NAMESPACE_NAME.fullmatch(namespace):
+            raise bad_request(
+                f"Namespace {namespace[:80]!r} is not valid: use up to 64 letters, digits, "
+                "'.', '_' or '-'.",
+                code="invalid_namespace",
+            )
         mode = self._mode(request)
         raw = await request.read()
         cache_control = request.headers.get("Cache-Control", "").lower()
@@ -145,7 +177,6 @@ class Handlers:
                 body = parse_json(raw)
                 check_body(body)
             if not (route[1] == "/v1/responses" and any(body.get(m) for m in STATEFUL)):
-                namespace = request.headers.get("X-Seedcache-Namespace", self.config.namespace)
                 canon = make_key(method, path, body, namespace)
         stream = isinstance(body, dict) and body.get("stream") is True
         options = body.get("stream_options") if isinstance(body, dict) else None
@@ -172,12 +203,14 @@ class Handlers:
         if raw is None:
             return None
         recording = Recording.loads(raw)
+        if self.config.repeat is Repeat.SEQUENCE:
+            return await self._lookup_sequence(request, incoming, recording)
         pinned = request.headers.get(FINGERPRINT)
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
         if sample is None:
             if incoming.mode is Mode.REPLAY:
-                raise self._miss(incoming, reason=f"no sample has fingerprint {pinned}")
+                raise await self._miss(incoming, reason=f"no sample has fingerprint {pinned}")
             return None
         if stale:
             policy = self.config.on_fingerprint_change
@@ -197,11 +230,31 @@ class Handlers:
         self.metrics.count(status, canon.model, sample.system_fingerprint)
         return await self._replay(request, incoming, sample, status)
 
+    async def _lookup_sequence(
+        self, request: web.Request, incoming: Incoming, recording: Recording
+    ) -> web.StreamResponse | None:
+        """`--repeat sequence`: the k-th identical request of this run gets the k-th sample; past
+        the last sample, auto records a new one and replay misses."""
+        ordinal = self._sequence.get(recording.key, 0)
+        self._sequence[recording.key] = ordinal + 1
+        if ordinal >= len(recording.samples):
+            if incoming.mode is Mode.REPLAY:
+                raise await self._miss(
+                    incoming,
+                    reason=f"this is identical request number {ordinal + 1} of the run and only "
+                    f"{len(recording.samples)} sample(s) are recorded (--repeat sequence)",
+                )
+            return None
+        sample = recording.samples[ordinal]
+        self.metrics.count("hit", recording.model, sample.system_fingerprint)
+        return await self._replay(request, incoming, sample, "hit")
+
     async def _replay(
         self, request: web.Request, incoming: Incoming, sample: Sample, status: str
     ) -> web.StreamResponse:
         canon = incoming.canon
         assert canon is not None
+        self.used.add(canon.key)
         headers = dict(sample.headers)
         headers[STATUS] = status
         headers[KEY] = canon.key
@@ -231,7 +284,8 @@ class Handlers:
         # aiohttp ends the body (write_eof) and handles a client that has already gone.
         return response
 
-    def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
+    async def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
+        """The 404 of a miss in replay, naming the nearest recording and what differs (§6)."""
         model = incoming.model
         self.metrics.count("miss", model)
         what = f"{incoming.method} {incoming.path}"
@@ -242,14 +296,56 @@ class Handlers:
             details.append(f"seed={incoming.canon.seed}")
         if details:
             what += f" ({', '.join(details)})"
-        key = f", key {incoming.canon.key[:12]}" if incoming.canon is not None else ""
-        because = f": {reason}" if reason else ""
+        message = f"No recording for {what}"
+        if incoming.canon is not None:
+            message += f", key {incoming.canon.key[:12]}"
+        if reason:
+            message += f": {reason}"
+        elif incoming.canon is not None:
+            message += await self._nearest(incoming.canon)
         return ProxyError(
             404,
-            f"No recording for {what}{key}{because}. Record it with: seedcache serve --mode auto",
+            f"{message}. Record it with: seedcache serve --mode auto",
             type="seedcache_miss",
             code="recording_not_found",
         )
+
+    async def _nearest(self, canon: CanonicalRequest) -> str:
+        index = await self._recording_index()
+        candidates = (
+            (key, body)
+            for key, (namespace, method, path, model, body) in index.items()
+            if (namespace, method, path, model)
+            == (canon.namespace, canon.method, canon.path, canon.model)
+        )
+        found = nearest(redact(canon.body), candidates)
+        if found is None:
+            return ". No recording has the same method, path and model"
+        key, differences = found
+        return (
+            f". The nearest recording, {key[:12]}, differs at: {describe_differences(differences)}"
+        )
+
+    async def _recording_index(self) -> dict[str, tuple[str, str, str, str | None, Any]]:
+        """Every recording's request, for explaining misses; rebuilt when older than a few
+        seconds so that recordings made by other proxies on a shared store are seen."""
+        now = time.monotonic()
+        if now - self._index_at > INDEX_TTL:
+            index = {}
+            async for _, key, raw in self.store.scan():
+                try:
+                    recording = Recording.loads(raw)
+                except FormatError:
+                    continue
+                index[key] = (
+                    recording.namespace,
+                    recording.method,
+                    recording.path,
+                    recording.model,
+                    recording.body,
+                )
+            self._index, self._index_at = index, time.monotonic()
+        return self._index
 
     async def _current_fingerprint(self, model: str | None) -> str | None:
         name = self._fingerprint_name(model)
@@ -458,6 +554,15 @@ class Handlers:
             return recording.with_sample(sample).dumps(pretty=self.store.pretty)
 
         await self.store.update(canon.namespace, canon.key, add)
+        self.used.add(canon.key)
+        if canon.key not in self._index and self._index:
+            self._index[canon.key] = (
+                fresh.namespace,
+                fresh.method,
+                fresh.path,
+                fresh.model,
+                fresh.body,
+            )
         if not flight.done():
             flight.set_result(True)
 

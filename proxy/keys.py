@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from proxy.errors import bad_request
+
+if TYPE_CHECKING:
+    from proxy.divergence import Difference
 
 KEY_SCHEME = "seedcache-key/1"
 
@@ -130,6 +133,38 @@ def make_key(method: str, path: str, body: Any, namespace: str = "") -> Canonica
     material = "\n".join((KEY_SCHEME, namespace, method, path, canonical_json(canonical)))
     key = hashlib.sha256(material.encode("utf-8")).hexdigest()
     return CanonicalRequest(namespace, method, path, canonical, material, key)
+
+
+def nearest(
+    body: Any, candidates: Iterable[tuple[str, Any]], *, limit: int = 200
+) -> tuple[str, list[Difference]] | None:
+    """The candidate (key, canonical body) whose body differs from `body` in the fewest JSON
+    paths, with those paths; None when there are no candidates."""
+    from proxy.divergence import json_paths_diff
+
+    best: tuple[str, list[Difference]] | None = None
+    for key, other in candidates:
+        # Stop walking a candidate as soon as it is no better than the best so far.
+        bound = len(best[1]) if best is not None else limit
+        differences = json_paths_diff(body, other, limit=bound)
+        if best is None or len(differences) < len(best[1]):
+            best = (key, differences)
+            if not differences:
+                break
+    return best
+
+
+def describe_differences(differences: Iterable[Difference], most: int = 5) -> str:
+    """`path: 'asked' != 'recorded'; …` for at most `most` paths."""
+    from proxy.divergence import short
+
+    listed = list(differences)
+    parts = [
+        f"{d.path or '(body)'}: {short(d.recorded)!r} != {short(d.live)!r}" for d in listed[:most]
+    ]
+    if len(listed) > most:
+        parts.append(f"and {len(listed) - most} more")
+    return "; ".join(parts)
 
 
 def _canonical_value(value: Any) -> Any:
