@@ -490,6 +490,14 @@ class _Collector:
         )
 
     def add(self, path: str, recorded: Any, live: Any) -> None:
+        # A member that is null/empty on one side and absent or empty on the other (`refusal:
+        # null` from OpenAI, nothing from vLLM; `annotations: []` in a response, nothing in its
+        # stream) says the same thing, and a usage reported on one side only (a stream without
+        # include_usage) is no divergence of the output: neither is a difference.
+        if _empty(recorded) and _empty(live):
+            return
+        if path == "usage" and (_absent(recorded) or _absent(live)):
+            return
         category = self._category(path, recorded, live)
         if category is Verdict.CONTENT and _EMBEDDING.fullmatch(path):
             self.embedding_pairs.append((recorded, live))
@@ -501,12 +509,7 @@ class _Collector:
     def _category(self, path: str, recorded: Any, live: Any) -> Verdict:
         if path == "usage" or path.startswith(("usage.", "usage[")):
             return Verdict.USAGE_ONLY
-        category = self._output_category(path)
-        # A member that is null/empty on one side and absent on the other (`refusal: null` from
-        # OpenAI, nothing from vLLM; `tool_calls: []`) is a difference of form, not of output.
-        if category is not Verdict.SHAPE and _empty(recorded) and _empty(live):
-            return Verdict.SHAPE
-        return category
+        return self._output_category(path)
 
     def _output_category(self, path: str) -> Verdict:
         if path.startswith("choices["):
@@ -553,6 +556,10 @@ def _difference(path: str, recorded: Any, live: Any) -> Difference:
         ABSENT if recorded is _MISSING else short(recorded),
         ABSENT if live is _MISSING else short(live),
     )
+
+
+def _absent(value: Any) -> bool:
+    return value is _MISSING or value is None
 
 
 def _empty(value: Any) -> bool:
