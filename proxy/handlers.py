@@ -572,7 +572,8 @@ class Handlers:
         if recorded is None:
             return "new"
         distance = None
-        if self.config.audit_embeddings:
+        # An embeddings response already carries its vectors: compare() measures those.
+        if self.config.audit_embeddings and not recording.path.startswith("/v1/embeddings"):
             distance = await self._embedding_distance(request, recorded, live)
         event, comparison = audit_event(recording, recorded, live, embedding_distance=distance)
         await self.audit.write(event)
