@@ -1,0 +1,208 @@
+"""The pytest plugin (entry point `pytest11`): one seedcache proxy for the test session.
+
+The `seedcache` fixture starts it on a free loopback port and points `OPENAI_BASE_URL` at it. By
+default it replays `files:tests/recordings` and fails closed: a request with no recording is an
+explained error, never a call that spends money.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import Config, Mode
+from proxy.embedded import EmbeddedProxy
+from proxy.recording import Recording
+
+DEFAULTS = {"mode": "replay", "store": "files:tests/recordings", "upstream": None}
+PLACEHOLDER_KEY = "seedcache-placeholder-key"
+_PROXY = pytest.StashKey["SeedcacheSession | None"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("seedcache", "record and replay OpenAI calls with seedcache")
+    group.addoption(
+        "--seedcache-mode",
+        help="replay (default: fail closed), auto (record misses), record, audit, passthrough.",
+    )
+    group.addoption(
+        "--seedcache-store",
+        help="Where recordings live (default files:tests/recordings, relative to the rootdir).",
+    )
+    group.addoption("--seedcache-upstream", help="The real API (default the OpenAI API).")
+    group.addoption(
+        "--seedcache-fail-on-miss",
+        action="store_true",
+        default=None,
+        help="Fail the session when any request had no recording.",
+    )
+    parser.addini("seedcache_mode", "seedcache mode for the test session", default="")
+    parser.addini("seedcache_store", "seedcache store for the test session", default="")
+    parser.addini("seedcache_upstream", "seedcache upstream for the test session", default="")
+    parser.addini(
+        "seedcache_fail_on_miss", "fail the session on misses", type="bool", default=False
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "seedcache(namespace): record and replay this test's (or module's) calls in a namespace",
+    )
+    config.stash[_PROXY] = None
+
+
+class SeedcacheSession:
+    """The proxy of a test session, as the `seedcache` fixture hands it to tests."""
+
+    def __init__(self, proxy: EmbeddedProxy) -> None:
+        self.proxy = proxy
+
+    @property
+    def base_url(self) -> str:
+        """The OPENAI_BASE_URL the tests use."""
+        return self.proxy.base_url
+
+    @property
+    def mode(self) -> Mode:
+        return self.proxy.config.mode
+
+    def namespaced_url(self, namespace: str) -> str:
+        """A base URL whose requests are recorded in `namespace`."""
+        return f"{self.proxy.url}/_seedcache/ns/{namespace}/v1" if namespace else self.base_url
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, misses, recorded, … so far."""
+        result: dict[str, Any] = self.proxy.handlers.metrics.to_json()
+        return result
+
+    def unused(self) -> list[Recording]:
+        """Recordings in the store that no request of this session replayed or recorded."""
+        used = self.proxy.handlers.used
+
+        async def scan() -> list[Recording]:
+            found = []
+            async for _, key, raw in self.proxy.handlers.store.scan():
+                if key not in used:
+                    found.append(Recording.loads(raw))
+            return found
+
+        result: list[Recording] = self.proxy.call(scan())
+        return result
+
+
+def _setting(config: pytest.Config, name: str) -> Any:
+    value = config.getoption(f"--seedcache-{name.replace('_', '-')}")
+    if value is None:
+        value = config.getini(f"seedcache_{name}") or None
+    return value
+
+
+def _store_spec(config: pytest.Config, spec: str) -> str:
+    # Relative paths are taken from the rootdir, so `pytest` works from any folder.
+    prefix, has_prefix, path = spec.partition("files:")
+    if has_prefix and not prefix and not os.path.isabs(path):
+        return "files:" + str(Path(config.rootpath) / path)
+    if not spec.startswith(("files:", "redis://", "rediss://")) and not os.path.isabs(spec):
+        return str(Path(config.rootpath) / spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def seedcache(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SeedcacheSession]:
+    """One seedcache proxy for the session; OPENAI_BASE_URL points at it while tests run."""
+    config = request.config
+    options = {name: _setting(config, name) or default for name, default in DEFAULTS.items()}
+    options["store"] = _store_spec(config, str(options["store"]))
+    proxy = EmbeddedProxy(Config.build(port=0, access_log=False, **options)).start()
+    session = SeedcacheSession(proxy)
+    config.stash[_PROXY] = session
+    saved = {name: os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    os.environ["OPENAI_BASE_URL"] = session.base_url
+    # The SDK refuses to start without a key; replays need none, so a placeholder will do.
+    os.environ.setdefault("OPENAI_API_KEY", PLACEHOLDER_KEY)
+    try:
+        yield session
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _report(config, session)
+        proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Apply `@pytest.mark.seedcache(namespace=...)` by pointing OPENAI_BASE_URL at it."""
+    marker = request.node.get_closest_marker("seedcache")
+    if marker is None:
+        yield
+        return
+    session: SeedcacheSession = request.getfixturevalue("seedcache")
+    namespace = marker.kwargs.get("namespace", marker.args[0] if marker.args else "")
+    saved = os.environ.get("OPENAI_BASE_URL")
+    os.environ["OPENAI_BASE_URL"] = session.namespaced_url(str(namespace))
+    try:
+        yield
+    finally:
+        os.environ["OPENAI_BASE_URL"] = saved or session.base_url
+
+
+def _report(config: pytest.Config, session: SeedcacheSession) -> None:
+    stats = session.stats()
+    lines = [
+        f"seedcache ({session.mode.value}): {stats['hit']} hits, {stats['miss']} misses, "
+        f"{stats['recorded']} recorded, {stats['stale']} stale, "
+        f"{stats['upstream_errors']} upstream errors"
+    ]
+    try:
+        unused = session.unused()
+    except Exception as exc:  # the summary must never hide the session's own result
+        lines.append(f"seedcache: could not list unused recordings: {exc}")
+        unused = []
+    if unused:
+        lines.append(f"seedcache: {len(unused)} recording(s) no test used:")
+        for recording in unused[:20]:
+            lines.append(
+                f"  {recording.key[:12]} {recording.method} {recording.path} "
+                f"model={recording.model} namespace={recording.namespace or '-'}"
+            )
+        if len(unused) > 20:
+            lines.append(f"  … and {len(unused) - 20} more")
+    config.stash.setdefault(_SUMMARY, []).extend(lines)
+    fail = _setting(config, "fail_on_miss")
+    if fail and stats["miss"]:
+        config.stash[_FAILED] = True
+
+
+_SUMMARY = pytest.StashKey[list[str]]()
+_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lines = config.stash.get(_SUMMARY, [])
+    if not lines:
+        return
+    terminalreporter.section("seedcache")
+    for line in lines:
+        terminalreporter.write_line(line)
+    if config.stash.get(_FAILED, False):
+        terminalreporter.write_line(
+            "seedcache: failing the session because requests had no recording "
+            "(--seedcache-fail-on-miss)",
+            red=True,
+        )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.stash.get(_FAILED, False) and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
