@@ -17,11 +17,15 @@ from typing import Any
 import orjson
 
 from proxy import sse
-from proxy.divergence import Comparison, compare
+from proxy.divergence import Comparison, compare, output_text
 from proxy.recording import Recording, Sample, utc_now
 from proxy.stores.base import Store
 
 log = logging.getLogger("seedcache")
+
+# How much of each output text a diverged event carries, for `seedcache audit --html` to show
+# side by side: enough to read the divergence, small enough to keep the log line short.
+TEXT_LIMIT = 2_000
 
 
 def sample_body(sample: Sample) -> Any:
@@ -65,6 +69,10 @@ def audit_event(
         "differences": result["differences"],
         "similarity": result["similarity"],
     }
+    if comparison.diverged:
+        texts = output_text(sample_body(recorded)), output_text(sample_body(live))
+        if any(texts):
+            event["texts"] = {"recorded": texts[0][:TEXT_LIMIT], "live": texts[1][:TEXT_LIMIT]}
     return event, comparison
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import ConfigError
+from proxy.keys import NAMESPACE
 
 
 class Mode(enum.StrEnum):
@@ -116,6 +117,11 @@ class Config:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
         if self.max_body <= 0:
             raise ConfigError("max-body must be positive")
+        if not NAMESPACE.fullmatch(self.namespace):
+            raise ConfigError(
+                f"namespace {self.namespace!r} is not valid: use up to 64 letters, digits, "
+                "'.', '_' or '-', not starting with '.'"
+            )
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0:

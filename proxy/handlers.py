@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from proxy.config import Config, Mode, OnFingerprintChange, Repeat
 from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, bad_request
 from proxy.keys import (
+    NAMESPACE,
     CanonicalRequest,
     check_body,
     describe_differences,
@@ -63,7 +63,6 @@ FINGERPRINT_TTL = 1.0
 # How long the index of recordings used to explain misses is reused before a new store scan.
 INDEX_TTL = 5.0
 NAMESPACE_PREFIX = "/_seedcache/ns/"
-NAMESPACE_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +157,10 @@ class Handlers:
             namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
             path = "/" + rest
         path = normalise_path(path, request.query_string)
-        if not NAMESPACE_NAME.fullmatch(namespace):
+        if not NAMESPACE.fullmatch(namespace):
             raise bad_request(
                 f"Namespace {namespace[:80]!r} is not valid: use up to 64 letters, digits, "
-                "'.', '_' or '-'.",
+                "'.', '_' or '-', not starting with '.'.",
                 code="invalid_namespace",
             )
         mode = self._mode(request)

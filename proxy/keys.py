@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from proxy.divergence import Difference
 
 KEY_SCHEME = "seedcache-key/1"
+
+# Namespace names: they become Redis key parts and folder names, so no separators, no leading dot.
+NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63})?")
 
 # Members that change framing, billing or tracking but never the generated output. An explicit
 # denylist: an allowlist would silently merge requests differing in an extension it did not know.

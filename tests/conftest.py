@@ -17,6 +17,8 @@ from proxy.config import Config
 from tests.fake_upstream import FakeUpstream
 from tests.servers import BackgroundLoop, RunningApp
 
+pytest_plugins = ["tests.redis_server"]
+
 API_KEY = "test-key-not-a-secret"
 
 

@@ -19,6 +19,9 @@ class Store(Protocol):
     """Where recordings, the current fingerprints and audit events live."""
 
     description: str
+    # True when values should be `Recording.dumps(pretty=True)`: stores meant to be read and
+    # diffed by people (the files store, committed to git).
+    pretty: bool
 
     async def get(self, namespace: str, key: str) -> bytes | None:
         """The value under `key`, or None."""
@@ -56,9 +59,16 @@ def open_store(spec: str, *, timeout: float = 2.0) -> Store:
     if not spec:
         raise ConfigError("--store must not be empty")
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("the Redis store is not available in this version of seedcache")
+        from proxy.stores.redis_store import RedisStore
+
+        return RedisStore(spec)
     if spec.startswith("files:"):
-        raise ConfigError("the files: store is not available in this version of seedcache")
+        directory = spec[len("files:") :]
+        if not directory:
+            raise ConfigError("--store files: needs a directory, e.g. files:tests/recordings")
+        from proxy.stores.files import FilesStore
+
+        return FilesStore(directory, timeout=timeout)
     from proxy.stores.disk import DiskStore
 
     return DiskStore(spec, timeout=timeout)

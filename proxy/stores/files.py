@@ -1,0 +1,359 @@
+"""The files store (`files:DIR`): one pretty-printed JSON file per recording, for committing to git.
+
+Layout: `DIR/<key>.json`, or `DIR/<namespace>/<key>.json`; the current fingerprints in
+`DIR/.seedcache-meta.json`, audit events in `DIR/.audit.jsonl`, advisory locks in `DIR/.locks/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from proxy.errors import StoreError
+from proxy.keys import NAMESPACE
+from proxy.stores.base import Updater
+
+T = TypeVar("T")
+
+# No leading dot: "." and ".." would leave DIR, and hidden names (.locks, .audit.jsonl) are ours.
+_KEY = re.compile(r"[0-9a-f]{64}")
+_KEY_FILE = re.compile(r"([0-9a-f]{64})\.json")
+
+_META_FILE = ".seedcache-meta.json"
+_AUDIT_FILE = ".audit.jsonl"
+_LOCKS = ".locks"
+# Audit lines read per worker-thread call while iterating `events()`.
+_EVENTS_PAGE = 1000
+# Longest pause between two attempts to take a lock another process holds.
+_MAX_POLL = 0.02
+
+
+def _current_umask() -> int:
+    # Linux reports the umask in /proc; os.umask can only read it by setting it, which would
+    # briefly change it for threads already running when this module is first imported.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; recordings should get the mode any other new file would get.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+class FilesStore:
+    """Recordings as JSON files in a directory, written atomically and locked against other
+    processes, so parallel test workers and `serve --workers N` can record at once.
+
+    Reads and writes run in worker threads: the directory is often a git checkout on a slow or
+    network filesystem, where even a small open() has no upper bound; a thread hop costs ~50 µs.
+    Reads take no lock: a value is only ever replaced by a rename, so a reader sees the old file
+    or the new one, never half of one.
+
+    A store belongs to the event loop that uses it (like an aiohttp ClientSession).
+    """
+
+    pretty = True
+
+    def __init__(self, directory: str, *, timeout: float = 2.0) -> None:
+        self.description = f"files:{directory}"
+        self._root = Path(directory)
+        self._timeout = timeout
+        # Same-process writers to one lock queue here instead of each holding a worker thread
+        # while it polls the file lock; the file lock is what excludes other processes.
+        self._queues: dict[str, asyncio.Lock] = {}
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot open the files store at {directory!r}: {exc}") from None
+
+    async def get(self, namespace: str, key: str) -> bytes | None:
+        return await self._off_loop(_read, self._path(namespace, key))
+
+    async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
+        path = self._path(namespace, key)
+        return await self._locked(_record_lock(key), functools.partial(self._update, path, fn))
+
+    async def put(self, namespace: str, key: str, value: bytes) -> None:
+        # Locked too, so a put cannot fall between the read and the write of another's update.
+        path = self._path(namespace, key)
+        await self._locked(_record_lock(key), functools.partial(_write, path, value))
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        path = self._path(namespace, key)
+        return await self._locked(_record_lock(key), functools.partial(_unlink, path))
+
+    async def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
+        for namespace, key, path in await self._off_loop(self._list):
+            value = await self._off_loop(_read, path)
+            if value is not None:  # deleted since it was listed
+                yield namespace, key, value
+
+    async def get_meta(self, name: str) -> str | None:
+        value = (await self._off_loop(self._read_meta)).get(name)
+        return value if isinstance(value, str) else None
+
+    async def set_meta(self, name: str, value: str) -> None:
+        await self._locked("meta", functools.partial(self._set_meta, name, value))
+
+    async def append_event(self, event: bytes) -> None:
+        line = event.strip()
+        # Checked here because `events` skips lines that are not JSON (torn by a crash).
+        try:
+            parsed = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise StoreError(f"an audit event must be JSON: {exc}") from None
+        if b"\n" in line:
+            # One event per line: JSON strings cannot hold a raw newline, so these are only
+            # whitespace and compacting the document keeps its meaning.
+            line = orjson.dumps(parsed)
+        await self._locked("audit", functools.partial(self._append_event, line + b"\n"))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        offset = 0
+        while True:
+            lines, offset, done = await self._off_loop(self._read_events, offset)
+            for line in lines:
+                yield line
+            if done:
+                return
+
+    async def close(self) -> None:
+        """Nothing to release: every call opens and closes its own files."""
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def _path(self, namespace: str, key: str) -> Path:
+        if not _KEY.fullmatch(key):
+            raise StoreError(f"{key!r} is not a seedcache key (64 lowercase hex digits)")
+        if not namespace:
+            return self._root / f"{key}.json"
+        if not namespace or not NAMESPACE.fullmatch(namespace):
+            raise StoreError(
+                f"namespace {namespace!r} cannot be a directory of the files store: use letters, "
+                "digits, '.', '_' and '-', not starting with '.'"
+            )
+        return self._root / namespace / f"{key}.json"
+
+    def _list(self) -> list[tuple[str, str, Path]]:
+        found: list[tuple[str, str, Path]] = []
+        for entry in _entries(self._root):
+            match = _KEY_FILE.fullmatch(entry.name)
+            if match and entry.is_file():
+                found.append(("", match[1], Path(entry.path)))
+            elif entry.name and NAMESPACE.fullmatch(entry.name) and entry.is_dir():
+                for inner in _entries(Path(entry.path)):
+                    match = _KEY_FILE.fullmatch(inner.name)
+                    if match and inner.is_file():
+                        found.append((entry.name, match[1], Path(inner.path)))
+        # Temp files (.<key>.json.*.tmp), lock files and anything else a user keeps here
+        # do not match and are skipped.
+        return sorted(found)
+
+    # -- work done in a worker thread -------------------------------------------------------
+
+    def _update(self, path: Path, fn: Updater) -> bytes | None:
+        old = _read(path)
+        new = fn(old)
+        if new is None or new == old:
+            # An unchanged value is not rewritten, so the file (and git) stay untouched.
+            return old
+        _write(path, new)
+        return new
+
+    def _read_meta(self) -> dict[str, Any]:
+        raw = _read(self._root / _META_FILE)
+        if raw is None:
+            return {}
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise StoreError(
+                f"{self._root / _META_FILE} is not a JSON object: fix it, or delete it to "
+                "forget the current fingerprints"
+            )
+        return data
+
+    def _set_meta(self, name: str, value: str) -> None:
+        data = self._read_meta()
+        if data.get(name) == value:
+            return
+        data[name] = value
+        text = orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        _write(self._root / _META_FILE, text)
+
+    def _append_event(self, line: bytes) -> None:
+        fd = os.open(self._root / _AUDIT_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A crash mid-append left a line without its newline: start a fresh line
+                # rather than glue this event onto it.
+                line = b"\n" + line
+            # O_APPEND: every write lands at the end even if another writer ignored the lock.
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _read_events(self, offset: int) -> tuple[list[bytes], int, bool]:
+        lines: list[bytes] = []
+        try:
+            with open(self._root / _AUDIT_FILE, "rb") as file:
+                file.seek(offset)
+                while len(lines) < _EVENTS_PAGE:
+                    line = file.readline()
+                    if not line.endswith(b"\n"):
+                        # End of file, or a line still being appended: stop before it.
+                        return lines, offset, True
+                    offset += len(line)
+                    line = line.strip()
+                    if line and _is_json(line):  # not a line torn by a crash
+                        lines.append(line)
+        except FileNotFoundError:
+            return lines, offset, True
+        return lines, offset, False
+
+    def _with_file_lock(self, name: str, work: Callable[[], T]) -> T:
+        path = self._root / _LOCKS / f"{name}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            _make_lock_dir(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self._flock(fd, path)
+            return work()
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _flock(self, fd: int, path: Path) -> None:
+        # flock has no timeout; poll so a lock held by a stuck process becomes an error, not a
+        # stall. A process that dies releases its flock, so a crash never leaves one behind.
+        deadline = time.monotonic() + self._timeout
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"the files store at {str(self._root)!r} stayed locked for "
+                        f"{self._timeout:g} s ({path}): another seedcache process is holding it"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_POLL)
+
+    # -- running it -------------------------------------------------------------------------
+
+    async def _locked(self, name: str, work: Callable[[], T]) -> T:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = asyncio.Lock()
+        async with queue:
+            return await self._off_loop(self._with_file_lock, name, work)
+
+    def _call(self, method: Callable[..., T], *args: Any) -> T:
+        try:
+            return method(*args)
+        except OSError as exc:
+            raise StoreError(f"the files store at {str(self._root)!r} failed: {exc}") from None
+
+    async def _off_loop(self, method: Callable[..., T], *args: Any) -> T:
+        call = functools.partial(self._call, method, *args)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+def _record_lock(key: str) -> str:
+    # 256 lock files, striped by the key's first byte: a lock file can never be deleted safely
+    # (a process waiting on the old inode would not exclude one locking a new file), so one per
+    # key would grow without bound. Two keys sharing a stripe only wait for each other briefly.
+    return f"rec-{key[:2]}"
+
+
+def _make_lock_dir(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = folder / ".gitignore"
+    if not ignore.exists():
+        # Lock files are runtime state: keep them out of the recordings' git history.
+        ignore.write_text("*\n")
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: Path, value: bytes) -> None:
+    """Replace `path` with `value` atomically: readers see the old bytes or the new, never half."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    # The temp file is in the same directory so the rename cannot cross filesystems, and its
+    # name (.<key>.json.*.tmp) is one `scan` skips, so a crash before the rename leaves no value.
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(value)
+            file.flush()
+            os.fchmod(file.fileno(), _FILE_MODE)
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable: without it a power cut can bring back the old file.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True

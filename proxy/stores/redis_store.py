@@ -1,0 +1,249 @@
+"""The Redis store (`redis://host:port/db`, `rediss://`): one store shared by many proxies.
+
+Recordings at `seedcache:<namespace>:rec:<key>`, the current fingerprints in the hash
+`seedcache:meta`, audit events in the stream `seedcache:audit`; every redis-py error becomes a
+StoreError naming the server without its credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.errors import ConfigError, StoreError
+from proxy.stores.base import Updater
+
+PREFIX = "seedcache:"
+META = "seedcache:meta"
+AUDIT = "seedcache:audit"
+LOCK_PREFIX = "seedcache:lock:"
+_RECORDINGS = "seedcache:*:rec:*"
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+CONNECT_TIMEOUT = 2.0
+TIMEOUT = 5.0
+# An idle pooled connection is PINGed before use after this many seconds, so one that died with
+# a restarted server is replaced instead of failing a request.
+HEALTH_CHECK_INTERVAL = 15
+# Keys per SCAN step and per MGET: bounds one reply to a few recordings' worth of bytes.
+_SCAN_BATCH = 100
+_MGET_BATCH = 32
+_EVENTS_PAGE = 500
+# Optimistic transactions retried this often before giving up; each retry means another writer
+# committed in between, so the store as a whole always makes progress.
+_MAX_ATTEMPTS = 200
+
+# Compare-and-delete: release a lock only if it still holds our token (it may have expired and
+# been taken by another proxy since).
+_RELEASE = """
+if redis.call("get", KEYS[1]) == ARGV[1] then
+    return redis.call("del", KEYS[1])
+end
+return 0
+"""
+
+
+def redact(url: str) -> str:
+    """`url` without credentials or query options, for messages and `description`."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def recording_name(namespace: str, key: str) -> str:
+    """The Redis key of a recording."""
+    return f"{PREFIX}{namespace}:rec:{key}"
+
+
+class RedisStore:
+    """Recordings in Redis, for proxies on many machines sharing one store (DESIGN §8, §9).
+
+    Only RedisStore has `acquire`/`release`/`lock`: a short-lived lock per key, so identical
+    misses on different proxies make one upstream call.
+    """
+
+    pretty = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        timeout: float = TIMEOUT,
+    ) -> None:
+        self.description = redact(url)
+        try:
+            self._redis: Redis = Redis.from_url(
+                url,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=timeout,
+                health_check_interval=HEALTH_CHECK_INTERVAL,
+                # One immediate retry on a broken connection: a pooled connection that died
+                # with a restarted server is replaced; a server that is down fails fast.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{self.description} is not a usable Redis URL: {exc}") from None
+        if self._redis.connection_pool.connection_kwargs.get("decode_responses"):
+            # Values are bytes (recordings need not be UTF-8); decoded replies would corrupt them.
+            raise ConfigError(f"{self.description}: remove decode_responses from the Redis URL")
+        self._release = self._redis.register_script(_RELEASE)
+
+    async def get(self, namespace: str, key: str) -> bytes | None:
+        with self._errors():
+            value = await self._redis.get(recording_name(namespace, key))
+        return None if value is None else _bytes(value)
+
+    async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
+        """Apply `fn` with WATCH/MULTI/EXEC; `fn` runs again whenever another writer won the race,
+        so it must only depend on the bytes it is given."""
+        name = recording_name(namespace, key)
+        with self._errors():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for attempt in range(_MAX_ATTEMPTS):
+                    try:
+                        await pipe.watch(name)
+                        stored = await pipe.get(name)
+                        old = None if stored is None else _bytes(stored)
+                        new = fn(old)
+                        if new is None or new == old:
+                            return old  # leaving the block UNWATCHes
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.set(name, new)
+                        await pipe.execute()
+                        return new
+                    except redis.exceptions.WatchError:
+                        # Jitter, so writers that collided do not collide again in lockstep.
+                        await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+        raise StoreError(
+            f"Redis at {self.description}: {_MAX_ATTEMPTS} writers in a row changed {name} "
+            "while this one was updating it; try again"
+        )
+
+    async def put(self, namespace: str, key: str, value: bytes) -> None:
+        with self._errors():
+            await self._redis.set(recording_name(namespace, key), value)
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        with self._errors():
+            removed: int = await self._redis.delete(recording_name(namespace, key))
+        return removed > 0
+
+    async def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
+        # SCAN may return a key twice (while Redis rehashes); yield each recording once.
+        seen: set[bytes] = set()
+        cursor = 0
+        while True:
+            with self._errors():
+                cursor, names = await self._redis.scan(cursor, match=_RECORDINGS, count=_SCAN_BATCH)
+            fresh = [name for name in map(_bytes, names) if name not in seen]
+            seen.update(fresh)
+            for start in range(0, len(fresh), _MGET_BATCH):
+                batch = fresh[start : start + _MGET_BATCH]
+                with self._errors():
+                    values = await self._redis.mget(batch)
+                for name, value in zip(batch, values, strict=True):
+                    parsed = _parse_name(name)
+                    if parsed is not None and value is not None:  # None: deleted since SCAN
+                        yield parsed[0], parsed[1], _bytes(value)
+            if cursor == 0:
+                return
+
+    async def get_meta(self, name: str) -> str | None:
+        with self._errors():
+            value = await self._redis.hget(META, name)
+        return None if value is None else _bytes(value).decode()
+
+    async def set_meta(self, name: str, value: str) -> None:
+        with self._errors():
+            await self._redis.hset(META, name, value)
+
+    async def append_event(self, event: bytes) -> None:
+        with self._errors():
+            await self._redis.xadd(AUDIT, {"event": event})
+
+    async def events(self) -> AsyncIterator[bytes]:
+        start = "-"
+        while True:
+            with self._errors():
+                page = await self._redis.xrange(AUDIT, min=start, max="+", count=_EVENTS_PAGE)
+            page = page or []
+            for _, fields in page:
+                event = (fields or {}).get(b"event")
+                if event is not None:
+                    yield _bytes(event)
+            if len(page) < _EVENTS_PAGE:
+                return
+            # The next page starts just after the last ID; computed rather than written as an
+            # exclusive "(id" range, which Redis < 6.2 (Ubuntu 22.04's apt package) rejects.
+            last = page[-1][0]
+            if last is None:
+                return
+            millis, _, sequence = _bytes(last).decode().partition("-")
+            start = f"{millis}-{int(sequence) + 1}"
+
+    async def close(self) -> None:
+        with self._errors():
+            await self._redis.aclose()
+
+    # -- cross-process locks ----------------------------------------------------------------
+
+    async def acquire(self, name: str, ttl_ms: int) -> str | None:
+        """Take the lock `name` for `ttl_ms` ms if nobody holds it; the token to release it."""
+        token = secrets.token_hex(16)
+        with self._errors():
+            taken = await self._redis.set(LOCK_PREFIX + name, token, nx=True, px=ttl_ms)
+        return token if taken else None
+
+    async def release(self, name: str, token: str) -> None:
+        """Release the lock `name` if `token` still holds it (it may have expired meanwhile)."""
+        with self._errors():
+            await self._release(keys=[LOCK_PREFIX + name], args=[token])
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str, ttl_ms: int) -> AsyncIterator[bool]:
+        """Hold the lock `name` for the block if it is free; yields whether it was taken."""
+        token = await self.acquire(name, ttl_ms)
+        try:
+            yield token is not None
+        finally:
+            if token is not None:
+                # A release that fails is harmless: the lock expires after ttl_ms anyway, and
+                # raising here would hide what the block itself raised.
+                with contextlib.suppress(StoreError):
+                    await self.release(name, token)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map redis-py's exceptions to StoreError at the store's boundary."""
+        try:
+            yield
+        except redis.exceptions.AuthenticationError as exc:
+            raise StoreError(
+                f"Redis at {self.description} refused the credentials: {exc}"
+            ) from None
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StoreError(f"cannot reach Redis at {self.description}: {exc}") from None
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"Redis at {self.description} failed: {exc}") from None
+
+
+def _bytes(value: bytes | str) -> bytes:
+    # Narrows redis-py's reply types: decode_responses is refused above, so replies are bytes.
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _parse_name(name: bytes) -> tuple[str, str] | None:
+    # Parsed from the right: the key is hex, the namespace may itself contain ":rec:".
+    namespace, _, key = name.decode(errors="replace")[len(PREFIX) :].rpartition(":rec:")
+    return (namespace, key) if _KEY.fullmatch(key) else None

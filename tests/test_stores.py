@@ -1,0 +1,513 @@
+"""The store contract, run against every store (disk, files, Redis), plus what each store adds.
+
+Redis tests use a real redis-server (tests/redis_server.py); parallel writers are real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import multiprocessing
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+import pytest
+import redis
+
+import proxy.stores.files
+import proxy.stores.redis_store
+from proxy.errors import ConfigError, StoreError
+from proxy.stores.base import Store, Updater, open_store
+from proxy.stores.disk import DiskStore
+from proxy.stores.files import FilesStore
+from proxy.stores.redis_store import RedisStore
+from tests.servers import free_port
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
+# redis_server, redis_url, own_redis_server (tests/conftest.py may load it for every module).
+
+
+# Generous: parallel writers queue on one key's lock, and CI disks can be slow to fsync.
+LOCK_TIMEOUT = 30.0
+KINDS = ["disk", "files", "redis"]
+
+
+def key(n: int | str) -> str:
+    """A key as the proxy makes them: 64 hex digits."""
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+def append_line(line: str) -> Updater:
+    """An updater that adds `line` to a JSON list (the value starts as an empty list)."""
+
+    def add(old: bytes | None) -> bytes:
+        lines = [] if old is None else orjson.loads(old)
+        return orjson.dumps([*lines, line], option=orjson.OPT_INDENT_2)
+
+    return add
+
+
+async def collect(store: Store) -> dict[tuple[str, str], bytes]:
+    return {(namespace, k): value async for namespace, k, value in store.scan()}
+
+
+async def all_events(store: Store) -> list[bytes]:
+    return [event async for event in store.events()]
+
+
+@pytest.fixture(params=KINDS)
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A `--store` value for an empty store of each kind."""
+    if request.param == "disk":
+        return str(tmp_path / "disk")
+    if request.param == "files":
+        return f"files:{tmp_path / 'files'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+async def store(store_spec: str) -> AsyncIterator[Store]:
+    opened = open_store(store_spec, timeout=LOCK_TIMEOUT)
+    yield opened
+    await opened.close()
+
+
+def namespaced(store: Store) -> bool:
+    # The disk store keys by key alone: the key already hashes the namespace in (keys.make_key),
+    # so namespaces can never collide there, and scan reports them as "".
+    return not isinstance(store, DiskStore)
+
+
+class TestStoreContract:
+    """What handlers, the CLI and export/import rely on, whichever store is configured."""
+
+    async def test_get_absent_is_none(self, store: Store) -> None:
+        assert await store.get("", key(1)) is None
+
+    async def test_put_get_replace(self, store: Store) -> None:
+        await store.put("", key(1), b"one")
+        assert await store.get("", key(1)) == b"one"
+        await store.put("", key(1), b"two")
+        assert await store.get("", key(1)) == b"two"
+
+    async def test_delete(self, store: Store) -> None:
+        await store.put("", key(1), b"one")
+        assert await store.delete("", key(1)) is True
+        assert await store.get("", key(1)) is None
+        assert await store.delete("", key(1)) is False
+        assert await collect(store) == {}
+
+    async def test_update_absent_gets_none(self, store: Store) -> None:
+        seen: list[bytes | None] = []
+
+        def fn(old: bytes | None) -> bytes:
+            seen.append(old)
+            return b"new"
+
+        assert await store.update("", key(1), fn) == b"new"
+        assert seen == [None]
+        assert await store.get("", key(1)) == b"new"
+
+    async def test_update_sees_stored_value(self, store: Store) -> None:
+        await store.put("", key(1), b"old")
+        assert await store.update("", key(1), lambda old: (old or b"") + b"+more") == b"old+more"
+        assert await store.get("", key(1)) == b"old+more"
+
+    async def test_update_returning_none_keeps_value(self, store: Store) -> None:
+        await store.put("", key(1), b"kept")
+        assert await store.update("", key(1), lambda old: None) == b"kept"
+        assert await store.get("", key(1)) == b"kept"
+        # Absent and left absent.
+        assert await store.update("", key(2), lambda old: None) is None
+        assert await store.get("", key(2)) is None
+
+    async def test_update_error_propagates_and_changes_nothing(self, store: Store) -> None:
+        await store.put("", key(1), b"kept")
+
+        def fail(old: bytes | None) -> bytes:
+            raise ZeroDivisionError
+
+        with pytest.raises(ZeroDivisionError):
+            await store.update("", key(1), fail)
+        assert await store.get("", key(1)) == b"kept"
+        # Nothing stays locked.
+        assert await store.update("", key(1), lambda old: b"next") == b"next"
+
+    async def test_concurrent_updates_lose_nothing(self, store: Store) -> None:
+        await asyncio.gather(*(store.update("", key(1), append_line(f"l{i}")) for i in range(50)))
+        raw = await store.get("", key(1))
+        assert raw is not None
+        assert sorted(orjson.loads(raw)) == sorted(f"l{i}" for i in range(50))
+
+    async def test_concurrent_add_if_absent_adds_once(self, store: Store) -> None:
+        winners: list[int] = []
+
+        def claim(i: int) -> Updater:
+            def fn(old: bytes | None) -> bytes | None:
+                if old is not None:
+                    return None
+                winners.append(i)
+                return str(i).encode()
+
+            return fn
+
+        results = await asyncio.gather(*(store.update("", key(1), claim(i)) for i in range(20)))
+        stored = await store.get("", key(1))
+        # fn may run more than once (Redis retries it), but only one write ever lands.
+        assert stored is not None and int(stored) in winners
+        assert set(results) == {stored}
+
+    async def test_large_value(self, store: Store) -> None:
+        value = os.urandom(5 * 1024 * 1024)
+        await store.put("", key(1), value)
+        assert await store.get("", key(1)) == value
+        assert await store.update("", key(1), lambda old: (old or b"") + b"!") == value + b"!"
+        assert await collect(store) == {("", key(1)): value + b"!"}
+
+    async def test_unicode_and_binary_bytes(self, store: Store) -> None:
+        text = '{"content": "héllo wörld — 世界 🎲 \\u0000"}'.encode()
+        binary = bytes(range(256))
+        await store.put("", key(1), text)
+        await store.put("", key(2), binary)
+        assert await store.get("", key(1)) == text
+        assert await store.get("", key(2)) == binary
+
+    async def test_scan(self, store: Store) -> None:
+        assert await collect(store) == {}
+        ns = "team-a" if namespaced(store) else ""
+        for i in range(120):
+            await store.put("", key(i), b"v%d" % i)
+        await store.put("team-a", key("other"), b"other")
+        found = await collect(store)
+        assert found == {
+            **{("", key(i)): b"v%d" % i for i in range(120)},
+            (ns, key("other")): b"other",
+        }
+
+    async def test_namespaces_keep_keys_apart(self, store: Store) -> None:
+        if not namespaced(store):
+            pytest.skip("the disk store keys by key alone; the key already includes the namespace")
+        await store.put("", key(1), b"default")
+        await store.put("team-a", key(1), b"a")
+        await store.put("team.b_2", key(1), b"b")
+        assert await store.get("", key(1)) == b"default"
+        assert await store.get("team-a", key(1)) == b"a"
+        assert await store.get("team.b_2", key(1)) == b"b"
+        assert await store.delete("team-a", key(1)) is True
+        assert await store.get("", key(1)) == b"default"
+        assert await collect(store) == {("", key(1)): b"default", ("team.b_2", key(1)): b"b"}
+
+    async def test_meta(self, store: Store) -> None:
+        assert await store.get_meta("fingerprint:gpt-4o-mini") is None
+        await store.set_meta("fingerprint:gpt-4o-mini", "fp_1")
+        await store.set_meta("fingerprint:gpt-4o", "fp_ß")
+        assert await store.get_meta("fingerprint:gpt-4o-mini") == "fp_1"
+        await store.set_meta("fingerprint:gpt-4o-mini", "fp_2")
+        assert await store.get_meta("fingerprint:gpt-4o-mini") == "fp_2"
+        assert await store.get_meta("fingerprint:gpt-4o") == "fp_ß"
+
+    async def test_events_in_order(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Small pages, so reading crosses page boundaries.
+        monkeypatch.setattr(proxy.stores.files, "_EVENTS_PAGE", 3)
+        monkeypatch.setattr(proxy.stores.redis_store, "_EVENTS_PAGE", 3)
+        assert await all_events(store) == []
+        events = [orjson.dumps({"n": i, "verdict": "identical", "text": "é"}) for i in range(10)]
+        for event in events:
+            await store.append_event(event)
+        assert await all_events(store) == events
+
+    async def test_concurrent_events_all_kept(self, store: Store) -> None:
+        events = {orjson.dumps({"n": i}) for i in range(30)}
+        await asyncio.gather(*(store.append_event(event) for event in events))
+        got = await all_events(store)
+        assert len(got) == 30 and set(got) == events
+
+
+def _writer(spec: str, shared: str, own: str, worker: int, count: int) -> None:
+    """One process's share of the parallel-writers test (module level, so spawn can import it)."""
+
+    async def run() -> None:
+        store = open_store(spec, timeout=LOCK_TIMEOUT)
+        try:
+            for i in range(count):
+                await store.update("", shared, append_line(f"w{worker}-{i}"))
+                await store.update("ns", own, append_line(f"w{worker}-{i}"))
+                await store.append_event(orjson.dumps({"worker": worker, "i": i}))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+class TestParallelProcesses:
+    """`serve --workers N` and parallel test workers: real processes writing one store."""
+
+    async def test_nothing_lost(self, store_spec: str, store: Store) -> None:
+        workers, count = 4, 25
+        own = [key(f"own-{w}") for w in range(workers)]
+        jobs = [(store_spec, key("shared"), own[w], w, count) for w in range(workers)]
+
+        def run_all() -> None:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                pool.starmap(_writer, jobs)
+
+        await asyncio.get_running_loop().run_in_executor(None, run_all)
+
+        every = {f"w{w}-{i}" for w in range(workers) for i in range(count)}
+        shared = await store.get("", key("shared"))
+        assert shared is not None
+        assert sorted(orjson.loads(shared)) == sorted(every)
+        for w in range(workers):
+            value = await store.get("ns", own[w])
+            assert value is not None
+            assert orjson.loads(value) == [f"w{w}-{i}" for i in range(count)]
+        # Every stored value is complete, valid JSON.
+        found = await collect(store)
+        assert len(found) == 1 + workers
+        for value in found.values():
+            orjson.loads(value)
+        events = [orjson.loads(event) for event in await all_events(store)]
+        assert len(events) == workers * count
+
+
+class TestFilesStore:
+    """What the files store adds: a browsable layout, atomic files, cross-process locks."""
+
+    @pytest.fixture
+    async def files(self, tmp_path: Path) -> AsyncIterator[FilesStore]:
+        store = FilesStore(str(tmp_path / "rec"), timeout=LOCK_TIMEOUT)
+        yield store
+        await store.close()
+
+    async def test_open_store_spec(self, tmp_path: Path) -> None:
+        store = open_store(f"files:{tmp_path / 'rec'}")
+        assert isinstance(store, FilesStore)
+        assert store.pretty is True
+        assert store.description == f"files:{tmp_path / 'rec'}"
+        with pytest.raises(ConfigError, match="needs a directory"):
+            open_store("files:")
+
+    async def test_layout(self, files: FilesStore, tmp_path: Path) -> None:
+        root = tmp_path / "rec"
+        await files.put("", key(1), b'{\n  "a": 1\n}\n')
+        await files.put("team-a", key(1), b"{}\n")
+        assert (root / f"{key(1)}.json").read_bytes() == b'{\n  "a": 1\n}\n'
+        assert (root / "team-a" / f"{key(1)}.json").read_bytes() == b"{}\n"
+        mode = (root / f"{key(1)}.json").stat().st_mode & 0o777
+        assert mode & 0o644 == 0o644  # readable like any other file, not mkstemp's 0600
+        assert (root / ".locks" / ".gitignore").read_text() == "*\n"
+
+    @pytest.mark.parametrize("namespace", ["..", ".", ".hidden", "a/b", "../x", "a b", "ns:1"])
+    async def test_bad_namespace(self, files: FilesStore, namespace: str) -> None:
+        with pytest.raises(StoreError, match="namespace"):
+            await files.put(namespace, key(1), b"x")
+        with pytest.raises(StoreError, match="namespace"):
+            await files.get(namespace, key(1))
+
+    @pytest.mark.parametrize("bad", ["", "abc", "../" + key(1)[3:], key(1).upper(), key(1) + "0"])
+    async def test_bad_key(self, files: FilesStore, bad: str) -> None:
+        with pytest.raises(StoreError, match="not a seedcache key"):
+            await files.put("", bad, b"x")
+
+    async def test_half_written_value_is_never_visible(
+        self, files: FilesStore, tmp_path: Path
+    ) -> None:
+        root = tmp_path / "rec"
+        await files.put("", key(1), b'{"complete": true}')
+        # What a crash before the rename leaves behind, plus files a user keeps next to them.
+        (root / f".{key(1)}.json.k2j3h4.tmp").write_bytes(b'{"compl')
+        (root / f".{key(2)}.json.a8s7d6.tmp").write_bytes(b'{"half')
+        (root / "team-a").mkdir()
+        (root / "team-a" / f".{key(3)}.json.zz.tmp").write_bytes(b"{")
+        (root / "README.md").write_text("recordings\n")
+        (root / "notakey.json").write_text("{}")
+        (root / f"{key(4)}.json.orig").write_text("{}")
+        assert await files.get("", key(1)) == b'{"complete": true}'
+        assert await files.get("", key(2)) is None
+        assert await files.get("team-a", key(3)) is None
+        assert await collect(files) == {("", key(1)): b'{"complete": true}'}
+
+    async def test_failed_write_keeps_old_value_and_no_temp_file(
+        self, files: FilesStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        await files.put("", key(1), b"old")
+
+        def no_space(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", no_space)
+        with pytest.raises(StoreError, match="No space left"):
+            await files.put("", key(1), b"new")
+        monkeypatch.undo()
+        assert await files.get("", key(1)) == b"old"
+        assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [".locks", f"{key(1)}.json"]
+
+    async def test_unchanged_update_does_not_rewrite(
+        self, files: FilesStore, tmp_path: Path
+    ) -> None:
+        await files.put("", key(1), b"same")
+        path = tmp_path / "rec" / f"{key(1)}.json"
+        inode = path.stat().st_ino
+        assert await files.update("", key(1), lambda old: old) == b"same"
+        assert path.stat().st_ino == inode
+
+    async def test_lock_held_by_another_process_times_out(self, tmp_path: Path) -> None:
+        store = FilesStore(str(tmp_path / "rec"), timeout=0.3)
+        await store.put("", key(1), b"v")
+        # A separate open file description conflicts like another process would.
+        lock = tmp_path / "rec" / ".locks" / f"rec-{key(1)[:2]}.lock"
+        with lock.open("rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="another seedcache process"):
+                await store.update("", key(1), lambda old: b"w")
+            assert time.monotonic() - started < 2
+            # Reads never wait for the lock.
+            assert await store.get("", key(1)) == b"v"
+        assert await store.update("", key(1), lambda old: b"w") == b"w"
+
+    async def test_meta_file(self, files: FilesStore, tmp_path: Path) -> None:
+        await files.set_meta("fingerprint:b", "fp_2")
+        await files.set_meta("fingerprint:a", "fp_1")
+        text = (tmp_path / "rec" / ".seedcache-meta.json").read_text()
+        assert text == '{\n  "fingerprint:a": "fp_1",\n  "fingerprint:b": "fp_2"\n}\n'
+
+    async def test_broken_meta_file_is_explained(self, files: FilesStore, tmp_path: Path) -> None:
+        (tmp_path / "rec" / ".seedcache-meta.json").write_text("[1, 2")
+        with pytest.raises(StoreError, match="not a JSON object"):
+            await files.get_meta("x")
+
+    async def test_audit_file_one_line_per_event(self, files: FilesStore, tmp_path: Path) -> None:
+        await files.append_event(b'{"a": 1}')
+        await files.append_event(b'{\n  "b": 2\n}\n')  # pretty JSON becomes one line
+        assert (tmp_path / "rec" / ".audit.jsonl").read_bytes() == b'{"a": 1}\n{"b":2}\n'
+        with pytest.raises(StoreError, match="must be JSON"):
+            await files.append_event(b"not\njson")
+        with pytest.raises(StoreError, match="must be JSON"):
+            await files.append_event(b"plain text")
+
+    async def test_torn_audit_line_is_skipped(self, files: FilesStore, tmp_path: Path) -> None:
+        await files.append_event(b'{"a": 1}')
+        with (tmp_path / "rec" / ".audit.jsonl").open("ab") as log:
+            log.write(b'{"torn": ')  # a crash mid-append
+        assert await all_events(files) == [b'{"a": 1}']  # an unfinished last line is not read
+        await files.append_event(b'{"b": 2}')
+        assert await all_events(files) == [b'{"a": 1}', b'{"b": 2}']
+
+
+class TestRedisStore:
+    """What the Redis store adds: its key layout, cross-proxy locks, surviving a restart."""
+
+    @pytest.fixture
+    async def rstore(self, redis_url: str) -> AsyncIterator[RedisStore]:
+        store = RedisStore(redis_url)
+        yield store
+        await store.close()
+
+    async def test_open_store_spec(self, redis_url: str) -> None:
+        store = open_store(redis_url)
+        assert isinstance(store, RedisStore)
+        assert store.pretty is False
+        await store.close()
+
+    async def test_key_layout(self, rstore: RedisStore, redis_url: str) -> None:
+        await rstore.put("team-a", key(1), b"a")
+        await rstore.put("", key(2), b"b")
+        await rstore.set_meta("fingerprint:m", "fp_1")
+        await rstore.append_event(b'{"e": 1}')
+        raw = redis.Redis.from_url(redis_url)
+        try:
+            assert raw.get(f"seedcache:team-a:rec:{key(1)}") == b"a"
+            assert raw.get(f"seedcache::rec:{key(2)}") == b"b"
+            assert raw.hgetall("seedcache:meta") == {b"fingerprint:m": b"fp_1"}
+            assert raw.type("seedcache:audit") == b"stream"
+            # Other keys under the prefix are not recordings.
+            raw.set("seedcache:lock:" + key(3), b"token")
+            raw.set("seedcache:x:rec:not-a-key", b"junk")
+        finally:
+            raw.close()
+        assert await collect(rstore) == {("team-a", key(1)): b"a", ("", key(2)): b"b"}
+
+    async def test_acquire_release(self, rstore: RedisStore) -> None:
+        token = await rstore.acquire(key(1), 10_000)
+        assert token is not None
+        assert await rstore.acquire(key(1), 10_000) is None
+        await rstore.release(key(1), "not-the-token")  # someone else's release does nothing
+        assert await rstore.acquire(key(1), 10_000) is None
+        await rstore.release(key(1), token)
+        again = await rstore.acquire(key(1), 10_000)
+        assert again is not None and again != token
+        await rstore.release(key(1), again)
+
+    async def test_lock_expires(self, rstore: RedisStore) -> None:
+        stale = await rstore.acquire(key(1), 50)
+        assert stale is not None
+        await asyncio.sleep(0.15)
+        fresh = await rstore.acquire(key(1), 10_000)
+        assert fresh is not None
+        await rstore.release(key(1), stale)  # the expired holder cannot free the new holder's lock
+        assert await rstore.acquire(key(1), 10_000) is None
+        await rstore.release(key(1), fresh)
+
+    async def test_lock_context(self, rstore: RedisStore) -> None:
+        async with rstore.lock(key(1), 10_000) as first:
+            assert first is True
+            async with rstore.lock(key(1), 10_000) as second:
+                assert second is False
+        async with rstore.lock(key(1), 10_000) as third:
+            assert third is True
+
+    async def test_down_then_back(self, own_redis_server: RedisServer) -> None:
+        store = RedisStore(own_redis_server.url())
+        try:
+            await store.put("", key(1), b"v")
+            own_redis_server.stop()
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: store.get("", key(1)),
+                lambda: store.update("", key(1), lambda old: b"w"),
+                lambda: store.set_meta("m", "v"),
+            ]
+            for call in calls:
+                started = time.monotonic()
+                with pytest.raises(
+                    StoreError, match=r"cannot reach Redis at redis://127\.0\.0\.1:"
+                ):
+                    await call()
+                assert time.monotonic() - started < 1.5
+            own_redis_server.start()  # same port, empty (no persistence)
+            assert own_redis_server.url() == store.description
+            assert await store.get("", key(1)) is None
+            await store.put("", key(1), b"again")
+            assert await store.get("", key(1)) == b"again"
+            # A restart between two calls: the pooled connection is dead, the next call
+            # reconnects without an error.
+            own_redis_server.stop()
+            own_redis_server.start()
+            await store.put("", key(1), b"third")
+            assert await store.get("", key(1)) == b"third"
+        finally:
+            await store.close()
+
+    async def test_unreachable_error_hides_credentials(self) -> None:
+        url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0?password=s3cret"
+        store = RedisStore(url)
+        assert "s3cret" not in store.description
+        with pytest.raises(StoreError) as caught:
+            await store.get("", key(1))
+        assert "s3cret" not in str(caught.value)
+        assert str(caught.value).startswith("cannot reach Redis at redis://127.0.0.1:")
+        await store.close()
+
+    async def test_bad_url_is_config_error(self) -> None:
+        with pytest.raises(ConfigError):
+            RedisStore("redis://127.0.0.1:notaport/0")
+        with pytest.raises(ConfigError, match="decode_responses"):
+            RedisStore("redis://127.0.0.1:6379/0?decode_responses=true")
