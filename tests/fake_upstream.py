@@ -1115,3 +1115,21 @@ def _unit_vector(digest: bytes, dims: int) -> list[float]:
     values = [struct.unpack_from("<h", raw, 2 * i)[0] / 32768 for i in range(dims)]
     norm = sum(v * v for v in values) ** 0.5 or 1.0
     return [struct.unpack("<f", struct.pack("<f", v / norm))[0] for v in values]
+
+
+def main() -> None:
+    """Serve the fake upstream on a port: `python -m tests.fake_upstream --port 9999`.
+
+    Used to make the example's recordings without a real API key or network.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9999)
+    args = parser.parse_args()
+    web.run_app(FakeUpstream().app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
