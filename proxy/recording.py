@@ -25,7 +25,9 @@ STORED_RESPONSE_HEADERS = frozenset(
 )
 
 # API-key shaped secrets: OpenAI/Anthropic style keys and bearer tokens.
-_SECRET = re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}|\bBearer\s+[A-Za-z0-9._~+/\-]{8,}=*")
+_SECRET = re.compile(
+    r"(?<![A-Za-z0-9])(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}|\bBearer\s+[A-Za-z0-9._~+/\-]{8,}=*"
+)
 REDACTED = "<redacted>"
 
 

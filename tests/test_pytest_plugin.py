@@ -1,0 +1,170 @@
+"""The pytest plugin, run on small test suites with pytester: replay by default, explained misses,
+recording into files:, namespaces, the session summary, and the example's offline tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import free_port
+
+pytest_plugins = ["pytester"]
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "trip_planner"
+
+APP_TESTS = """
+import openai, pytest
+
+pytestmark = pytest.mark.usefixtures("seedcache")
+
+def ask(content, **extra):
+    client = openai.OpenAI(max_retries=0)
+    return client.chat.completions.create(
+        model="gpt-4o-mini", seed=7, temperature=0,
+        messages=[{"role": "user", "content": content}], **extra)
+
+def test_question():
+    assert ask("Tell me about Mars").choices[0].message.content
+
+def test_stream():
+    chunks = list(ask("Tell me about Mars", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    # A subprocess, so each inner session starts and stops its own proxy like a real run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    pytester._monkeypatch.setattr(os, "environ", env)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+def test_replay_is_the_default_and_fails_closed_with_an_explanation(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    result = run(pytester, f"--seedcache-upstream={upstream.base_url}")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*No recording for POST /v1/chat/completions*model=gpt-4o-mini*"])
+    result.stdout.fnmatch_lines(["*seedcache (replay): 0 hits, 2 misses, 0 recorded*"])
+    assert upstream.count() == 0, "replay must never contact the upstream"
+
+
+def test_record_then_replay_offline(pytester: pytest.Pytester, upstream: FakeUpstream) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    recorded = run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    recorded.assert_outcomes(passed=2)
+    recorded.stdout.fnmatch_lines(["*seedcache (auto): 1 hits, 0 misses, 1 recorded*"])
+    files = sorted((pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json"))
+    assert len(files) == 1, "one recording serves the streaming and the plain request"
+    calls = upstream.count()
+
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    replayed = run(pytester, f"--seedcache-upstream={closed}", "--seedcache-fail-on-miss")
+    replayed.assert_outcomes(passed=2)
+    replayed.stdout.fnmatch_lines(["*seedcache (replay): 2 hits, 0 misses, 0 recorded*"])
+    assert upstream.count() == calls
+
+
+def test_a_changed_prompt_names_the_nearest_recording(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    pytester.makepyfile(test_app=APP_TESTS.replace("Tell me about Mars", "Tell us about Mars"))
+    result = run(pytester)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*The nearest recording, *, differs at: messages[[]0[]].content: "
+            "'Tell us about Mars' != 'Tell me about Mars'*"
+        ]
+    )
+
+
+def test_fail_on_miss_fails_the_session_and_unused_recordings_are_listed(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    pytester.makepyfile(
+        test_app="""
+import openai, pytest
+
+@pytest.mark.usefixtures("seedcache")
+def test_other():
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(max_retries=0).models.list()
+"""
+    )
+    result = run(pytester, "--seedcache-fail-on-miss")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "*1 recording(s) no test used:*",
+            "*POST /v1/chat/completions model=gpt-4o-mini*",
+            "*failing the session because requests had no recording*",
+        ]
+    )
+
+
+def test_ini_settings_and_namespace_marker(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makeini(
+        f"""
+[pytest]
+seedcache_mode = auto
+seedcache_store = files:cassettes
+seedcache_upstream = {upstream.base_url}
+"""
+    )
+    pytester.makepyfile(
+        test_app=APP_TESTS
+        + """
+@pytest.mark.seedcache(namespace="team-a")
+def test_in_a_namespace():
+    assert ask("Tell me about Mars").choices[0].message.content
+"""
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=3)
+    assert len(list((pytester.path / "cassettes").glob("[0-9a-f]*.json"))) == 1
+    assert len(list((pytester.path / "cassettes" / "team-a").glob("[0-9a-f]*.json"))) == 1
+
+
+def test_placeholder_api_key_lets_the_sdk_start_offline(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(
+        test_app="""
+import os, pytest
+
+def test_env(seedcache):
+    assert os.environ["OPENAI_BASE_URL"] == seedcache.base_url
+    assert os.environ["OPENAI_API_KEY"] == "seedcache-placeholder-key"
+    assert seedcache.stats()["hit"] == 0
+"""
+    )
+    run(pytester).assert_outcomes(passed=1)
+
+
+def test_the_example_passes_offline_without_an_api_key() -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", f"--seedcache-upstream={closed}"],
+        cwd=EXAMPLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 passed" in result.stdout
+    assert "0 misses" in result.stdout
