@@ -7,6 +7,8 @@ reads `SEEDCACHE_<OPTION>` from the environment.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from proxy.config import DEFAULT_STORE, Config
-from proxy.errors import SeedcacheError
+from proxy.errors import ConfigError, SeedcacheError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,6 +88,34 @@ def store_option(func: F) -> F:
     help="keep (default), refresh or fail, when no sample has the current fingerprint.",
 )
 @click.option("--repeat", envvar=env("repeat"), help="reuse (default) or sequence.")
+@click.option(
+    "--audit-log", envvar=env("audit_log"), help="JSONL audit log (default in the store)."
+)
+@click.option(
+    "--audit-embeddings",
+    envvar=env("audit_embeddings"),
+    help="Embedding model for the audit's embedding distance (off by default).",
+)
+@click.option(
+    "--access-token",
+    "access_tokens",
+    multiple=True,
+    envvar=env("access_token"),
+    help="Require clients to present this token as their API key (repeatable; @FILE reads "
+    "one token per line).",
+)
+@click.option(
+    "--upstream-api-key-env",
+    envvar=env("upstream_api_key_env"),
+    help="Send the key in this environment variable upstream instead of the client's.",
+)
+@click.option(
+    "--isolate-by-key/--no-isolate-by-key",
+    default=None,
+    envvar=env("isolate_by_key"),
+    help="Keep each client API key's recordings in its own namespace.",
+)
+@click.option("--workers", type=int, envvar=env("workers"), help="Processes on one port.")
 @click.option("--log-level", envvar=env("log_level"), help="debug, info (default), warning.")
 @click.option(
     "--access-log/--no-access-log",
@@ -95,29 +125,75 @@ def store_option(func: F) -> F:
 )
 def serve(**options: Any) -> None:
     """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
+    options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
+    config = Config.build(**options)
+    click.echo(
+        f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
+        f"store {config.store}, upstream {config.upstream_base}"
+        + (f", {config.workers} workers" if config.workers > 1 else "")
+        + f"; export OPENAI_BASE_URL={config.public_url}"
+    )
+    if config.workers == 1:
+        run_server(config)
+        return
+    if config.port == 0:
+        raise ConfigError("--workers needs a fixed --port")
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=run_server, args=(config, True), name=f"seedcache-{n}")
+        for n in range(config.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    # SIGTERM (docker stop, systemd) ends the workers as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        for worker in workers:
+            worker.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(timeout=10)
+
+
+def run_server(config: Config, reuse_port: bool = False) -> None:
+    """Serve `config` until interrupted (one worker process when reuse_port is set)."""
     from aiohttp import web
 
     from proxy.app import create_app
 
-    config = Config.build(**options)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    app = create_app(config)
-    click.echo(
-        f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
-        f"store {config.store}, upstream {config.upstream_base}; "
-        f"export OPENAI_BASE_URL={config.public_url}"
-    )
     web.run_app(
-        app,
+        create_app(config),
         host=config.host,
         port=config.port,
         print=None,
+        reuse_port=reuse_port or None,
         access_log=logging.getLogger("seedcache.access") if config.access_log else None,
         access_log_format='%a "%r" %s %b %Tfs %{X-Seedcache-Status}o %{X-Seedcache-Key}o',
     )
+
+
+def read_tokens(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Access tokens as given, with `@FILE` values read one token per line."""
+    tokens: list[str] = []
+    for value in values:
+        if value.startswith("@"):
+            try:
+                with open(value[1:], encoding="utf-8") as handle:
+                    tokens.extend(line.strip() for line in handle if line.strip())
+            except OSError as exc:
+                raise ConfigError(f"cannot read access tokens from {value[1:]}: {exc}") from None
+        elif value.strip():
+            tokens.append(value.strip())
+    return tuple(tokens)
 
 
 @main.command()
@@ -144,3 +220,14 @@ def key(request_file: Any, method: str, path: str, namespace: str) -> None:
     canon = make_key(method, normalise_path(path, query), body, namespace)
     click.echo(canon.material)
     click.echo(f"key: {canon.key}")
+
+
+from cli.audit import audit, probe, verify  # noqa: E402  (they import nothing from this module)
+
+for command in (audit, verify, probe):
+    main.add_command(command)
+
+from cli.recordings import export, import_, ls, prune, rm, show  # noqa: E402
+
+for command in (ls, show, rm, prune, export, import_):
+    main.add_command(command)

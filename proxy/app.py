@@ -5,6 +5,7 @@ Long-lived resources (the store, the upstream session) live in `cleanup_ctx`; no
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config import Config
 from proxy.errors import FormatError, ProxyError, StoreError
-from proxy.handlers import Handlers
+from proxy.handlers import Handlers, client_key
 from proxy.stores.base import Store, open_store
 from proxy.upstream import Upstream
 
@@ -30,7 +31,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     """The seedcache application for `config`; a given `store` is used instead of opening one."""
     # Bodies over max_body are refused by aiohttp itself while reading (413).
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body)
+    app = web.Application(
+        middlewares=[error_middleware, access_middleware], client_max_size=config.max_body
+    )
     app[CONFIG] = config
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -98,7 +101,25 @@ def error_response(error: ProxyError) -> web.Response:
     response.headers["x-should-retry"] = "true" if error.retry else "false"
     response.headers["x-request-id"] = f"req_seedcache_{uuid.uuid4().hex[:24]}"
     response.headers["X-Seedcache-Status"] = "error"
+    response.headers.update(error.headers)
     return response
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With --access-token, every request but the health check presents one of the tokens."""
+    tokens = request.app[CONFIG].access_tokens
+    if tokens and request.path != "/_seedcache/health":
+        presented = client_key(request.headers).encode()
+        # compare_digest over every token: the time taken says nothing about which matched.
+        if not any([hmac.compare_digest(presented, token.encode()) for token in tokens]):
+            raise ProxyError(
+                401,
+                "This seedcache requires an access token: send one of its --access-token "
+                "values as the API key (Authorization: Bearer <token>).",
+                code="invalid_access_token",
+            )
+    return await handler(request)
 
 
 @web.middleware

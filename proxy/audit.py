@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 
-from proxy import sse
 from proxy.divergence import Comparison, compare, output_text
 from proxy.recording import Recording, Sample, utc_now
 from proxy.stores.base import Store
@@ -26,11 +25,6 @@ log = logging.getLogger("seedcache")
 # How much of each output text a diverged event carries, for `seedcache audit --html` to show
 # side by side: enough to read the divergence, small enough to keep the log line short.
 TEXT_LIMIT = 2_000
-
-
-def sample_body(sample: Sample) -> Any:
-    """A sample brought to the non-streaming shape: a stream is assembled."""
-    return sample.body if sample.events is None else sse.assemble(sample.events)
 
 
 def baseline(samples: Iterable[Sample], live_fingerprint: str | None) -> Sample | None:
@@ -46,7 +40,7 @@ def audit_event(
     recording: Recording, recorded: Sample, live: Sample, *, embedding_distance: float | None = None
 ) -> tuple[dict[str, Any], Comparison]:
     """Compare a live sample with a recorded one and describe the comparison as an audit event."""
-    comparison = compare(sample_body(recorded), sample_body(live))
+    comparison = compare(recorded.response(), live.response())
     result = comparison.to_json()
     if embedding_distance is not None:
         result["similarity"]["embedding_distance"] = round(embedding_distance, 4)
@@ -70,7 +64,7 @@ def audit_event(
         "similarity": result["similarity"],
     }
     if comparison.diverged:
-        texts = output_text(sample_body(recorded)), output_text(sample_body(live))
+        texts = output_text(recorded.response()), output_text(live.response())
         if any(texts):
             event["texts"] = {"recorded": texts[0][:TEXT_LIMIT], "live": texts[1][:TEXT_LIMIT]}
     return event, comparison
@@ -122,6 +116,20 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
                 continue
             if isinstance(event, dict):
                 events.append(event)
+    return events
+
+
+async def read_events(store: Store) -> list[dict[str, Any]]:
+    """The events held by a store, oldest first; a torn or foreign one is skipped, as in
+    `read_jsonl`."""
+    events = []
+    async for line in store.events():
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 

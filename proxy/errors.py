@@ -45,6 +45,8 @@ class ProxyError(SeedcacheError):
         self.code = code
         self.param = param
         self.retry = retry
+        # Extra response headers (X-Seedcache-Status, X-Seedcache-Key) for the error response.
+        self.headers: dict[str, str] = {}
 
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {message, type, param, code}}."""

@@ -6,7 +6,9 @@ A request flows one way: parse and key it, look in the store, replay or forward,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from aiohttp import ClientResponse, web
 from multidict import CIMultiDict
 
 from proxy import sse
-from proxy.audit import AuditLog, audit_event, baseline, sample_body
+from proxy.audit import AuditLog, audit_event, baseline
 from proxy.config import Config, Mode, OnFingerprintChange, Repeat
 from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, bad_request
@@ -33,7 +35,7 @@ from proxy.keys import (
 )
 from proxy.metrics import Metrics
 from proxy.recording import Recording, Sample, pick_sample, redact, stored_headers, utc_now
-from proxy.stores.base import Store
+from proxy.stores.base import Locking, Store
 from proxy.upstream import Upstream, UpstreamBroken, iter_body, read_body, response_headers
 
 log = logging.getLogger("seedcache")
@@ -63,6 +65,10 @@ FINGERPRINT_TTL = 1.0
 # How long the index of recordings used to explain misses is reused before a new store scan.
 INDEX_TTL = 5.0
 NAMESPACE_PREFIX = "/_seedcache/ns/"
+# Cross-proxy coalescing on a shared store: how long a fill lock lives if its holder dies, and
+# how often the others look for the recording meanwhile.
+SHARED_LOCK_TTL_MS = 30_000
+SHARED_LOCK_POLL = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,7 @@ class Handlers:
         self._index_at = -INDEX_TTL
         # Keys replayed or recorded by this run: the pytest plugin lists recordings no test used.
         self.used: set[str] = set()
+        self._salt: str | None = None
         # --repeat sequence: how many identical requests per key this run has served.
         self._sequence: dict[str, int] = {}
 
@@ -127,12 +134,15 @@ class Handlers:
             replay = await self._lookup(request, incoming)
             if replay is not None:
                 return replay
-            if incoming.mode is Mode.REPLAY:
-                raise await self._miss(incoming)
+        if incoming.mode is Mode.REPLAY:
+            # Replay never goes upstream, not even for Cache-Control: no-cache.
+            raise await self._miss(incoming)
         coalesce = incoming.mode is Mode.AUTO
         while True:
             flight = self._inflight.get(canon.key) if coalesce else None
             if flight is None:
+                if coalesce and isinstance(self.store, Locking):
+                    return await self._lead_shared(request, incoming, self.store)
                 return await self._lead(request, incoming, coalesce=coalesce)
             outcome = await asyncio.shield(flight)
             if isinstance(outcome, Relayed):
@@ -157,6 +167,8 @@ class Handlers:
             namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
             path = "/" + rest
         path = normalise_path(path, request.query_string)
+        if self.config.isolate_by_key:
+            namespace = await self._isolated(namespace, request)
         if not NAMESPACE.fullmatch(namespace):
             raise bad_request(
                 f"Namespace {namespace[:80]!r} is not valid: use up to 64 letters, digits, "
@@ -181,6 +193,27 @@ class Handlers:
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return Incoming(method, path, raw, body, mode, read, write, stream, include_usage, canon)
+
+    async def _isolated(self, namespace: str, request: web.Request) -> str:
+        """`--isolate-by-key`: the namespace plus a salted hash of the client's API key, so that
+        on a shared store one tenant is never served another tenant's recordings."""
+        secret = client_key(request.headers)
+        if not secret:
+            raise ProxyError(
+                401,
+                "This seedcache isolates recordings by API key (--isolate-by-key): send one in "
+                "the Authorization header.",
+                code="missing_api_key",
+            )
+        if self._salt is None:
+            # One random salt per store, shared by every proxy on it.
+            salt = await self.store.get_meta("isolation-salt")
+            if salt is None:
+                await self.store.set_meta("isolation-salt", secrets.token_hex(16))
+                salt = await self.store.get_meta("isolation-salt")
+            self._salt = salt or ""
+        tenant = hashlib.sha256(f"{self._salt}:{secret}".encode()).hexdigest()[:16]
+        return f"{namespace}.k{tenant}" if namespace else f"k{tenant}"
 
     def _mode(self, request: web.Request) -> Mode:
         asked = request.headers.get("X-Seedcache-Mode")
@@ -262,7 +295,7 @@ class Handlers:
         if sample.system_fingerprint is not None:
             headers[FINGERPRINT] = sample.system_fingerprint
         if not incoming.stream:
-            body = sample.body if sample.events is None else sse.assemble(sample.events)
+            body = sample.response()
             headers["content-type"] = "application/json"
             return web.Response(status=sample.status, body=orjson.dumps(body), headers=headers)
         events = replay_events(sample, include_usage=incoming.include_usage)
@@ -302,12 +335,16 @@ class Handlers:
             message += f": {reason}"
         elif incoming.canon is not None:
             message += await self._nearest(incoming.canon)
-        return ProxyError(
+        error = ProxyError(
             404,
             f"{message}. Record it with: seedcache serve --mode auto",
             type="seedcache_miss",
             code="recording_not_found",
         )
+        error.headers[STATUS] = "miss"
+        if incoming.canon is not None:
+            error.headers[KEY] = incoming.canon.key
+        return error
 
     async def _nearest(self, canon: CanonicalRequest) -> str:
         index = await self._recording_index()
@@ -380,12 +417,41 @@ class Handlers:
             self._inflight[canon.key] = flight
         try:
             status = "audited" if incoming.mode is Mode.AUDIT else "recorded"
+            if not incoming.write and status == "recorded":
+                status = "bypass"  # Cache-Control: no-store: forwarded, not recorded
             return await self._forward(request, incoming, status=status, flight=flight)
         finally:
             if coalesce:
                 del self._inflight[canon.key]
             if not flight.done():
                 flight.set_result(None)
+
+    async def _lead_shared(
+        self, request: web.Request, incoming: Incoming, store: Locking
+    ) -> web.StreamResponse:
+        """Coalesce across proxies on a shared store: one proxy holds a short-lived lock per key
+        and goes upstream; the others wait for its recording. A lock whose holder died expires."""
+        canon = incoming.canon
+        assert canon is not None
+        name = f"fill:{canon.namespace}:{canon.key}"
+        deadline = time.monotonic() + self.config.upstream_timeout
+        while True:
+            token = await store.acquire(name, SHARED_LOCK_TTL_MS)
+            if token is not None:
+                try:
+                    # Another proxy may have recorded it between our miss and our lock.
+                    replay = await self._lookup(request, incoming)
+                    if replay is not None:
+                        return replay
+                    return await self._lead(request, incoming, coalesce=True)
+                finally:
+                    await store.release(name, token)
+            await asyncio.sleep(SHARED_LOCK_POLL)
+            replay = await self._lookup(request, incoming)
+            if replay is not None:
+                return replay
+            if time.monotonic() > deadline:
+                return await self._lead(request, incoming, coalesce=True)
 
     async def _forward(
         self,
@@ -589,7 +655,9 @@ class Handlers:
         self, request: web.Request, recorded: Sample, live: Sample
     ) -> float | None:
         """Cosine distance of upstream embeddings of the two texts (the seed guide's measure)."""
-        texts = [output_text(sample_body(recorded)), output_text(sample_body(live))]
+        texts = [output_text(recorded.response()), output_text(live.response())]
+        if not any(texts):
+            return None  # nothing was said on either side: no meaning to compare
         if texts[0] == texts[1]:
             return 0.0
         body = {"model": self.config.audit_embeddings, "input": texts, "encoding_format": "float"}
@@ -604,6 +672,15 @@ class Handlers:
         except (ProxyError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("audit embeddings with %s failed: %s", body["model"], exc)
         return None
+
+
+def client_key(headers: Mapping[str, str]) -> str:
+    """The client's API key: a bearer token, or Azure's `api-key` header."""
+    authorization = headers.get("Authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("api-key", "").strip()
 
 
 def status_of(headers: Mapping[str, str]) -> str:

@@ -207,6 +207,11 @@ def parse_json(raw: bytes) -> Any:
         try:
             # orjson refuses integers beyond 64 bits, which JSON allows; NaN stays refused.
             return json.loads(raw, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise bad_request(
+                "The request body is nested too deeply to be a chat request.",
+                code="invalid_json",
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise bad_request(
                 f"The request body is not valid JSON: {exc}.", code="invalid_json"

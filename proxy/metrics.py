@@ -13,14 +13,17 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import generate_latest
 
 OUTCOMES = ("hit", "miss", "recorded", "stale", "bypass", "audited")
+# The stats document names totals in the plural (hits, misses, …); outcomes are X-Seedcache-Status.
+STAT_NAMES = {"hit": "hits", "miss": "misses", "bypass": "bypassed"}
 
 
 class Metrics:
     """Totals and per (model, fingerprint) counts of outcomes, divergences and upstream errors."""
 
     def __init__(self) -> None:
+        names = [STAT_NAMES.get(outcome, outcome) for outcome in OUTCOMES]
         self.totals: Counter[str] = Counter(
-            {name: 0 for name in (*OUTCOMES, "divergences", "upstream_errors")}
+            dict.fromkeys([*names, "divergences", "upstream_errors"], 0)
         )
         self.by_model: dict[tuple[str, str], Counter[str]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
@@ -45,8 +48,9 @@ class Metrics:
 
     def count(self, outcome: str, model: str | None, fingerprint: str | None = None) -> None:
         """Count one request's outcome."""
-        self.totals[outcome] += 1
-        self._bucket(model, fingerprint)[outcome] += 1
+        name = STAT_NAMES.get(outcome, outcome)
+        self.totals[name] += 1
+        self._bucket(model, fingerprint)[name] += 1
         self._requests.labels(outcome, model or "").inc()
 
     def divergence(

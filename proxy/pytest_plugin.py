@@ -159,7 +159,7 @@ def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
 def _report(config: pytest.Config, session: SeedcacheSession) -> None:
     stats = session.stats()
     lines = [
-        f"seedcache ({session.mode.value}): {stats['hit']} hits, {stats['miss']} misses, "
+        f"seedcache ({session.mode.value}): {stats['hits']} hits, {stats['misses']} misses, "
         f"{stats['recorded']} recorded, {stats['stale']} stale, "
         f"{stats['upstream_errors']} upstream errors"
     ]
@@ -179,7 +179,7 @@ def _report(config: pytest.Config, session: SeedcacheSession) -> None:
             lines.append(f"  … and {len(unused) - 20} more")
     config.stash.setdefault(_SUMMARY, []).extend(lines)
     fail = _setting(config, "fail_on_miss")
-    if fail and stats["miss"]:
+    if fail and stats["misses"]:
         config.stash[_FAILED] = True
 
 

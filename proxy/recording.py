@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from proxy import sse
 from proxy.errors import FormatError
 from proxy.sse import Event
 
@@ -44,6 +45,10 @@ class Sample:
     elapsed_ms: int
     body: Any = None
     events: tuple[Event, ...] | None = None
+
+    def response(self) -> Any:
+        """The response in its non-streaming shape: a stream is assembled."""
+        return self.body if self.events is None else sse.assemble(self.events)
 
     @property
     def streamed(self) -> bool:
@@ -164,11 +169,19 @@ class Recording:
 
 
 def _same_output(a: Sample, b: Sample) -> bool:
+    """Same fingerprint and the same output: a stream's random `obfuscation` padding, ids and
+    usage do not make a new sample."""
     if a.system_fingerprint != b.system_fingerprint:
         return False
-    if a.events is not None and b.events is not None:
-        return [e.data for e in a.events] == [e.data for e in b.events]
-    return a.events is None and b.events is None and a.body == b.body
+    if a.events is None and b.events is None and a.body == b.body:
+        return True
+    from proxy.divergence import Verdict, compare
+
+    try:
+        verdict = compare(a.response(), b.response()).verdict
+    except ValueError:  # a stream with no JSON chunk: compare what was sent
+        return [e.data for e in a.events or ()] == [e.data for e in b.events or ()]
+    return verdict in (Verdict.IDENTICAL, Verdict.USAGE_ONLY)
 
 
 def pick_sample(

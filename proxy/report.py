@@ -69,7 +69,7 @@ def text_table(groups: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _cell(name: str, value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "null" if name == "fingerprint" else "-"
     if name == "divergence_rate":
         return f"{float(value) * 100:.1f}%"
@@ -144,6 +144,7 @@ def rate_chart(events: Sequence[Mapping[str, Any]]) -> str:
         return top + (1 - rate) * plot_h
 
     parts = [_svg_open(width, height, "Divergence rate over time")]
+    legend: list[str] = []
     for percent in (0, 25, 50, 75, 100):
         level = y(percent / 100)
         parts.append(
@@ -170,15 +171,12 @@ def rate_chart(events: Sequence[Mapping[str, Any]]) -> str:
                 f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{colour}">'
                 f"<title>{_e(label)}</title></circle>"
             )
-        legend_y = top + 14 * index
-        parts.append(
-            f'<rect x="{width - right - 150}" y="{legend_y}" width="10" height="10" '
-            f'fill="{colour}"/><text x="{width - right - 136}" y="{legend_y + 9}">'
-            f"{_e(model or '(no model)')}</text>"
-        )
+        legend.append(f'<span style="color:{colour}">●</span> {_e(model)}')
     parts.append("</svg>")
     note = f"Share of comparisons not identical, per {'hour' if hourly else 'day'}."
-    return "\n".join(parts) + f'\n<p class="note">{note}</p>'
+    return (
+        "\n".join(parts) + f'\n<p class="legend">{"  ".join(legend)}</p><p class="note">{note}</p>'
+    )
 
 
 def distance_histogram(events: Sequence[Mapping[str, Any]]) -> str:
@@ -305,7 +303,8 @@ def _bucket(moment: datetime, hourly: bool) -> datetime:
 
 
 def _model(event: Mapping[str, Any]) -> str:
-    return str(event.get("model") or event.get("response_model") or "")
+    # GET /v1/models names no model.
+    return str(event.get("model") or event.get("response_model") or "(no model)")
 
 
 def _similarity(event: Mapping[str, Any], name: str) -> float | None:
@@ -331,7 +330,7 @@ th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
 th:nth-child(-n+2), td:nth-child(-n+2) {{ text-align: left; }}
 svg {{ font: 11px sans-serif; display: block; max-width: 100%; height: auto; }}
 svg .grid {{ stroke: #e4e4e4; }} svg .axis {{ stroke: #888; }} svg polyline {{ stroke-width: 2; }}
-.note, .facts {{ color: #555; }}
+.note, .facts {{ color: #555; }} .legend {{ margin: 4px 0; white-space: pre-wrap; }}
 .pair {{ display: flex; flex-wrap: wrap; gap: 12px; margin-bottom: 1.5em; }}
 .pair .facts {{ flex-basis: 100%; margin: 0; }}
 .side {{ flex: 1 1 400px; min-width: 0; }}

@@ -46,15 +46,17 @@ class UpstreamBroken(SeedcacheError):
 
 
 def request_headers(
-    headers: Iterable[tuple[str, str]], *, api_key: str | None = None
+    headers: Iterable[tuple[str, str]], *, api_key: str | None = None, strip_auth: bool = False
 ) -> CIMultiDict[str]:
     """The client's headers as sent upstream: hop-by-hop and seedcache's own removed."""
+    headers = list(headers)
+    drop = _REQUEST_DROP | _nominated(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers:
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower.startswith("x-seedcache-"):
+        if lower in drop or lower.startswith("x-seedcache-"):
             continue
-        if api_key is not None and lower in ("authorization", "api-key"):
+        if (api_key is not None or strip_auth) and lower in ("authorization", "api-key"):
             continue
         out.add(name, value)
     if api_key is not None:
@@ -64,7 +66,20 @@ def request_headers(
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """The upstream's response headers as passed to the client of a live response."""
-    return CIMultiDict((n, v) for n, v in headers if n.lower() not in _RESPONSE_DROP)
+    headers = list(headers)
+    drop = _RESPONSE_DROP | _nominated(headers)
+    return CIMultiDict((n, v) for n, v in headers if n.lower() not in drop)
+
+
+def _nominated(headers: list[tuple[str, str]]) -> set[str]:
+    # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop for this connection only.
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+        if token.strip()
+    }
 
 
 class Upstream:
@@ -78,6 +93,8 @@ class Upstream:
         self._api_key = (
             os.environ[config.upstream_api_key_env] if config.upstream_api_key_env else None
         )
+        # Clients that present an access token must not have it sent upstream.
+        self._strip_auth = bool(config.access_tokens)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -113,7 +130,7 @@ class Upstream:
             response = await self._session.request(
                 method,
                 self.url(path),
-                headers=request_headers(items, api_key=self._api_key),
+                headers=request_headers(items, api_key=self._api_key, strip_auth=self._strip_auth),
                 data=body,
                 allow_redirects=False,
             )

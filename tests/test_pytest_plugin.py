@@ -148,7 +148,7 @@ import os, pytest
 def test_env(seedcache):
     assert os.environ["OPENAI_BASE_URL"] == seedcache.base_url
     assert os.environ["OPENAI_API_KEY"] == "seedcache-placeholder-key"
-    assert seedcache.stats()["hit"] == 0
+    assert seedcache.stats()["hits"] == 0
 """
     )
     run(pytester).assert_outcomes(passed=1)

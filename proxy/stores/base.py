@@ -6,7 +6,7 @@ Stores speak bytes under (namespace, key); what the bytes mean (recordings, HTTP
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from proxy.errors import ConfigError
 
@@ -52,6 +52,18 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections and files."""
+
+
+@runtime_checkable
+class Locking(Protocol):
+    """A store shared by several proxies that can hold short-lived locks (Redis), so that
+    identical concurrent misses on different proxies cause one upstream call."""
+
+    async def acquire(self, name: str, ttl_ms: int) -> str | None:
+        """Take the lock `name` for at most `ttl_ms`; a token if taken, None if held."""
+
+    async def release(self, name: str, token: str) -> None:
+        """Give the lock back if `token` still holds it."""
 
 
 def open_store(spec: str, *, timeout: float = 2.0) -> Store:

@@ -1,0 +1,330 @@
+"""`seedcache audit`, `verify` and `probe`: parse options and call into `proxy.audit`,
+`proxy.verify`, `proxy.probe` and `proxy.report`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from proxy import probe as probing
+from proxy import report
+from proxy import verify as verifying
+from proxy.audit import AuditLog, parse_since, read_events, read_jsonl, select, summarise
+from proxy.config import DEFAULT_STORE, DEFAULT_UPSTREAM, Config, is_disk_store
+from proxy.errors import ConfigError
+from proxy.stores.base import open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store_option(func: F) -> F:
+    """`--store`, as in cli.main (not imported from there: cli.main imports this module)."""
+    return click.option(
+        "--store",
+        envvar="SEEDCACHE_STORE",
+        help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
+        "or redis://host:port/db.",
+    )(func)
+
+
+def upstream_option(func: F) -> F:
+    """`--upstream`, read from SEEDCACHE_UPSTREAM like `serve`'s."""
+    return click.option(
+        "--upstream",
+        envvar="SEEDCACHE_UPSTREAM",
+        default=DEFAULT_UPSTREAM,
+        show_default=True,
+        help="The API to send the requests to (env SEEDCACHE_UPSTREAM); a seedcache proxy's "
+        "URL works too: the requests carry X-Seedcache-Mode: passthrough.",
+    )(func)
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@click.option(
+    "--audit-log",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Read this JSONL audit log instead of the store's events.",
+)
+@click.option("--since", help="Only events since an ISO date/time or a duration ago: 30m, 24h, 7d.")
+@click.option("--model", help="Only events of this model (requested or answered).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write a self-contained HTML report with charts to this file.",
+)
+def audit(
+    store: str | None,
+    audit_log: str | None,
+    since: str | None,
+    model: str | None,
+    as_json: bool,
+    html_file: str | None,
+) -> None:
+    """Summarise the audit events per model and fingerprint.
+
+    For each: comparisons, identical, divergence rate, mean distances and fingerprint changes,
+    as a table, --json, or --html FILE (a self-contained page with charts).
+    """
+    try:
+        moment = parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    source = audit_log or (store or DEFAULT_STORE)
+    if audit_log:
+        raw = read_jsonl(audit_log)
+    elif is_disk_store(source) and not os.path.isdir(source):
+        raw = []  # nothing recorded yet; opening the store would create the directory
+    else:
+        raw = asyncio.run(_store_events(source))
+    events = select(raw, since=moment, model=model)
+    groups = summarise(events)
+    if html_file:
+        Path(html_file).write_text(
+            report.html_page(events, groups, source=source), encoding="utf-8"
+        )
+    if as_json:
+        document = {
+            "source": source,
+            "since": moment.isoformat() if moment else None,
+            "model": model,
+            "events": len(events),
+            "totals": report.totals(groups),
+            "groups": groups,
+        }
+        click.echo(json.dumps(document, indent=2))
+    elif not events:
+        narrowed = " matching --since/--model" if (since or model) and raw else ""
+        click.echo(
+            f"No audit events{narrowed} in {source}. Events are written by `seedcache serve "
+            "--mode audit` (or record, or --on-fingerprint-change refresh) and `seedcache verify`."
+        )
+    else:
+        overall = report.totals(groups)
+        click.echo(report.text_table(groups))
+        click.echo(
+            f"\n{len(events)} events: {overall['identical']} identical, "
+            f"{overall['divergences']} diverged "
+            f"({overall['divergence_rate'] * 100:.1f}%), "
+            f"{overall['fingerprint_changes']} with a fingerprint change."
+        )
+    if html_file:
+        click.echo(f"HTML report written to {html_file}", err=True)
+
+
+async def _store_events(spec: str) -> list[dict[str, Any]]:
+    store = open_store(spec)
+    try:
+        return await read_events(store)
+    finally:
+        await store.close()
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@upstream_option
+@click.option("--sample", type=click.IntRange(min=1), help="Verify N recordings picked at random.")
+@click.option("--model", help="Only recordings of this model.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=verifying.DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Requests in flight at once.",
+)
+@click.option(
+    "--max-divergence",
+    type=click.FloatRange(0.0, 1.0),
+    default=verifying.DEFAULT_MAX_DIVERGENCE,
+    show_default=True,
+    help="Exit 1 when the share of diverged recordings is above this fraction.",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Append the audit events to this JSONL file (default: audit.jsonl in a disk store).",
+)
+def verify(
+    store: str | None,
+    upstream: str,
+    sample: int | None,
+    model: str | None,
+    concurrency: int,
+    max_divergence: float,
+    audit_log: str | None,
+) -> None:
+    """Re-issue recorded requests live and compare with the recordings.
+
+    Recordings are never modified; each comparison is an audit event. Exits 1 when the
+    divergence rate is above --max-divergence or a request failed. The API key is read from
+    OPENAI_API_KEY.
+    """
+    config = Config.build(store=store, upstream=upstream, audit_log=audit_log)
+    api_key = _api_key(config.upstream_base)
+    outcome, selection = asyncio.run(_verify(config, api_key, sample, model, concurrency))
+    if selection.skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
+        click.echo(f"skipped {sum(selection.skipped.values())} recordings ({reasons})")
+    if not selection.recordings:
+        click.echo(f"No recordings to verify in {config.store}.")
+        return
+    for failure in outcome.failures:
+        click.echo(f"failed {failure.key[:12]} {failure.path}: {failure.message}", err=True)
+    if outcome.events:
+        click.echo(report.text_table(summarise(outcome.events)))
+    rate = outcome.divergence_rate
+    click.echo(
+        f"\nverified {len(outcome.events)} of {len(selection.recordings)} recordings against "
+        f"{config.upstream_base}: {len(outcome.events) - outcome.divergences} identical, "
+        f"{outcome.divergences} diverged ({rate * 100:.1f}%), {len(outcome.failures)} failed."
+    )
+    if config.audit_log_path:
+        click.echo(f"audit events appended to {config.audit_log_path} and the store")
+    if rate > max_divergence:
+        click.echo(
+            f"divergence rate {rate * 100:.1f}% is above --max-divergence "
+            f"{max_divergence * 100:.1f}%",
+            err=True,
+        )
+        sys.exit(1)
+    if outcome.failures:
+        sys.exit(1)
+
+
+async def _verify(
+    config: Config, api_key: str, sample: int | None, model: str | None, concurrency: int
+) -> tuple[verifying.Outcome, verifying.Selection]:
+    store = open_store(config.store, timeout=config.store_timeout)
+    try:
+        selection = await verifying.select_recordings(store, model=model, sample=sample)
+        if not selection.recordings:
+            return verifying.Outcome([], []), selection
+        audit_log = AuditLog(config.audit_log_path, store)
+        async with verifying.make_client(config.upstream_base, api_key) as client:
+            # click draws the bar only on a terminal; piped or under CliRunner it stays quiet.
+            with click.progressbar(
+                length=len(selection.recordings), label="verifying", file=sys.stderr
+            ) as bar:
+                outcome = await verifying.verify(
+                    selection.recordings,
+                    client=client,
+                    audit=audit_log,
+                    concurrency=concurrency,
+                    on_done=lambda: bar.update(1),
+                )
+        return outcome, selection
+    finally:
+        await store.close()
+
+
+# --- probe --------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--model", required=True, help="The model to probe.")
+@click.option("--prompt", help="The user message to send.")
+@click.option(
+    "--messages",
+    "messages_file",
+    type=click.File("rb"),
+    help="A JSON file with the list of chat messages to send (instead of --prompt).",
+)
+@upstream_option
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=probing.DEFAULT_RUNS,
+    show_default=True,
+    help="Requests per group.",
+)
+@click.option("--seed", type=int, default=probing.DEFAULT_SEED, show_default=True)
+@click.option(
+    "--temperature",
+    type=float,
+    default=probing.DEFAULT_TEMPERATURE,
+    show_default=True,
+    help="Sampling temperature; the seed guide's 0.7 makes the seed's effect visible.",
+)
+@click.option("--max-tokens", type=int, default=probing.DEFAULT_MAX_TOKENS, show_default=True)
+@click.option(
+    "--compare-unseeded", is_flag=True, help="Also send the request --runs times without a seed."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def probe(
+    model: str,
+    prompt: str | None,
+    messages_file: Any,
+    upstream: str,
+    runs: int,
+    seed: int,
+    temperature: float,
+    max_tokens: int,
+    compare_unseeded: bool,
+    as_json: bool,
+) -> None:
+    """Measure how reproducible a model's outputs are, with and without a seed.
+
+    Sends the same chat request --runs times with --seed (and as many times without, with
+    --compare-unseeded) and reports how consistent the outputs and fingerprints were.
+
+    Every request carries X-Seedcache-Mode: passthrough, so that pointed at a seedcache proxy
+    the runs are live, not replays of one recording. The API key is read from OPENAI_API_KEY.
+    """
+    if (prompt is None) == (messages_file is None):
+        raise click.UsageError("give either --prompt or --messages FILE")
+    messages = None
+    if messages_file is not None:
+        try:
+            messages = json.loads(messages_file.read())
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--messages") from None
+    try:
+        settings = probing.Settings(
+            model=model,
+            messages=probing.messages_for(prompt, messages),
+            runs=runs,
+            seed=seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            compare_unseeded=compare_unseeded,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    base = Config.build(upstream=upstream).upstream_base
+    plan = settings.plan()
+    with (
+        probing.make_client(base, _api_key(base)) as client,
+        click.progressbar(length=len(plan), label="probing", file=sys.stderr) as bar,
+    ):
+        done = probing.run(client, plan, on_done=lambda: bar.update(1))
+    groups = probing.summarise(done)
+    if as_json:
+        click.echo(json.dumps(probing.to_json(settings, base, done, groups), indent=2))
+    else:
+        click.echo(probing.render(done, groups))
+
+
+def _api_key(upstream: str) -> str:
+    key = os.environ.get("OPENAI_API_KEY")
+    if key:
+        return key
+    if upstream == DEFAULT_UPSTREAM.rstrip("/"):
+        raise click.UsageError(f"set OPENAI_API_KEY to send requests to {upstream}")
+    # Local servers (vLLM, llama.cpp, Ollama) usually take any key; the SDK insists on one.
+    return "seedcache-no-key"

@@ -1,0 +1,206 @@
+"""Input the SDK would never send, over raw HTTP: a clear OpenAI error, nothing stored or forwarded,
+and a server that keeps serving (DESIGN §10)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.recording import Recording
+from proxy.stores.disk import DiskStore
+from tests.conftest import HTTPResult, RunningProxy, StartProxy
+from tests.fake_upstream import FakeUpstream, chat_request
+from tests.servers import BackgroundLoop
+
+CHAT = "/v1/chat/completions"
+
+
+def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
+    """Every recording in the proxy's disk store, read through the store."""
+
+    async def scan() -> list[Recording]:
+        store = DiskStore(proxy.config.store)
+        try:
+            return [Recording.loads(value) async for _, _, value in store.scan()]
+        finally:
+            await store.close()
+
+    return loop.run(scan())
+
+
+def assert_error(result: HTTPResult, status: int, *, code: str | None = None) -> dict[str, Any]:
+    """`result` is an OpenAI error envelope with `status` that tells the SDK not to retry."""
+    assert result.status == status, result.body
+    assert result.headers["content-type"].startswith("application/json")
+    assert result.headers["x-should-retry"] == "false"
+    error = result.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return dict(error)
+
+
+def assert_still_serving(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    """A valid request after the bad one is forwarded and answered normally."""
+    body = chat_request(seed=99)
+    result = proxy.request("POST", CHAT, body)
+    assert result.status == 200
+    assert result.json()["id"] == upstream.chat_completion(body)["id"]
+
+
+MALFORMED = [
+    ("truncated", b'{"model": "gpt-4o-mini", "messages": ['),
+    ("trailing comma", b'{"model": "gpt-4o-mini",}'),
+    ("single quotes", b"{'model': 'gpt-4o-mini'}"),
+    ("NaN", b'{"model": "gpt-4o-mini", "temperature": NaN}'),
+    ("not utf-8", b'{"model": "\xff\xfe"}'),
+    ("empty", b""),
+    ("plain text", b"hello"),
+]
+
+
+@pytest.mark.parametrize("raw", [m[1] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_json_is_a_400_envelope(
+    raw: bytes, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    result = proxy.request("POST", CHAT, raw, headers={"Content-Type": "application/json"})
+
+    assert_error(result, 400, code="invalid_json")
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+    assert len(recordings(loop, proxy)) == 1  # only the valid request's
+
+
+def test_deeply_nested_json_is_a_400_not_an_internal_error(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    depth = 100_000
+    raw = b'{"model": "gpt-4o-mini", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+
+    result = proxy.request("POST", CHAT, raw)
+
+    assert_error(result, 400)
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[1, 2]", b'"chat"', b"42", b"true", b"null"], ids=lambda r: r.decode()
+)
+def test_a_body_that_is_not_an_object_is_a_400(
+    raw: bytes, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    result = proxy.request("POST", CHAT, raw)
+
+    error = assert_error(result, 400)
+    assert "JSON object" in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+    assert len(recordings(loop, proxy)) == 1
+
+
+WRONG_TYPES = [
+    ("model", 5),
+    ("model", ["gpt-4o-mini"]),
+    ("messages", "x"),
+    ("messages", {"role": "user"}),
+    ("seed", "1"),
+    ("seed", 1.5),
+    ("seed", True),
+    ("temperature", "0"),
+    ("n", "2"),
+]
+
+
+@pytest.mark.parametrize(
+    ("member", "value"), WRONG_TYPES, ids=[f"{m}={v!r}" for m, v in WRONG_TYPES]
+)
+def test_wrong_member_types_are_a_400_naming_the_param(
+    member: str,
+    value: Any,
+    proxy: RunningProxy,
+    upstream: FakeUpstream,
+    loop: BackgroundLoop,
+) -> None:
+    result = proxy.request("POST", CHAT, chat_request(**{member: value}))
+
+    error = assert_error(result, 400)
+    assert error["param"] == member
+    assert member in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+    assert len(recordings(loop, proxy)) == 1
+
+
+def test_bad_input_in_replay_mode_is_a_400_not_a_miss(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="replay")
+
+    malformed = proxy.request("POST", CHAT, b"{oops")
+    mistyped = proxy.request("POST", CHAT, chat_request(seed="1"))
+
+    assert_error(malformed, 400, code="invalid_json")
+    assert assert_error(mistyped, 400)["param"] == "seed"
+    assert proxy.stats()["misses"] == 0
+    assert upstream.count() == 0
+
+
+def test_other_recorded_endpoints_check_their_bodies_too(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    for path in ("/v1/completions", "/v1/embeddings", "/v1/responses"):
+        assert_error(proxy.request("POST", path, b"[]"), 400)
+        assert_error(proxy.request("POST", path, b"{nope"), 400, code="invalid_json")
+    assert upstream.count() == 0
+
+
+def test_a_body_over_max_body_is_a_413_envelope(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(max_body=1000)
+    big = chat_request(messages=[{"role": "user", "content": "x" * 2000}])
+
+    result = proxy.request("POST", CHAT, big)
+
+    error = assert_error(result, 413, code="body_too_large")
+    assert "1000" in error["message"] and "--max-body" in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)  # a body under the limit still works
+    assert len(recordings(loop, proxy)) == 1
+
+
+def test_max_body_applies_to_forwarded_paths_too(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(max_body=1000)
+
+    result = proxy.request("POST", "/v1/files", b"x" * 5000)
+
+    assert_error(result, 413, code="body_too_large")
+    assert upstream.count() == 0
+
+
+def test_an_unknown_mode_header_is_a_400(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    result = proxy.request("POST", CHAT, chat_request(), headers={"X-Seedcache-Mode": "sometimes"})
+
+    error = assert_error(result, 400)
+    assert "sometimes" in error["message"] and "replay" in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+
+
+@pytest.mark.parametrize("namespace", ["../etc", "a b", "x" * 65])
+def test_an_invalid_namespace_header_is_a_400(
+    namespace: str, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    result = proxy.request(
+        "POST", CHAT, chat_request(), headers={"X-Seedcache-Namespace": namespace}
+    )
+
+    assert_error(result, 400, code="invalid_namespace")
+    assert upstream.count() == 0
+    assert recordings(loop, proxy) == []

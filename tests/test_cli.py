@@ -1,0 +1,306 @@
+"""The `seedcache` command: `key` (DESIGN §3), `serve` options and their environment variables
+(§11), and `serve` as a real process in front of the fake upstream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from cli.main import main
+from proxy.app import CONFIG
+from proxy.config import Mode
+from tests.conftest import API_KEY, RunningProxy
+from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
+from tests.servers import free_port
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(main, list(args), input=input, env=env)
+
+
+def printed_key(output: str) -> str:
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("key: ")
+    key = last.removeprefix("key: ")
+    assert HEX64.fullmatch(key)
+    return key
+
+
+# -- seedcache key --------------------------------------------------------------------------------
+
+
+def test_key_of_a_file_is_the_key_the_proxy_uses(proxy: RunningProxy, tmp_path: Path) -> None:
+    body = chat_request()
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(body))
+
+    result = run("key", str(request_file))
+    proxied = proxy.request("POST", "/v1/chat/completions", body)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "seedcache-key/1"
+    assert lines[1:4] == ["", "POST", "/v1/chat/completions"]  # namespace, method, path
+    assert json.loads(lines[4]) == body
+    assert lines[4] == json.dumps(body, sort_keys=True, separators=(",", ":"))
+    assert printed_key(result.stdout) == proxied.headers["x-seedcache-key"]
+
+
+def test_key_reads_stdin_and_ignores_what_does_not_change_the_output(
+    proxy: RunningProxy,
+) -> None:
+    body = chat_request(seed=5)
+    as_sent = dict(reversed(list({**body, "stream": True, "user": "u1", "top_p": None}.items())))
+
+    result = run("key", "-", input=json.dumps(as_sent))
+    proxied = proxy.request("POST", "/v1/chat/completions", body)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "seedcache-key/1"
+    assert "stream" not in result.stdout and "top_p" not in result.stdout
+    assert printed_key(result.stdout) == proxied.headers["x-seedcache-key"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/completions"])
+def test_key_of_another_endpoint(path: str, proxy: RunningProxy) -> None:
+    body = legacy_request()
+
+    result = run("key", "-", "--path", path, input=json.dumps(body))
+    proxied = proxy.request("POST", "/v1/completions", body)
+
+    assert result.exit_code == 0, result.output
+    assert "/v1/completions" in result.stdout.splitlines()
+    assert printed_key(result.stdout) == proxied.headers["x-seedcache-key"]
+
+
+def test_keys_of_different_requests_differ() -> None:
+    keys = {
+        printed_key(run("key", "-", input=json.dumps(body)).stdout)
+        for body in (chat_request(), chat_request(seed=124), chat_request(temperature=1))
+    }
+
+    assert len(keys) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("{oops", "not valid JSON"),
+        ("", "empty"),
+        ("[1, 2]", "JSON object"),
+        ('{"model": 5, "messages": []}', "'model'"),
+    ],
+    ids=["malformed", "empty", "not-an-object", "wrong-type"],
+)
+def test_key_of_a_bad_body_fails_with_a_clear_message(text: str, says: str) -> None:
+    result = run("key", "-", input=text)
+
+    assert result.exit_code != 0
+    assert says in result.stderr
+    assert "Traceback" not in result.output
+    assert "key:" not in result.stdout
+
+
+def test_key_of_a_missing_file_fails(tmp_path: Path) -> None:
+    result = run("key", str(tmp_path / "absent.json"))
+
+    assert result.exit_code != 0
+    assert "absent.json" in result.stderr
+
+
+# -- seedcache serve: options and environment -----------------------------------------------------
+
+
+def test_serve_help_lists_its_options() -> None:
+    result = run("serve", "--help")
+
+    assert result.exit_code == 0
+    for option in (
+        "--host",
+        "--port",
+        "--mode",
+        "--store",
+        "--upstream",
+        "--max-body",
+        "--replay-timing",
+        "--upstream-timeout",
+        "--on-fingerprint-change",
+    ):
+        assert option in result.stdout
+    assert "OPENAI_BASE_URL" in result.stdout
+
+
+@pytest.fixture
+def captured_run_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace aiohttp's run_app, so that `serve` returns after building its app."""
+    captured: dict[str, Any] = {}
+
+    def run_app(app: web.Application, **options: Any) -> None:
+        captured["app"] = app
+        captured.update(options)
+
+    monkeypatch.setattr(web, "run_app", run_app)
+    return captured
+
+
+def test_serve_reads_every_option_from_seedcache_environment_variables(
+    captured_run_app: dict[str, Any], tmp_path: Path
+) -> None:
+    store = str(tmp_path / "store")
+    env = {
+        "SEEDCACHE_MODE": "none",
+        "SEEDCACHE_PORT": "9000",
+        "SEEDCACHE_STORE": store,
+        "SEEDCACHE_UPSTREAM": "http://127.0.0.1:1/v1",
+        "SEEDCACHE_MAX_BODY": "1000",
+        "SEEDCACHE_REPLAY_TIMING": "true",
+        "SEEDCACHE_UPSTREAM_TIMEOUT": "2.5",
+        "SEEDCACHE_ON_FINGERPRINT_CHANGE": "refresh",
+        "SEEDCACHE_NAMESPACE": "ci",
+    }
+
+    result = run("serve", "--port", "9001", env=env)
+
+    assert result.exit_code == 0, result.output
+    config = captured_run_app["app"][CONFIG]
+    assert config.mode is Mode.REPLAY
+    assert config.port == captured_run_app["port"] == 9001  # the command line wins
+    assert (config.store, config.upstream_base) == (store, "http://127.0.0.1:1/v1")
+    assert (config.max_body, config.replay_timing, config.upstream_timeout) == (1000, True, 2.5)
+    assert (config.on_fingerprint_change.value, config.namespace) == ("refresh", "ci")
+    assert captured_run_app["host"] == "127.0.0.1"  # loopback unless told otherwise
+    assert result.stdout == (
+        f"seedcache listening on http://127.0.0.1:9001 in replay mode, store {store}, "
+        "upstream http://127.0.0.1:1/v1; export OPENAI_BASE_URL=http://127.0.0.1:9001/v1\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"SEEDCACHE_MODE": "sometimes"}, "unknown mode 'sometimes'"),
+        ({"SEEDCACHE_UPSTREAM": "ftp://example.com"}, "upstream must be an http(s) URL"),
+        ({"SEEDCACHE_MAX_BODY": "0"}, "max-body must be positive"),
+        ({"SEEDCACHE_ON_FINGERPRINT_CHANGE": "maybe"}, "unknown on-fingerprint-change"),
+    ],
+    ids=["mode", "upstream", "max-body", "on-fingerprint-change"],
+)
+def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
+    env: dict[str, str], says: str, captured_run_app: dict[str, Any]
+) -> None:
+    result = run("serve", env=env)
+
+    assert result.exit_code == 2
+    assert says in result.stderr
+    assert "app" not in captured_run_app  # nothing was started
+
+
+def test_serve_refuses_a_non_integer_port_from_the_environment(
+    captured_run_app: dict[str, Any],
+) -> None:
+    result = run("serve", env={"SEEDCACHE_PORT": "eighty"})
+
+    assert result.exit_code == 2
+    assert "eighty" in result.stderr
+    assert "app" not in captured_run_app
+
+
+# -- seedcache serve as a process -----------------------------------------------------------------
+
+
+def seedcache_executable() -> str:
+    """The console script installed next to this interpreter."""
+    script = Path(sys.executable).with_name("seedcache")
+    assert script.exists(), f"{script} is missing: pip install -e '.[test]'"
+    return str(script)
+
+
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The next stdout line of `process`, failing after `timeout` seconds instead of hanging."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    return process.stdout.readline()
+
+
+def wait_healthy(port: int, process: subprocess.Popen[str], timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, "seedcache serve exited"
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            connection.request("GET", "/_seedcache/health")
+            response = connection.getresponse()
+            if response.status == 200:
+                health: dict[str, Any] = json.loads(response.read())
+                return health
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        assert time.monotonic() < deadline, f"seedcache serve not healthy within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_serve_runs_as_a_process_prints_one_line_and_proxies(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    port = free_port()
+    store = tmp_path / "store"
+    env = {
+        **os.environ,
+        "SEEDCACHE_MODE": "once",
+        "SEEDCACHE_STORE": str(store),
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        seedcache_executable(),
+        "serve",
+        "--port",
+        str(port),
+        "--upstream",
+        upstream.base_url,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        line = read_line(process, timeout=30)
+        health = wait_healthy(port, process)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
+            first = client.chat.completions.with_raw_response.create(**chat_request())
+            second = client.chat.completions.with_raw_response.create(**chat_request())
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=15)
+
+    assert line == (
+        f"seedcache listening on http://127.0.0.1:{port} in auto mode, store {store}, "
+        f"upstream {upstream.base_url}; export OPENAI_BASE_URL={base_url}\n"
+    )
+    assert out == ""  # the start-up line is the only thing on stdout
+    assert health["mode"] == "auto"
+    assert first.headers["x-seedcache-status"] == "recorded"
+    assert second.headers["x-seedcache-status"] == "hit"
+    assert second.parse().id == upstream.chat_completion(chat_request())["id"]
+    assert upstream.count() == 1
+    assert upstream.calls[0].headers["authorization"] == f"Bearer {API_KEY}"
+    assert first.headers["x-seedcache-key"] in err  # the access log went to stderr…
+    assert API_KEY not in err  # …without the client's key
+    assert process.returncode == 0

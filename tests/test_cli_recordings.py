@@ -1,0 +1,525 @@
+"""`seedcache ls`, `show`, `rm`, `prune`, `export` and `import` over recordings made by a real
+proxy in front of the fake upstream, on disk, files and Redis stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cli.main import main
+from cli.recordings import merge
+from proxy.recording import Recording
+from proxy.stores.base import open_store
+from tests.conftest import RunningProxy, StartProxy
+from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def stored(spec: str) -> dict[str, tuple[str, bytes]]:
+    """Every recording of a store: key → (namespace it is held under, bytes)."""
+
+    async def scan() -> dict[str, tuple[str, bytes]]:
+        store = open_store(spec)
+        try:
+            return {key: (namespace, raw) async for namespace, key, raw in store.scan()}
+        finally:
+            await store.close()
+
+    return asyncio.run(scan())
+
+
+def recordings(spec: str) -> dict[str, Recording]:
+    return {key: Recording.loads(raw) for key, (_, raw) in stored(spec).items()}
+
+
+def fingerprints(recording: Recording) -> list[str | None]:
+    return [s.system_fingerprint for s in recording.samples]
+
+
+@dataclass
+class Recorded:
+    """A disk store filled through a proxy; `keys` by name, `cutoff` between the two batches."""
+
+    store: str
+    keys: dict[str, str]
+    cutoff: str
+    proxy: RunningProxy
+
+    def key(self, name: str) -> str:
+        return self.keys[name]
+
+
+def send(proxy: RunningProxy, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+    """One chat or legacy completion through the proxy (streamed when asked); its key."""
+    client = proxy.client()
+    api = client.completions if "prompt" in body else client.chat.completions
+    raw: Any = api.with_raw_response.create(**body, extra_headers=headers or {})
+    if body.get("stream"):
+        for _ in raw.parse():  # a stream is recorded once it has been read to its end
+            pass
+    key: str = raw.headers["x-seedcache-key"]
+    return key
+
+
+@pytest.fixture
+def recorded(start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path) -> Recorded:
+    """Four recordings: `mini` has two samples (fp_old before the cutoff, fp_new after),
+    `legacy` one before the cutoff, `stream` (gpt-4o, streamed) and `team` (namespace) after."""
+    spec = str(tmp_path / "disk")
+    proxy = start_proxy(store=spec)
+    keys: dict[str, str] = {}
+    upstream.fingerprint = "fp_old"
+    keys["mini"] = send(proxy, chat_request(seed=1))
+    keys["legacy"] = send(proxy, legacy_request(seed=3))
+    time.sleep(0.02)  # recorded_at has millisecond precision
+    cutoff = datetime.now(UTC).isoformat()
+    time.sleep(0.02)
+    upstream.fingerprint = "fp_new"
+    assert send(proxy, chat_request(seed=1), {"X-Seedcache-Mode": "record"}) == keys["mini"]
+    time.sleep(0.01)
+    keys["stream"] = send(proxy, chat_request(seed=2, model="gpt-4o", stream=True))
+    time.sleep(0.01)
+    keys["team"] = send(proxy, chat_request(seed=4), {"X-Seedcache-Namespace": "team"})
+    assert len(set(keys.values())) == 4
+    return Recorded(spec, keys, cutoff, proxy)
+
+
+def ls_json(spec: str, *filters: str) -> list[dict[str, Any]]:
+    result = run("ls", "--store", spec, "--json", *filters)
+    assert result.exit_code == 0, result.output
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows
+
+
+def names(recorded: Recorded, rows: list[dict[str, Any]]) -> list[str]:
+    by_key = {key: name for name, key in recorded.keys.items()}
+    return [by_key[row["key"]] for row in rows]
+
+
+def failed(result: Result, *fragments: str) -> None:
+    """Exit 2 with a message, not a traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output
+
+
+# -- ls -----------------------------------------------------------------------------------------
+
+
+def test_ls_prints_one_line_per_recording_newest_first(recorded: Recorded) -> None:
+    result = run("ls", "--store", recorded.store)
+
+    assert result.exit_code == 0, result.output
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == [
+        "KEY", "PATH", "MODEL", "SEED", "SAMPLES", "FINGERPRINTS", "NEWEST", "NAMESPACE"
+    ]  # fmt: skip
+    assert [line[:12] for line in lines] == [
+        recorded.key(name)[:12] for name in ("team", "stream", "mini", "legacy")
+    ]
+    team, stream, mini, legacy = (line.split() for line in lines)
+    assert mini[1:6] == ["/v1/chat/completions", "gpt-4o-mini", "1", "2", "fp_old,fp_new"]
+    assert mini[7] == "-"  # the default namespace
+    assert stream[1:6] == ["/v1/chat/completions", "gpt-4o", "2", "1", "fp_new"]
+    assert legacy[1:6] == ["/v1/completions", "gpt-3.5-turbo-instruct", "3", "1", "fp_old"]
+    assert team[7] == "team"
+    newest = recordings(recorded.store)[recorded.key("mini")].samples[-1].recorded_at
+    assert mini[6] == newest
+
+
+def test_ls_json_has_full_keys_and_every_field(recorded: Recorded) -> None:
+    rows = ls_json(recorded.store)
+
+    assert names(recorded, rows) == ["team", "stream", "mini", "legacy"]
+    mini = rows[2]
+    assert mini == {
+        "key": recorded.key("mini"),
+        "namespace": "",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "seed": 1,
+        "samples": 2,
+        "fingerprints": ["fp_old", "fp_new"],
+        "response_models": ["gpt-4o-mini-2024-07-18"],
+        "streamed": False,
+        "newest_recorded_at": mini["newest_recorded_at"],
+    }
+    assert mini["newest_recorded_at"] > recorded.cutoff[:19]
+    assert rows[1]["streamed"] is True
+    assert rows[0]["namespace"] == "team"
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        (["--model", "gpt-4o"], ["stream"]),
+        (["--model", "gpt-4o-mini"], ["team", "mini"]),
+        (["--model", "gpt-4o-2024-07-18"], ["stream"]),  # the model that answered
+        (["--path", "/v1/completions"], ["legacy"]),
+        (["--path", "completions"], ["legacy"]),  # without /v1, as a client may be configured
+        (["--namespace", "team"], ["team"]),
+        (["--namespace", ""], ["stream", "mini", "legacy"]),
+        (["--fingerprint", "fp_old"], ["mini", "legacy"]),
+        (["--since", "1h"], ["team", "stream", "mini", "legacy"]),
+        (["--since", "2999-01-01"], []),
+        (["--model", "gpt-4o-mini", "--namespace", "team"], ["team"]),
+    ],
+)
+def test_ls_filters(recorded: Recorded, filters: list[str], expected: list[str]) -> None:
+    assert names(recorded, ls_json(recorded.store, *filters)) == expected
+
+
+def test_ls_since_a_moment_between_recordings(recorded: Recorded) -> None:
+    rows = ls_json(recorded.store, "--since", recorded.cutoff)
+
+    assert names(recorded, rows) == ["team", "stream", "mini"]
+
+
+def test_ls_says_when_filters_match_nothing(recorded: Recorded) -> None:
+    result = run("ls", "--store", recorded.store, "--model", "no-such-model")
+
+    assert result.exit_code == 0, result.output
+    assert (
+        result.stdout.strip() == f"No recordings in {recorded.store} match the filters (4 in all)."
+    )
+
+
+def test_ls_rejects_a_bad_since(recorded: Recorded) -> None:
+    result = run("ls", "--store", recorded.store, "--since", "yesterday")
+
+    failed(result, "--since", "yesterday")
+
+
+def test_ls_of_an_empty_store_is_friendly_and_creates_nothing(tmp_path: Path) -> None:
+    for spec in (str(tmp_path / "none"), f"files:{tmp_path / 'nofiles'}"):
+        result = run("ls", "--store", spec)
+
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"No recordings in {spec} yet.")
+        assert "seedcache serve" in result.stdout
+        assert ls_json(spec) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ls_reads_the_store_from_the_environment(recorded: Recorded) -> None:
+    result = CliRunner().invoke(main, ["ls", "--json"], env={"SEEDCACHE_STORE": recorded.store})
+
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 4
+
+
+# -- show ---------------------------------------------------------------------------------------
+
+
+def test_show_prints_the_recording_as_pretty_json(recorded: Recorded) -> None:
+    key = recorded.key("mini")
+
+    result = run("show", "--store", recorded.store, key[:8])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith('{\n  "format": "seedcache.recording/1",\n')
+    assert Recording.loads(result.stdout) == recordings(recorded.store)[key]
+    assert result.stdout == recordings(recorded.store)[key].dumps(pretty=True).decode()
+
+
+def test_show_takes_a_full_key_in_any_case(recorded: Recorded) -> None:
+    key = recorded.key("team")
+
+    result = run("show", "--store", recorded.store, key.upper())
+
+    assert result.exit_code == 0, result.output
+    shown = Recording.loads(result.stdout)
+    assert (shown.key, shown.namespace) == (key, "team")
+
+
+def test_an_ambiguous_prefix_lists_the_candidates(
+    recorded: Recorded, start_proxy: StartProxy
+) -> None:
+    # Record until two keys share their first digit (at most 17 keys by pigeonhole).
+    keys = list(recorded.keys.values())
+    seed = 100
+    while len({key[0] for key in keys}) == len(keys):
+        keys.append(send(recorded.proxy, chat_request(seed=seed)))
+        seed += 1
+    first = next(k[0] for k in keys if sum(other[0] == k[0] for other in keys) > 1)
+    candidates = sorted(k for k in keys if k[0] == first)
+
+    for command in ("show", "rm"):
+        result = run(command, "--store", recorded.store, first)
+
+        failed(result, f"key prefix {first!r} matches {len(candidates)} recordings", "more digits")
+        assert [line.strip() for line in result.stderr.splitlines()[1:]] == candidates
+    assert len(stored(recorded.store)) == len(keys)  # rm deleted nothing
+
+
+@pytest.mark.parametrize("prefix", ["0123456789ab0123", "not-hex"])
+def test_an_unknown_or_malformed_key_is_an_error(recorded: Recorded, prefix: str) -> None:
+    for command in ("show", "rm"):
+        result = run(command, "--store", recorded.store, prefix)
+
+        failed(result, repr(prefix) if prefix == "not-hex" else "no recording")
+    assert len(stored(recorded.store)) == 4
+
+
+def test_show_in_a_store_that_does_not_exist(tmp_path: Path) -> None:
+    result = run("show", "--store", str(tmp_path / "none"), "abc")
+
+    failed(result, "there is no store at")
+    assert not (tmp_path / "none").exists()
+
+
+# -- rm -----------------------------------------------------------------------------------------
+
+
+def test_rm_deletes_by_prefix_in_any_namespace(recorded: Recorded) -> None:
+    mini, team = recorded.key("mini"), recorded.key("team")
+
+    result = run("rm", "--store", recorded.store, mini[:10], team)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"removed {mini[:12]} POST /v1/chat/completions gpt-4o-mini",
+        f"removed {team[:12]} POST /v1/chat/completions gpt-4o-mini",
+    ]
+    assert set(stored(recorded.store)) == {recorded.key("legacy"), recorded.key("stream")}
+
+
+def test_rm_in_a_namespaced_store(recorded: Recorded, tmp_path: Path) -> None:
+    files = f"files:{tmp_path / 'files'}"
+    assert run("export", "--store", recorded.store, files).exit_code == 0
+    team = recorded.key("team")
+    assert stored(files)[team][0] == "team"
+
+    result = run("rm", "--store", files, team[:12])
+
+    assert result.exit_code == 0, result.output
+    assert team not in stored(files)
+    assert not (tmp_path / "files" / "team" / f"{team}.json").exists()
+
+
+def test_rm_resolves_every_key_before_deleting_any(recorded: Recorded) -> None:
+    result = run("rm", "--store", recorded.store, recorded.key("mini"), "fffffffffff0000")
+
+    failed(result, "no recording")
+    assert len(stored(recorded.store)) == 4
+
+
+# -- prune --------------------------------------------------------------------------------------
+
+
+def test_prune_needs_a_filter(recorded: Recorded) -> None:
+    failed(run("prune", "--store", recorded.store), "prune needs a filter")
+
+
+def test_prune_rejects_a_bad_duration(recorded: Recorded) -> None:
+    failed(run("prune", "--store", recorded.store, "--older-than", "ages"), "--older-than")
+
+
+def test_prune_dry_run_changes_nothing(recorded: Recorded) -> None:
+    before = stored(recorded.store)
+
+    result = run("prune", "--store", recorded.store, "--older-than", recorded.cutoff, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    assert f"would drop 1 of 2 samples from {recorded.key('mini')[:12]}" in result.stdout
+    assert f"would drop 1 of 1 samples from {recorded.key('legacy')[:12]}" in result.stdout
+    assert "(no samples left: recording would be deleted)" in result.stdout
+    assert "would drop 2 samples from 2 recordings and delete 1" in result.stdout
+    assert "nothing changed" in result.stdout
+    assert stored(recorded.store) == before
+
+
+def test_prune_older_than_drops_old_samples_and_empty_recordings(recorded: Recorded) -> None:
+    before = recordings(recorded.store)
+
+    result = run("prune", "--store", recorded.store, "--older-than", recorded.cutoff)
+
+    assert result.exit_code == 0, result.output
+    assert "dropped 2 samples from 2 recordings; deleted 1" in result.stdout
+    after = recordings(recorded.store)
+    assert set(after) == set(recorded.keys.values()) - {recorded.key("legacy")}
+    mini = recorded.key("mini")
+    assert after[mini].samples == before[mini].samples[1:]
+    for name in ("stream", "team"):
+        assert after[recorded.key(name)] == before[recorded.key(name)]
+
+
+def test_prune_a_duration_keeps_recent_samples(recorded: Recorded) -> None:
+    before = stored(recorded.store)
+
+    result = run("prune", "--store", recorded.store, "--older-than", "1h")
+
+    assert result.exit_code == 0, result.output
+    assert "dropped 0 samples from 0 recordings" in result.stdout
+    assert stored(recorded.store) == before
+
+
+def test_prune_by_fingerprint_then_replay_serves_what_is_left(
+    recorded: Recorded, start_proxy: StartProxy
+) -> None:
+    result = run("prune", "--store", recorded.store, "--fingerprint", "fp_old")
+
+    assert result.exit_code == 0, result.output
+    after = recordings(recorded.store)
+    assert recorded.key("legacy") not in after
+    assert fingerprints(after[recorded.key("mini")]) == ["fp_new"]
+    # The rewritten recording is one the proxy still replays.
+    replay = start_proxy(store=recorded.store, mode="replay")
+    answer = replay.client().chat.completions.create(**chat_request(seed=1))
+    assert answer.system_fingerprint == "fp_new"
+
+
+def test_prune_by_model(recorded: Recorded) -> None:
+    result = run("prune", "--store", recorded.store, "--model", "gpt-4o")
+
+    assert result.exit_code == 0, result.output
+    assert "(no samples left: recording deleted)" in result.stdout
+    assert set(stored(recorded.store)) == set(recorded.keys.values()) - {recorded.key("stream")}
+
+
+def test_prune_filters_combine(recorded: Recorded) -> None:
+    result = run(
+        "prune", "--store", recorded.store, "--model", "gpt-4o-mini", "--fingerprint", "fp_old"
+    )
+
+    assert result.exit_code == 0, result.output
+    after = recordings(recorded.store)
+    assert len(after) == 4  # legacy has fp_old but another model
+    assert fingerprints(after[recorded.key("mini")]) == ["fp_new"]
+    assert fingerprints(after[recorded.key("legacy")]) == ["fp_old"]
+
+
+# -- export / import ----------------------------------------------------------------------------
+
+
+def test_export_to_files_then_import_into_redis_and_back(
+    recorded: Recorded, tmp_path: Path, redis_url: str
+) -> None:
+    original = recordings(recorded.store)
+    files_dir = tmp_path / "files"
+    files = f"files:{files_dir}"
+
+    exported = run("export", "--store", recorded.store, files)
+
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.strip() == (
+        f"exported 4 recordings (4 new, 0 merged) from {recorded.store} to {files}"
+    )
+    # One pretty JSON file per key; the namespaced one in its namespace's folder.
+    team = recorded.key("team")
+    expected = {
+        (files_dir / ("team" if key == team else "") / f"{key}.json"): recording
+        for key, recording in original.items()
+    }
+    written = {p for p in files_dir.rglob("*.json") if not p.name.startswith(".")}
+    assert written == set(expected)
+    for path, recording in expected.items():
+        assert path.read_bytes() == recording.dumps(pretty=True)
+
+    imported = run("import", "--store", redis_url, files)
+
+    assert imported.exit_code == 0, imported.output
+    assert "imported 4 recordings (4 new, 0 merged)" in imported.stdout
+    assert [(row["key"], row["namespace"]) for row in ls_json(redis_url)] == [
+        (row["key"], row["namespace"]) for row in ls_json(recorded.store)
+    ]
+    assert stored(redis_url)[team][0] == "team"
+    assert stored(redis_url)[team][1] == original[team].dumps()  # compact: Redis is not pretty
+
+    back = str(tmp_path / "back")
+    round_trip = run("export", "--store", redis_url, back)
+
+    assert round_trip.exit_code == 0, round_trip.output
+    assert recordings(back) == original
+
+
+def test_import_merges_samples_from_both_sides(recorded: Recorded, tmp_path: Path) -> None:
+    original = recordings(recorded.store)
+    mini = recorded.key("mini")
+    other = f"files:{tmp_path / 'other'}"
+    assert run("export", "--store", recorded.store, other).exit_code == 0
+    # Each side keeps one of mini's two samples; legacy (fp_old) is left only in `other`.
+    assert run("prune", "--store", other, "--fingerprint", "fp_new").exit_code == 0
+    assert run("prune", "--store", recorded.store, "--fingerprint", "fp_old").exit_code == 0
+    assert fingerprints(recordings(other)[mini]) == ["fp_old"]
+    assert fingerprints(recordings(recorded.store)[mini]) == ["fp_new"]
+
+    result = run("import", "--store", recorded.store, other)
+
+    assert result.exit_code == 0, result.output
+    assert "imported 2 recordings (1 new, 1 merged)" in result.stdout
+    assert recordings(recorded.store) == original  # oldest sample first again
+
+    before = stored(recorded.store)
+    again = run("import", "--store", recorded.store, other)
+
+    assert again.exit_code == 0, again.output
+    assert "imported 2 recordings (0 new, 2 merged)" in again.stdout
+    assert stored(recorded.store) == before  # merging what is already there changes nothing
+
+
+def test_merge_keeps_the_newest_sample_last(recorded: Recorded) -> None:
+    mini = recordings(recorded.store)[recorded.key("mini")]
+    old, new = mini.samples
+    only_new = Recording(mini.key, mini.method, mini.path, mini.body, samples=(new,))
+    only_old = Recording(mini.key, mini.method, mini.path, mini.body, samples=(old,))
+
+    assert merge(only_new, only_old).samples == (old, new)
+    assert merge(mini, only_old).samples == (old, new)  # with_sample alone would move `old` last
+
+
+def test_export_shows_a_progress_label_only_off_a_terminal(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    result = run("export", "--store", recorded.store, str(tmp_path / "copy"))
+
+    assert result.exit_code == 0, result.output
+    assert "exported 4 recordings" in result.stdout
+    assert "#" not in result.stderr  # no bar drawn when not on a terminal
+
+
+def test_import_from_a_missing_store_is_an_error(tmp_path: Path) -> None:
+    result = run("import", "--store", str(tmp_path / "dest"), str(tmp_path / "typo"))
+
+    failed(result, "there is no store at")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- unreachable stores -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ls", "--store", UNREACHABLE_REDIS],
+        ["show", "--store", UNREACHABLE_REDIS, "abc"],
+        ["rm", "--store", UNREACHABLE_REDIS, "abc"],
+        ["prune", "--store", UNREACHABLE_REDIS, "--model", "gpt-4o"],
+        ["import", UNREACHABLE_REDIS],
+        ["export", UNREACHABLE_REDIS],
+    ],
+)
+def test_an_unreachable_store_is_a_clear_error(
+    args: list[str], recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEEDCACHE_STORE", recorded.store)  # the other side of export/import
+
+    result = CliRunner().invoke(main, args)
+
+    failed(result, "cannot reach Redis at redis://127.0.0.1:1/0")

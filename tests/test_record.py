@@ -1,0 +1,536 @@
+"""Forwarding and recording through the app: modes, Cache-Control, what is (not) stored, header
+hygiene, and coalescing of identical concurrent misses (DESIGN §2, §5, §9, §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.recording import STORED_RESPONSE_HEADERS, Recording
+from proxy.stores.disk import DiskStore
+from tests.conftest import API_KEY, RunningProxy, StartProxy
+from tests.fake_upstream import FakeUpstream, chat_request, error_envelope
+from tests.servers import BackgroundLoop, free_port
+
+CHAT = "/v1/chat/completions"
+
+
+def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
+    """Every recording in the proxy's disk store, read through the store."""
+
+    async def scan() -> list[Recording]:
+        store = DiskStore(proxy.config.store)
+        try:
+            return [Recording.loads(value) async for _, _, value in store.scan()]
+        finally:
+            await store.close()
+
+    return loop.run(scan())
+
+
+def store_bytes(proxy: RunningProxy) -> bytes:
+    """Every byte of every file in the proxy's store directory."""
+    return b"".join(
+        p.read_bytes() for p in sorted(Path(proxy.config.store).rglob("*")) if p.is_file()
+    )
+
+
+def status(raw: Any) -> str:
+    """The X-Seedcache-Status of an SDK raw response."""
+    return str(raw.headers["x-seedcache-status"])
+
+
+def content(completion: Any) -> str:
+    return str(completion.choices[0].message.content)
+
+
+# -- modes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["record", "all"])
+def test_record_mode_always_forwards_and_adds_a_sample_when_the_output_differs(
+    mode: str, start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(mode=mode)
+    upstream.nondeterministic = True
+    with proxy.client() as client:
+        raws = [
+            client.chat.completions.with_raw_response.create(**chat_request()) for _ in range(2)
+        ]
+
+    assert [status(r) for r in raws] == ["recorded", "recorded"]
+    assert upstream.count() == 2
+    [recording] = recordings(loop, proxy)
+    assert [s.body["id"] for s in recording.samples] == [r.parse().id for r in raws]
+    assert raws[0].parse().id != raws[1].parse().id
+
+
+def test_record_mode_keeps_one_sample_for_an_identical_output(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(mode="record")
+    with proxy.client() as client:
+        for _ in range(3):
+            client.chat.completions.create(**chat_request())
+
+    assert upstream.count() == 3
+    [recording] = recordings(loop, proxy)
+    assert len(recording.samples) == 1
+
+
+def test_record_mode_keeps_one_sample_for_an_identical_stream(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(mode="record")
+    for _ in range(3):
+        proxy.request("POST", CHAT, chat_request(stream=True))
+
+    assert upstream.count() == 3
+    [recording] = recordings(loop, proxy)
+    assert len(recording.samples) == 1
+
+
+def test_auto_replays_the_newest_sample_after_record_mode_added_one(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    recorder = start_proxy(mode="record")
+    with recorder.client() as client:
+        ids = [client.chat.completions.create(**chat_request()).id for _ in range(2)]
+    recorder.stop()
+
+    with start_proxy(mode="replay").client() as client:
+        replayed = client.chat.completions.create(**chat_request())
+
+    assert replayed.id == ids[-1]
+    assert upstream.count() == 2
+
+
+@pytest.mark.parametrize("how", ["server", "header"])
+def test_passthrough_forwards_everything_and_leaves_the_store_untouched(
+    how: str, start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(mode="passthrough") if how == "server" else start_proxy()
+    headers = {"X-Seedcache-Mode": "passthrough"} if how == "header" else {}
+    with proxy.client(default_headers=headers) as client:
+        raws = [
+            client.chat.completions.with_raw_response.create(**chat_request()) for _ in range(2)
+        ]
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    # Raw HTTP reads the stream to the end of its body, so the proxy is done with it after.
+    streamed = proxy.request("POST", CHAT, chat_request(stream=True), headers=headers)
+
+    assert [status(r) for r in raws] == ["bypass", "bypass"]
+    assert raws[1].parse().id == upstream.chat_completion(chat_request())["id"]
+    assert streamed.headers["x-seedcache-status"] == "bypass"
+    assert b"data: [DONE]" in streamed.body
+    assert upstream.count() == 4
+    assert recordings(loop, proxy) == []
+    assert proxy.stats()["bypassed"] == 4
+
+
+@pytest.mark.parametrize(
+    ("alias", "mode"), [("once", "auto"), ("new_episodes", "auto"), ("all", "record")]
+)
+def test_vcr_aliases_name_modes(
+    alias: str, mode: str, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode=alias)
+    with proxy.client() as client:
+        raws = [
+            client.chat.completions.with_raw_response.create(**chat_request()) for _ in range(2)
+        ]
+
+    assert proxy.request("GET", "/_seedcache/health").json()["mode"] == mode
+    expected = {"auto": ["recorded", "hit"], "record": ["recorded", "recorded"]}[mode]
+    assert [status(r) for r in raws] == expected
+    assert upstream.count() == (1 if mode == "auto" else 2)
+
+
+def test_a_record_mode_header_forwards_a_request_that_would_hit(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.nondeterministic = True
+    with proxy.client() as client:
+        first = client.chat.completions.create(**chat_request())
+        live = client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"X-Seedcache-Mode": "all"}
+        )
+        replayed = client.chat.completions.create(**chat_request())
+
+    assert status(live) == "recorded"
+    assert upstream.count() == 2
+    assert live.parse().id != first.id
+    assert replayed.id == live.parse().id  # the newest sample
+    assert len(recordings(loop, proxy)[0].samples) == 2
+
+
+@pytest.mark.parametrize("header", ["sometimes", "", "auto "])
+def test_mode_header_values(header: str, proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    result = proxy.request("POST", CHAT, chat_request(), headers={"X-Seedcache-Mode": header})
+
+    if header == "sometimes":
+        assert result.status == 400
+        assert result.json()["error"]["code"] == "invalid_seedcache_mode"
+        assert upstream.count() == 0
+    else:  # empty: the server's mode; surrounding blanks are ignored
+        assert result.status == 200
+        assert result.headers["x-seedcache-status"] == "recorded"
+
+
+def test_cache_control_no_cache_skips_the_read_and_records(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.nondeterministic = True
+    with proxy.client() as client:
+        first = client.chat.completions.create(**chat_request())
+        fresh = client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"Cache-Control": "no-cache"}
+        )
+        replayed = client.chat.completions.create(**chat_request())
+
+    assert status(fresh) == "recorded"
+    assert upstream.count() == 2
+    assert fresh.parse().id != first.id
+    assert replayed.id == fresh.parse().id
+    assert len(recordings(loop, proxy)[0].samples) == 2
+
+
+def test_cache_control_no_store_skips_the_write(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy()
+    body = chat_request()
+    with proxy.client() as client:
+        live = client.chat.completions.create(**body, extra_headers={"Cache-Control": "no-store"})
+        again = client.chat.completions.create(**body, extra_headers={"Cache-Control": "no-store"})
+
+    assert live.id == again.id == upstream.chat_completion(body)["id"]
+    assert upstream.count() == 2
+    assert recordings(loop, proxy) == []
+    proxy.stop()
+    with start_proxy(mode="replay").client() as client, pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(**body)
+
+
+def test_cache_control_no_store_still_reads(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    with proxy.client() as client:
+        client.chat.completions.create(**chat_request())
+        hit = client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"Cache-Control": "no-store"}
+        )
+
+    assert status(hit) == "hit"
+    assert upstream.count() == 1
+
+
+# -- only complete 2xx responses are stored -------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 429, 500, 503])
+def test_upstream_errors_pass_through_verbatim_and_are_not_stored(
+    code: int, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    body = '{"error": {"message": "injected",  "type": "x", "param": null, "code": "c"}}\n'
+    upstream.fail_next(code, body, headers={"retry-after": "7", "x-request-id": "req_err"})
+
+    failed = proxy.request("POST", CHAT, chat_request())
+    retried = proxy.request("POST", CHAT, chat_request())
+
+    assert failed.status == code
+    assert failed.body == body.encode()
+    assert failed.headers["retry-after"] == "7"
+    assert failed.headers["x-request-id"] == "req_err"
+    assert retried.status == 200
+    assert retried.headers["x-seedcache-status"] == "recorded"
+    assert upstream.count() == 2
+    [recording] = recordings(loop, proxy)
+    assert [s.status for s in recording.samples] == [200]
+    assert proxy.stats()["upstream_errors"] == 1
+
+
+def test_an_upstream_error_reaches_the_sdk_as_its_exception(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.fail_next(429, error_envelope(429))
+
+    with proxy.client() as client, pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**chat_request())
+
+    assert caught.value.code == "rate_limit_exceeded"
+    assert recordings(loop, proxy) == []
+
+
+def test_a_2xx_body_that_is_not_json_is_relayed_but_not_stored(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.fail_next(200, "<html>maintenance</html>")
+
+    result = proxy.request("POST", CHAT, chat_request())
+
+    assert result.status == 200
+    assert result.body == b"<html>maintenance</html>"
+    assert recordings(loop, proxy) == []
+    assert proxy.request("POST", CHAT, chat_request()).headers["x-seedcache-status"] == "recorded"
+    assert upstream.count() == 2
+
+
+def test_an_unreachable_upstream_is_a_502_envelope(
+    start_proxy: StartProxy, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
+
+    result = proxy.request("POST", CHAT, chat_request())
+
+    assert result.status == 502
+    error = result.json()["error"]
+    assert error["type"] == "upstream_error"
+    assert error["code"] == "upstream_unreachable"
+    assert "127.0.0.1" in error["message"]
+    assert recordings(loop, proxy) == []
+    assert proxy.stats()["upstream_errors"] == 1
+    with proxy.client() as client, pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(**chat_request())
+
+
+def test_an_upstream_that_does_not_answer_in_time_is_a_504(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(upstream_timeout=0.5)
+    upstream.hang_next(3)
+
+    result = proxy.request("POST", CHAT, chat_request())
+
+    assert result.status == 504
+    error = result.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "upstream_timeout")
+    assert recordings(loop, proxy) == []
+    after = proxy.request("POST", CHAT, chat_request())
+    assert after.headers["x-seedcache-status"] == "recorded"
+
+
+# -- header hygiene -------------------------------------------------------------------------------
+
+
+def test_gzip_from_upstream_reaches_the_sdk_decoded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.gzip = True
+    body = chat_request()
+    with proxy.client() as client:
+        live = client.chat.completions.create(**body)
+        hit = client.chat.completions.create(**body)
+    raw = proxy.request("POST", CHAT, chat_request(seed=77))
+
+    assert (
+        content(live)
+        == content(hit)
+        == upstream.chat_completion(body)["choices"][0]["message"]["content"]
+    )
+    assert upstream.count() == 2  # the first request and the raw one; the second was a hit
+    assert "content-encoding" not in raw.headers
+    assert int(raw.headers["content-length"]) == len(raw.body)
+    assert raw.json()["id"] == upstream.chat_completion(chat_request(seed=77))["id"]
+
+
+def test_authorization_is_forwarded_but_never_stored(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    body = chat_request()
+    with proxy.client() as client:
+        answer = client.chat.completions.create(**body)
+    proxy.request("POST", CHAT, chat_request(seed=4, stream=True))
+
+    assert upstream.calls[-1].headers["authorization"] == f"Bearer {API_KEY}"
+    stored = store_bytes(proxy)
+    assert content(answer).encode() in stored  # the check can see what the store holds
+    assert API_KEY.encode() not in stored
+    assert b"authorization" not in stored.lower()
+
+
+def test_api_key_shaped_secrets_in_the_request_are_redacted_before_storing(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    secret = "sk-proj-" + "Q" * 24
+    body = chat_request(messages=[{"role": "user", "content": f"My key is {secret}, keep it."}])
+    with proxy.client() as client:
+        client.chat.completions.create(**body)
+        hit = client.chat.completions.with_raw_response.create(**body)
+
+    assert status(hit) == "hit"  # the key is computed before redaction
+    assert upstream.calls[0].body["messages"][0]["content"].endswith(f"{secret}, keep it.")
+    [recording] = recordings(loop, proxy)
+    assert recording.body["messages"][0]["content"] == "My key is <redacted>, keep it."
+    assert secret.encode() not in store_bytes(proxy)
+
+
+def test_hop_by_hop_headers_are_not_forwarded(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    result = proxy.request(
+        "POST",
+        CHAT,
+        chat_request(),
+        headers={
+            "Connection": "keep-alive",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic dXNlcjpwYXNz",
+            "Proxy-Connection": "keep-alive",
+            "X-Custom": "kept",
+        },
+    )
+
+    assert result.status == 200
+    sent = upstream.calls[-1].headers
+    for name in ("keep-alive", "te", "proxy-authorization", "proxy-connection"):
+        assert name not in sent
+    assert sent["x-custom"] == "kept"
+    assert sent["authorization"] == f"Bearer {API_KEY}"
+
+
+def test_headers_nominated_by_connection_are_not_forwarded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    result = proxy.request(
+        "POST",
+        CHAT,
+        chat_request(),
+        headers={"Connection": "keep-alive, X-Foo", "X-Foo": "hop", "X-Bar": "end-to-end"},
+    )
+
+    assert result.status == 200
+    sent = upstream.calls[-1].headers
+    assert sent["x-bar"] == "end-to-end"
+    assert "x-foo" not in sent
+
+
+def test_host_is_the_upstreams_and_seedcache_headers_stay_local(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    proxy.request(
+        "POST",
+        CHAT,
+        chat_request(),
+        headers={
+            "Host": "attacker.example:4444",
+            "X-Seedcache-Mode": "record",
+            "X-Seedcache-Namespace": "ns1",
+        },
+    )
+
+    sent = upstream.calls[-1].headers
+    assert sent["host"] == upstream.url.removeprefix("http://")
+    assert not [name for name in sent if name.startswith("x-seedcache-")]
+
+
+def raw_request_target(proxy: RunningProxy, target: str, body: dict[str, Any]) -> bytes:
+    """Send a request line with an arbitrary target (absolute-form, `//host`) on a raw socket."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
+        sock.sendall(head.encode() + payload)
+        while data := sock.recv(65536):
+            received += data
+    return received
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://evil.example/v1/chat/completions", "//evil.example/v1/chat/completions"],
+    ids=["absolute-form", "double-slash"],
+)
+def test_a_request_never_chooses_where_the_proxy_connects(
+    target: str, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    received = raw_request_target(proxy, target, chat_request())
+
+    assert received.startswith(b"HTTP/1.1 200")
+    assert upstream.count() == 1
+    assert upstream.calls[0].headers["host"] == upstream.url.removeprefix("http://")
+
+
+def test_only_allowlisted_response_headers_are_stored(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.extra_headers = {"openai-project": "proj_secret", "x-custom-upstream": "1"}
+    with proxy.client() as client:
+        live = client.chat.completions.with_raw_response.create(**chat_request())
+    # Raw HTTP reads the stream to the end of its body: it is stored by then.
+    proxy.request("POST", CHAT, chat_request(seed=2, stream=True))
+
+    samples = [s for r in recordings(loop, proxy) for s in r.samples]
+    assert len(samples) == 2
+    for sample in samples:
+        assert set(sample.headers) <= STORED_RESPONSE_HEADERS
+        assert {"content-type", "x-request-id"} <= set(sample.headers)
+    assert "set-cookie" not in live.headers  # never even relayed live
+    stored = store_bytes(proxy)
+    for never in (b"set-cookie", b"__cf_bm", b"org-fake", b"proj_secret", b"x-ratelimit"):
+        assert never not in stored
+
+
+# -- coalescing -----------------------------------------------------------------------------------
+
+
+async def test_identical_concurrent_misses_are_coalesced(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.delay = 0.3
+    async with proxy.async_client() as client:
+        raws = await asyncio.gather(
+            *(client.chat.completions.with_raw_response.create(**chat_request()) for _ in range(8))
+        )
+
+    assert upstream.count() == 1
+    assert {r.parse().id for r in raws} == {upstream.chat_completion(chat_request())["id"]}
+    assert sorted(status(r) for r in raws) == ["hit"] * 7 + ["recorded"]
+
+
+async def test_different_concurrent_requests_are_not_coalesced(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.delay = 0.2
+    async with proxy.async_client() as client:
+        answers = await asyncio.gather(
+            *(client.chat.completions.create(**chat_request(seed=s)) for s in range(4))
+        )
+
+    assert upstream.count() == 4
+    assert len({a.id for a in answers}) == 4
+
+
+async def test_followers_of_a_failed_leader_get_the_same_client_error(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.delay = 0.5
+    upstream.fail_next(400, error_envelope(400, "bad tool schema", param="tools"))
+    async with proxy.async_client() as client:
+        results = await asyncio.gather(
+            *(client.chat.completions.create(**chat_request()) for _ in range(4)),
+            return_exceptions=True,
+        )
+
+    assert upstream.count() == 1
+    assert all(isinstance(r, openai.BadRequestError) for r in results)
+    assert {r.param for r in results if isinstance(r, openai.BadRequestError)} == {"tools"}
+
+
+async def test_record_mode_does_not_coalesce(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="record")
+    upstream.delay = 0.2
+    async with proxy.async_client() as client:
+        await asyncio.gather(*(client.chat.completions.create(**chat_request()) for _ in range(3)))
+
+    assert upstream.count() == 3

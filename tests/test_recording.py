@@ -1,0 +1,314 @@
+"""The recording format (DESIGN §8), sample dedup and choice (§4), redaction and stored headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.errors import FormatError
+from proxy.recording import (
+    FORMAT,
+    REDACTED,
+    STORED_RESPONSE_HEADERS,
+    Recording,
+    Sample,
+    pick_sample,
+    redact,
+    stored_headers,
+)
+from proxy.sse import Event
+from tests.fake_upstream import chat_request, completion
+
+# -- factories ------------------------------------------------------------------------------------
+
+
+def sample(**overrides: Any) -> Sample:
+    """A non-streamed sample; `overrides` replace fields."""
+    fields: dict[str, Any] = {
+        "recorded_at": "2026-11-23T20:01:02.345Z",
+        "upstream": "https://api.openai.com/v1",
+        "model": "gpt-4o-mini-2024-07-18",
+        "system_fingerprint": "fp_a",
+        "status": 200,
+        "headers": {"content-type": "application/json", "x-request-id": "req_1"},
+        "elapsed_ms": 812,
+        "body": completion(),
+        "events": None,
+    }
+    fields.update(overrides)
+    return Sample(**fields)
+
+
+def streamed(*payloads: str, fingerprint: str | None = "fp_a", t0: int = 10) -> Sample:
+    """A streamed sample whose events carry `payloads` (then [DONE]) at 10 ms steps from `t0`."""
+    events = tuple(Event(data, None, t0 + 10 * i) for i, data in enumerate((*payloads, "[DONE]")))
+    return sample(
+        body=None,
+        events=events,
+        system_fingerprint=fingerprint,
+        headers={"content-type": "text/event-stream; charset=utf-8"},
+    )
+
+
+def recording(*samples: Sample, **overrides: Any) -> Recording:
+    fields: dict[str, Any] = {
+        "key": "3fa2c1d09e7b" + "0" * 52,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "body": chat_request(),
+        "namespace": "",
+        "samples": samples,
+    }
+    fields.update(overrides)
+    return Recording(**fields)
+
+
+# -- the format -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+def test_round_trip_keeps_every_field(pretty: bool) -> None:
+    original = recording(
+        sample(),
+        streamed('{"id":"chatcmpl-1","choices":[]}', fingerprint=None),
+        namespace="team-a",
+    )
+
+    raw = original.dumps(pretty=pretty)
+    loaded = Recording.loads(raw)
+
+    assert loaded == original
+    assert loaded.samples[1].streamed and not loaded.samples[0].streamed
+    assert loaded.samples[1].events == original.samples[1].events
+    assert loaded.model == "gpt-4o-mini"
+    if pretty:
+        assert raw.endswith(b"\n") and b'\n  "format"' in raw
+    else:
+        assert b"\n" not in raw
+
+
+def test_stored_json_has_the_documented_shape() -> None:
+    data = orjson.loads(recording(sample(), streamed("{}")).dumps())
+
+    assert data["format"] == FORMAT == "seedcache.recording/1"
+    assert data["request"] == {
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "body": chat_request(),
+    }
+    body_sample, stream_sample = data["samples"]
+    assert set(body_sample) >= {
+        "recorded_at",
+        "upstream",
+        "model",
+        "system_fingerprint",
+        "status",
+        "headers",
+        "elapsed_ms",
+        "body",
+        "events",
+    }
+    assert body_sample["events"] is None and body_sample["body"] == completion()
+    assert stream_sample["body"] is None
+    assert stream_sample["events"] == [
+        {"data": "{}", "event": None, "t_ms": 10},
+        {"data": "[DONE]", "event": None, "t_ms": 20},
+    ]
+
+
+def test_named_events_round_trip() -> None:
+    events = (Event('{"type":"response.completed"}', "response.completed", 7),)
+    original = recording(sample(body=None, events=events), path="/v1/responses")
+
+    assert Recording.loads(original.dumps()).samples[0].events == events
+
+
+@pytest.mark.parametrize("fmt", ["seedcache.recording/2", "vcr/1", None])
+def test_unknown_format_is_an_error_that_says_what_to_do(fmt: str | None) -> None:
+    data = recording(sample()).to_json()
+    if fmt is None:
+        del data["format"]
+    else:
+        data["format"] = fmt
+
+    with pytest.raises(FormatError) as caught:
+        Recording.loads(orjson.dumps(data))
+
+    message = str(caught.value)
+    assert repr(fmt) in message and FORMAT in message
+    assert "re-record" in message and "upgrade" in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"[1, 2]", b'{"format": "seedcache.recording/1", "key": "k"}'],
+    ids=["not-json", "not-an-object", "no-request"],
+)
+def test_unreadable_recordings_raise_format_error(raw: bytes) -> None:
+    with pytest.raises(FormatError):
+        Recording.loads(raw)
+
+
+# -- with_sample ----------------------------------------------------------------------------------
+
+
+def test_with_sample_appends_a_different_output_newest_last() -> None:
+    first = sample(body=completion("Paris."))
+    second = sample(body=completion("Lyon."), recorded_at="2026-11-24T00:00:00.000Z")
+    original = recording(first)
+
+    updated = original.with_sample(second)
+
+    assert updated.samples == (first, second)
+    assert original.samples == (first,)  # recordings are immutable
+
+
+def test_with_sample_replaces_an_identical_output_and_moves_it_last() -> None:
+    same_old = sample(body=completion("Paris."), elapsed_ms=100)
+    other = sample(body=completion("Lyon."))
+    same_new = sample(
+        body=completion("Paris."),
+        elapsed_ms=999,
+        recorded_at="2026-11-25T00:00:00.000Z",
+        headers={"x-request-id": "req_other"},
+    )
+
+    updated = recording(same_old, other).with_sample(same_new)
+
+    assert updated.samples == (other, same_new)
+
+
+def test_with_sample_keeps_the_same_output_under_another_fingerprint() -> None:
+    old = sample(system_fingerprint="fp_a")
+    new = sample(system_fingerprint="fp_b")
+
+    assert recording(old).with_sample(new).samples == (old, new)
+
+
+def test_with_sample_compares_streams_by_their_payloads_not_their_timing() -> None:
+    old = streamed('{"a":1}', '{"b":2}', t0=10)
+    same_payloads = streamed('{"a":1}', '{"b":2}', t0=500)
+    other_payloads = streamed('{"a":1}', '{"b":3}')
+
+    assert recording(old).with_sample(same_payloads).samples == (same_payloads,)
+    assert recording(old).with_sample(other_payloads).samples == (old, other_payloads)
+
+
+def test_a_streamed_and_a_plain_sample_are_never_the_same_output() -> None:
+    plain = sample()
+    stream = streamed('{"a":1}')
+
+    assert recording(plain).with_sample(stream).samples == (plain, stream)
+
+
+# -- pick_sample (DESIGN §4) ----------------------------------------------------------------------
+
+A_OLD = sample(system_fingerprint="fp_a", recorded_at="1")
+B = sample(system_fingerprint="fp_b", recorded_at="2")
+A_NEW = sample(system_fingerprint="fp_a", recorded_at="3")
+UNKNOWN = sample(system_fingerprint=None, recorded_at="4")
+C = sample(system_fingerprint="fp_c", recorded_at="5")
+
+PICKS = [
+    # (name, samples, current, pinned, expected sample, stale)
+    ("no samples", (), "fp_a", None, None, False),
+    ("current unknown: newest", (A_OLD, B), None, None, B, False),
+    ("newest of the current fingerprint", (A_OLD, B, A_NEW, C), "fp_a", None, A_NEW, False),
+    ("older sample of the current fingerprint", (A_OLD, B), "fp_a", None, A_OLD, False),
+    ("null fingerprint matches anything", (A_OLD, UNKNOWN, C), "fp_z", None, UNKNOWN, False),
+    ("exact match preferred over null", (A_OLD, UNKNOWN), "fp_a", None, A_OLD, False),
+    ("no match: newest, stale", (A_OLD, B), "fp_z", None, B, True),
+    ("pinned: that fingerprint", (A_OLD, B, A_NEW, C), None, "fp_b", B, False),
+    ("pinned overrides current", (A_OLD, B), "fp_a", "fp_b", B, False),
+    ("pinned and absent: nothing", (A_OLD, B), None, "fp_z", None, False),
+    ("pinned does not take a null sample", (A_OLD, UNKNOWN), None, "fp_z", None, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("samples", "current", "pinned", "expected", "stale"),
+    [case[1:] for case in PICKS],
+    ids=[case[0] for case in PICKS],
+)
+def test_pick_sample(
+    samples: tuple[Sample, ...],
+    current: str | None,
+    pinned: str | None,
+    expected: Sample | None,
+    stale: bool,
+) -> None:
+    assert pick_sample(samples, current=current, pinned=pinned) == (expected, stale)
+
+
+# -- redaction and stored headers (DESIGN §5, §10) ------------------------------------------------
+
+SECRET = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0"
+
+REDACTIONS = [
+    ("openai key", f"my key is {SECRET}", f"my key is {REDACTED}"),
+    ("restricted key", "rk-" + "x" * 20, REDACTED),
+    ("bearer token", "Authorization: Bearer abcdefgh12345678==", f"Authorization: {REDACTED}"),
+    ("two secrets", f"{SECRET} and {SECRET}", f"{REDACTED} and {REDACTED}"),
+    ("short sk- prefix is not a key", "sk-abc", "sk-abc"),
+    ("word that merely contains sk-", "task-" + "x" * 20, "task-" + "x" * 20),
+    ("plain text", "Tell me about Mars", "Tell me about Mars"),
+    ("non-strings untouched", 123, 123),
+    ("null untouched", None, None),
+    (
+        "recursive through objects and arrays",
+        {"messages": [{"role": "user", "content": SECRET}], "n": 1, "flag": True},
+        {"messages": [{"role": "user", "content": REDACTED}], "n": 1, "flag": True},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [c[1:] for c in REDACTIONS], ids=[c[0] for c in REDACTIONS]
+)
+def test_redact(value: Any, expected: Any) -> None:
+    assert redact(value) == expected
+
+
+def test_redact_does_not_modify_its_argument() -> None:
+    body = chat_request(messages=[{"role": "user", "content": SECRET}])
+
+    redact(body)
+
+    assert body["messages"][0]["content"] == SECRET
+
+
+def test_stored_headers_keep_only_the_allowlist_lower_cased() -> None:
+    upstream_headers = [
+        ("Content-Type", "application/json"),
+        ("OpenAI-Processing-Ms", "412"),
+        ("openai-version", "2020-10-01"),
+        ("X-Request-Id", "req_5f0c8e"),
+        ("Set-Cookie", "__cf_bm=abc; Path=/"),
+        ("openai-organization", "org-secret"),
+        ("openai-project", "proj_secret"),
+        ("x-ratelimit-remaining-requests", "99"),
+        ("x-ratelimit-reset-tokens", "6ms"),
+        ("Authorization", "Bearer abcdefgh12345678"),
+        ("Cookie", "a=b"),
+        ("Content-Encoding", "gzip"),
+        ("Content-Length", "123"),
+        ("Connection", "keep-alive"),
+    ]
+
+    stored = stored_headers(upstream_headers)
+
+    assert stored == {
+        "content-type": "application/json",
+        "openai-processing-ms": "412",
+        "openai-version": "2020-10-01",
+        "x-request-id": "req_5f0c8e",
+    }
+    assert set(stored) <= STORED_RESPONSE_HEADERS
+
+
+def test_stored_headers_redact_secrets_in_allowed_values() -> None:
+    stored = stored_headers([("x-request-id", SECRET), ("openai-version", "Bearer abcdefgh1234")])
+
+    assert stored == {"x-request-id": REDACTED, "openai-version": REDACTED}

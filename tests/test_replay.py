@@ -1,0 +1,582 @@
+"""Replay through the app with the real openai SDK: hits, `replay` mode and its explained misses,
+the recorded endpoints, and the admin endpoints (DESIGN §2, §5, §6, §11)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.keys import make_key
+from proxy.recording import Recording
+from proxy.stores.disk import DiskStore
+from tests.conftest import API_KEY, RunningProxy, StartProxy
+from tests.fake_upstream import (
+    DEFAULT_FINGERPRINT,
+    FakeUpstream,
+    chat_request,
+    embedding_request,
+    legacy_request,
+    responses_request,
+)
+from tests.servers import BackgroundLoop
+
+CHAT = "/v1/chat/completions"
+
+
+def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
+    """Every recording in the proxy's disk store, read through the store."""
+
+    async def scan() -> list[Recording]:
+        store = DiskStore(proxy.config.store)
+        try:
+            return [Recording.loads(value) async for _, _, value in store.scan()]
+        finally:
+            await store.close()
+
+    return loop.run(scan())
+
+
+def status(raw: Any) -> str:
+    """The X-Seedcache-Status of an SDK raw response."""
+    return str(raw.headers["x-seedcache-status"])
+
+
+def key_of(body: dict[str, Any]) -> str:
+    """The key of a chat request body (DESIGN §3), as the proxy computes it."""
+    return make_key("POST", CHAT, body).key
+
+
+# -- hits -----------------------------------------------------------------------------------------
+
+
+def test_sync_identical_request_is_recorded_then_replayed_without_upstream(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request()
+    with proxy.client() as client:
+        first_raw = client.chat.completions.with_raw_response.create(**body)
+        calls = upstream.count()
+        second_raw = client.chat.completions.with_raw_response.create(**body)
+
+    first, second = first_raw.parse(), second_raw.parse()
+    assert (status(first_raw), status(second_raw)) == ("recorded", "hit")
+    assert calls == upstream.count() == 1
+    expected = upstream.chat_completion(body)
+    assert first.id == second.id == expected["id"]
+    assert first.created == second.created == expected["created"]
+    assert second.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert second.system_fingerprint == first.system_fingerprint == DEFAULT_FINGERPRINT
+    assert second.usage == first.usage and second.usage is not None
+    assert second.usage.total_tokens == expected["usage"]["total_tokens"]
+    assert second.model_dump() == first.model_dump()
+    assert first_raw.headers["x-seedcache-key"] == second_raw.headers["x-seedcache-key"]
+
+
+def test_a_hit_carries_the_recording_headers_and_no_live_only_ones(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    with proxy.client() as client:
+        first = client.chat.completions.with_raw_response.create(**chat_request())
+        hit = client.chat.completions.with_raw_response.create(**chat_request())
+
+    assert hit.headers["x-seedcache-fingerprint"] == DEFAULT_FINGERPRINT
+    assert hit.headers["x-seedcache-recorded-at"].endswith("Z")
+    # The recorded x-request-id is replayed, so `completion._request_id` is stable too.
+    assert hit.headers["x-request-id"] == first.headers["x-request-id"]
+    assert hit.parse()._request_id == first.parse()._request_id
+    for live_only in ("set-cookie", "openai-organization", "x-ratelimit-remaining-requests"):
+        assert live_only not in hit.headers
+    assert upstream.count() == 1
+
+
+async def test_async_identical_request_is_replayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=7)
+    async with proxy.async_client() as client:
+        first_raw = await client.chat.completions.with_raw_response.create(**body)
+        second_raw = await client.chat.completions.with_raw_response.create(**body)
+
+    first, second = first_raw.parse(), second_raw.parse()
+    assert (status(first_raw), status(second_raw)) == ("recorded", "hit")
+    assert upstream.count() == 1
+    assert second.model_dump() == first.model_dump()
+    assert second.id == upstream.chat_completion(body)["id"]
+
+
+def test_streaming_identical_request_is_replayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=8, stream_options={"include_usage": True})
+    with proxy.client() as client:
+        first_raw = client.chat.completions.with_raw_response.create(**body, stream=True)
+        first = list(first_raw.parse())
+        second_raw = client.chat.completions.with_raw_response.create(**body, stream=True)
+        second = list(second_raw.parse())
+
+    assert (status(first_raw), status(second_raw)) == ("recorded", "hit")
+    assert upstream.count() == 1
+    assert [c.model_dump() for c in second] == [c.model_dump() for c in first]
+    expected = upstream.chat_completion(body)
+    text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+    assert text == expected["choices"][0]["message"]["content"]
+    assert {c.id for c in second} == {expected["id"]}
+    assert {c.system_fingerprint for c in second} == {DEFAULT_FINGERPRINT}
+    assert second[-1].usage is not None
+    assert second[-1].usage.total_tokens == expected["usage"]["total_tokens"]
+
+
+async def test_async_streaming_identical_request_is_replayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=9)
+    async with proxy.async_client() as client:
+        first = [c async for c in await client.chat.completions.create(**body, stream=True)]
+        second = [c async for c in await client.chat.completions.create(**body, stream=True)]
+
+    assert upstream.count() == 1
+    assert [c.model_dump() for c in second] == [c.model_dump() for c in first]
+
+
+def test_clients_with_and_without_v1_in_the_base_url_share_recordings(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    bare = openai.OpenAI(base_url=proxy.running.url, api_key=API_KEY, max_retries=0)
+    with proxy.client() as with_v1, bare as without_v1:
+        first = with_v1.chat.completions.with_raw_response.create(**chat_request())
+        second = without_v1.chat.completions.with_raw_response.create(**chat_request())
+
+    assert status(second) == "hit"
+    assert second.headers["x-seedcache-key"] == first.headers["x-seedcache-key"]
+    assert upstream.count() == 1
+    assert upstream.calls[0].path == "/v1/chat/completions"
+
+
+def test_a_namespace_header_separates_recordings(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    with proxy.client() as client:
+        client.chat.completions.create(**chat_request())
+        other = client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"X-Seedcache-Namespace": "team-b"}
+        )
+        again = client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"X-Seedcache-Namespace": "team-b"}
+        )
+
+    assert (status(other), status(again)) == ("recorded", "hit")
+    assert upstream.count() == 2
+
+
+# -- replay mode over an earlier recording --------------------------------------------------------
+
+
+def record_then_replay(start_proxy: StartProxy, *bodies: dict[str, Any]) -> RunningProxy:
+    """Record `bodies` with an auto proxy, stop it, and start a replay proxy on the same store."""
+    recorder = start_proxy()
+    with recorder.client() as client:
+        for body in bodies:
+            client.chat.completions.create(**body)
+    recorder.stop()
+    return start_proxy(mode="replay")
+
+
+def test_replay_mode_answers_recorded_requests_without_upstream(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=1)
+    replayer = record_then_replay(start_proxy, body)
+    calls = upstream.count()
+
+    with replayer.client() as client:
+        raw = client.chat.completions.with_raw_response.create(**body)
+        streamed = list(client.chat.completions.create(**body, stream=True))
+
+    assert status(raw) == "hit"
+    assert raw.parse().id == upstream.chat_completion(body)["id"]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == (
+        raw.parse().choices[0].message.content
+    )
+    assert upstream.count() == calls == 1
+
+
+def test_a_miss_in_replay_mode_is_an_explained_404_the_sdk_does_not_retry(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    replayer = record_then_replay(start_proxy, chat_request(seed=123))
+    calls = upstream.count()
+    missing = chat_request(seed=123, temperature=0.7)
+
+    with replayer.client(max_retries=2) as client, pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**missing)
+
+    error = caught.value
+    assert error.status_code == 404
+    assert error.response.headers["x-should-retry"] == "false"
+    assert error.type == "seedcache_miss"
+    assert error.code == "recording_not_found"
+    message = error.body["message"]  # type: ignore[index]
+    assert "POST /v1/chat/completions" in message
+    assert "model=gpt-4o-mini" in message and "seed=123" in message
+    assert f"key {key_of(missing)[:12]}" in message
+    assert "seedcache serve --mode auto" in message
+    assert replayer.stats()["misses"] == 1  # one attempt: the SDK obeyed x-should-retry: false
+    assert upstream.count() == calls
+
+
+def test_a_miss_message_names_the_nearest_recording_and_what_differs(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    recorded = chat_request(seed=123)
+    replayer = record_then_replay(start_proxy, recorded)
+
+    result = replayer.request("POST", CHAT, chat_request(seed=123, temperature=0.7))
+    other_model = replayer.request("POST", CHAT, chat_request(seed=123, model="gpt-4o"))
+
+    assert result.status == 404
+    error = result.json()["error"]
+    assert error == {
+        "message": error["message"],
+        "type": "seedcache_miss",
+        "code": "recording_not_found",
+        "param": None,
+    }
+    assert f"nearest recording, {key_of(recorded)[:12]}" in error["message"]
+    assert "temperature" in error["message"] and "0.7" in error["message"]
+    # The nearest recording must have the same model: none here.
+    assert key_of(recorded)[:12] not in other_model.json()["error"]["message"]
+
+
+def test_a_miss_carries_the_miss_status_and_its_key(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="replay")
+    body = chat_request()
+
+    result = proxy.request("POST", CHAT, body)
+
+    assert result.status == 404
+    assert result.headers["x-seedcache-status"] == "miss"
+    assert result.headers["x-seedcache-key"] == key_of(body)
+
+
+def test_a_replay_server_never_contacts_upstream_whatever_the_request_asks(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    recorded = chat_request(seed=1)
+    replayer = record_then_replay(start_proxy, recorded)
+    calls = upstream.count()
+
+    with replayer.client() as client:
+        hit = client.chat.completions.with_raw_response.create(
+            **recorded, extra_headers={"X-Seedcache-Mode": "record"}
+        )
+        for mode in ("record", "auto", "passthrough", "all"):
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(
+                    **chat_request(seed=2), extra_headers={"X-Seedcache-Mode": mode}
+                )
+
+    assert status(hit) == "hit"
+    assert upstream.count() == calls
+
+
+def test_no_cache_on_a_replay_server_does_not_reach_upstream(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    recorded = chat_request(seed=1)
+    replayer = record_then_replay(start_proxy, recorded)
+    calls = upstream.count()
+
+    result = replayer.request("POST", CHAT, recorded, headers={"Cache-Control": "no-cache"})
+    other = replayer.request(
+        "POST", CHAT, chat_request(seed=2), headers={"Cache-Control": "no-cache"}
+    )
+
+    assert upstream.count() == calls
+    assert result.headers.get("x-seedcache-status") != "recorded"
+    assert other.status == 404
+    assert len(recordings(loop, replayer)) == 1
+
+
+@pytest.mark.parametrize("alias", ["replay", "none", "NONE"])
+def test_replay_aliases_start_a_replay_server(
+    alias: str, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode=alias)
+
+    health = proxy.request("GET", "/_seedcache/health").json()
+    miss = proxy.request("POST", CHAT, chat_request())
+
+    assert health["mode"] == "replay"
+    assert miss.status == 404
+    assert upstream.count() == 0
+
+
+def test_a_per_request_replay_mode_misses_on_an_auto_server(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    with proxy.client() as client:
+        client.chat.completions.create(**chat_request())
+        hit = client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"X-Seedcache-Mode": "none"}
+        )
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(
+                **chat_request(seed=5), extra_headers={"X-Seedcache-Mode": "replay"}
+            )
+
+    assert status(hit) == "hit"
+    assert upstream.count() == 1
+
+
+# -- other paths ----------------------------------------------------------------------------------
+
+
+def test_other_paths_are_forwarded_unchanged(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    first = proxy.request("GET", "/v1/files?purpose=batch")
+    second = proxy.request("GET", "/v1/files?purpose=batch")
+    posted = proxy.request("POST", "/v1/chat/completions/chatcmpl-1", {"metadata": {"a": "b"}})
+    listed = proxy.request("GET", "/v1/chat/completions")
+
+    assert first.status == 200
+    assert first.json() == {
+        "echo": {"method": "GET", "path": "/v1/files?purpose=batch", "body": None}
+    }
+    assert first.headers["x-seedcache-status"] == second.headers["x-seedcache-status"] == "bypass"
+    assert posted.json()["echo"]["body"] == {"metadata": {"a": "b"}}
+    assert posted.headers["x-seedcache-status"] == "bypass"
+    assert listed.json()["echo"]["method"] == "GET"
+    assert listed.headers["x-seedcache-status"] == "bypass"
+    assert upstream.count() == 4
+    assert recordings(loop, proxy) == []
+
+
+def test_other_paths_are_a_miss_in_replay_mode(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="replay")
+
+    result = proxy.request("GET", "/v1/files")
+
+    assert result.status == 404
+    assert result.json()["error"]["type"] == "seedcache_miss"
+    assert result.headers["x-should-retry"] == "false"
+    assert "GET /v1/files" in result.json()["error"]["message"]
+    assert upstream.count() == 0
+
+
+# -- the recorded endpoints -----------------------------------------------------------------------
+
+
+def test_legacy_completions_are_recorded_and_replayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = legacy_request()
+    with proxy.client() as client:
+        first = client.completions.with_raw_response.create(**body)
+        second = client.completions.with_raw_response.create(**body)
+        streamed = list(client.completions.create(**body, stream=True))
+
+    assert (status(first), status(second)) == ("recorded", "hit")
+    assert upstream.count() == 1
+    expected = upstream.text_completion(body)
+    assert second.parse().model_dump() == first.parse().model_dump()
+    assert second.parse().choices[0].text == expected["choices"][0]["text"]
+    assert (
+        "".join(c.choices[0].text for c in streamed if c.choices)
+        == (expected["choices"][0]["text"])
+    )
+
+
+def test_embeddings_default_base64_and_explicit_float_are_two_keys_that_decode_alike(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = embedding_request()
+    del body["encoding_format"]  # the SDK then asks for base64
+    with proxy.client() as client:
+        implicit = [client.embeddings.with_raw_response.create(**body) for _ in range(2)]
+        explicit = [
+            client.embeddings.with_raw_response.create(**body, encoding_format="float")
+            for _ in range(2)
+        ]
+
+    assert [status(r) for r in implicit + explicit] == ["recorded", "hit", "recorded", "hit"]
+    assert implicit[0].headers["x-seedcache-key"] != explicit[0].headers["x-seedcache-key"]
+    assert upstream.count() == 2
+    assert [c.body["encoding_format"] for c in upstream.calls] == ["base64", "float"]
+    expected = upstream.embeddings(embedding_request())["data"][0]["embedding"]
+    for raw in implicit + explicit:
+        assert raw.parse().data[0].embedding == expected
+
+
+def test_embeddings_replay_the_stored_base64_bytes(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = embedding_request(encoding_format="base64")
+
+    proxy.request("POST", "/v1/embeddings", body)
+    hit = proxy.request("POST", "/v1/embeddings", body)
+
+    assert hit.headers["x-seedcache-status"] == "hit"
+    encoded = hit.json()["data"][0]["embedding"]
+    assert encoded == upstream.embeddings(body)["data"][0]["embedding"]
+    floats = list(
+        struct.unpack(f"<{len(base64.b64decode(encoded)) // 4}f", base64.b64decode(encoded))
+    )
+    assert floats == upstream.embeddings(embedding_request())["data"][0]["embedding"]
+
+
+def test_responses_are_recorded_and_replayed(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    body = responses_request()
+    with proxy.client() as client:
+        first = client.responses.with_raw_response.create(**body)
+        second = client.responses.with_raw_response.create(**body)
+
+    assert (status(first), status(second)) == ("recorded", "hit")
+    assert upstream.count() == 1
+    expected = upstream.response(body)
+    assert second.parse().id == first.parse().id == expected["id"]
+    assert second.parse().output_text == expected["output"][0]["content"][0]["text"]
+
+
+def test_responses_streams_are_recorded_and_replayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = responses_request(input="Stream it.")
+    with proxy.client() as client:
+        first = list(client.responses.create(**body, stream=True))
+        second = list(client.responses.create(**body, stream=True))
+        plain = client.responses.create(**body)
+
+    assert upstream.count() == 1
+    assert [e.model_dump() for e in second] == [e.model_dump() for e in first]
+    assert second[-1].type == "response.completed"
+    expected = upstream.response(body)
+    assert second[-1].response.id == plain.id == expected["id"]
+    assert plain.output_text == expected["output"][0]["content"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    "stateful",
+    [{"previous_response_id": "resp_abc"}, {"conversation": "conv_abc"}, {"background": True}],
+    ids=["previous_response_id", "conversation", "background"],
+)
+def test_stateful_responses_requests_are_passed_through_never_recorded(
+    stateful: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    body = responses_request(**stateful)
+
+    results = [proxy.request("POST", "/v1/responses", body) for _ in range(2)]
+
+    assert [r.status for r in results] == [200, 200]
+    assert [r.headers["x-seedcache-status"] for r in results] == ["bypass", "bypass"]
+    assert upstream.count() == 2
+    assert recordings(loop, proxy) == []
+
+
+def test_stateful_responses_requests_miss_in_replay_mode(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="replay")
+
+    with proxy.client() as client, pytest.raises(openai.NotFoundError):
+        client.responses.create(**responses_request(previous_response_id="resp_abc"))
+
+    assert upstream.count() == 0
+
+
+def test_the_model_list_is_recorded_and_replayed(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    recorder = start_proxy()
+    with recorder.client() as client:
+        first = client.models.with_raw_response.list()
+        second = client.models.with_raw_response.list()
+    recorder.stop()
+    with start_proxy(mode="replay").client() as client:
+        offline = [m.id for m in client.models.list()]
+
+    assert (status(first), status(second)) == ("recorded", "hit")
+    assert upstream.count() == 1
+    assert offline == [m.id for m in first.parse()] == upstream.models
+
+
+def test_a_single_model_is_forwarded_not_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    with proxy.client() as client:
+        first = client.models.with_raw_response.retrieve("gpt-4o")
+        client.models.retrieve("gpt-4o")
+
+    assert status(first) == "bypass"
+    assert first.parse().id == "gpt-4o"
+    assert upstream.count() == 2
+
+
+# -- admin endpoints ------------------------------------------------------------------------------
+
+
+def test_health_reports_mode_store_and_upstream(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    result = proxy.request("GET", "/_seedcache/health")
+
+    assert result.status == 200
+    health = result.json()
+    assert health["status"] == "ok"
+    assert health["mode"] == "auto"
+    assert health["store"] == proxy.config.store
+    assert health["upstream"] == upstream.base_url
+    assert upstream.count() == 0
+
+
+def test_stats_and_metrics_count_a_known_sequence(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    assert proxy.stats()["hits"] == 0
+    with proxy.client() as client:
+        client.chat.completions.create(**chat_request())  # recorded
+        client.chat.completions.create(**chat_request())  # hit
+        list(client.chat.completions.create(**chat_request(), stream=True))  # hit
+        with pytest.raises(openai.NotFoundError):  # miss
+            client.chat.completions.create(
+                **chat_request(seed=2), extra_headers={"X-Seedcache-Mode": "replay"}
+            )
+    after_miss = proxy.stats()
+    upstream.fail_next(400)
+    proxy.request("POST", CHAT, chat_request(seed=3))  # upstream error
+    proxy.request("GET", "/v1/files")  # bypass
+
+    stats = proxy.stats()
+    assert (after_miss["recorded"], after_miss["hits"], after_miss["misses"]) == (1, 2, 1)
+    assert after_miss["upstream_errors"] == 0
+    assert stats["upstream_errors"] == 1
+    assert (stats["recorded"], stats["hits"], stats["misses"]) == (1, 2, 1)
+    assert stats["bypassed"] == 1
+    bucket = next(
+        b
+        for b in stats["by_model"]
+        if b["model"] == "gpt-4o-mini" and b["system_fingerprint"] == DEFAULT_FINGERPRINT
+    )
+    assert (bucket["recorded"], bucket["hits"]) == (1, 2)
+
+    metrics = proxy.request("GET", "/metrics")
+    assert metrics.status == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    lines = metrics.body.decode().splitlines()
+    hits = [
+        line
+        for line in lines
+        if line.startswith("seedcache_requests_total{")
+        and 'status="hit"' in line
+        and 'model="gpt-4o-mini"' in line
+    ]
+    assert len(hits) == 1 and float(hits[0].rsplit(" ", 1)[1]) == 2.0
+    assert API_KEY not in metrics.body.decode()

@@ -1,0 +1,218 @@
+"""Sharing a store (DESIGN §8–§10): Redis across proxies, namespaces, tenants isolated by key,
+access tokens and the proxy's own upstream key, Redis going away, and --workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from proxy.recording import Recording
+from tests.conftest import RunningProxy, StartProxy
+from tests.fake_upstream import FakeUpstream, chat_request
+from tests.redis_server import RedisServer
+from tests.servers import free_port
+
+
+def status(raw: openai.APIResponse[object]) -> str:
+    return raw.headers["x-seedcache-status"]
+
+
+def test_a_recording_made_by_one_proxy_replays_on_another(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    first, second = start_proxy(store=redis_url), start_proxy(store=redis_url)
+    body = chat_request()
+    recorded = first.client().chat.completions.with_raw_response.create(**body)
+    replayed = second.client().chat.completions.with_raw_response.create(**body)
+    assert (status(recorded), status(replayed)) == ("recorded", "hit")
+    assert replayed.parse().id == recorded.parse().id
+    assert upstream.count() == 1
+
+
+def test_identical_concurrent_misses_on_several_proxies_make_one_upstream_call(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    upstream.delay = 0.4
+    proxies = [start_proxy(store=redis_url) for _ in range(3)]
+
+    async def ask(proxy: RunningProxy) -> str:
+        async with proxy.async_client() as client:
+            completion = await client.chat.completions.create(**chat_request())
+            return completion.id
+
+    async def everyone() -> list[str]:
+        return await asyncio.gather(*(ask(p) for p in proxies for _ in range(3)))
+
+    ids = asyncio.run(everyone())
+    assert len(set(ids)) == 1
+    assert upstream.count("/chat/completions") == 1
+
+
+def test_namespaces_keep_recordings_apart(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+    proxy = start_proxy()
+    body = chat_request()
+    for namespace in ("team-a", "team-b", "team-a"):
+        proxy.client(default_headers={"X-Seedcache-Namespace": namespace}).chat.completions.create(
+            **body
+        )
+    assert upstream.count() == 2
+    bad = proxy.request(
+        "POST", "/v1/chat/completions", body, headers={"X-Seedcache-Namespace": "../etc"}
+    )
+    assert bad.status == 400
+    assert bad.json()["error"]["code"] == "invalid_namespace"
+
+
+def test_tenants_isolated_by_key_never_see_each_others_recordings(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "shared")
+    proxy = start_proxy(store=store, isolate_by_key=True)
+    body = chat_request()
+    a = openai.OpenAI(base_url=proxy.base_url, api_key="tenant-a-key", max_retries=0)
+    b = openai.OpenAI(base_url=proxy.base_url, api_key="tenant-b-key", max_retries=0)
+    assert status(a.chat.completions.with_raw_response.create(**body)) == "recorded"
+    assert status(b.chat.completions.with_raw_response.create(**body)) == "recorded"
+    assert status(a.chat.completions.with_raw_response.create(**body)) == "hit"
+    assert upstream.count() == 2
+    proxy.stop()
+
+    # Offline, tenant C has nothing recorded and is never served A's or B's recording.
+    replay = start_proxy(store=store, isolate_by_key=True, mode="replay")
+    c = openai.OpenAI(base_url=replay.base_url, api_key="tenant-c-key", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(**body)
+    a = openai.OpenAI(base_url=replay.base_url, api_key="tenant-a-key", max_retries=0)
+    assert status(a.chat.completions.with_raw_response.create(**body)) == "hit"
+
+
+def test_access_tokens_and_the_proxys_own_upstream_key(
+    start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEEDCACHE_TEST_UPSTREAM_KEY", "upstream-only-key")
+    proxy = start_proxy(
+        access_tokens=("team-token-1", "team-token-2"),
+        upstream_api_key_env="SEEDCACHE_TEST_UPSTREAM_KEY",
+    )
+    with pytest.raises(openai.AuthenticationError) as refused:
+        proxy.client().chat.completions.create(**chat_request())
+    assert "access token" in str(refused.value)
+    assert upstream.count() == 0
+
+    member = openai.OpenAI(base_url=proxy.base_url, api_key="team-token-2", max_retries=0)
+    assert member.chat.completions.create(**chat_request()).choices[0].message.content
+    assert upstream.last.headers["authorization"] == "Bearer upstream-only-key"
+    assert proxy.request("GET", "/_seedcache/health").status == 200
+    assert proxy.request("GET", "/_seedcache/stats").status == 401
+    token = {"Authorization": "Bearer team-token-1"}
+    assert proxy.request("GET", "/_seedcache/stats", headers=token).json()["recorded"] == 1
+
+
+def test_redis_going_away_gives_a_clear_503_and_the_proxy_recovers(
+    start_proxy: StartProxy, upstream: FakeUpstream, own_redis_server: RedisServer
+) -> None:
+    proxy = start_proxy(store=own_redis_server.url())
+    client = proxy.client()
+    client.chat.completions.create(**chat_request())
+    own_redis_server.stop()
+    with pytest.raises(openai.APIStatusError) as down:
+        client.chat.completions.create(**chat_request())
+    assert down.value.status_code == 503
+    assert "cannot reach Redis" in str(down.value)
+    own_redis_server.start()
+    raw = client.chat.completions.with_raw_response.create(**chat_request(seed=9))
+    assert status(raw) == "recorded"
+
+
+def test_proxies_recording_into_one_files_directory_at_once_lose_nothing(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = f"files:{tmp_path / 'recordings'}"
+    proxies = [start_proxy(store=store, mode="record") for _ in range(3)]
+    upstream.nondeterministic = True
+
+    async def record(proxy: RunningProxy, seed: int) -> None:
+        async with proxy.async_client() as client:
+            await client.chat.completions.create(**chat_request(seed=seed))
+
+    async def everyone() -> None:
+        # Every proxy records seeds 0-9: each key gets 3 samples written concurrently.
+        await asyncio.gather(*(record(p, seed) for p in proxies for seed in range(10)))
+
+    asyncio.run(everyone())
+    files = sorted((tmp_path / "recordings").glob("[0-9a-f]*.json"))
+    assert len(files) == 10
+    for path in files:
+        recording = Recording.loads(path.read_bytes())
+        assert len(recording.samples) == 3
+
+
+def test_workers_serve_one_port_from_several_processes(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**os.environ, "SEEDCACHE_ACCESS_LOG": "false"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream.base_url,
+            "--store",
+            f"files:{tmp_path / 'rec'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert process.stdout is not None
+        assert "2 workers" in process.stdout.readline()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                first = client.chat.completions.with_raw_response.create(**chat_request())
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        statuses = [status(first)] + [
+            status(client.chat.completions.with_raw_response.create(**chat_request()))
+            for _ in range(10)
+        ]
+        assert statuses == ["recorded"] + ["hit"] * 10
+        children = subprocess.run(
+            ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) >= 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_seedcache/health") as answer:
+            assert json.load(answer)["status"] == "ok"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

@@ -1,0 +1,518 @@
+"""Streams through the app: byte-for-byte replay, assembling and synthesising across the stream
+flag, include_usage, pacing, broken and abandoned streams, coalesced streaming misses
+(DESIGN §5, §9)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.recording import Recording, Sample
+from proxy.stores.disk import DiskStore
+from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy
+from tests.fake_upstream import (
+    DEFAULT_FINGERPRINT,
+    FakeUpstream,
+    chat_request,
+    legacy_request,
+    responses_request,
+    tool,
+)
+from tests.servers import BackgroundLoop
+
+CHAT = "/v1/chat/completions"
+
+
+def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
+    """Every recording in the proxy's disk store, read through the store."""
+
+    async def scan() -> list[Recording]:
+        store = DiskStore(proxy.config.store)
+        try:
+            return [Recording.loads(value) async for _, _, value in store.scan()]
+        finally:
+            await store.close()
+
+    return loop.run(scan())
+
+
+def only_sample(loop: BackgroundLoop, proxy: RunningProxy) -> Sample:
+    [recording] = recordings(loop, proxy)
+    [sample] = recording.samples
+    return sample
+
+
+def data_lines(body: bytes) -> list[str]:
+    """The `data:` payloads of an SSE body, in order."""
+    return [
+        line.removeprefix("data: ")
+        for line in body.decode().split("\n")
+        if line.startswith("data:")
+    ]
+
+
+def stream(proxy: RunningProxy, body: dict[str, Any], path: str = CHAT) -> HTTPResult:
+    """A streaming request over raw HTTP, read to the end of the body."""
+    return proxy.request("POST", path, {**body, "stream": True})
+
+
+def text_of(chunks: list[Any], index: int = 0) -> str:
+    """The content of choice `index` joined from SDK chunks."""
+    return "".join(
+        choice.delta.content or ""
+        for chunk in chunks
+        for choice in chunk.choices
+        if choice.index == index
+    )
+
+
+def message_text(expected: dict[str, Any], index: int = 0) -> str:
+    return str(expected["choices"][index]["message"]["content"])
+
+
+# -- byte-for-byte replay -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"stream_options": {"include_usage": True}}, {"n": 2, "logprobs": True}],
+    ids=["plain", "include_usage", "n2-logprobs"],
+)
+def test_a_streaming_replay_sends_the_recorded_payloads_exactly(
+    overrides: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    body = chat_request(**overrides)
+
+    live = stream(proxy, body)
+    replay = stream(proxy, body)
+
+    assert (live.headers["x-seedcache-status"], replay.headers["x-seedcache-status"]) == (
+        "recorded",
+        "hit",
+    )
+    assert upstream.count() == 1
+    assert data_lines(replay.body) == data_lines(live.body)
+    assert data_lines(replay.body) == [e.data for e in only_sample(loop, proxy).events or ()]
+    assert replay.body.endswith(b"\n\ndata: [DONE]\n\n")
+    assert replay.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in replay.headers
+    assert replay.headers["transfer-encoding"] == "chunked"
+    # Every recorded payload, including the random obfuscation padding, is the live one.
+    assert [json.loads(d)["id"] for d in data_lines(replay.body)[:-1]] == [
+        upstream.chat_completion(body)["id"]
+    ] * (len(data_lines(replay.body)) - 1)
+
+
+def test_keep_alive_comments_are_not_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    assert upstream.keepalive_comments  # the fake sends ": keep-alive" frames
+    body = chat_request()
+
+    stream(proxy, body)
+    replay = stream(proxy, body)
+
+    events = only_sample(loop, proxy).events
+    assert events is not None
+    assert len(events) == len(upstream.chat_chunks(body)) + 1  # the chunks and [DONE]
+    assert all(e.data and not e.data.startswith(":") and e.event is None for e in events)
+    assert events[-1].data == "[DONE]"
+    assert b"keep-alive" not in replay.body
+
+
+def test_a_responses_stream_replays_its_named_events_without_done(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    body = responses_request()
+
+    live = stream(proxy, body, "/v1/responses")
+    replay = stream(proxy, body, "/v1/responses")
+
+    assert replay.headers["x-seedcache-status"] == "hit"
+    assert replay.body.replace(b": keep-alive\n\n", b"") == live.body.replace(
+        b": keep-alive\n\n", b""
+    )
+    names = [line for line in replay.body.decode().split("\n") if line.startswith("event:")]
+    assert names[0] == "event: response.created"
+    assert names[-1] == "event: response.completed"
+    assert b"[DONE]" not in replay.body
+    events = only_sample(loop, proxy).events or ()
+    assert [e.event for e in events] == [e["type"] for e in upstream.response_events(body)]
+
+
+# -- a non-streaming request from a streamed sample -----------------------------------------------
+
+
+def test_a_plain_request_gets_the_completion_assembled_from_a_recorded_stream(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(n=2, logprobs=True)
+    stream(proxy, {**body, "stream_options": {"include_usage": True}})
+
+    result = proxy.request("POST", CHAT, body)
+
+    assert result.headers["x-seedcache-status"] == "hit"
+    assert result.headers["content-type"].startswith("application/json")
+    assert upstream.count() == 1
+    assembled, expected = result.json(), upstream.chat_completion(body)
+    assert assembled["object"] == "chat.completion"
+    for name in ("id", "created", "model", "system_fingerprint", "usage", "service_tier"):
+        assert assembled[name] == expected[name], name
+    assert len(assembled["choices"]) == 2
+    for got, want in zip(assembled["choices"], expected["choices"], strict=True):
+        assert got["index"] == want["index"]
+        assert got["message"]["role"] == "assistant"
+        assert got["message"]["content"] == want["message"]["content"]
+        assert got["finish_reason"] == want["finish_reason"] == "stop"
+        assert got["logprobs"] == want["logprobs"]
+    assert (
+        assembled["choices"][0]["message"]["content"]
+        != assembled["choices"][1]["message"]["content"]
+    )
+
+
+def test_assembled_tool_calls_have_their_arguments_joined(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(tools=[tool()], seed=12)
+    with proxy.client() as client:
+        list(client.chat.completions.create(**body, stream=True))
+        completion = client.chat.completions.create(**body)
+
+    expected = upstream.chat_completion(body)["choices"][0]
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert [c.model_dump() for c in choice.message.tool_calls or []] == expected["message"][
+        "tool_calls"
+    ]
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"]  # type: ignore[index, union-attr]
+    assert upstream.count() == 1
+
+
+def test_an_assembled_completion_has_no_usage_when_the_stream_carried_none(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=14)
+    stream(proxy, body)
+
+    assembled = proxy.request("POST", CHAT, body).json()
+
+    assert assembled.get("usage") is None
+    assert assembled["choices"][0]["message"]["content"] == message_text(
+        upstream.chat_completion(body)
+    )
+    assert assembled["system_fingerprint"] == DEFAULT_FINGERPRINT
+
+
+def test_a_legacy_completion_is_assembled_from_its_stream(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = legacy_request()
+    with proxy.client() as client:
+        list(client.completions.create(**body, stream=True))
+        completion = client.completions.create(**body)
+
+    expected = upstream.text_completion(body)
+    assert completion.object == "text_completion"
+    assert completion.id == expected["id"]
+    assert completion.choices[0].text == expected["choices"][0]["text"]
+    assert completion.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
+    assert upstream.count() == 1
+
+
+# -- a streaming request from a non-streamed sample -----------------------------------------------
+
+
+def test_a_stream_is_synthesised_from_a_plain_sample_with_a_usage_chunk_when_asked(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=13)
+    expected = upstream.chat_completion(body)
+    with proxy.client() as client:
+        client.chat.completions.create(**body)
+        raw = client.chat.completions.with_raw_response.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(raw.parse())
+
+    assert raw.headers["x-seedcache-status"] == "hit"
+    assert upstream.count() == 1
+    assert text_of(chunks) == message_text(expected)
+    assert {c.id for c in chunks} == {expected["id"]}
+    assert {c.system_fingerprint for c in chunks} == {DEFAULT_FINGERPRINT}
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == expected["usage"]["total_tokens"]
+    assert all(c.usage is None for c in chunks[:-1])
+    finish = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finish == ["stop"]
+
+
+def test_a_stream_synthesised_without_include_usage_has_no_usage_chunk(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=13)
+    proxy.request("POST", CHAT, body)
+
+    replay = stream(proxy, body)
+
+    assert replay.headers["x-seedcache-status"] == "hit"
+    assert replay.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in replay.headers
+    payloads = data_lines(replay.body)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["choices"] for c in chunks)
+    assert all(c.get("usage") is None for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == (
+        message_text(upstream.chat_completion(body))
+    )
+
+
+def test_a_responses_stream_is_synthesised_from_a_plain_response(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = responses_request(input="Synthesise me.")
+    with proxy.client() as client:
+        plain = client.responses.create(**body)
+        events = list(client.responses.create(**body, stream=True))
+
+    assert upstream.count() == 1
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.id == plain.id
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == plain.output_text
+
+
+def test_a_stream_recorded_without_usage_gets_a_usage_chunk_when_a_replay_asks(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=15)
+    with proxy.client() as client:
+        recorded = list(client.chat.completions.create(**body, stream=True))
+        replayed = list(
+            client.chat.completions.create(
+                **body, stream=True, stream_options={"include_usage": True}
+            )
+        )
+
+    assert upstream.count() == 1
+    assert all(c.choices for c in recorded)
+    assert replayed[-1].choices == []
+    assert all(c.choices for c in replayed[:-1])
+    assert text_of(replayed) == text_of(recorded) == message_text(upstream.chat_completion(body))
+
+
+def test_a_stream_recorded_with_usage_has_no_usage_chunk_when_a_replay_does_not_ask(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=16)
+    with proxy.client() as client:
+        recorded = list(
+            client.chat.completions.create(
+                **body, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        replayed = list(client.chat.completions.create(**body, stream=True))
+
+    assert upstream.count() == 1
+    assert recorded[-1].choices == [] and recorded[-1].usage is not None
+    assert all(c.choices for c in replayed)
+    assert all(c.usage is None for c in replayed)
+    assert text_of(replayed) == text_of(recorded)
+
+
+# -- pacing ---------------------------------------------------------------------------------------
+
+
+def test_replay_timing_reproduces_the_recorded_pacing(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(replay_timing=True)
+    upstream.chunk_delay = 0.05
+    body = chat_request(seed=17)
+    stream(proxy, body)  # read to the end of the body: the recording is stored by then
+    chunks = only_sample(loop, proxy).events or ()
+    offsets = [e.t_ms for e in chunks if e.data != "[DONE]"]
+    recorded_span = (offsets[-1] - offsets[0]) / 1000
+    with proxy.client() as client:
+        arrivals = [time.monotonic() for _ in client.chat.completions.create(**body, stream=True)]
+
+    assert len(offsets) >= 5
+    assert recorded_span >= 0.05 * (len(offsets) - 1) * 0.8
+    assert upstream.count() == 1
+    assert arrivals[-1] - arrivals[0] >= 0.8 * recorded_span
+
+
+# -- broken and abandoned streams -----------------------------------------------------------------
+
+
+def test_an_upstream_stream_that_breaks_off_is_an_error_and_stores_nothing(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.drop_stream_after(3)
+    received: list[Any] = []
+    with proxy.client() as client:
+        with pytest.raises(openai.APIConnectionError):
+            for chunk in client.chat.completions.create(**chat_request(), stream=True):
+                received.append(chunk)
+        assert recordings(loop, proxy) == []
+        again = client.chat.completions.with_raw_response.create(**chat_request(), stream=True)
+        chunks = list(again.parse())
+
+    assert 0 < len(received) <= 3
+    assert again.headers["x-seedcache-status"] == "recorded"
+    assert upstream.count() == 2
+    assert text_of(chunks) == message_text(upstream.chat_completion(chat_request()))
+    assert proxy.stats()["upstream_errors"] == 1
+
+
+def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.error_frame_next("upstream died", after=2, code="boom")
+    with proxy.client() as client:
+        with pytest.raises(openai.APIError) as caught:
+            list(client.chat.completions.create(**chat_request(), stream=True))
+        assert recordings(loop, proxy) == []
+        again = client.chat.completions.with_raw_response.create(**chat_request())
+
+    assert "upstream died" in str(caught.value)
+    assert caught.value.code == "boom"
+    assert again.headers["x-seedcache-status"] == "recorded"
+    assert upstream.count() == 2
+
+
+def test_an_upstream_stream_that_stalls_past_the_timeout_is_an_error_and_stores_nothing(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(upstream_timeout=0.3)
+    upstream.chunk_delay = 2.0
+
+    with proxy.client() as client, pytest.raises(openai.APIConnectionError):
+        list(client.chat.completions.create(**chat_request(), stream=True))
+
+    assert recordings(loop, proxy) == []
+    assert proxy.stats()["upstream_errors"] == 1
+
+
+def test_a_responses_stream_that_fails_is_not_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.drop_stream_after(4)
+
+    with proxy.client() as client, pytest.raises(openai.APIConnectionError):
+        list(client.responses.create(**responses_request(), stream=True))
+
+    assert recordings(loop, proxy) == []
+
+
+def leave_mid_stream(proxy: RunningProxy, body: dict[str, Any]) -> bytes:
+    """Start a streaming request on a raw socket, read until the first event, then hang up."""
+    payload = json.dumps({**body, "stream": True}).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
+        sock.sendall(head.encode() + payload)
+        while b"data: " not in received:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    return received
+
+
+def test_a_client_that_leaves_mid_stream_leaves_no_recording(
+    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    upstream.chunk_delay = 0.05
+    body = chat_request(seed=18)
+
+    received = leave_mid_stream(proxy, body)
+    # Were the abandoned stream still being recorded, this identical request would wait for it
+    # (coalescing) and replay it; instead it leads a new upstream call.
+    again = stream(proxy, body)
+
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"[DONE]" not in received
+    assert again.headers["x-seedcache-status"] == "recorded"
+    assert upstream.count() == 2
+    sample = only_sample(loop, proxy)  # the second request's: one complete sample
+    assert [e.data for e in sample.events or ()] == data_lines(again.body)
+    assert data_lines(again.body)[-1] == "[DONE]"
+
+
+def test_a_client_that_leaves_a_paced_replay_does_not_disturb_the_proxy(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    proxy = start_proxy(replay_timing=True)
+    upstream.chunk_delay = 0.05
+    body = chat_request(seed=21)
+    recorded = stream(proxy, body)
+
+    received = leave_mid_stream(proxy, body)
+    again = stream(proxy, body)
+
+    assert b"[DONE]" not in received
+    assert again.headers["x-seedcache-status"] == "hit"
+    assert data_lines(again.body) == data_lines(recorded.body)
+    assert upstream.count() == 1
+    assert len(only_sample(loop, proxy).events or ()) == len(data_lines(recorded.body))
+
+
+# -- coalescing -----------------------------------------------------------------------------------
+
+
+async def test_identical_concurrent_streaming_misses_are_coalesced(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.delay = 0.3
+    body = chat_request(seed=19)
+
+    async with proxy.async_client() as client:
+
+        async def consume() -> tuple[str, list[Any]]:
+            raw = await client.chat.completions.with_raw_response.create(**body, stream=True)
+            return raw.headers["x-seedcache-status"], [c async for c in raw.parse()]
+
+        results = await asyncio.gather(*(consume() for _ in range(5)))
+
+    assert upstream.count() == 1
+    assert sorted(status for status, _ in results) == ["hit"] * 4 + ["recorded"]
+    expected = upstream.chat_completion(body)
+    for _, chunks in results:
+        assert {c.id for c in chunks} == {expected["id"]}
+        assert text_of(chunks) == message_text(expected)
+
+
+async def test_a_plain_request_waiting_on_a_streaming_leader_gets_the_assembled_completion(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.delay = 0.3
+    body = chat_request(seed=20)
+
+    async with proxy.async_client() as client:
+
+        async def streamed() -> list[Any]:
+            return [c async for c in await client.chat.completions.create(**body, stream=True)]
+
+        async def plain() -> Any:
+            await asyncio.sleep(0.1)  # let the streaming request lead
+            return await client.chat.completions.create(**body)
+
+        chunks, completion = await asyncio.gather(streamed(), plain())
+
+    assert upstream.count() == 1
+    assert completion.id == chunks[0].id
+    assert completion.choices[0].message.content == text_of(chunks)
