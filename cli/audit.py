@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
+from cli.options import store_option
 from proxy import probe as probing
 from proxy import report
 from proxy import verify as verifying
@@ -23,16 +24,6 @@ from proxy.errors import ConfigError
 from proxy.stores.base import open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def store_option(func: F) -> F:
-    """`--store`, as in cli.main (not imported from there: cli.main imports this module)."""
-    return click.option(
-        "--store",
-        envvar="SEEDCACHE_STORE",
-        help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
-        "or redis://host:port/db.",
-    )(func)
 
 
 def upstream_option(func: F) -> F:

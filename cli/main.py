@@ -10,15 +10,15 @@ import logging
 import multiprocessing
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from proxy.config import DEFAULT_STORE, Config
+from cli.audit import audit, probe, verify
+from cli.options import env, store_option
+from cli.recordings import export, import_, ls, prune, rm, show
+from proxy.config import Config
 from proxy.errors import ConfigError, SeedcacheError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Group(click.Group):
@@ -36,21 +36,6 @@ class Group(click.Group):
 @click.version_option(package_name="seedcache")
 def main() -> None:
     """seedcache: record, replay and audit OpenAI-compatible LLM calls."""
-
-
-def env(name: str) -> str:
-    """The environment variable that feeds option `name`."""
-    return "SEEDCACHE_" + name.upper().replace("-", "_")
-
-
-def store_option(func: F) -> F:
-    """The `--store` option shared by every command that reads or writes recordings."""
-    return click.option(
-        "--store",
-        envvar=env("store"),
-        help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
-        "or redis://host:port/db.",
-    )(func)
 
 
 @main.command()
@@ -222,12 +207,5 @@ def key(request_file: Any, method: str, path: str, namespace: str) -> None:
     click.echo(f"key: {canon.key}")
 
 
-from cli.audit import audit, probe, verify  # noqa: E402  (they import nothing from this module)
-
-for command in (audit, verify, probe):
-    main.add_command(command)
-
-from cli.recordings import export, import_, ls, prune, rm, show  # noqa: E402
-
-for command in (ls, show, rm, prune, export, import_):
+for command in (audit, verify, probe, ls, show, rm, prune, export, import_):
     main.add_command(command)

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
+from cli.options import store_option
 from proxy.audit import parse_since
-from proxy.config import DEFAULT_STORE, Config, is_disk_store
+from proxy.config import Config, is_disk_store
 from proxy.errors import FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import Recording, Sample
@@ -30,16 +31,6 @@ KEY_SHOWN = 12  # hex digits of a key printed by `ls`, enough to be a unique pre
 _HEX = re.compile(r"[0-9a-f]+")
 _CANDIDATES_SHOWN = 10
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
-
-
-def store_option(func: F) -> F:
-    """`--store`, as in cli.main (not imported from there: cli.main imports this module)."""
-    return click.option(
-        "--store",
-        envvar="SEEDCACHE_STORE",
-        help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
-        "or redis://host:port/db.",
-    )(func)
 
 
 @dataclass(frozen=True, slots=True)
