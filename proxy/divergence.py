@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from proxy.keys import BOOKKEEPING
+
 # Left out of the verdict (DESIGN §7). `created_at`/`completed_at` are the Responses API's
 # timestamps and `timings` is llama.cpp's per-request performance report: both differ on every
 # call. `usage` is special: its differences are listed and decide the verdict only when nothing
@@ -44,30 +46,8 @@ ABSENT = "<absent>"
 
 # Responses objects (and vLLM, for `kv_transfer_params`) echo request members; the bookkeeping ones
 # are not in the key (DESIGN §3), so two requests differing only in `metadata` or `user` share a
-# sample and must not look diverged. The same list as keys.BOOKKEEPING, which cannot be imported
-# here (keys uses this module to explain misses); a test keeps the two in step.
-_ECHOED_BOOKKEEPING = frozenset(
-    {
-        "stream",
-        "stream_options",
-        "user",
-        "safety_identifier",
-        "metadata",
-        "store",
-        "service_tier",
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "prompt_cache_options",
-        "request_id",
-        "priority",
-        "cache_salt",
-        "kv_transfer_params",
-        "id_slot",
-        "timings_per_token",
-        "return_progress",
-    }
-)
-_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | _ECHOED_BOOKKEEPING
+# sample and must not look diverged.
+_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | BOOKKEEPING
 
 # Random per call upstream: tool call ids (`call_…`), Responses item ids (`msg_…`, `fc_…`, `rs_…`)
 # and call ids, audio ids and their expiry, and reasoning encrypted with a fresh nonce each time.

@@ -14,6 +14,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Config
+from proxy.recording import Recording
+from proxy.stores.base import open_store
 from tests.fake_upstream import FakeUpstream
 from tests.servers import BackgroundLoop, RunningApp
 
@@ -38,6 +40,7 @@ class RunningProxy:
 
     running: RunningApp
     config: Config
+    loop: BackgroundLoop
 
     @property
     def base_url(self) -> str:
@@ -81,6 +84,30 @@ class RunningProxy:
         finally:
             conn.close()
 
+    def recordings(self) -> list[Recording]:
+        """Every recording in the proxy's store, read through a store of the same kind."""
+
+        async def scan() -> list[Recording]:
+            store = open_store(self.config.store)
+            try:
+                return [Recording.loads(value) async for _, _, value in store.scan()]
+            finally:
+                await store.close()
+
+        return self.loop.run(scan())
+
+    def events(self) -> list[dict[str, Any]]:
+        """The audit events in the proxy's store, oldest first."""
+
+        async def read() -> list[dict[str, Any]]:
+            store = open_store(self.config.store)
+            try:
+                return [json.loads(line) async for line in store.events()]
+            finally:
+                await store.close()
+
+        return self.loop.run(read())
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/_seedcache/stats").json()
         return result
@@ -108,6 +135,11 @@ def upstream(loop: BackgroundLoop) -> Iterator[FakeUpstream]:
 StartProxy = Callable[..., RunningProxy]
 
 
+def status(raw: Any) -> str:
+    """The X-Seedcache-Status of an SDK raw response."""
+    return str(raw.headers["x-seedcache-status"])
+
+
 @pytest.fixture
 def start_proxy(
     loop: BackgroundLoop, upstream: FakeUpstream, tmp_path: Path
@@ -120,7 +152,7 @@ def start_proxy(
         options.setdefault("store", str(tmp_path / "store"))
         config = Config.build(**options)
         running = loop.start_app(create_app(config))
-        proxy = RunningProxy(running, config)
+        proxy = RunningProxy(running, config, loop)
         started.append(proxy)
         return proxy
 

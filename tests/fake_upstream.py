@@ -23,34 +23,12 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.keys import BOOKKEEPING
+
 JSON = dict[str, Any]
 
 DEFAULT_FINGERPRINT = "fp_fake0001"
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
-
-# Members that never change the generated tokens on a real server, so they don't change ours
-# either (DESIGN §3's bookkeeping list).
-BOOKKEEPING = frozenset(
-    {
-        "stream",
-        "stream_options",
-        "user",
-        "safety_identifier",
-        "metadata",
-        "store",
-        "service_tier",
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "prompt_cache_options",
-        "request_id",
-        "priority",
-        "cache_salt",
-        "kv_transfer_params",
-        "id_slot",
-        "timings_per_token",
-        "return_progress",
-    }
-)
 
 # 32 words, so one hash byte picks one; two of them are non-ASCII on purpose.
 VOCABULARY = (

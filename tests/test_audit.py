@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from proxy.audit import TEXT_LIMIT, audit_event, baseline
 from proxy.recording import Recording, Sample
 from proxy.sse import Event
-from proxy.stores.disk import DiskStore
 from tests.conftest import RunningProxy, StartProxy
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
@@ -36,36 +34,12 @@ FP_B = "fp_fake0002"
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def store_events(loop: BackgroundLoop, proxy: RunningProxy) -> list[dict[str, Any]]:
-    """The audit events in the proxy's store, oldest first."""
-
-    async def read() -> list[dict[str, Any]]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [orjson.loads(line) async for line in store.events()]
-        finally:
-            await store.close()
-
-    return loop.run(read())
-
-
 def log_events(path: str | Path) -> list[dict[str, Any]]:
     """The events of a JSONL audit log; none when it does not exist."""
     path = Path(path)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
-    async def scan() -> list[Recording]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [Recording.loads(value) async for _, _, value in store.scan()]
-        finally:
-            await store.close()
-
-    return loop.run(scan())
 
 
 def default_log(proxy: RunningProxy) -> Path:
@@ -238,7 +212,7 @@ def test_every_labelled_pair_gets_its_verdict(
     assert second.headers["x-seedcache-status"] == "audited"
     assert second.headers["x-seedcache-verdict"] == pair.verdict
     [event] = log_events(default_log(proxy))
-    assert store_events(loop, proxy) == [event]
+    assert proxy.events() == [event]
     assert event["verdict"] == pair.verdict
     assert event["fingerprint_changed"] is pair.fingerprint_changed
     assert (event["recorded_fingerprint"], event["live_fingerprint"]) == pair.fingerprints()
@@ -258,12 +232,12 @@ def test_audit_mode_answers_live_and_leaves_the_recording_as_it_was(
     second = send(proxy, "chat")
 
     assert upstream.count() == 2
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     [sample] = recording.samples
     assert sample.body["choices"][0]["message"]["content"] == first.output
     # The client got the live answer, not the recorded one.
     assert second.output != first.output
-    [event] = store_events(loop, proxy)
+    [event] = proxy.events()
     assert event["texts"] == {"recorded": first.output, "live": second.output}
     assert event["differences"][0]["path"] == "choices[0].message.content"
     similarity = event["similarity"]
@@ -280,9 +254,9 @@ def test_a_new_key_is_recorded_without_an_event(
     answer = send(proxy, "chat")
 
     assert answer.headers["x-seedcache-verdict"] == "new"
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert recording.key == answer.headers["x-seedcache-key"]
-    assert store_events(loop, proxy) == []
+    assert proxy.events() == []
     assert log_events(default_log(proxy)) == []
 
 
@@ -291,11 +265,11 @@ def test_an_event_describes_the_request_and_both_samples(
 ) -> None:
     proxy = start_proxy(mode="audit")
     send(proxy, "chat", seed=7)
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     upstream.fingerprint = FP_B
     send(proxy, "chat", seed=7)
 
-    [event] = store_events(loop, proxy)
+    [event] = proxy.events()
     assert event["path"] == "/v1/chat/completions"
     assert event["model"] == "gpt-4o-mini"
     assert event["response_model"] == "gpt-4o-mini-2024-07-18"
@@ -319,7 +293,7 @@ def test_audit_log_goes_where_configured(
     [event] = log_events(path)
     assert event["verdict"] == "content"
     assert not default_log(proxy).exists()
-    assert store_events(loop, proxy) == [event]
+    assert proxy.events() == [event]
 
 
 def test_audit_embeddings_measure_the_distance_between_the_texts(
@@ -331,7 +305,7 @@ def test_audit_embeddings_measure_the_distance_between_the_texts(
     upstream.nondeterministic = True
     send(proxy, "chat")
 
-    identical, diverged = store_events(loop, proxy)
+    identical, diverged = proxy.events()
     assert identical["similarity"]["embedding_distance"] == 0.0
     distance = diverged["similarity"]["embedding_distance"]
     assert isinstance(distance, float)
@@ -340,7 +314,7 @@ def test_audit_embeddings_measure_the_distance_between_the_texts(
     assert call.body["model"] == "text-embedding-3-small"
     assert call.body["input"] == [diverged["texts"]["recorded"], diverged["texts"]["live"]]
     # The proxy's own embeddings request is not a recording.
-    assert len(recordings(loop, proxy)) == 1
+    assert len(proxy.recordings()) == 1
 
 
 def test_a_divergence_is_one_warning_line(
@@ -367,16 +341,16 @@ def test_record_mode_audits_a_key_that_had_a_sample_and_adds_the_new_one(
 ) -> None:
     proxy = start_proxy(mode="record")
     send(proxy, "chat")
-    assert store_events(loop, proxy) == []
+    assert proxy.events() == []
     upstream.nondeterministic = True
     answer = send(proxy, "chat")
 
     assert answer.headers["x-seedcache-status"] == "recorded"
     assert "x-seedcache-verdict" not in answer.headers  # only audit mode answers with it
-    [event] = store_events(loop, proxy)
+    [event] = proxy.events()
     assert event["verdict"] == "content"
     assert log_events(default_log(proxy)) == [event]
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert len(recording.samples) == 2
 
 
@@ -388,7 +362,7 @@ def test_auto_mode_hits_write_no_event(
     answer = send(proxy, "chat")
 
     assert answer.headers["x-seedcache-status"] == "hit"
-    assert store_events(loop, proxy) == []
+    assert proxy.events() == []
 
 
 def test_auto_mode_with_refresh_audits_the_refreshed_key(
@@ -401,7 +375,7 @@ def test_auto_mode_with_refresh_audits_the_refreshed_key(
     answer = send(proxy, "chat")
 
     assert answer.headers["x-seedcache-status"] == "recorded"
-    [event] = store_events(loop, proxy)
+    [event] = proxy.events()
     assert event["key"] == answer.headers["x-seedcache-key"]
     assert event["verdict"] == "content"
     assert event["fingerprint_changed"] is True
@@ -632,7 +606,7 @@ def test_audit_compares_with_the_newest_sample_of_the_live_fingerprint(
 
     assert same.headers["x-seedcache-verdict"] == "identical"
     assert other.headers["x-seedcache-verdict"] == "content"
-    first, second = store_events(loop, auditor)[-2:]
+    first, second = auditor.events()[-2:]
     assert (first["recorded_fingerprint"], first["fingerprint_changed"]) == (FP_A, False)
     assert (second["recorded_fingerprint"], second["fingerprint_changed"]) == (FP_B, True)
     assert second["texts"] == {"recorded": at_b.output, "live": other.output}
@@ -648,7 +622,7 @@ def test_audit_embeddings_leave_the_distance_null_when_there_is_no_text(
         upstream.models.append("gpt-5-preview")
         client.models.list()
 
-    [event] = store_events(loop, proxy)
+    [event] = proxy.events()
     assert event["verdict"] != "identical"
     assert event["similarity"]["text_ratio"] is None
     assert event["similarity"]["embedding_distance"] is None

@@ -7,26 +7,11 @@ from typing import Any
 
 import pytest
 
-from proxy.recording import Recording
-from proxy.stores.disk import DiskStore
 from tests.conftest import HTTPResult, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request
 from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
-
-
-def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
-    """Every recording in the proxy's disk store, read through the store."""
-
-    async def scan() -> list[Recording]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [Recording.loads(value) async for _, _, value in store.scan()]
-        finally:
-            await store.close()
-
-    return loop.run(scan())
 
 
 def assert_error(result: HTTPResult, status: int, *, code: str | None = None) -> dict[str, Any]:
@@ -71,7 +56,7 @@ def test_malformed_json_is_a_400_envelope(
     assert_error(result, 400, code="invalid_json")
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)
-    assert len(recordings(loop, proxy)) == 1  # only the valid request's
+    assert len(proxy.recordings()) == 1  # only the valid request's
 
 
 def test_deeply_nested_json_is_a_400_not_an_internal_error(
@@ -99,7 +84,7 @@ def test_a_body_that_is_not_an_object_is_a_400(
     assert "JSON object" in error["message"]
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)
-    assert len(recordings(loop, proxy)) == 1
+    assert len(proxy.recordings()) == 1
 
 
 WRONG_TYPES = [
@@ -132,7 +117,7 @@ def test_wrong_member_types_are_a_400_naming_the_param(
     assert member in error["message"]
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)
-    assert len(recordings(loop, proxy)) == 1
+    assert len(proxy.recordings()) == 1
 
 
 def test_bad_input_in_replay_mode_is_a_400_not_a_miss(
@@ -170,7 +155,7 @@ def test_a_body_over_max_body_is_a_413_envelope(
     assert "1000" in error["message"] and "--max-body" in error["message"]
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)  # a body under the limit still works
-    assert len(recordings(loop, proxy)) == 1
+    assert len(proxy.recordings()) == 1
 
 
 def test_max_body_applies_to_forwarded_paths_too(
@@ -203,4 +188,4 @@ def test_an_invalid_namespace_header_is_a_400(
 
     assert_error(result, 400, code="invalid_namespace")
     assert upstream.count() == 0
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []

@@ -7,12 +7,11 @@ from datetime import datetime
 from typing import Any
 
 import openai
-import orjson
 import pytest
 
 from proxy.recording import Recording
 from proxy.stores.disk import DiskStore
-from tests.conftest import RunningProxy, StartProxy
+from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import DEFAULT_FINGERPRINT, FakeUpstream, chat_request
 from tests.servers import BackgroundLoop
 
@@ -38,25 +37,10 @@ def recording(loop: BackgroundLoop, proxy: RunningProxy, key: str) -> Recording:
     return Recording.loads(raw)
 
 
-def store_events(loop: BackgroundLoop, proxy: RunningProxy) -> list[dict[str, Any]]:
-    async def read() -> list[dict[str, Any]]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [orjson.loads(line) async for line in store.events()]
-        finally:
-            await store.close()
-
-    return loop.run(read())
-
-
 def ask(proxy: RunningProxy, body: dict[str, Any], **headers: str) -> Any:
     """One non-streaming chat request through the SDK; the raw response (headers, .parse())."""
     with proxy.client() as client:
         return client.chat.completions.with_raw_response.create(**body, extra_headers=headers)
-
-
-def status(raw: Any) -> str:
-    return str(raw.headers["x-seedcache-status"])
 
 
 def key_of(raw: Any) -> str:
@@ -239,7 +223,7 @@ def test_refresh_records_a_new_sample_and_writes_an_audit_event(
     assert [s.system_fingerprint for s in recording(loop, proxy, key).samples] == [FP_A, FP_B]
     assert status(again) == "hit"
     assert again.headers["x-seedcache-fingerprint"] == FP_B
-    [event] = store_events(loop, proxy)
+    [event] = proxy.events()
     assert event["key"] == key
     assert event["verdict"] == "identical"  # the fake's output does not depend on its backend
     assert (event["recorded_fingerprint"], event["live_fingerprint"]) == (FP_A, FP_B)

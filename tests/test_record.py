@@ -12,26 +12,12 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.recording import STORED_RESPONSE_HEADERS, Recording
-from proxy.stores.disk import DiskStore
-from tests.conftest import API_KEY, RunningProxy, StartProxy
+from proxy.recording import STORED_RESPONSE_HEADERS
+from tests.conftest import API_KEY, RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, error_envelope
 from tests.servers import BackgroundLoop, free_port
 
 CHAT = "/v1/chat/completions"
-
-
-def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
-    """Every recording in the proxy's disk store, read through the store."""
-
-    async def scan() -> list[Recording]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [Recording.loads(value) async for _, _, value in store.scan()]
-        finally:
-            await store.close()
-
-    return loop.run(scan())
 
 
 def store_bytes(proxy: RunningProxy) -> bytes:
@@ -39,11 +25,6 @@ def store_bytes(proxy: RunningProxy) -> bytes:
     return b"".join(
         p.read_bytes() for p in sorted(Path(proxy.config.store).rglob("*")) if p.is_file()
     )
-
-
-def status(raw: Any) -> str:
-    """The X-Seedcache-Status of an SDK raw response."""
-    return str(raw.headers["x-seedcache-status"])
 
 
 def content(completion: Any) -> str:
@@ -66,7 +47,7 @@ def test_record_mode_always_forwards_and_adds_a_sample_when_the_output_differs(
 
     assert [status(r) for r in raws] == ["recorded", "recorded"]
     assert upstream.count() == 2
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert [s.body["id"] for s in recording.samples] == [r.parse().id for r in raws]
     assert raws[0].parse().id != raws[1].parse().id
 
@@ -80,7 +61,7 @@ def test_record_mode_keeps_one_sample_for_an_identical_output(
             client.chat.completions.create(**chat_request())
 
     assert upstream.count() == 3
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert len(recording.samples) == 1
 
 
@@ -92,7 +73,7 @@ def test_record_mode_keeps_one_sample_for_an_identical_stream(
         proxy.request("POST", CHAT, chat_request(stream=True))
 
     assert upstream.count() == 3
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert len(recording.samples) == 1
 
 
@@ -131,7 +112,7 @@ def test_passthrough_forwards_everything_and_leaves_the_store_untouched(
     assert streamed.headers["x-seedcache-status"] == "bypass"
     assert b"data: [DONE]" in streamed.body
     assert upstream.count() == 4
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
     assert proxy.stats()["bypassed"] == 4
 
 
@@ -168,7 +149,7 @@ def test_a_record_mode_header_forwards_a_request_that_would_hit(
     assert upstream.count() == 2
     assert live.parse().id != first.id
     assert replayed.id == live.parse().id  # the newest sample
-    assert len(recordings(loop, proxy)[0].samples) == 2
+    assert len(proxy.recordings()[0].samples) == 2
 
 
 @pytest.mark.parametrize("header", ["sometimes", "", "auto "])
@@ -199,7 +180,7 @@ def test_cache_control_no_cache_skips_the_read_and_records(
     assert upstream.count() == 2
     assert fresh.parse().id != first.id
     assert replayed.id == fresh.parse().id
-    assert len(recordings(loop, proxy)[0].samples) == 2
+    assert len(proxy.recordings()[0].samples) == 2
 
 
 def test_cache_control_no_store_skips_the_write(
@@ -213,7 +194,7 @@ def test_cache_control_no_store_skips_the_write(
 
     assert live.id == again.id == upstream.chat_completion(body)["id"]
     assert upstream.count() == 2
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
     proxy.stop()
     with start_proxy(mode="replay").client() as client, pytest.raises(openai.NotFoundError):
         client.chat.completions.create(**body)
@@ -250,7 +231,7 @@ def test_upstream_errors_pass_through_verbatim_and_are_not_stored(
     assert retried.status == 200
     assert retried.headers["x-seedcache-status"] == "recorded"
     assert upstream.count() == 2
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert [s.status for s in recording.samples] == [200]
     assert proxy.stats()["upstream_errors"] == 1
 
@@ -264,7 +245,7 @@ def test_an_upstream_error_reaches_the_sdk_as_its_exception(
         client.chat.completions.create(**chat_request())
 
     assert caught.value.code == "rate_limit_exceeded"
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
 
 
 def test_a_2xx_body_that_is_not_json_is_relayed_but_not_stored(
@@ -276,7 +257,7 @@ def test_a_2xx_body_that_is_not_json_is_relayed_but_not_stored(
 
     assert result.status == 200
     assert result.body == b"<html>maintenance</html>"
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
     assert proxy.request("POST", CHAT, chat_request()).headers["x-seedcache-status"] == "recorded"
     assert upstream.count() == 2
 
@@ -293,7 +274,7 @@ def test_an_unreachable_upstream_is_a_502_envelope(
     assert error["type"] == "upstream_error"
     assert error["code"] == "upstream_unreachable"
     assert "127.0.0.1" in error["message"]
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
     assert proxy.stats()["upstream_errors"] == 1
     with proxy.client() as client, pytest.raises(openai.InternalServerError):
         client.chat.completions.create(**chat_request())
@@ -310,7 +291,7 @@ def test_an_upstream_that_does_not_answer_in_time_is_a_504(
     assert result.status == 504
     error = result.json()["error"]
     assert (error["type"], error["code"]) == ("upstream_error", "upstream_timeout")
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
     after = proxy.request("POST", CHAT, chat_request())
     assert after.headers["x-seedcache-status"] == "recorded"
 
@@ -365,7 +346,7 @@ def test_api_key_shaped_secrets_in_the_request_are_redacted_before_storing(
 
     assert status(hit) == "hit"  # the key is computed before redaction
     assert upstream.calls[0].body["messages"][0]["content"].endswith(f"{secret}, keep it.")
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     assert recording.body["messages"][0]["content"] == "My key is <redacted>, keep it."
     assert secret.encode() not in store_bytes(proxy)
 
@@ -468,7 +449,7 @@ def test_only_allowlisted_response_headers_are_stored(
     # Raw HTTP reads the stream to the end of its body: it is stored by then.
     proxy.request("POST", CHAT, chat_request(seed=2, stream=True))
 
-    samples = [s for r in recordings(loop, proxy) for s in r.samples]
+    samples = [s for r in proxy.recordings() for s in r.samples]
     assert len(samples) == 2
     for sample in samples:
         assert set(sample.headers) <= STORED_RESPONSE_HEADERS

@@ -11,9 +11,7 @@ import openai
 import pytest
 
 from proxy.keys import make_key
-from proxy.recording import Recording
-from proxy.stores.disk import DiskStore
-from tests.conftest import API_KEY, RunningProxy, StartProxy
+from tests.conftest import API_KEY, RunningProxy, StartProxy, status
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
     FakeUpstream,
@@ -25,24 +23,6 @@ from tests.fake_upstream import (
 from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
-
-
-def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
-    """Every recording in the proxy's disk store, read through the store."""
-
-    async def scan() -> list[Recording]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [Recording.loads(value) async for _, _, value in store.scan()]
-        finally:
-            await store.close()
-
-    return loop.run(scan())
-
-
-def status(raw: Any) -> str:
-    """The X-Seedcache-Status of an SDK raw response."""
-    return str(raw.headers["x-seedcache-status"])
 
 
 def key_of(body: dict[str, Any]) -> str:
@@ -300,7 +280,7 @@ def test_no_cache_on_a_replay_server_does_not_reach_upstream(
     assert upstream.count() == calls
     assert result.headers.get("x-seedcache-status") != "recorded"
     assert other.status == 404
-    assert len(recordings(loop, replayer)) == 1
+    assert len(replayer.recordings()) == 1
 
 
 @pytest.mark.parametrize("alias", ["replay", "none", "NONE"])
@@ -355,7 +335,7 @@ def test_other_paths_are_forwarded_unchanged(
     assert listed.json()["echo"]["method"] == "GET"
     assert listed.headers["x-seedcache-status"] == "bypass"
     assert upstream.count() == 4
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
 
 
 def test_other_paths_are_a_miss_in_replay_mode(
@@ -478,7 +458,7 @@ def test_stateful_responses_requests_are_passed_through_never_recorded(
     assert [r.status for r in results] == [200, 200]
     assert [r.headers["x-seedcache-status"] for r in results] == ["bypass", "bypass"]
     assert upstream.count() == 2
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
 
 
 def test_stateful_responses_requests_miss_in_replay_mode(

@@ -17,14 +17,10 @@ import openai
 import pytest
 
 from proxy.recording import Recording
-from tests.conftest import RunningProxy, StartProxy
+from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
 from tests.redis_server import RedisServer
 from tests.servers import free_port
-
-
-def status(raw: openai.APIResponse[object]) -> str:
-    return raw.headers["x-seedcache-status"]
 
 
 def test_a_recording_made_by_one_proxy_replays_on_another(

@@ -13,8 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.recording import Recording, Sample
-from proxy.stores.disk import DiskStore
+from proxy.recording import Sample
 from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
@@ -29,21 +28,8 @@ from tests.servers import BackgroundLoop
 CHAT = "/v1/chat/completions"
 
 
-def recordings(loop: BackgroundLoop, proxy: RunningProxy) -> list[Recording]:
-    """Every recording in the proxy's disk store, read through the store."""
-
-    async def scan() -> list[Recording]:
-        store = DiskStore(proxy.config.store)
-        try:
-            return [Recording.loads(value) async for _, _, value in store.scan()]
-        finally:
-            await store.close()
-
-    return loop.run(scan())
-
-
 def only_sample(loop: BackgroundLoop, proxy: RunningProxy) -> Sample:
-    [recording] = recordings(loop, proxy)
+    [recording] = proxy.recordings()
     [sample] = recording.samples
     return sample
 
@@ -364,7 +350,7 @@ def test_an_upstream_stream_that_breaks_off_is_an_error_and_stores_nothing(
         with pytest.raises(openai.APIConnectionError):
             for chunk in client.chat.completions.create(**chat_request(), stream=True):
                 received.append(chunk)
-        assert recordings(loop, proxy) == []
+        assert proxy.recordings() == []
         again = client.chat.completions.with_raw_response.create(**chat_request(), stream=True)
         chunks = list(again.parse())
 
@@ -382,7 +368,7 @@ def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
     with proxy.client() as client:
         with pytest.raises(openai.APIError) as caught:
             list(client.chat.completions.create(**chat_request(), stream=True))
-        assert recordings(loop, proxy) == []
+        assert proxy.recordings() == []
         again = client.chat.completions.with_raw_response.create(**chat_request())
 
     assert "upstream died" in str(caught.value)
@@ -400,7 +386,7 @@ def test_an_upstream_stream_that_stalls_past_the_timeout_is_an_error_and_stores_
     with proxy.client() as client, pytest.raises(openai.APIConnectionError):
         list(client.chat.completions.create(**chat_request(), stream=True))
 
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
     assert proxy.stats()["upstream_errors"] == 1
 
 
@@ -412,7 +398,7 @@ def test_a_responses_stream_that_fails_is_not_recorded(
     with proxy.client() as client, pytest.raises(openai.APIConnectionError):
         list(client.responses.create(**responses_request(), stream=True))
 
-    assert recordings(loop, proxy) == []
+    assert proxy.recordings() == []
 
 
 def leave_mid_stream(proxy: RunningProxy, body: dict[str, Any]) -> bytes:
