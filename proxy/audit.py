@@ -107,30 +107,21 @@ def _append_line(path: str, line: bytes) -> None:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Events from a JSONL audit log; a torn or foreign line is skipped, not fatal."""
-    events = []
     with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-    return events
+        return [event for event in map(_event, handle) if event is not None]
 
 
 async def read_events(store: Store) -> list[dict[str, Any]]:
-    """The events held by a store, oldest first; a torn or foreign one is skipped, as in
-    `read_jsonl`."""
-    events = []
-    async for line in store.events():
-        try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
+    """The events held by a store, oldest first; a torn or foreign one is skipped."""
+    return [event async for line in store.events() if (event := _event(line)) is not None]
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def parse_since(value: str, *, now: datetime | None = None) -> datetime:
