@@ -588,6 +588,8 @@ def start_seedcache(
 
 @dataclass(frozen=True)
 class Settings:
+    """How long and how often to measure, and with which client."""
+
     duration: float
     warmup: float
     rounds: int
@@ -601,9 +603,10 @@ class Settings:
 
 @dataclass
 class Runner:
+    """Runs single measurements against a server with the one load generator."""
+
     settings: Settings
     procs: Processes
-    results: dict[str, Any] = field(default_factory=dict)
     seeds: Iterator[int] = field(default_factory=lambda: itertools.count(10**9, 10**9))
 
     def rps(self, server: Server, connections: int, payload: str, expect: bytes) -> dict[str, Any]:
@@ -702,6 +705,11 @@ class Runner:
         return out
 
 
+def say(text: str) -> None:
+    """Progress, on stderr so that stdout carries only the table."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def wait_for_quiet(procs: Processes, most: float, patience: float) -> float:
     """Wait (up to `patience` s) until other processes use at most `most` cores; seconds waited."""
     started = time.monotonic()
@@ -736,7 +744,6 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
 
 def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]:
     """Start the servers, record, then measure every pair (baseline, seedcache) in turn."""
-    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     fixed = start_baseline(procs, "fixed")
     vary = start_baseline(procs, "vary")
     hop = start_baseline(procs, "hop", upstream=f"http://{HOST}:{vary.port}")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
@@ -22,7 +22,7 @@ from proxy.audit import parse_since
 from proxy.config import Config, is_disk_store
 from proxy.errors import FormatError, SeedcacheError
 from proxy.keys import normalise_path
-from proxy.recording import Recording, Sample
+from proxy.recording import EARLIEST, Recording, Sample, recorded_at
 from proxy.stores.base import Store, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,7 +30,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 KEY_SHOWN = 12  # hex digits of a key printed by `ls`, enough to be a unique prefix in practice
 _HEX = re.compile(r"[0-9a-f]+")
 _CANDIDATES_SHOWN = 10
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,39 +42,6 @@ class Found:
 
 
 # --- pure helpers -------------------------------------------------------------------------------
-
-
-def recorded_at(sample: Sample) -> datetime | None:
-    """When a sample was recorded, or None if its time does not parse."""
-    try:
-        moment = datetime.fromisoformat(sample.recorded_at.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def newest(recording: Recording) -> str | None:
-    """The newest `recorded_at` of a recording's samples, as stored."""
-    times = [(recorded_at(s) or _EARLIEST, s.recorded_at) for s in recording.samples]
-    return max(times)[1] if times else None
-
-
-def summary(recording: Recording, namespace: str) -> dict[str, Any]:
-    """What `ls --json` prints for one recording."""
-    body = recording.body if isinstance(recording.body, dict) else {}
-    return {
-        "key": recording.key,
-        "namespace": namespace,
-        "method": recording.method,
-        "path": recording.path,
-        "model": recording.model,
-        "seed": body.get("seed"),
-        "samples": len(recording.samples),
-        "fingerprints": _distinct(s.system_fingerprint for s in recording.samples),
-        "response_models": _distinct(s.model for s in recording.samples),
-        "streamed": any(s.streamed for s in recording.samples),
-        "newest_recorded_at": newest(recording),
-    }
 
 
 def matches_model(recording: Recording, sample: Sample | None, model: str) -> bool:
@@ -118,7 +84,7 @@ def merge(existing: Recording, incoming: Recording) -> Recording:
     merged = existing
     for sample in incoming.samples:
         merged = merged.with_sample(sample)
-    ordered = sorted(merged.samples, key=lambda s: recorded_at(s) or _EARLIEST)
+    ordered = sorted(merged.samples, key=lambda s: recorded_at(s) or EARLIEST)
     return replace(merged, samples=tuple(ordered))
 
 
@@ -146,14 +112,6 @@ def resolve(prefix: str, found: Iterable[Found], where: str) -> Found:
             "give more digits:\n" + "\n".join(listed)
         )
     return candidates[0]
-
-
-def _distinct(values: Iterable[str | None]) -> list[str | None]:
-    seen: list[str | None] = []
-    for value in values:
-        if value not in seen:
-            seen.append(value)
-    return seen
 
 
 def _fingerprints_text(fingerprints: list[str | None]) -> str:
@@ -251,7 +209,7 @@ def ls(
         recording = _load(item)
         if recording is None:
             continue
-        row = summary(recording, _namespace(item, recording))
+        row = recording.summary(_namespace(item, recording))
         when = _newest_time(recording)
         if (
             (model is not None and not matches_model(recording, None, model))
@@ -261,7 +219,7 @@ def ls(
             or (moment is not None and (when is None or when < moment))
         ):
             continue
-        rows.append((when or _EARLIEST, row))
+        rows.append((when or EARLIEST, row))
     rows.sort(key=lambda pair: pair[0], reverse=True)
     if as_json:
         click.echo(json.dumps([row for _, row in rows], indent=2, ensure_ascii=False))

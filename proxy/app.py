@@ -14,9 +14,11 @@ import orjson
 from aiohttp import web
 
 from proxy import __version__
+from proxy.audit import parse_since, read_events, select, summarise
 from proxy.config import Config
-from proxy.errors import FormatError, ProxyError, StoreError
+from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import Handlers, client_key
+from proxy.recording import Recording
 from proxy.stores.base import Store, open_store
 from proxy.upstream import Upstream
 
@@ -53,6 +55,8 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/_seedcache/health", health)
     app.router.add_get("/_seedcache/stats", stats)
+    app.router.add_get("/_seedcache/recordings", recordings)
+    app.router.add_get("/_seedcache/audit", audit)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
@@ -80,6 +84,43 @@ async def health(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     """Counters: hits, misses, recorded, stale, divergences, upstream errors, by model."""
     return json_response(request.app[HANDLERS].metrics.to_json())
+
+
+async def recordings(request: web.Request) -> web.Response:
+    """The recordings in the store, newest first; ?model= and ?limit= narrow the list."""
+    model = request.query.get("model")
+    limit = _int_query(request, "limit", 1000)
+    found = []
+    async for _, _, raw in request.app[HANDLERS].store.scan():
+        try:
+            recording = Recording.loads(raw)
+        except FormatError:
+            continue
+        if model is None or recording.model == model:
+            found.append(recording.summary())
+    found.sort(key=lambda row: row["newest_recorded_at"] or "", reverse=True)
+    return json_response({"recordings": found[:limit], "total": len(found)})
+
+
+async def audit(request: web.Request) -> web.Response:
+    """The audit summary per model and fingerprint (?since=24h, ?model=), as `seedcache audit`."""
+    try:
+        since = parse_since(request.query["since"]) if "since" in request.query else None
+    except ValueError as exc:
+        raise bad_request(str(exc), param="since") from None
+    events = select(
+        await read_events(request.app[HANDLERS].store),
+        since=since,
+        model=request.query.get("model"),
+    )
+    return json_response({"events": len(events), "groups": summarise(events)})
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    try:
+        return max(0, int(request.query.get(name, default)))
+    except ValueError:
+        raise bad_request(f"?{name}= must be a whole number", param=name) from None
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from proxy.divergence import Comparison, compare, output_text
-from proxy.recording import Recording, Sample, utc_now
+from proxy.recording import Recording, Sample, parse_time, utc_now
 from proxy.stores.base import Store
 
 log = logging.getLogger("seedcache")
@@ -142,10 +142,7 @@ def parse_since(value: str, *, now: datetime | None = None) -> datetime:
 
 def event_time(event: Mapping[str, Any]) -> datetime | None:
     """When an event was written, or None if it carries no readable time."""
-    try:
-        return datetime.fromisoformat(str(event.get("ts", "")).replace("Z", "+00:00"))
-    except ValueError:
-        return None
+    return parse_time(str(event.get("ts", "")))
 
 
 def select(

@@ -137,7 +137,9 @@ class Handlers:
         if incoming.mode is Mode.REPLAY:
             # Replay never goes upstream, not even for Cache-Control: no-cache.
             raise await self._miss(incoming)
-        coalesce = incoming.mode is Mode.AUTO
+        # Identical concurrent misses share one upstream call, unless each is meant to get its
+        # own sample (--repeat sequence).
+        coalesce = incoming.mode is Mode.AUTO and self.config.repeat is Repeat.REUSE
         while True:
             flight = self._inflight.get(canon.key) if coalesce else None
             if flight is None:
@@ -231,12 +233,17 @@ class Handlers:
         """Replay the recording of this request if there is one fit to serve, else None."""
         canon = incoming.canon
         assert canon is not None
+        ordinal = 0
+        if self.config.repeat is Repeat.SEQUENCE:
+            # Every identical request counts, the first one (usually a miss) included.
+            ordinal = self._sequence.get(canon.key, 0)
+            self._sequence[canon.key] = ordinal + 1
         raw = await self.store.get(canon.namespace, canon.key)
         if raw is None:
             return None
         recording = Recording.loads(raw)
         if self.config.repeat is Repeat.SEQUENCE:
-            return await self._lookup_sequence(request, incoming, recording)
+            return await self._lookup_sequence(request, incoming, recording, ordinal)
         pinned = request.headers.get(FINGERPRINT)
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
@@ -263,12 +270,10 @@ class Handlers:
         return await self._replay(request, incoming, sample, status)
 
     async def _lookup_sequence(
-        self, request: web.Request, incoming: Incoming, recording: Recording
+        self, request: web.Request, incoming: Incoming, recording: Recording, ordinal: int
     ) -> web.StreamResponse | None:
         """`--repeat sequence`: the k-th identical request of this run gets the k-th sample; past
         the last sample, auto records a new one and replay misses."""
-        ordinal = self._sequence.get(recording.key, 0)
-        self._sequence[recording.key] = ordinal + 1
         if ordinal >= len(recording.samples):
             if incoming.mode is Mode.REPLAY:
                 raise await self._miss(

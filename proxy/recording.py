@@ -158,6 +158,29 @@ class Recording:
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"stored recording is malformed: {exc!r}") from None
 
+    def summary(self, namespace: str | None = None) -> dict[str, Any]:
+        """One line's worth of facts: what `seedcache ls --json` and /_seedcache/recordings show."""
+        body = self.body if isinstance(self.body, dict) else {}
+        return {
+            "key": self.key,
+            "namespace": self.namespace if namespace is None else namespace,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "seed": body.get("seed"),
+            "samples": len(self.samples),
+            "fingerprints": _distinct(s.system_fingerprint for s in self.samples),
+            "response_models": _distinct(s.model for s in self.samples),
+            "streamed": any(s.streamed for s in self.samples),
+            "newest_recorded_at": self.newest_recorded_at,
+        }
+
+    @property
+    def newest_recorded_at(self) -> str | None:
+        """The newest `recorded_at` of the samples, as stored."""
+        times = [(recorded_at(s) or EARLIEST, s.recorded_at) for s in self.samples]
+        return max(times)[1] if times else None
+
     def with_sample(self, sample: Sample) -> Recording:
         """This recording with `sample` added, newest last.
 
@@ -226,6 +249,31 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def parse_time(text: str) -> datetime | None:
+    """An ISO 8601 time as stored (Z, an offset, or naive for UTC); None if it does not parse."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def recorded_at(sample: Sample) -> datetime | None:
+    """When a sample was recorded, or None if its time does not parse."""
+    return parse_time(sample.recorded_at)
+
+
+def _distinct(values: Iterable[str | None]) -> list[str | None]:
+    seen: list[str | None] = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return seen
 
 
 def utc_now() -> str:

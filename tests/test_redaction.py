@@ -41,7 +41,7 @@ def test_keys_in_headers_never_reach_the_store(
     upstream.extra_headers = {"x-request-id": f"req_{SECRET}"}
     proxy = start_proxy(store=f"files:{tmp_path / 'rec'}")
     client = proxy.client(default_headers={"X-Team-Token": BEARER, "api-key": SECRET})
-    client.chat.completions.create(**chat_request(), stream=True).close()
+    list(client.chat.completions.create(**chat_request(), stream=True))
     client.chat.completions.create(**chat_request(seed=5))
 
     sent = upstream.calls[-1].headers

@@ -16,6 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from cli.main import read_tokens
+from proxy.errors import ConfigError
 from proxy.recording import Recording
 from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
@@ -212,3 +214,21 @@ def test_workers_serve_one_port_from_several_processes(
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_access_tokens_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alpha\n\n  beta  \n")
+    assert read_tokens(("@" + str(tokens), "gamma")) == ("alpha", "beta", "gamma")
+    with pytest.raises(ConfigError, match="cannot read access tokens"):
+        read_tokens(("@" + str(tmp_path / "missing"),))
+
+
+def test_isolation_by_key_needs_a_key(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+    proxy = start_proxy(isolate_by_key=True)
+    answer = proxy.request(
+        "POST", "/v1/chat/completions", chat_request(), headers={"Authorization": ""}
+    )
+    assert answer.status == 401
+    assert answer.json()["error"]["code"] == "missing_api_key"
+    assert upstream.count() == 0

@@ -1,0 +1,58 @@
+"""The admin endpoints under /_seedcache/ (DESIGN §11): health, stats, recordings, audit."""
+
+from __future__ import annotations
+
+from tests.conftest import StartProxy
+from tests.fake_upstream import FakeUpstream, chat_request, embedding_request
+
+
+def test_recordings_lists_what_the_store_holds(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy()
+    client = proxy.client()
+    client.chat.completions.create(**chat_request(seed=1))
+    list(client.chat.completions.create(**chat_request(seed=2), stream=True))
+    client.embeddings.create(**embedding_request())
+
+    listing = proxy.request("GET", "/_seedcache/recordings").json()
+    assert listing["total"] == 3
+    rows = {
+        row["seed"]: row
+        for row in listing["recordings"]
+        if row["path"].endswith("/chat/completions")
+    }
+    assert set(rows) == {1, 2}
+    assert rows[1]["samples"] == 1 and rows[1]["fingerprints"] == ["fp_fake0001"]
+    assert rows[2]["streamed"] is True and rows[1]["streamed"] is False
+    assert rows[1]["response_models"] == ["gpt-4o-mini-2024-07-18"]
+
+    only = proxy.request("GET", "/_seedcache/recordings?model=text-embedding-3-small").json()
+    assert [row["path"] for row in only["recordings"]] == ["/v1/embeddings"]
+    assert proxy.request("GET", "/_seedcache/recordings?limit=1").json()["total"] == 3
+    assert len(proxy.request("GET", "/_seedcache/recordings?limit=1").json()["recordings"]) == 1
+    bad = proxy.request("GET", "/_seedcache/recordings?limit=many")
+    assert bad.status == 400 and bad.json()["error"]["param"] == "limit"
+
+
+def test_audit_summarises_the_events_in_the_store(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="audit")
+    client = proxy.client()
+    body = chat_request()
+    client.chat.completions.create(**body)  # new: recorded, no event
+    client.chat.completions.create(**body)  # identical
+    upstream.nondeterministic = True
+    client.chat.completions.create(**body)  # content
+
+    summary = proxy.request("GET", "/_seedcache/audit").json()
+    assert summary["events"] == 2
+    [group] = summary["groups"]
+    assert (group["model"], group["fingerprint"]) == ("gpt-4o-mini", "fp_fake0001")
+    assert (group["comparisons"], group["identical"], group["divergence_rate"]) == (2, 1, 0.5)
+    assert group["verdicts"] == {"content": 1, "identical": 1}
+    assert proxy.request("GET", "/_seedcache/audit?model=other").json()["events"] == 0
+    assert proxy.request("GET", "/_seedcache/audit?since=1h").json()["events"] == 2
+    assert proxy.request("GET", "/_seedcache/audit?since=yesterday").status == 400
+    assert proxy.stats()["divergences"] == 1
