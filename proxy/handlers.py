@@ -26,10 +26,10 @@ from proxy.errors import FormatError, ProxyError, bad_request
 from proxy.keys import (
     NAMESPACE,
     CanonicalRequest,
+    RequestIndex,
     check_body,
     describe_differences,
     make_key,
-    nearest,
     normalise_path,
     parse_json,
 )
@@ -112,8 +112,8 @@ class Handlers:
         # key -> the leader's outcome: True when it recorded, a Relayed error, or None (failed).
         self._inflight: dict[str, asyncio.Future[bool | Relayed | None]] = {}
         self._fingerprints: dict[str, tuple[str | None, float]] = {}
-        self._index: dict[str, tuple[str, str, str, str | None, Any]] = {}
-        self._index_at = -INDEX_TTL
+        self._index: RequestIndex | None = None
+        self._index_at = 0.0
         # Keys replayed or recorded by this run: the pytest plugin lists recordings no test used.
         self.used: set[str] = set()
         self._salt: str | None = None
@@ -353,13 +353,7 @@ class Handlers:
 
     async def _nearest(self, canon: CanonicalRequest) -> str:
         index = await self._recording_index()
-        candidates = (
-            (key, body)
-            for key, (namespace, method, path, model, body) in index.items()
-            if (namespace, method, path, model)
-            == (canon.namespace, canon.method, canon.path, canon.model)
-        )
-        found = nearest(redact(canon.body), candidates)
+        found = index.nearest(canon, redact(canon.body))
         if found is None:
             return ". No recording has the same method, path and model"
         key, differences = found
@@ -367,23 +361,19 @@ class Handlers:
             f". The nearest recording, {key[:12]}, differs at: {describe_differences(differences)}"
         )
 
-    async def _recording_index(self) -> dict[str, tuple[str, str, str, str | None, Any]]:
+    async def _recording_index(self) -> RequestIndex:
         """Every recording's request, for explaining misses; rebuilt when older than a few
         seconds so that recordings made by other proxies on a shared store are seen."""
         now = time.monotonic()
-        if now - self._index_at > INDEX_TTL:
-            index = {}
+        if self._index is None or now - self._index_at > INDEX_TTL:
+            index = RequestIndex()
             async for _, key, raw in self.store.scan():
                 try:
                     recording = Recording.loads(raw)
                 except FormatError:
                     continue
-                index[key] = (
-                    recording.namespace,
-                    recording.method,
-                    recording.path,
-                    recording.model,
-                    recording.body,
+                index.add(
+                    key, recording.namespace, recording.method, recording.path, recording.body
                 )
             self._index, self._index_at = index, time.monotonic()
         return self._index
@@ -625,14 +615,8 @@ class Handlers:
 
         await self.store.update(canon.namespace, canon.key, add)
         self.used.add(canon.key)
-        if canon.key not in self._index and self._index:
-            self._index[canon.key] = (
-                fresh.namespace,
-                fresh.method,
-                fresh.path,
-                fresh.model,
-                fresh.body,
-            )
+        if self._index is not None:
+            self._index.add(canon.key, fresh.namespace, fresh.method, fresh.path, fresh.body)
         if not flight.done():
             flight.set_result(True)
 

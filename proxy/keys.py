@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -139,23 +139,60 @@ def make_key(method: str, path: str, body: Any, namespace: str = "") -> Canonica
     return CanonicalRequest(namespace, method, path, canonical, material, key)
 
 
-def nearest(
-    body: Any, candidates: Iterable[tuple[str, Any]], *, limit: int = 200
-) -> tuple[str, list[Difference]] | None:
-    """The candidate (key, canonical body) whose body differs from `body` in the fewest JSON
-    paths, with those paths; None when there are no candidates."""
-    from proxy.divergence import json_paths_diff
+class RequestIndex:
+    """The canonical requests of many recordings, grouped by (namespace, method, path, model), to
+    find the nearest one to a request that missed (DESIGN §6) quickly among thousands."""
 
-    best: tuple[str, list[Difference]] | None = None
-    for key, other in candidates:
-        # Stop walking a candidate as soon as it is no better than the best so far.
-        bound = len(best[1]) if best is not None else limit
-        differences = json_paths_diff(body, other, limit=bound)
-        if best is None or len(differences) < len(best[1]):
-            best = (key, differences)
-            if not differences:
-                break
-    return best
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, str, str, str | None], dict[str, _Indexed]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self._groups.values())
+
+    def add(self, key: str, namespace: str, method: str, path: str, body: Any) -> None:
+        """Index (or re-index) one recording's canonical request."""
+        model = body.get("model") if isinstance(body, dict) else None
+        group = self._groups.setdefault((namespace, method, path, model), {})
+        group[key] = _Indexed(body, frozenset(_leaves(body, "")))
+
+    def nearest(
+        self, canon: CanonicalRequest, body: Any, *, shortlist: int = 8
+    ) -> tuple[str, list[Difference]] | None:
+        """The recording of the same namespace, method, path and model whose body differs from
+        `body` in the fewest JSON paths, with those paths; None when there is none."""
+        from proxy.divergence import json_paths_diff
+
+        group = self._groups.get((canon.namespace, canon.method, canon.path, canon.model))
+        if not group:
+            return None
+        # Rank every candidate by the size of the symmetric difference of (path, value) leaves,
+        # a set operation, then walk only the shortlist for the exact differing paths.
+        leaves = frozenset(_leaves(body, ""))
+        ranked = sorted(group.items(), key=lambda item: len(leaves ^ item[1].leaves))
+        best: tuple[str, list[Difference]] | None = None
+        for key, indexed in ranked[:shortlist]:
+            bound = len(best[1]) if best is not None else 200
+            differences = json_paths_diff(body, indexed.body, limit=bound)
+            if best is None or len(differences) < len(best[1]):
+                best = (key, differences)
+        return best
+
+
+@dataclass(frozen=True, slots=True)
+class _Indexed:
+    body: Any
+    leaves: frozenset[tuple[str, str]]
+
+
+def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict) and value:
+        for name, item in value.items():
+            yield from _leaves(item, f"{path}.{name}" if path else name)
+    elif isinstance(value, list) and value:
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{index}]")
+    else:
+        yield path, canonical_json(value)
 
 
 def describe_differences(differences: Iterable[Difference], most: int = 5) -> str:

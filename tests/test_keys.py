@@ -12,8 +12,10 @@ from proxy.errors import ProxyError
 from proxy.keys import (
     BOOKKEEPING,
     KEY_SCHEME,
+    RequestIndex,
     canonical_body,
     check_body,
+    describe_differences,
     make_key,
     normalise_path,
     parse_json,
@@ -202,3 +204,41 @@ def test_malformed_json_is_400(raw: bytes) -> None:
 
 def test_integers_beyond_64_bits_are_valid_json() -> None:
     assert parse_json(b'{"seed": 123456789012345678901234567890}')["seed"] > 2**64
+
+
+def test_the_index_names_the_nearest_recording_of_the_same_model() -> None:
+    index = RequestIndex()
+    recorded = {}
+    for seed in range(300):
+        body = chat(seed=seed, messages=[{"role": "user", "content": f"Question {seed}"}])
+        canon = make_key("POST", "/v1/chat/completions", body)
+        index.add(canon.key, "", "POST", canon.path, canon.body)
+        recorded[seed] = canon.key
+    other_model = make_key("POST", "/v1/chat/completions", chat(model="gpt-4o"))
+    index.add(other_model.key, "", "POST", other_model.path, other_model.body)
+    assert len(index) == 301
+
+    asked = chat(seed=42, temperature=0.7, messages=[{"role": "user", "content": "Question 42"}])
+    canon = make_key("POST", "/v1/chat/completions", asked)
+    found = index.nearest(canon, canon.body)
+    assert found is not None
+    key, differences = found
+    assert key == recorded[42]
+    assert [(d.path, d.recorded, d.live) for d in differences] == [("temperature", 0.7, 0)]
+    assert describe_differences(differences) == "temperature: 0.7 != 0"
+
+    elsewhere = make_key("POST", "/v1/chat/completions", chat(model="o3"))
+    assert index.nearest(elsewhere, elsewhere.body) is None
+
+
+def test_describe_differences_lists_at_most_five() -> None:
+    a = {f"m{i}": "x" for i in range(8)}
+    b = {f"m{i}": "y" for i in range(8)}
+    index = RequestIndex()
+    canon_b = make_key("POST", "/v1/x", b)
+    index.add(canon_b.key, "", "POST", canon_b.path, canon_b.body)
+    canon_a = make_key("POST", "/v1/x", a)
+    found = index.nearest(canon_a, canon_a.body)
+    assert found is not None
+    text = describe_differences(found[1])
+    assert text.count("!=") == 5 and text.endswith("and 3 more")

@@ -22,6 +22,7 @@ T = TypeVar("T")
 _RECORDING = "rec:"
 _META = "meta:"
 _EVENTS = "audit"
+_SCAN_BATCH = 256
 
 
 class DiskStore:
@@ -50,10 +51,12 @@ class DiskStore:
         return bool(await self._off_loop(self._cache.delete, _RECORDING + key))
 
     async def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
-        names = await self._off_loop(lambda: list(self._cache.iterkeys()))
-        for name in names:
-            if isinstance(name, str) and name.startswith(_RECORDING):
-                value = await self._off_loop(self._cache.get, name)
+        names = await self._off_loop(self._names, _RECORDING)
+        # Values are read in batches, one worker-thread hop per batch rather than per value.
+        for start in range(0, len(names), _SCAN_BATCH):
+            batch = names[start : start + _SCAN_BATCH]
+            values = await self._off_loop(lambda b=batch: [self._cache.get(n) for n in b])
+            for name, value in zip(batch, values, strict=True):
                 if value is not None:
                     yield "", name[len(_RECORDING) :], value
 
@@ -67,16 +70,19 @@ class DiskStore:
         await self._off_loop(self._cache.push, event, prefix=_EVENTS)
 
     async def events(self) -> AsyncIterator[bytes]:
-        prefix = _EVENTS + "-"
-        names = await self._off_loop(lambda: list(self._cache.iterkeys()))
-        for name in names:
-            if isinstance(name, str) and name.startswith(prefix):
-                value = await self._off_loop(self._cache.get, name)
+        names = await self._off_loop(self._names, _EVENTS + "-")
+        for start in range(0, len(names), _SCAN_BATCH):
+            batch = names[start : start + _SCAN_BATCH]
+            for value in await self._off_loop(lambda b=batch: [self._cache.get(n) for n in b]):
                 if value is not None:
                     yield value
 
     async def close(self) -> None:
         self._cache.close()
+
+    def _names(self, prefix: str) -> list[str]:
+        # iterkeys() walks the index in key order: events ("audit-<n>") come out oldest first.
+        return [n for n in self._cache.iterkeys() if isinstance(n, str) and n.startswith(prefix)]
 
     def _update(self, name: str, fn: Updater) -> bytes | None:
         with self._cache.transact():
