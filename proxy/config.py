@@ -119,7 +119,7 @@ class Config:
             raise ConfigError("max-body must be positive")
         if not NAMESPACE.fullmatch(self.namespace):
             raise ConfigError(
-                f"namespace {self.namespace!r} is not valid: use up to 64 letters, digits, "
+                f"namespace {self.namespace!r} is not valid: use up to 128 letters, digits, "
                 "'.', '_' or '-', not starting with '.'"
             )
         if self.workers < 1:

@@ -173,7 +173,7 @@ class Handlers:
             namespace = await self._isolated(namespace, request)
         if not NAMESPACE.fullmatch(namespace):
             raise bad_request(
-                f"Namespace {namespace[:80]!r} is not valid: use up to 64 letters, digits, "
+                f"Namespace {namespace[:140]!r} is not valid: use up to 128 letters, digits, "
                 "'.', '_' or '-', not starting with '.'.",
                 code="invalid_namespace",
             )

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 KEY_SCHEME = "seedcache-key/1"
 
 # Namespace names: they become Redis key parts and folder names, so no separators, no leading dot.
-NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63})?")
+NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?")
 
 # Members that change framing, billing or tracking but never the generated output. An explicit
 # denylist: an allowlist would silently merge requests differing in an extension it did not know.
