@@ -882,13 +882,14 @@ def environment() -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="child")
-    serve = sub.add_parser("_serve", help=argparse.SUPPRESS)
+def child_main(argv: list[str]) -> int:
+    """The hidden entry points this script starts itself with: `_serve KIND`, `_load ...`."""
+    parser = argparse.ArgumentParser(prog="bench.py")
+    sub = parser.add_subparsers(dest="child", required=True)
+    serve = sub.add_parser("_serve")
     serve.add_argument("kind", choices=["fixed", "vary", "hop"])
     serve.add_argument("--upstream")
-    load = sub.add_parser("_load", help=argparse.SUPPRESS)
+    load = sub.add_parser("_load")
     for name, kind in [
         ("--client", str),
         ("--port", int),
@@ -901,6 +902,18 @@ def main() -> int:
         ("--duration", float),
     ]:
         load.add_argument(name, type=kind, required=True)
+    args = parser.parse_args(argv)
+    if args.child == "_serve":
+        asyncio.run(serve_child(args.kind, args.upstream))
+    else:
+        load_child(args)
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1:2] in (["_serve"], ["_load"]):
+        return child_main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 round (a smoke test)")
     parser.add_argument("--json", metavar="FILE", help="also write every result to FILE")
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default 3, quick 1)")
@@ -923,12 +936,6 @@ def main() -> int:
         help="CPU cores other processes may use during a measurement (default 0.15)",
     )
     args = parser.parse_args()
-    if args.child == "_serve":
-        asyncio.run(serve_child(args.kind, args.upstream))
-        return 0
-    if args.child == "_load":
-        load_child(args)
-        return 0
 
     quick = args.quick
     settings = Settings(

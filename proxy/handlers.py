@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -64,6 +64,11 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 FINGERPRINT_TTL = 1.0
 # How long the index of recordings used to explain misses is reused before a new store scan.
 INDEX_TTL = 5.0
+# How long a decoded recording is replayed from memory before the store is read again (a hot key
+# then costs no store read and no decoding), and how many are kept. Recordings written by this
+# proxy replace theirs at once; those of other proxies on a shared store show within the TTL.
+RECORDING_TTL = 1.0
+RECORDING_CACHE_SIZE = 4096
 NAMESPACE_PREFIX = "/_seedcache/ns/"
 # Cross-proxy coalescing on a shared store: how long a fill lock lives if its holder dies, and
 # how often the others look for the recording meanwhile.
@@ -100,6 +105,33 @@ class Relayed:
     body: bytes
 
 
+@dataclass(slots=True)
+class Decoded:
+    """A recording read from the store moments ago, with the replies rendered from it so far."""
+
+    recording: Recording
+    at: float
+    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str]]] = field(
+        default_factory=dict
+    )
+
+    def render(
+        self, sample: Sample, key: str, stream: bool, include_usage: bool
+    ) -> tuple[bytes, dict[str, str]]:
+        """The body and headers replaying `sample` (one of ours) as asked, rendered once."""
+        # id() is stable: this object keeps its samples alive.
+        name = (id(sample), stream, stream and include_usage)
+        cached = self.rendered.get(name)
+        if cached is None:
+            if stream:
+                events = replay_events(sample, include_usage=include_usage)
+                body = b"".join(sse.encode(event) for event in events)
+            else:
+                body = orjson.dumps(sample.response())
+            cached = self.rendered[name] = (body, replay_headers(sample, key, stream=stream))
+        return cached
+
+
 class Handlers:
     """Per-app state (config, store, upstream, metrics, in-flight misses) and the request logic."""
 
@@ -108,6 +140,9 @@ class Handlers:
         self.store = store
         self.upstream = upstream
         self.metrics = Metrics()
+        # A store shared by several proxies coalesces misses across them (checked once: a
+        # runtime Protocol check is slow).
+        self._locking = store if isinstance(store, Locking) else None
         self.audit = AuditLog(config.audit_log_path, store)
         # key -> the leader's outcome: True when it recorded, a Relayed error, or None (failed).
         self._inflight: dict[str, asyncio.Future[bool | Relayed | None]] = {}
@@ -119,6 +154,8 @@ class Handlers:
         self._salt: str | None = None
         # --repeat sequence: how many identical requests per key this run has served.
         self._sequence: dict[str, int] = {}
+        # Recordings read moments ago, so that a hot key skips the store and the decoding.
+        self._recordings: dict[str, Decoded] = {}
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -143,8 +180,8 @@ class Handlers:
         while True:
             flight = self._inflight.get(canon.key) if coalesce else None
             if flight is None:
-                if coalesce and isinstance(self.store, Locking):
-                    return await self._lead_shared(request, incoming, self.store)
+                if coalesce and self._locking is not None:
+                    return await self._lead_shared(request, incoming, self._locking)
                 return await self._lead(request, incoming, coalesce=coalesce)
             outcome = await asyncio.shield(flight)
             if isinstance(outcome, Relayed):
@@ -238,12 +275,12 @@ class Handlers:
             # Every identical request counts, the first one (usually a miss) included.
             ordinal = self._sequence.get(canon.key, 0)
             self._sequence[canon.key] = ordinal + 1
-        raw = await self.store.get(canon.namespace, canon.key)
-        if raw is None:
+        decoded = await self._decoded(canon)
+        if decoded is None:
             return None
-        recording = Recording.loads(raw)
+        recording = decoded.recording
         if self.config.repeat is Repeat.SEQUENCE:
-            return await self._lookup_sequence(request, incoming, recording, ordinal)
+            return await self._lookup_sequence(request, incoming, decoded, ordinal)
         pinned = request.headers.get(FINGERPRINT)
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
@@ -267,13 +304,30 @@ class Handlers:
                 )
         status = "stale" if stale else "hit"
         self.metrics.count(status, canon.model, sample.system_fingerprint)
-        return await self._replay(request, incoming, sample, status)
+        return await self._replay(request, incoming, decoded, sample, status)
+
+    async def _decoded(self, canon: CanonicalRequest) -> Decoded | None:
+        """The recording under a key, decoded, from memory if it was read moments ago."""
+        now = time.monotonic()
+        cached = self._recordings.get(canon.key)
+        if cached is not None and now - cached.at < RECORDING_TTL:
+            return cached
+        raw = await self.store.get(canon.namespace, canon.key)
+        if raw is None:
+            self._recordings.pop(canon.key, None)
+            return None  # misses are not remembered: another proxy may record it any moment
+        decoded = Decoded(Recording.loads(raw), now)
+        if len(self._recordings) >= RECORDING_CACHE_SIZE:
+            self._recordings.pop(next(iter(self._recordings)))
+        self._recordings[canon.key] = decoded
+        return decoded
 
     async def _lookup_sequence(
-        self, request: web.Request, incoming: Incoming, recording: Recording, ordinal: int
+        self, request: web.Request, incoming: Incoming, decoded: Decoded, ordinal: int
     ) -> web.StreamResponse | None:
         """`--repeat sequence`: the k-th identical request of this run gets the k-th sample; past
         the last sample, auto records a new one and replay misses."""
+        recording = decoded.recording
         if ordinal >= len(recording.samples):
             if incoming.mode is Mode.REPLAY:
                 raise await self._miss(
@@ -284,41 +338,47 @@ class Handlers:
             return None
         sample = recording.samples[ordinal]
         self.metrics.count("hit", recording.model, sample.system_fingerprint)
-        return await self._replay(request, incoming, sample, "hit")
+        return await self._replay(request, incoming, decoded, sample, "hit")
 
     async def _replay(
-        self, request: web.Request, incoming: Incoming, sample: Sample, status: str
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        decoded: Decoded,
+        sample: Sample,
+        status: str,
     ) -> web.StreamResponse:
         canon = incoming.canon
         assert canon is not None
         self.used.add(canon.key)
-        headers = dict(sample.headers)
-        headers[STATUS] = status
-        headers[KEY] = canon.key
-        headers[RECORDED_AT] = sample.recorded_at
-        headers.setdefault("x-request-id", f"req_replay_{canon.key[:24]}")
-        if sample.system_fingerprint is not None:
-            headers[FINGERPRINT] = sample.system_fingerprint
+        if incoming.stream and self.config.replay_timing:
+            return await self._replay_paced(request, incoming, sample, status)
+        body, base = decoded.render(sample, canon.key, incoming.stream, incoming.include_usage)
+        headers = {**base, STATUS: status}
         if not incoming.stream:
-            body = sample.response()
-            headers["content-type"] = "application/json"
-            return web.Response(status=sample.status, body=orjson.dumps(body), headers=headers)
-        events = replay_events(sample, include_usage=incoming.include_usage)
-        headers.update(SSE_HEADERS)
-        headers.pop("content-type", None)
+            return web.Response(status=sample.status, body=body, headers=headers)
         response = web.StreamResponse(status=sample.status, headers=headers)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        if self.config.replay_timing:
-            start = time.monotonic()
-            for event in events:
-                delay = event.t_ms / 1000 - (time.monotonic() - start)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await response.write(sse.encode(event))
-        else:
-            await response.write(b"".join(sse.encode(event) for event in events))
+        await response.write(body)
         # aiohttp ends the body (write_eof) and handles a client that has already gone.
+        return response
+
+    async def _replay_paced(
+        self, request: web.Request, incoming: Incoming, sample: Sample, status: str
+    ) -> web.StreamResponse:
+        """--replay-timing: each event at its recorded offset from the start."""
+        assert incoming.canon is not None
+        headers = {**replay_headers(sample, incoming.canon.key, stream=True), STATUS: status}
+        response = web.StreamResponse(status=sample.status, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        start = time.monotonic()
+        for event in replay_events(sample, include_usage=incoming.include_usage):
+            delay = event.t_ms / 1000 - (time.monotonic() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await response.write(sse.encode(event))
         return response
 
     async def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
@@ -599,21 +659,29 @@ class Handlers:
             body=redact(canon.body),
             namespace=canon.namespace,
         )
-        old = await self.store.get(canon.namespace, canon.key)
+        # Audit mode records only what is absent; Cache-Control: no-store records nothing.
+        keep_existing = incoming.mode is Mode.AUDIT
+        seen: list[bytes | None] = [None]
+
+        def add(stored: bytes | None) -> bytes | None:
+            # The store hands us what it holds, so the audit needs no read of its own.
+            seen[0] = stored
+            if not incoming.write or (keep_existing and stored is not None):
+                return None
+            recording = fresh if stored is None else Recording.loads(stored)
+            return recording.with_sample(sample).dumps(pretty=self.store.pretty)
+
+        await self.store.update(canon.namespace, canon.key, add)
+        old = seen[0]
         if old is not None:
             verdict = await self._audit(request, Recording.loads(old), sample)
             if incoming.mode is Mode.AUDIT:
                 headers[VERDICT] = verdict
         elif incoming.mode is Mode.AUDIT:
             headers[VERDICT] = "new"
-        if not incoming.write or (incoming.mode is Mode.AUDIT and old is not None):
+        if not incoming.write or (keep_existing and old is not None):
             return
-
-        def add(stored: bytes | None) -> bytes:
-            recording = fresh if stored is None else Recording.loads(stored)
-            return recording.with_sample(sample).dumps(pretty=self.store.pretty)
-
-        await self.store.update(canon.namespace, canon.key, add)
+        self._recordings.pop(canon.key, None)
         self.used.add(canon.key)
         if self._index is not None:
             self._index.add(canon.key, fresh.namespace, fresh.method, fresh.path, fresh.body)
@@ -696,6 +764,19 @@ def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | N
         model if isinstance(model, str) else None,
         fingerprint if isinstance(fingerprint, str) else None,
     )
+
+
+def replay_headers(sample: Sample, key: str, *, stream: bool) -> dict[str, str]:
+    """The headers of a replay, but X-Seedcache-Status: the stored ones and seedcache's."""
+    headers = dict(sample.headers)
+    headers.pop("content-type", None)
+    headers.update(SSE_HEADERS if stream else {"Content-Type": "application/json"})
+    headers[KEY] = key
+    headers[RECORDED_AT] = sample.recorded_at
+    headers.setdefault("x-request-id", f"req_replay_{key[:24]}")
+    if sample.system_fingerprint is not None:
+        headers[FINGERPRINT] = sample.system_fingerprint
+    return headers
 
 
 def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:

@@ -26,6 +26,7 @@ class Metrics:
             dict.fromkeys([*names, "divergences", "upstream_errors"], 0)
         )
         self.by_model: dict[tuple[str, str], Counter[str]] = {}
+        self._children: dict[tuple[str, str], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self._requests = PromCounter(
             "seedcache_requests",
@@ -51,7 +52,12 @@ class Metrics:
         name = STAT_NAMES.get(outcome, outcome)
         self.totals[name] += 1
         self._bucket(model, fingerprint)[name] += 1
-        self._requests.labels(outcome, model or "").inc()
+        labels = (outcome, model or "")
+        child = self._children.get(labels)
+        if child is None:
+            # labels() takes a lock and checks its arguments: look each child up once.
+            child = self._children[labels] = self._requests.labels(*labels)
+        child.inc()
 
     def divergence(
         self, model: str | None, fingerprint: str | None, verdict: str, fingerprint_changed: bool

@@ -114,6 +114,8 @@ class Decoder:
 
 def encode(event: Event) -> bytes:
     """Frame an event as SSE bytes: `event:` if named, a `data:` line per data line, blank line."""
+    if not event.event and "\n" not in event.data and "\r" not in event.data:
+        return b"data: " + event.data.encode() + b"\n\n"  # the common case, on the replay path
     lines = [f"event: {event.event}\n"] if event.event else []
     # Split on every SSE line end (not str.splitlines, which also splits on U+2028 and friends).
     lines.extend(f"data: {line}\n" for line in _LINE_END.split(event.data))

@@ -2,7 +2,8 @@
 
 Reads run on the event loop: SQLite in WAL mode never makes a reader wait for a writer, so a read
 costs one indexed lookup. Writes take a transaction and may wait on other writers, so they run in
-a worker thread, and a short SQLite timeout turns a stuck lock into an error instead of a stall.
+one writer thread, updates that arrive together share one transaction, and a short SQLite timeout
+turns a stuck lock into an error instead of a stall.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import diskcache
@@ -32,6 +34,11 @@ class DiskStore:
 
     def __init__(self, directory: str, *, timeout: float = 2.0) -> None:
         self.description = directory
+        # One writer thread: SQLite serialises writers anyway, and threads taking turns at the
+        # write lock (and the GIL) cost more than the writes themselves.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seedcache-disk")
+        self._pending: list[tuple[str, Updater, asyncio.Future[bytes | None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         try:
             # eviction_policy="none": never cull; size_limit is then irrelevant.
             self._cache = diskcache.Cache(directory, eviction_policy="none", timeout=timeout)
@@ -42,7 +49,12 @@ class DiskStore:
         return self._call(self._cache.get, _RECORDING + key)  # type: ignore[no-any-return]
 
     async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
-        return await self._off_loop(self._update, _RECORDING + key, fn)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        self._pending.append((_RECORDING + key, fn, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        return await future
 
     async def put(self, namespace: str, key: str, value: bytes) -> None:
         await self._off_loop(self._cache.set, _RECORDING + key, value)
@@ -78,20 +90,44 @@ class DiskStore:
                     yield value
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        self._writer.shutdown(wait=True)
         self._cache.close()
+
+    async def _flush(self) -> None:
+        """Apply the updates waiting, each batch in one transaction, until none are left."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._off_loop(self._apply, batch)
+            except StoreError as exc:
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue  # the caller was cancelled
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def _apply(self, batch: list[tuple[str, Updater, Any]]) -> list[bytes | BaseException | None]:
+        results: list[bytes | BaseException | None] = []
+        with self._cache.transact():
+            for name, fn, _ in batch:
+                try:
+                    old = self._cache.get(name)
+                    new = fn(old)
+                    if new is not None:
+                        self._cache.set(name, new)
+                    results.append(new if new is not None else old)
+                except Exception as exc:  # one caller's failure is that caller's alone
+                    results.append(exc)
+        return results
 
     def _names(self, prefix: str) -> list[str]:
         # iterkeys() walks the index in key order: events ("audit-<n>") come out oldest first.
         return [n for n in self._cache.iterkeys() if isinstance(n, str) and n.startswith(prefix)]
-
-    def _update(self, name: str, fn: Updater) -> bytes | None:
-        with self._cache.transact():
-            old = self._cache.get(name)
-            new = fn(old)
-            if new is None:
-                return old  # type: ignore[no-any-return]
-            self._cache.set(name, new)
-            return new
 
     def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
@@ -103,4 +139,4 @@ class DiskStore:
 
     async def _off_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(self._call, method, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, call)
