@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +96,7 @@ def normalise_path(path: str, query: str = "") -> str:
 
 def canonical_body(body: Any) -> Any:
     """The body as keyed: top-level nulls and bookkeeping dropped, numbers by value."""
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):
         return _canonical_value(body)
     return {
         name: _canonical_value(value)
@@ -209,15 +209,16 @@ def describe_differences(differences: Iterable[Difference], most: int = 5) -> st
 
 
 def _canonical_value(value: Any) -> Any:
-    # 1 and 1.0 are one number: integral floats become ints, so every SDK keys alike.
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        return value
-    if isinstance(value, Mapping):
+    # Exact type checks: parsed JSON holds only dict, list, str, int, float, bool and None, and
+    # this runs on every request.
+    kind = type(value)
+    if kind is dict:
         return {name: _canonical_value(item) for name, item in value.items()}
-    if isinstance(value, list):
+    if kind is list:
         return [_canonical_value(item) for item in value]
+    # 1 and 1.0 are one number: integral floats become ints, so every SDK keys alike.
+    if kind is float and math.isfinite(value) and value.is_integer():
+        return int(value)
     return value
 
 
