@@ -33,9 +33,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     """The seedcache application for `config`; a given `store` is used instead of opening one."""
     # Bodies over max_body are refused by aiohttp itself while reading (413).
-    app = web.Application(
-        middlewares=[error_middleware, access_middleware], client_max_size=config.max_body
+    # The access check only when there are tokens: a middleware costs every request.
+    middlewares = (
+        [error_middleware, access_middleware] if config.access_tokens else [error_middleware]
     )
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body)
     app[CONFIG] = config
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
