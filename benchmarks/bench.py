@@ -99,8 +99,14 @@ UPSTREAM_HEADERS = {
 # -- servers (child processes) -------------------------------------------------------------------
 
 
+# The `slow` upstream's answer time: a real model takes hundreds of ms; 20 ms is enough to make
+# the record path wait on the upstream rather than on the CPU, as it does in real use.
+SLOW_UPSTREAM_S = 0.02
+
+
 def make_server_app(kind: str, upstream: str | None) -> Any:
-    """`fixed`: baseline A. `vary`: a new body per request. `hop`: baseline B, a bare proxy."""
+    """`fixed`: baseline A. `vary`: a new body per request. `slow`: `vary` answering after
+    SLOW_UPSTREAM_S, like a real model. `hop`: baseline B, a bare proxy."""
     import orjson
     from aiohttp import ClientSession, TCPConnector, web
 
@@ -112,7 +118,9 @@ def make_server_app(kind: str, upstream: str | None) -> Any:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        n = next(counter) if kind == "vary" else 0
+        n = next(counter) if kind in ("vary", "slow") else 0
+        if kind == "slow":
+            await asyncio.sleep(SLOW_UPSTREAM_S)
         if body.get("stream") is True:
             response = web.StreamResponse(headers=sse_headers)
             response.enable_chunked_encoding()
@@ -747,6 +755,8 @@ def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]
     fixed = start_baseline(procs, "fixed")
     vary = start_baseline(procs, "vary")
     hop = start_baseline(procs, "hop", upstream=f"http://{HOST}:{vary.port}")
+    slow = start_baseline(procs, "slow")
+    slow_hop = start_baseline(procs, "hop", upstream=f"http://{HOST}:{slow.port}")
     replay_store = os.path.join(store_root, "replay-store")
     record_store = os.path.join(store_root, "record-store")
 
@@ -759,6 +769,9 @@ def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]
     procs.stop(seeding.proc)
     replay = start_seedcache(procs, "replay", "replay", vary.port, replay_store, store_root)
     recorder = start_seedcache(procs, "record", "auto", vary.port, record_store, store_root)
+    slow_recorder = start_seedcache(
+        procs, "record-slow", "auto", slow.port, record_store + "-slow", store_root
+    )
     for body in (request_body(1), request_body(2, stream=True)):
         status, headers, _ = http(replay.port, PATH, body)
         if status != 200 or headers.get("X-Seedcache-Status") != "hit":
@@ -800,6 +813,8 @@ def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]
         measure("S_stream", lambda: r.seq(replay, "stream", hit, settings.stream_requests))
         measure("B_record_8", lambda: r.rps(hop, 8, "unique", ok))
         measure("S_record_8", lambda: r.rps(recorder, 8, "unique", recorded))
+        measure("B_record_slow_8", lambda: r.rps(slow_hop, 8, "unique", ok))
+        measure("S_record_slow_8", lambda: r.rps(slow_recorder, 8, "unique", recorded))
     return {"rounds": rounds, "median": {k: median_of(v) for k, v in rounds.items()}}
 
 
@@ -841,6 +856,9 @@ def report(result: dict[str, Any], settings: Settings) -> str:
         "ratio >= 0.80", s["rps"] / b["rps"] >= 0.8)  # fmt: skip
     row("  server CPU us/req @8", b["cpu_us_per_request"], s["cpu_us_per_request"], ".0f",
         s["cpu_us_per_request"] / b["cpu_us_per_request"], "-", None)  # fmt: skip
+    b, s = m["B_record_slow_8"], m["S_record_slow_8"]
+    row(f"record req/s @8, upstream {SLOW_UPSTREAM_S * 1000:.0f} ms", b["rps"], s["rps"], ",.0f",
+        s["rps"] / b["rps"], "ratio >= 0.80", s["rps"] / b["rps"] >= 0.8)  # fmt: skip
 
     header = ("measurement", "baseline", "seedcache", "ratio", "target", "result")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
@@ -887,7 +905,7 @@ def child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.py")
     sub = parser.add_subparsers(dest="child", required=True)
     serve = sub.add_parser("_serve")
-    serve.add_argument("kind", choices=["fixed", "vary", "hop"])
+    serve.add_argument("kind", choices=["fixed", "vary", "slow", "hop"])
     serve.add_argument("--upstream")
     load = sub.add_parser("_load")
     for name, kind in [
