@@ -836,7 +836,7 @@ def report(result: dict[str, Any], settings: Settings) -> str:
     for c in (8, 64):
         a, s = m[f"A_rps_{c}"], m[f"S_rps_{c}"]
         row(f"replay req/s @{c} conns (vs A)", a["rps"], s["rps"], ",.0f", s["rps"] / a["rps"],
-            "-", None)  # fmt: skip
+            "ratio >= 0.50", s["rps"] / a["rps"] >= 0.5)  # fmt: skip
     for c in (8, 64):
         a, s = m[f"A_rps_{c}"], m[f"S_rps_{c}"]
         row(f"  server CPU us/req @{c}", a["cpu_us_per_request"], s["cpu_us_per_request"], ".0f",
