@@ -378,6 +378,9 @@ class Handlers:
         if incoming.stream and self.config.replay_timing:
             return await self._replay_paced(request, incoming, sample, status)
         body, base = decoded.render(sample, canon.key, incoming.stream, incoming.include_usage)
+        metadata = incoming.body.get("metadata") if isinstance(incoming.body, dict) else None
+        if metadata is not None:
+            body = echo_metadata(body, metadata, stream=incoming.stream)
         headers = {**base, STATUS: status}
         if not incoming.stream:
             return web.Response(status=sample.status, body=body, headers=headers)
@@ -788,6 +791,36 @@ def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | N
         model if isinstance(model, str) else None,
         fingerprint if isinstance(fingerprint, str) else None,
     )
+
+
+def echo_metadata(body: bytes, metadata: Any, *, stream: bool) -> bytes:
+    """A replay with the request's `metadata` echoed where the recording echoed its own.
+
+    Since 2026-08 OpenAI echoes `metadata` in responses; it is bookkeeping, not in the key, so a
+    recording made with other metadata would otherwise answer with that.
+    """
+
+    def patch(data: Any) -> Any:
+        if isinstance(data, dict):
+            if "metadata" in data:
+                data["metadata"] = metadata
+            inner = data.get("response")  # Responses API events carry the response inside
+            if isinstance(inner, dict) and "metadata" in inner:
+                inner["metadata"] = metadata
+        return data
+
+    if b'"metadata"' not in body:
+        return body
+    if not stream:
+        return orjson.dumps(patch(orjson.loads(body)))
+    events = sse.Decoder().decode(body)
+    patched = []
+    for event in events:
+        if event.data.startswith("{") and '"metadata"' in event.data:
+            data = orjson.dumps(patch(orjson.loads(event.data))).decode()
+            event = sse.Event(data, event.event, event.t_ms)
+        patched.append(sse.encode(event))
+    return b"".join(patched)
 
 
 def replay_headers(sample: Sample, key: str, *, stream: bool) -> dict[str, str]:

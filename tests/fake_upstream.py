@@ -490,6 +490,8 @@ class FakeUpstream:
             "usage": _usage(_prompt_tokens(body), sum(c.completion_tokens for c in choices)),
             "service_tier": "default",
             "system_fingerprint": self.fingerprint,
+            # OpenAI echoes the request's metadata since 2026-08.
+            **({"metadata": body["metadata"]} if body.get("metadata") else {}),
         }
 
     def _model(self, body: JSON) -> str:
@@ -534,6 +536,7 @@ class FakeUpstream:
             "model": self._model(body),
             "service_tier": "default",
             "system_fingerprint": self.fingerprint,
+            **({"metadata": body["metadata"]} if body.get("metadata") else {}),
         }
 
         def chunk(index: int, delta: JSON, finish: str | None = None, logprobs: Any = None) -> JSON:

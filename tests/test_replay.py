@@ -560,3 +560,21 @@ def test_stats_and_metrics_count_a_known_sequence(
     ]
     assert len(hits) == 1 and float(hits[0].rsplit(" ", 1)[1]) == 2.0
     assert API_KEY not in metrics.body.decode()
+
+
+def test_a_replay_echoes_the_requests_metadata(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # OpenAI echoes `metadata` (bookkeeping, not in the key): a replay must echo the new request's.
+    proxy = start_proxy()
+    body = chat_request(metadata={"run": "first"})
+    recorded = proxy.request("POST", CHAT, body)
+    assert recorded.json()["metadata"] == {"run": "first"}
+    again = proxy.request("POST", CHAT, chat_request(metadata={"run": "second"}))
+    assert again.headers["x-seedcache-status"] == "hit"
+    assert again.json()["metadata"] == {"run": "second"}
+    assert again.json()["id"] == recorded.json()["id"]
+    streamed = proxy.request("POST", CHAT, chat_request(metadata={"run": "third"}, stream=True))
+    assert streamed.headers["x-seedcache-status"] == "hit"
+    assert b'"metadata":{"run":"third"}' in streamed.body
+    assert b'"run":"first"' not in streamed.body
