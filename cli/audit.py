@@ -10,18 +10,30 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from cli.options import store_option
-from proxy import probe as probing
 from proxy import report
-from proxy import verify as verifying
 from proxy.audit import AuditLog, parse_since, read_events, read_jsonl, select, summarise
-from proxy.config import DEFAULT_STORE, DEFAULT_UPSTREAM, Config, is_disk_store
+from proxy.config import (
+    DEFAULT_MAX_DIVERGENCE,
+    DEFAULT_PROBE_MAX_TOKENS,
+    DEFAULT_PROBE_RUNS,
+    DEFAULT_PROBE_SEED,
+    DEFAULT_PROBE_TEMPERATURE,
+    DEFAULT_STORE,
+    DEFAULT_UPSTREAM,
+    DEFAULT_VERIFY_CONCURRENCY,
+    Config,
+    is_disk_store,
+)
 from proxy.errors import ConfigError
 from proxy.stores.base import open_store
+
+if TYPE_CHECKING:
+    from proxy import verify as verifying
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,14 +147,14 @@ async def _store_events(spec: str) -> list[dict[str, Any]]:
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
-    default=verifying.DEFAULT_CONCURRENCY,
+    default=DEFAULT_VERIFY_CONCURRENCY,
     show_default=True,
     help="Requests in flight at once.",
 )
 @click.option(
     "--max-divergence",
     type=click.FloatRange(0.0, 1.0),
-    default=verifying.DEFAULT_MAX_DIVERGENCE,
+    default=DEFAULT_MAX_DIVERGENCE,
     show_default=True,
     help="Exit 1 when the share of diverged recordings is above this fraction.",
 )
@@ -201,6 +213,9 @@ def verify(
 async def _verify(
     config: Config, api_key: str, sample: int | None, model: str | None, concurrency: int
 ) -> tuple[verifying.Outcome, verifying.Selection]:
+    # Imported here: the openai SDK it needs takes a moment to load, and `serve` does without.
+    from proxy import verify as verifying
+
     store = open_store(config.store, timeout=config.store_timeout)
     try:
         selection = await verifying.select_recordings(store, model=model, sample=sample)
@@ -240,19 +255,19 @@ async def _verify(
 @click.option(
     "--runs",
     type=click.IntRange(min=1),
-    default=probing.DEFAULT_RUNS,
+    default=DEFAULT_PROBE_RUNS,
     show_default=True,
     help="Requests per group.",
 )
-@click.option("--seed", type=int, default=probing.DEFAULT_SEED, show_default=True)
+@click.option("--seed", type=int, default=DEFAULT_PROBE_SEED, show_default=True)
 @click.option(
     "--temperature",
     type=float,
-    default=probing.DEFAULT_TEMPERATURE,
+    default=DEFAULT_PROBE_TEMPERATURE,
     show_default=True,
     help="Sampling temperature; the seed guide's 0.7 makes the seed's effect visible.",
 )
-@click.option("--max-tokens", type=int, default=probing.DEFAULT_MAX_TOKENS, show_default=True)
+@click.option("--max-tokens", type=int, default=DEFAULT_PROBE_MAX_TOKENS, show_default=True)
 @click.option(
     "--compare-unseeded", is_flag=True, help="Also send the request --runs times without a seed."
 )
@@ -277,6 +292,8 @@ def probe(
     Every request carries X-Seedcache-Mode: passthrough, so that pointed at a seedcache proxy
     the runs are live, not replays of one recording. The API key is read from OPENAI_API_KEY.
     """
+    from proxy import probe as probing  # the openai SDK loads only for the commands using it
+
     if (prompt is None) == (messages_file is None):
         raise click.UsageError("give either --prompt or --messages FILE")
     messages = None

@@ -55,6 +55,17 @@ class Repeat(enum.StrEnum):
 
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+# `verify` and `probe`, pointed at a seedcache proxy instead of the real API, must stay live.
+PASSTHROUGH_HEADERS = {"X-Seedcache-Mode": "passthrough"}
+# `seedcache verify`: requests in flight, and the divergence rate above which it fails.
+DEFAULT_VERIFY_CONCURRENCY = 4
+DEFAULT_MAX_DIVERGENCE = 0.0
+# `seedcache probe`: the seed guide's settings, a temperature high enough that sampling, not the
+# argmax, picks the tokens, so what the seed fixes is visible (at 0 most runs agree anyway).
+DEFAULT_PROBE_RUNS = 5
+DEFAULT_PROBE_SEED = 123
+DEFAULT_PROBE_TEMPERATURE = 0.7
+DEFAULT_PROBE_MAX_TOKENS = 200
 DEFAULT_STORE = ".seedcache"
 MiB = 1024 * 1024
 

@@ -25,6 +25,7 @@ from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, bad_request
 from proxy.keys import (
     NAMESPACE,
+    RECORDED,
     CanonicalRequest,
     RequestIndex,
     check_body,
@@ -40,16 +41,6 @@ from proxy.upstream import Upstream, UpstreamBroken, iter_body, read_body, respo
 
 log = logging.getLogger("seedcache")
 
-# Endpoints whose responses are recorded and replayed (DESIGN §5); every other path is forwarded.
-RECORDED = frozenset(
-    {
-        ("POST", "/v1/chat/completions"),
-        ("POST", "/v1/completions"),
-        ("POST", "/v1/embeddings"),
-        ("POST", "/v1/responses"),
-        ("GET", "/v1/models"),
-    }
-)
 # Responses API members that make the output depend on state held upstream: never replayed.
 STATEFUL = ("previous_response_id", "conversation", "background")
 

@@ -26,6 +26,17 @@ KEY_SCHEME = "seedcache-key/1"
 # Namespace names: they become Redis key parts and folder names, so no separators, no leading dot.
 NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?")
 
+# Endpoints whose responses are recorded and replayed (DESIGN §5); every other path is forwarded.
+RECORDED = frozenset(
+    {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/models"),
+    }
+)
+
 # Members that change framing, billing or tracking but never the generated output. An explicit
 # denylist: an allowlist would silently merge requests differing in an extension it did not know.
 BOOKKEEPING = frozenset(

@@ -14,19 +14,18 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
+from proxy.config import (
+    DEFAULT_PROBE_MAX_TOKENS,
+    DEFAULT_PROBE_RUNS,
+    DEFAULT_PROBE_SEED,
+    DEFAULT_PROBE_TEMPERATURE,
+    PASSTHROUGH_HEADERS,
+)
 from proxy.divergence import ngram_cosine_distance
 from proxy.errors import ConfigError, SeedcacheError
 
-DEFAULT_RUNS = 5
-DEFAULT_SEED = 123
-# The seed guide's settings: a temperature high enough that sampling, not the argmax, picks the
-# tokens, so what the seed fixes is visible; at 0 most runs agree with or without a seed.
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_MAX_TOKENS = 200
 OPENING = 60
 SEEDED, UNSEEDED = "seeded", "unseeded"
-# Pointed at a seedcache proxy, the runs must reach upstream, not be replays of one recording.
-LIVE_HEADERS = {"X-Seedcache-Mode": "passthrough"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +34,10 @@ class Settings:
 
     model: str
     messages: list[dict[str, Any]]
-    runs: int = DEFAULT_RUNS
-    seed: int = DEFAULT_SEED
-    temperature: float = DEFAULT_TEMPERATURE
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    runs: int = DEFAULT_PROBE_RUNS
+    seed: int = DEFAULT_PROBE_SEED
+    temperature: float = DEFAULT_PROBE_TEMPERATURE
+    max_tokens: int = DEFAULT_PROBE_MAX_TOKENS
     compare_unseeded: bool = False
 
     def __post_init__(self) -> None:
@@ -131,7 +130,7 @@ def run(
         counters[group] = index = counters.get(group, 0) + 1
         try:
             answer: ChatCompletion = client.chat.completions.create(
-                **request, extra_headers=LIVE_HEADERS
+                **request, extra_headers=PASSTHROUGH_HEADERS
             )
         except openai.APIStatusError as exc:
             raise SeedcacheError(

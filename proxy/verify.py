@@ -16,24 +16,14 @@ from typing import Any
 import openai
 
 from proxy.audit import AuditLog, audit_event, baseline
+from proxy.config import DEFAULT_VERIFY_CONCURRENCY, PASSTHROUGH_HEADERS
 from proxy.errors import FormatError
+from proxy.keys import RECORDED
 from proxy.recording import Recording, Sample, utc_now
 from proxy.stores.base import Store
 
-DEFAULT_CONCURRENCY = 4
-DEFAULT_MAX_DIVERGENCE = 0.0
-# The recorded endpoints (DESIGN §5): the only requests whose answers can be compared.
-VERIFIABLE = frozenset(
-    {
-        ("POST", "/v1/chat/completions"),
-        ("POST", "/v1/completions"),
-        ("POST", "/v1/embeddings"),
-        ("POST", "/v1/responses"),
-        ("GET", "/v1/models"),
-    }
-)
-# Pointed at a seedcache proxy instead of the real API, the requests must still be live.
-LIVE_HEADERS = {"X-Seedcache-Mode": "passthrough"}
+# The recorded endpoints (DESIGN §5) are the only requests whose answers can be compared.
+VERIFIABLE = RECORDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +94,7 @@ async def select_recordings(
 def make_client(upstream: str, api_key: str) -> openai.AsyncOpenAI:
     """The SDK client verify talks to upstream with (two retries, as the SDK's default)."""
     return openai.AsyncOpenAI(
-        base_url=upstream, api_key=api_key, max_retries=2, default_headers=LIVE_HEADERS
+        base_url=upstream, api_key=api_key, max_retries=2, default_headers=PASSTHROUGH_HEADERS
     )
 
 
@@ -113,7 +103,7 @@ async def verify(
     *,
     client: openai.AsyncOpenAI,
     audit: AuditLog,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int = DEFAULT_VERIFY_CONCURRENCY,
     on_done: Callable[[], None] = lambda: None,
 ) -> Outcome:
     """Re-issue each recording's request, compare the answer with its baseline sample, write
