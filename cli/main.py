@@ -112,17 +112,19 @@ def serve(**options: Any) -> None:
     """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
     options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
     config = Config.build(**options)
-    click.echo(
+    line = (
         f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
         f"store {config.store}, upstream {config.upstream_base}"
         + (f", {config.workers} workers" if config.workers > 1 else "")
         + f"; export OPENAI_BASE_URL={config.public_url}"
     )
     if config.workers == 1:
-        run_server(config)
+        # The line is printed once the port is bound, so that it never announces a failure.
+        run_server(config, announce=line)
         return
     if config.port == 0:
         raise ConfigError("--workers needs a fixed --port")
+    click.echo(line)
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=run_server, args=(config, True), name=f"seedcache-{n}")
@@ -145,7 +147,7 @@ def serve(**options: Any) -> None:
             worker.join(timeout=10)
 
 
-def run_server(config: Config, reuse_port: bool = False) -> None:
+def run_server(config: Config, reuse_port: bool = False, announce: str | None = None) -> None:
     """Serve `config` until interrupted (one worker process when reuse_port is set)."""
     from aiohttp import web
 
@@ -155,15 +157,21 @@ def run_server(config: Config, reuse_port: bool = False) -> None:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        print=None,
-        reuse_port=reuse_port or None,
-        access_log=logging.getLogger("seedcache.access") if config.access_log else None,
-        access_log_format='%a "%r" %s %b %Tfs %{X-Seedcache-Status}o %{X-Seedcache-Key}o',
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=(lambda _: click.echo(announce)) if announce else None,
+            reuse_port=reuse_port or None,
+            access_log=logging.getLogger("seedcache.access") if config.access_log else None,
+            access_log_format='%a "%r" %s %b %Tfs %{X-Seedcache-Status}o %{X-Seedcache-Key}o',
+        )
+    except OSError as exc:
+        # Binding failed (port in use, address not here): one line, not a traceback.
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from None
 
 
 def read_tokens(values: tuple[str, ...]) -> tuple[str, ...]:
