@@ -153,6 +153,8 @@ def captured_run_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def run_app(app: web.Application, **options: Any) -> None:
         captured["app"] = app
         captured.update(options)
+        if callable(options.get("print")):
+            options["print"]("======== Running ========")  # as aiohttp does once it listens
 
     monkeypatch.setattr(web, "run_app", run_app)
     return captured
