@@ -40,8 +40,11 @@ class DiskStore:
         self._pending: list[tuple[str, Updater, asyncio.Future[bytes | None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         try:
-            # eviction_policy="none": never cull; size_limit is then irrelevant.
-            self._cache = diskcache.Cache(directory, eviction_policy="none", timeout=timeout)
+            # Recordings are an archive: eviction off, and cull_limit=0 so that writes never look
+            # for entries to cull.
+            self._cache = diskcache.Cache(
+                directory, eviction_policy="none", cull_limit=0, timeout=timeout
+            )
         except (OSError, diskcache.Timeout) as exc:
             raise StoreError(f"cannot open the disk store at {directory!r}: {exc}") from None
 
