@@ -6,6 +6,7 @@ A request flows one way: parse and key it, look in the store, replay or forward,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -22,7 +23,7 @@ from proxy import sse
 from proxy.audit import AuditLog, audit_event, baseline
 from proxy.config import Config, Mode, OnFingerprintChange, Repeat
 from proxy.divergence import cosine_distance, output_text
-from proxy.errors import FormatError, ProxyError, bad_request
+from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.keys import (
     NAMESPACE,
     RECORDED,
@@ -518,7 +519,10 @@ class Handlers:
                         return replay
                     return await self._lead(request, incoming, coalesce=True)
                 finally:
-                    await store.release(name, token)
+                    # A release that fails is harmless (the lock expires), and must not turn the
+                    # answer just given into an error.
+                    with contextlib.suppress(StoreError):
+                        await store.release(name, token)
             await asyncio.sleep(SHARED_LOCK_POLL)
             replay = await self._lookup(request, incoming)
             if replay is not None:

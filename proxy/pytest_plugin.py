@@ -113,9 +113,7 @@ def _store_spec(config: pytest.Config, spec: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def seedcache(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SeedcacheSession]:
+def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
     """One seedcache proxy for the session; OPENAI_BASE_URL points at it while tests run."""
     config = request.config
     options = {name: _setting(config, name) or default for name, default in DEFAULTS.items()}

@@ -457,14 +457,6 @@ class TestRedisStore:
         assert await rstore.acquire(key(1), 10_000) is None
         await rstore.release(key(1), fresh)
 
-    async def test_lock_context(self, rstore: RedisStore) -> None:
-        async with rstore.lock(key(1), 10_000) as first:
-            assert first is True
-            async with rstore.lock(key(1), 10_000) as second:
-                assert second is False
-        async with rstore.lock(key(1), 10_000) as third:
-            assert third is True
-
     async def test_down_then_back(self, own_redis_server: RedisServer) -> None:
         store = RedisStore(own_redis_server.url())
         try:

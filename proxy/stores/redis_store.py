@@ -210,19 +210,6 @@ class RedisStore:
         with self._errors():
             await self._release(keys=[LOCK_PREFIX + name], args=[token])
 
-    @contextlib.asynccontextmanager
-    async def lock(self, name: str, ttl_ms: int) -> AsyncIterator[bool]:
-        """Hold the lock `name` for the block if it is free; yields whether it was taken."""
-        token = await self.acquire(name, ttl_ms)
-        try:
-            yield token is not None
-        finally:
-            if token is not None:
-                # A release that fails is harmless: the lock expires after ttl_ms anyway, and
-                # raising here would hide what the block itself raised.
-                with contextlib.suppress(StoreError):
-                    await self.release(name, token)
-
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Map redis-py's exceptions to StoreError at the store's boundary."""
