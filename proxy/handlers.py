@@ -566,8 +566,10 @@ class Handlers:
                 fingerprint = sample.system_fingerprint if sample else None
                 self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
-        except ProxyError:
+        except ProxyError as exc:
             self.metrics.upstream_error(0)
+            if incoming.canon is not None:
+                exc.headers[KEY] = incoming.canon.key
             raise
 
     def _body_sample(
