@@ -27,7 +27,7 @@ from proxy.config import (
     DEFAULT_UPSTREAM,
     DEFAULT_VERIFY_CONCURRENCY,
     Config,
-    is_disk_store,
+    StoreSpec,
 )
 from proxy.errors import ConfigError
 from proxy.stores.base import open_store
@@ -89,7 +89,7 @@ def audit(
     source = audit_log or (store or DEFAULT_STORE)
     if audit_log:
         raw = read_jsonl(audit_log)
-    elif is_disk_store(source) and not os.path.isdir(source):
+    elif (directory := StoreSpec.parse(source).directory) and not os.path.isdir(directory):
         raw = []  # nothing recorded yet; opening the store would create the directory
     else:
         raw = asyncio.run(_store_events(source))

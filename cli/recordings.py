@@ -19,7 +19,7 @@ import click
 
 from cli.options import store_option
 from proxy.audit import parse_since
-from proxy.config import Config, is_disk_store
+from proxy.config import Config, StoreSpec
 from proxy.errors import FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import EARLIEST, Recording, Sample, recorded_at
@@ -134,9 +134,8 @@ def _store_spec(store: str | None) -> str:
 
 def _exists(spec: str) -> bool:
     """False when a disk or files store's directory is missing: opening it would create it."""
-    if spec.startswith("files:"):
-        return os.path.isdir(spec[len("files:") :])
-    return not is_disk_store(spec) or os.path.isdir(spec)
+    directory = StoreSpec.parse(spec).directory
+    return directory is None or os.path.isdir(directory)
 
 
 def _require(spec: str) -> None:

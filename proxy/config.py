@@ -152,9 +152,8 @@ class Config:
         """The JSONL audit log: as configured, else inside the disk store's folder."""
         if self.audit_log:
             return self.audit_log
-        if is_disk_store(self.store):
-            return os.path.join(self.store, "audit.jsonl")
-        return None
+        spec = StoreSpec.parse(self.store)
+        return os.path.join(spec.location, "audit.jsonl") if spec.kind == "disk" else None
 
     @property
     def public_url(self) -> str:
@@ -165,9 +164,39 @@ class Config:
         return f"http://{host}:{self.port}/v1"
 
 
-def is_disk_store(spec: str) -> bool:
-    """True when a --store value names a diskcache directory (not files: or redis)."""
-    return not spec.startswith(("files:", "redis://", "rediss://", "unix://"))
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """A `--store` value taken apart: a diskcache directory, `files:DIR`, or a Redis URL."""
+
+    kind: str  # "disk", "files" or "redis"
+    location: str  # the directory, or the URL
+
+    @classmethod
+    def parse(cls, spec: str) -> StoreSpec:
+        """The one reading of the --store grammar."""
+        if spec.startswith(REDIS_SCHEMES):
+            return cls("redis", spec)
+        if spec.startswith(FILES_PREFIX):
+            return cls("files", spec[len(FILES_PREFIX) :])
+        return cls("disk", spec)
+
+    @property
+    def directory(self) -> str | None:
+        """The local directory of a disk or files store; None for Redis."""
+        return None if self.kind == "redis" else self.location
+
+    def resolved(self, root: str) -> str:
+        """The spec with a relative directory taken from `root`."""
+        if self.directory is None or os.path.isabs(self.directory):
+            return str(self)
+        return str(StoreSpec(self.kind, os.path.join(root, self.directory)))
+
+    def __str__(self) -> str:
+        return FILES_PREFIX + self.location if self.kind == "files" else self.location
+
+
+FILES_PREFIX = "files:"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _choice(kind: type[enum.StrEnum], value: Any, option: str) -> Any:

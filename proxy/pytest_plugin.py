@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy.config import Config, Mode
+from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
 from proxy.recording import Recording
 
@@ -102,22 +101,13 @@ def _setting(config: pytest.Config, name: str) -> Any:
     return value
 
 
-def _store_spec(config: pytest.Config, spec: str) -> str:
-    # Relative paths are taken from the rootdir, so `pytest` works from any folder.
-    prefix, has_prefix, path = spec.partition("files:")
-    if has_prefix and not prefix and not os.path.isabs(path):
-        return "files:" + str(Path(config.rootpath) / path)
-    if not spec.startswith(("files:", "redis://", "rediss://")) and not os.path.isabs(spec):
-        return str(Path(config.rootpath) / spec)
-    return spec
-
-
 @pytest.fixture(scope="session")
 def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
     """One seedcache proxy for the session; OPENAI_BASE_URL points at it while tests run."""
     config = request.config
     options = {name: _setting(config, name) or default for name, default in DEFAULTS.items()}
-    options["store"] = _store_spec(config, str(options["store"]))
+    # Relative directories are taken from the rootdir, so `pytest` works from any folder.
+    options["store"] = StoreSpec.parse(str(options["store"])).resolved(str(config.rootpath))
     proxy = EmbeddedProxy(Config.build(port=0, access_log=False, **options)).start()
     session = SeedcacheSession(proxy)
     config.stash[_PROXY] = session

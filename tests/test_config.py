@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import Config, Mode, OnFingerprintChange, Repeat
+from proxy.config import Config, Mode, OnFingerprintChange, Repeat, StoreSpec
 from proxy.errors import ConfigError
 
 
@@ -63,3 +63,29 @@ def test_defaults_live_in_config() -> None:
 def test_invalid_values_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.build(**options)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "directory", "resolved"),
+    [
+        (".seedcache", "disk", ".seedcache", "/root/.seedcache"),
+        ("/abs/store", "disk", "/abs/store", "/abs/store"),
+        ("files:tests/recordings", "files", "tests/recordings", "files:/root/tests/recordings"),
+        ("files:/abs/rec", "files", "/abs/rec", "files:/abs/rec"),
+        ("redis://h:6379/0", "redis", None, "redis://h:6379/0"),
+        ("rediss://h/1", "redis", None, "rediss://h/1"),
+        ("unix:///tmp/redis.sock", "redis", None, "unix:///tmp/redis.sock"),
+    ],
+)
+def test_store_specs_are_read_one_way(
+    spec: str, kind: str, directory: str | None, resolved: str
+) -> None:
+    parsed = StoreSpec.parse(spec)
+    assert (parsed.kind, parsed.directory, str(parsed)) == (kind, directory, spec)
+    assert parsed.resolved("/root") == resolved
+
+
+def test_the_default_audit_log_lives_in_a_disk_store_only() -> None:
+    assert Config.build(store="/s").audit_log_path == "/s/audit.jsonl"
+    assert Config.build(store="files:/s").audit_log_path is None
+    assert Config.build(store="redis://h/0", audit_log="/a.jsonl").audit_log_path == "/a.jsonl"

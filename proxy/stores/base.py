@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
+from proxy.config import StoreSpec
 from proxy.errors import ConfigError
 
 # An atomic read-modify-write step: given the stored bytes (None if absent), the bytes to store,
@@ -70,17 +71,17 @@ def open_store(spec: str, *, timeout: float = 2.0) -> Store:
     """The store named by a `--store` value: a directory, `files:DIR`, or `redis://…`."""
     if not spec:
         raise ConfigError("--store must not be empty")
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    parsed = StoreSpec.parse(spec)
+    if parsed.kind == "redis":
         from proxy.stores.redis_store import RedisStore
 
         return RedisStore(spec)
-    if spec.startswith("files:"):
-        directory = spec[len("files:") :]
-        if not directory:
+    if parsed.kind == "files":
+        if not parsed.location:
             raise ConfigError("--store files: needs a directory, e.g. files:tests/recordings")
         from proxy.stores.files import FilesStore
 
-        return FilesStore(directory, timeout=timeout)
+        return FilesStore(parsed.location, timeout=timeout)
     from proxy.stores.disk import DiskStore
 
     return DiskStore(spec, timeout=timeout)
