@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import ConfigError
-from proxy.keys import NAMESPACE
+from proxy.keys import NAMESPACE, NAMESPACE_RULE
 
 
 class Mode(enum.StrEnum):
@@ -129,10 +129,7 @@ class Config:
         if self.max_body <= 0:
             raise ConfigError("max-body must be positive")
         if not NAMESPACE.fullmatch(self.namespace):
-            raise ConfigError(
-                f"namespace {self.namespace!r} is not valid: use up to 128 letters, digits, "
-                "'.', '_' or '-', not starting with '.'"
-            )
+            raise ConfigError(f"namespace {self.namespace!r} is not valid: use {NAMESPACE_RULE}")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0:

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import ClientResponse, web
@@ -26,6 +26,7 @@ from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.keys import (
     NAMESPACE,
+    NAMESPACE_RULE,
     RECORDED,
     CanonicalRequest,
     RequestIndex,
@@ -38,9 +39,18 @@ from proxy.keys import (
 from proxy.metrics import Metrics
 from proxy.recording import Recording, Sample, pick_sample, redact, stored_headers, utc_now
 from proxy.stores.base import Locking, Store
-from proxy.upstream import Upstream, UpstreamBroken, iter_body, read_body, response_headers
+from proxy.upstream import (
+    Upstream,
+    UpstreamBroken,
+    iter_body,
+    read_body,
+    response_headers,
+    upstream_failure,
+)
 
 log = logging.getLogger("seedcache")
+K = TypeVar("K")
+V = TypeVar("V")
 
 # Responses API members that make the output depend on state held upstream: never replayed.
 STATEFUL = ("previous_response_id", "conversation", "background")
@@ -207,8 +217,7 @@ class Handlers:
             namespace = await self._isolated(namespace, request)
         if not NAMESPACE.fullmatch(namespace):
             raise bad_request(
-                f"Namespace {namespace[:140]!r} is not valid: use up to 128 letters, digits, "
-                "'.', '_' or '-', not starting with '.'.",
+                f"Namespace {namespace[:140]!r} is not valid: use {NAMESPACE_RULE}.",
                 code="invalid_namespace",
             )
         mode = self._mode(request)
@@ -228,9 +237,7 @@ class Handlers:
             else:
                 body, canon = self._parse(method, path, namespace, raw, route[1])
                 if len(raw) <= PARSED_BODY_LIMIT:
-                    if len(self._parsed) >= PARSED_CACHE_SIZE:
-                        self._parsed.pop(next(iter(self._parsed)))
-                    self._parsed[parsed] = (body, canon)
+                    remember(self._parsed, parsed, (body, canon), PARSED_CACHE_SIZE)
         stream = isinstance(body, dict) and body.get("stream") is True
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -333,10 +340,7 @@ class Handlers:
             self._recordings.pop(canon.key, None)
             return None  # misses are not remembered: another proxy may record it any moment
         decoded = Decoded(Recording.loads(raw), now)
-        if len(self._recordings) >= RECORDING_CACHE_SIZE:
-            self._recordings.pop(next(iter(self._recordings)))
-        self._recordings[canon.key] = decoded
-        return decoded
+        return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
 
     async def _lookup_sequence(
         self, request: web.Request, incoming: Incoming, decoded: Decoded, ordinal: int
@@ -617,12 +621,8 @@ class Handlers:
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
             self.metrics.upstream_error(0)
             if buffered:
-                raise ProxyError(
-                    502,
-                    f"The upstream stream broke off: {exc}",
-                    type="upstream_error",
-                    code="upstream_broken",
-                    retry=True,
+                raise upstream_failure(
+                    502, f"The upstream stream broke off: {exc}", "upstream_broken"
                 ) from None
             # Ending the body cleanly would make a truncated answer look complete to the SDK:
             # close the connection with the chunked body unterminated instead.
@@ -753,6 +753,14 @@ class Handlers:
         except (ProxyError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("audit embeddings with %s failed: %s", body["model"], exc)
         return None
+
+
+def remember(cache: dict[K, V], key: K, value: V, size: int) -> V:
+    """Put `value` in a bounded cache, dropping the oldest entry when it is full."""
+    if key not in cache and len(cache) >= size:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
 
 
 def client_key(headers: Mapping[str, str]) -> str:

@@ -25,6 +25,7 @@ KEY_SCHEME = "seedcache-key/1"
 
 # Namespace names: they become Redis key parts and folder names, so no separators, no leading dot.
 NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?")
+NAMESPACE_RULE = "up to 128 letters, digits, '.', '_' or '-', not starting with '.'"
 
 # Endpoints whose responses are recorded and replayed (DESIGN §5); every other path is forwarded.
 RECORDED = frozenset(

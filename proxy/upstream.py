@@ -135,20 +135,14 @@ class Upstream:
                 allow_redirects=False,
             )
         except TimeoutError as exc:
-            raise ProxyError(
+            raise upstream_failure(
                 504,
                 f"The upstream {self.base} did not answer in time ({exc.__class__.__name__}).",
-                type="upstream_error",
-                code="upstream_timeout",
-                retry=True,
+                "upstream_timeout",
             ) from None
         except aiohttp.ClientError as exc:
-            raise ProxyError(
-                502,
-                f"Could not reach the upstream {self.base}: {exc}",
-                type="upstream_error",
-                code="upstream_unreachable",
-                retry=True,
+            raise upstream_failure(
+                502, f"Could not reach the upstream {self.base}: {exc}", "upstream_unreachable"
             ) from None
         try:
             yield response
@@ -171,18 +165,15 @@ async def read_body(response: aiohttp.ClientResponse) -> bytes:
     try:
         return await response.read()
     except TimeoutError as exc:
-        raise ProxyError(
-            504,
-            f"The upstream timed out while sending its body ({exc!r}).",
-            type="upstream_error",
-            code="upstream_timeout",
-            retry=True,
+        raise upstream_failure(
+            504, f"The upstream timed out while sending its body ({exc!r}).", "upstream_timeout"
         ) from None
     except aiohttp.ClientError as exc:
-        raise ProxyError(
-            502,
-            f"The upstream connection broke while sending its body: {exc}",
-            type="upstream_error",
-            code="upstream_broken",
-            retry=True,
+        raise upstream_failure(
+            502, f"The upstream connection broke while sending its body: {exc}", "upstream_broken"
         ) from None
+
+
+def upstream_failure(status: int, message: str, code: str) -> ProxyError:
+    """A 502/504 for a failed upstream: transient, so the SDK may retry it."""
+    return ProxyError(status, message, type="upstream_error", code=code, retry=True)

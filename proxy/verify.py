@@ -22,9 +22,6 @@ from proxy.keys import RECORDED
 from proxy.recording import Recording, Sample, utc_now
 from proxy.stores.base import Store
 
-# The recorded endpoints (DESIGN §5) are the only requests whose answers can be compared.
-VERIFIABLE = RECORDED
-
 
 @dataclass(frozen=True, slots=True)
 class Selection:
@@ -76,7 +73,10 @@ async def select_recordings(
         except FormatError:
             skipped["unreadable"] = skipped.get("unreadable", 0) + 1
             continue
-        if (recording.method, recording.path.split("?", 1)[0]) not in VERIFIABLE:
+        if (
+            recording.method,
+            recording.path.split("?", 1)[0],
+        ) not in RECORDED:
             skipped["not a re-issuable endpoint"] = skipped.get("not a re-issuable endpoint", 0) + 1
             continue
         if not recording.samples:
