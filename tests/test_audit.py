@@ -25,7 +25,6 @@ from tests.fake_upstream import (
     legacy_request,
     responses_request,
 )
-from tests.servers import BackgroundLoop
 
 FP_A = DEFAULT_FINGERPRINT
 FP_B = "fp_fake0002"
@@ -199,7 +198,7 @@ PAIRS = [
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[p.name for p in PAIRS])
 def test_every_labelled_pair_gets_its_verdict(
-    pair: Pair, start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    pair: Pair, start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="audit")
     switch(upstream, **pair.recorded)
@@ -224,7 +223,7 @@ def test_every_labelled_pair_gets_its_verdict(
 
 
 def test_audit_mode_answers_live_and_leaves_the_recording_as_it_was(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="audit")
     first = send(proxy, "chat")
@@ -248,7 +247,7 @@ def test_audit_mode_answers_live_and_leaves_the_recording_as_it_was(
 
 
 def test_a_new_key_is_recorded_without_an_event(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="audit")
     answer = send(proxy, "chat")
@@ -261,7 +260,7 @@ def test_a_new_key_is_recorded_without_an_event(
 
 
 def test_an_event_describes_the_request_and_both_samples(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="audit")
     send(proxy, "chat", seed=7)
@@ -282,7 +281,7 @@ def test_an_event_describes_the_request_and_both_samples(
 
 
 def test_audit_log_goes_where_configured(
-    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     path = tmp_path / "logs" / "my-audit.jsonl"
     proxy = start_proxy(mode="audit", audit_log=str(path))
@@ -297,7 +296,7 @@ def test_audit_log_goes_where_configured(
 
 
 def test_audit_embeddings_measure_the_distance_between_the_texts(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="audit", audit_embeddings="text-embedding-3-small")
     send(proxy, "chat")
@@ -337,7 +336,7 @@ def test_a_divergence_is_one_warning_line(
 
 
 def test_record_mode_audits_a_key_that_had_a_sample_and_adds_the_new_one(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="record")
     send(proxy, "chat")
@@ -354,9 +353,7 @@ def test_record_mode_audits_a_key_that_had_a_sample_and_adds_the_new_one(
     assert len(recording.samples) == 2
 
 
-def test_auto_mode_hits_write_no_event(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
-) -> None:
+def test_auto_mode_hits_write_no_event(proxy: RunningProxy, upstream: FakeUpstream) -> None:
     send(proxy, "chat")
     upstream.nondeterministic = True
     answer = send(proxy, "chat")
@@ -366,7 +363,7 @@ def test_auto_mode_hits_write_no_event(
 
 
 def test_auto_mode_with_refresh_audits_the_refreshed_key(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(on_fingerprint_change="refresh")
     send(proxy, "chat")
@@ -588,7 +585,7 @@ def test_the_sdk_sees_the_live_answer_of_an_audited_stream(
 
 
 def test_audit_compares_with_the_newest_sample_of_the_live_fingerprint(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     recorder = start_proxy(mode="record")
     at_a = send(recorder, "chat")
@@ -614,7 +611,7 @@ def test_audit_compares_with_the_newest_sample_of_the_live_fingerprint(
 
 
 def test_audit_embeddings_leave_the_distance_null_when_there_is_no_text(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="audit", audit_embeddings="text-embedding-3-small")
     with proxy.client() as client:

@@ -9,7 +9,6 @@ import pytest
 
 from tests.conftest import HTTPResult, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request
-from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
 
@@ -49,7 +48,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("raw", [m[1] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
 def test_malformed_json_is_a_400_envelope(
-    raw: bytes, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    raw: bytes, proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     result = proxy.request("POST", CHAT, raw, headers={"Content-Type": "application/json"})
 
@@ -60,7 +59,7 @@ def test_malformed_json_is_a_400_envelope(
 
 
 def test_deeply_nested_json_is_a_400_not_an_internal_error(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     depth = 100_000
     raw = b'{"model": "gpt-4o-mini", "messages": ' + b"[" * depth + b"]" * depth + b"}"
@@ -76,7 +75,7 @@ def test_deeply_nested_json_is_a_400_not_an_internal_error(
     "raw", [b"[1, 2]", b'"chat"', b"42", b"true", b"null"], ids=lambda r: r.decode()
 )
 def test_a_body_that_is_not_an_object_is_a_400(
-    raw: bytes, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    raw: bytes, proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     result = proxy.request("POST", CHAT, raw)
 
@@ -108,7 +107,6 @@ def test_wrong_member_types_are_a_400_naming_the_param(
     value: Any,
     proxy: RunningProxy,
     upstream: FakeUpstream,
-    loop: BackgroundLoop,
 ) -> None:
     result = proxy.request("POST", CHAT, chat_request(**{member: value}))
 
@@ -144,7 +142,7 @@ def test_other_recorded_endpoints_check_their_bodies_too(
 
 
 def test_a_body_over_max_body_is_a_413_envelope(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(max_body=1000)
     big = chat_request(messages=[{"role": "user", "content": "x" * 2000}])
@@ -180,7 +178,7 @@ def test_an_unknown_mode_header_is_a_400(proxy: RunningProxy, upstream: FakeUpst
 
 @pytest.mark.parametrize("namespace", ["../etc", "a b", "x" * 129])
 def test_an_invalid_namespace_header_is_a_400(
-    namespace: str, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    namespace: str, proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     result = proxy.request(
         "POST", CHAT, chat_request(), headers={"X-Seedcache-Namespace": namespace}

@@ -160,7 +160,7 @@ def test_replays_carry_the_fingerprint_and_recording_time_of_their_sample(
 
 
 def test_a_pinned_fingerprint_selects_its_sample_and_misses_when_none_has_it(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     recorder = start_proxy(mode="record")
     upstream.nondeterministic = True

@@ -15,7 +15,7 @@ import pytest
 from proxy.recording import STORED_RESPONSE_HEADERS
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, error_envelope
-from tests.servers import BackgroundLoop, free_port
+from tests.servers import free_port
 
 CHAT = "/v1/chat/completions"
 
@@ -36,7 +36,7 @@ def content(completion: Any) -> str:
 
 @pytest.mark.parametrize("mode", ["record", "all"])
 def test_record_mode_always_forwards_and_adds_a_sample_when_the_output_differs(
-    mode: str, start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    mode: str, start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode=mode)
     upstream.nondeterministic = True
@@ -53,7 +53,7 @@ def test_record_mode_always_forwards_and_adds_a_sample_when_the_output_differs(
 
 
 def test_record_mode_keeps_one_sample_for_an_identical_output(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="record")
     with proxy.client() as client:
@@ -66,7 +66,7 @@ def test_record_mode_keeps_one_sample_for_an_identical_output(
 
 
 def test_record_mode_keeps_one_sample_for_an_identical_stream(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="record")
     for _ in range(3):
@@ -95,7 +95,7 @@ def test_auto_replays_the_newest_sample_after_record_mode_added_one(
 
 @pytest.mark.parametrize("how", ["server", "header"])
 def test_passthrough_forwards_everything_and_leaves_the_store_untouched(
-    how: str, start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    how: str, start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(mode="passthrough") if how == "server" else start_proxy()
     headers = {"X-Seedcache-Mode": "passthrough"} if how == "header" else {}
@@ -134,14 +134,19 @@ def test_vcr_aliases_name_modes(
     assert upstream.count() == (1 if mode == "auto" else 2)
 
 
-def test_a_record_mode_header_forwards_a_request_that_would_hit(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Seedcache-Mode": "all"}, {"Cache-Control": "no-cache"}],
+    ids=["record mode header", "cache-control no-cache"],
+)
+def test_a_request_can_skip_the_read_forward_and_record(
+    headers: dict[str, str], proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
     with proxy.client() as client:
         first = client.chat.completions.create(**chat_request())
         live = client.chat.completions.with_raw_response.create(
-            **chat_request(), extra_headers={"X-Seedcache-Mode": "all"}
+            **chat_request(), extra_headers=headers
         )
         replayed = client.chat.completions.create(**chat_request())
 
@@ -165,26 +170,8 @@ def test_mode_header_values(header: str, proxy: RunningProxy, upstream: FakeUpst
         assert result.headers["x-seedcache-status"] == "recorded"
 
 
-def test_cache_control_no_cache_skips_the_read_and_records(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
-) -> None:
-    upstream.nondeterministic = True
-    with proxy.client() as client:
-        first = client.chat.completions.create(**chat_request())
-        fresh = client.chat.completions.with_raw_response.create(
-            **chat_request(), extra_headers={"Cache-Control": "no-cache"}
-        )
-        replayed = client.chat.completions.create(**chat_request())
-
-    assert status(fresh) == "recorded"
-    assert upstream.count() == 2
-    assert fresh.parse().id != first.id
-    assert replayed.id == fresh.parse().id
-    assert len(proxy.recordings()[0].samples) == 2
-
-
 def test_cache_control_no_store_skips_the_write(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy()
     body = chat_request()
@@ -216,7 +203,7 @@ def test_cache_control_no_store_still_reads(proxy: RunningProxy, upstream: FakeU
 
 @pytest.mark.parametrize("code", [400, 401, 404, 429, 500, 503])
 def test_upstream_errors_pass_through_verbatim_and_are_not_stored(
-    code: int, proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    code: int, proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     body = '{"error": {"message": "injected",  "type": "x", "param": null, "code": "c"}}\n'
     upstream.fail_next(code, body, headers={"retry-after": "7", "x-request-id": "req_err"})
@@ -237,7 +224,7 @@ def test_upstream_errors_pass_through_verbatim_and_are_not_stored(
 
 
 def test_an_upstream_error_reaches_the_sdk_as_its_exception(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.fail_next(429, error_envelope(429))
 
@@ -249,7 +236,7 @@ def test_an_upstream_error_reaches_the_sdk_as_its_exception(
 
 
 def test_a_2xx_body_that_is_not_json_is_relayed_but_not_stored(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.fail_next(200, "<html>maintenance</html>")
 
@@ -262,9 +249,7 @@ def test_a_2xx_body_that_is_not_json_is_relayed_but_not_stored(
     assert upstream.count() == 2
 
 
-def test_an_unreachable_upstream_is_a_502_envelope(
-    start_proxy: StartProxy, loop: BackgroundLoop
-) -> None:
+def test_an_unreachable_upstream_is_a_502_envelope(start_proxy: StartProxy) -> None:
     proxy = start_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
 
     result = proxy.request("POST", CHAT, chat_request())
@@ -281,7 +266,7 @@ def test_an_unreachable_upstream_is_a_502_envelope(
 
 
 def test_an_upstream_that_does_not_answer_in_time_is_a_504(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(upstream_timeout=0.5)
     upstream.hang_next(3)
@@ -321,7 +306,7 @@ def test_gzip_from_upstream_reaches_the_sdk_decoded(
 
 
 def test_authorization_is_forwarded_but_never_stored(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     body = chat_request()
     with proxy.client() as client:
@@ -336,7 +321,7 @@ def test_authorization_is_forwarded_but_never_stored(
 
 
 def test_api_key_shaped_secrets_in_the_request_are_redacted_before_storing(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     secret = "sk-proj-" + "Q" * 24
     body = chat_request(messages=[{"role": "user", "content": f"My key is {secret}, keep it."}])
@@ -441,7 +426,7 @@ def test_a_request_never_chooses_where_the_proxy_connects(
 
 
 def test_only_allowlisted_response_headers_are_stored(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.extra_headers = {"openai-project": "proj_secret", "x-custom-upstream": "1"}
     with proxy.client() as client:

@@ -20,7 +20,6 @@ from tests.fake_upstream import (
     legacy_request,
     responses_request,
 )
-from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
 
@@ -266,7 +265,7 @@ def test_a_replay_server_never_contacts_upstream_whatever_the_request_asks(
 
 
 def test_no_cache_on_a_replay_server_does_not_reach_upstream(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     recorded = chat_request(seed=1)
     replayer = record_then_replay(start_proxy, recorded)
@@ -317,9 +316,7 @@ def test_a_per_request_replay_mode_misses_on_an_auto_server(
 # -- other paths ----------------------------------------------------------------------------------
 
 
-def test_other_paths_are_forwarded_unchanged(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
-) -> None:
+def test_other_paths_are_forwarded_unchanged(proxy: RunningProxy, upstream: FakeUpstream) -> None:
     first = proxy.request("GET", "/v1/files?purpose=batch")
     second = proxy.request("GET", "/v1/files?purpose=batch")
     posted = proxy.request("POST", "/v1/chat/completions/chatcmpl-1", {"metadata": {"a": "b"}})
@@ -449,7 +446,7 @@ def test_responses_streams_are_recorded_and_replayed(
     ids=["previous_response_id", "conversation", "background"],
 )
 def test_stateful_responses_requests_are_passed_through_never_recorded(
-    stateful: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    stateful: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     body = responses_request(**stateful)
 

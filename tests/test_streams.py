@@ -23,12 +23,11 @@ from tests.fake_upstream import (
     responses_request,
     tool,
 )
-from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
 
 
-def only_sample(loop: BackgroundLoop, proxy: RunningProxy) -> Sample:
+def only_sample(proxy: RunningProxy) -> Sample:
     [recording] = proxy.recordings()
     [sample] = recording.samples
     return sample
@@ -71,7 +70,7 @@ def message_text(expected: dict[str, Any], index: int = 0) -> str:
     ids=["plain", "include_usage", "n2-logprobs"],
 )
 def test_a_streaming_replay_sends_the_recorded_payloads_exactly(
-    overrides: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    overrides: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     body = chat_request(**overrides)
 
@@ -84,7 +83,7 @@ def test_a_streaming_replay_sends_the_recorded_payloads_exactly(
     )
     assert upstream.count() == 1
     assert data_lines(replay.body) == data_lines(live.body)
-    assert data_lines(replay.body) == [e.data for e in only_sample(loop, proxy).events or ()]
+    assert data_lines(replay.body) == [e.data for e in only_sample(proxy).events or ()]
     assert replay.body.endswith(b"\n\ndata: [DONE]\n\n")
     assert replay.headers["content-type"].startswith("text/event-stream")
     assert "content-length" not in replay.headers
@@ -95,16 +94,14 @@ def test_a_streaming_replay_sends_the_recorded_payloads_exactly(
     ] * (len(data_lines(replay.body)) - 1)
 
 
-def test_keep_alive_comments_are_not_recorded(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
-) -> None:
+def test_keep_alive_comments_are_not_recorded(proxy: RunningProxy, upstream: FakeUpstream) -> None:
     assert upstream.keepalive_comments  # the fake sends ": keep-alive" frames
     body = chat_request()
 
     stream(proxy, body)
     replay = stream(proxy, body)
 
-    events = only_sample(loop, proxy).events
+    events = only_sample(proxy).events
     assert events is not None
     assert len(events) == len(upstream.chat_chunks(body)) + 1  # the chunks and [DONE]
     assert all(e.data and not e.data.startswith(":") and e.event is None for e in events)
@@ -113,7 +110,7 @@ def test_keep_alive_comments_are_not_recorded(
 
 
 def test_a_responses_stream_replays_its_named_events_without_done(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     body = responses_request()
 
@@ -128,7 +125,7 @@ def test_a_responses_stream_replays_its_named_events_without_done(
     assert names[0] == "event: response.created"
     assert names[-1] == "event: response.completed"
     assert b"[DONE]" not in replay.body
-    events = only_sample(loop, proxy).events or ()
+    events = only_sample(proxy).events or ()
     assert [e.event for e in events] == [e["type"] for e in upstream.response_events(body)]
 
 
@@ -320,13 +317,13 @@ def test_a_stream_recorded_with_usage_has_no_usage_chunk_when_a_replay_does_not_
 
 
 def test_replay_timing_reproduces_the_recorded_pacing(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(replay_timing=True)
     upstream.chunk_delay = 0.05
     body = chat_request(seed=17)
     stream(proxy, body)  # read to the end of the body: the recording is stored by then
-    chunks = only_sample(loop, proxy).events or ()
+    chunks = only_sample(proxy).events or ()
     offsets = [e.t_ms for e in chunks if e.data != "[DONE]"]
     recorded_span = (offsets[-1] - offsets[0]) / 1000
     with proxy.client() as client:
@@ -342,7 +339,7 @@ def test_replay_timing_reproduces_the_recorded_pacing(
 
 
 def test_an_upstream_stream_that_breaks_off_is_an_error_and_stores_nothing(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.drop_stream_after(3)
     received: list[Any] = []
@@ -362,7 +359,7 @@ def test_an_upstream_stream_that_breaks_off_is_an_error_and_stores_nothing(
 
 
 def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.error_frame_next("upstream died", after=2, code="boom")
     with proxy.client() as client:
@@ -378,7 +375,7 @@ def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
 
 
 def test_an_upstream_stream_that_stalls_past_the_timeout_is_an_error_and_stores_nothing(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(upstream_timeout=0.3)
     upstream.chunk_delay = 2.0
@@ -391,7 +388,7 @@ def test_an_upstream_stream_that_stalls_past_the_timeout_is_an_error_and_stores_
 
 
 def test_a_responses_stream_that_fails_is_not_recorded(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.drop_stream_after(4)
 
@@ -420,7 +417,7 @@ def leave_mid_stream(proxy: RunningProxy, body: dict[str, Any]) -> bytes:
 
 
 def test_a_client_that_leaves_mid_stream_leaves_no_recording(
-    proxy: RunningProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     upstream.chunk_delay = 0.05
     body = chat_request(seed=18)
@@ -434,13 +431,13 @@ def test_a_client_that_leaves_mid_stream_leaves_no_recording(
     assert b"[DONE]" not in received
     assert again.headers["x-seedcache-status"] == "recorded"
     assert upstream.count() == 2
-    sample = only_sample(loop, proxy)  # the second request's: one complete sample
+    sample = only_sample(proxy)  # the second request's: one complete sample
     assert [e.data for e in sample.events or ()] == data_lines(again.body)
     assert data_lines(again.body)[-1] == "[DONE]"
 
 
 def test_a_client_that_leaves_a_paced_replay_does_not_disturb_the_proxy(
-    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+    start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy(replay_timing=True)
     upstream.chunk_delay = 0.05
@@ -454,7 +451,7 @@ def test_a_client_that_leaves_a_paced_replay_does_not_disturb_the_proxy(
     assert again.headers["x-seedcache-status"] == "hit"
     assert data_lines(again.body) == data_lines(recorded.body)
     assert upstream.count() == 1
-    assert len(only_sample(loop, proxy).events or ()) == len(data_lines(recorded.body))
+    assert len(only_sample(proxy).events or ()) == len(data_lines(recorded.body))
 
 
 # -- coalescing -----------------------------------------------------------------------------------
