@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import multiprocessing
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -276,6 +277,78 @@ class TestParallelProcesses:
             orjson.loads(value)
         events = [orjson.loads(event) for event in await all_events(store)]
         assert len(events) == workers * count
+
+
+class TestDiskStore:
+    """What the disk store adds: writes that never stall the loop on another writer's lock."""
+
+    @staticmethod
+    def hold_write_lock(directory: Path) -> sqlite3.Connection:
+        """Take SQLite's write lock on the store the way another process's writer would."""
+        held = sqlite3.connect(directory / "cache.db", isolation_level=None)
+        held.execute("BEGIN IMMEDIATE")
+        return held
+
+    async def test_update_waits_for_another_writer_without_stalling_the_loop(
+        self, tmp_path: Path
+    ) -> None:
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        try:
+            await store.put("", key(1), b"v1")
+            held = self.hold_write_lock(tmp_path / "disk")
+            turns = 0
+
+            async def ticker() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await asyncio.sleep(0.01)
+
+            ticking = asyncio.create_task(ticker())
+            update = asyncio.create_task(store.update("", key(1), lambda old: (old or b"") + b"+"))
+            await asyncio.sleep(0.3)
+            assert not update.done()  # waiting for the lock...
+            assert turns >= 10  # ...while the loop goes on serving
+            assert await store.get("", key(1)) == b"v1"  # and reads never wait
+            held.execute("COMMIT")
+            held.close()
+            assert await asyncio.wait_for(update, 10) == b"v1+"
+            ticking.cancel()
+            assert await store.get("", key(1)) == b"v1+"
+        finally:
+            await store.close()
+
+    async def test_lock_held_past_the_timeout_is_a_store_error(self, tmp_path: Path) -> None:
+        store = DiskStore(str(tmp_path / "disk"), timeout=0.3)
+        try:
+            await store.put("", key(1), b"v1")
+            held = self.hold_write_lock(tmp_path / "disk")
+            with pytest.raises(StoreError, match="is locked"):
+                await store.update("", key(1), lambda old: b"v2")
+            held.execute("ROLLBACK")
+            held.close()
+            assert await store.get("", key(1)) == b"v1"
+            assert await store.update("", key(1), lambda old: b"v2") == b"v2"
+        finally:
+            await store.close()
+
+    async def test_more_updates_than_one_transaction_takes_all_land(self, tmp_path: Path) -> None:
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        try:
+            # 150 at once: more than one transaction on the loop applies (64).
+            results = await asyncio.gather(
+                *(store.update("", key(n), lambda old, n=n: f"v{n}".encode()) for n in range(150))
+            )
+            assert results == [f"v{n}".encode() for n in range(150)]
+            assert len(await collect(store)) == 150
+        finally:
+            await store.close()
+
+    def test_a_file_that_is_not_a_database_is_a_store_error(self, tmp_path: Path) -> None:
+        (tmp_path / "disk").mkdir()
+        (tmp_path / "disk" / "cache.db").write_bytes(b"not a database " * 100)
+        with pytest.raises(StoreError, match="cannot open the disk store"):
+            DiskStore(str(tmp_path / "disk"))
 
 
 class TestFilesStore:
