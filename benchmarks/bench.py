@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -99,14 +100,15 @@ UPSTREAM_HEADERS = {
 # -- servers (child processes) -------------------------------------------------------------------
 
 
-# The `slow` upstream's answer time: a real model takes hundreds of ms; 20 ms is enough to make
-# the record path wait on the upstream rather than on the CPU, as it does in real use.
-SLOW_UPSTREAM_S = 0.02
+# Answer times of the `slow` upstreams the record path is also measured behind. An instant
+# upstream makes the record path a measure of CPU per request; a real model takes hundreds of ms,
+# and from a few ms on the record path waits on the upstream rather than on the CPU.
+SLOW_UPSTREAM_MS = (2, 5, 20)
 
 
-def make_server_app(kind: str, upstream: str | None) -> Any:
+def make_server_app(kind: str, upstream: str | None, delay_ms: float = 0) -> Any:
     """`fixed`: baseline A. `vary`: a new body per request. `slow`: `vary` answering after
-    SLOW_UPSTREAM_S, like a real model. `hop`: baseline B, a bare proxy."""
+    `delay_ms`, like a real model. `hop`: baseline B, a bare proxy."""
     import orjson
     from aiohttp import ClientSession, TCPConnector, web
 
@@ -120,7 +122,7 @@ def make_server_app(kind: str, upstream: str | None) -> Any:
         body = orjson.loads(await request.read())
         n = next(counter) if kind in ("vary", "slow") else 0
         if kind == "slow":
-            await asyncio.sleep(SLOW_UPSTREAM_S)
+            await asyncio.sleep(delay_ms / 1000)
         if body.get("stream") is True:
             response = web.StreamResponse(headers=sse_headers)
             response.enable_chunked_encoding()
@@ -160,11 +162,11 @@ def make_server_app(kind: str, upstream: str | None) -> Any:
     return app
 
 
-async def serve_child(kind: str, upstream: str | None) -> None:
+async def serve_child(kind: str, upstream: str | None, delay_ms: float) -> None:
     """Serve `kind` on a free port, print `PORT n`, run until SIGTERM/SIGINT."""
     from aiohttp import web
 
-    runner = web.AppRunner(make_server_app(kind, upstream), access_log=None)
+    runner = web.AppRunner(make_server_app(kind, upstream, delay_ms), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, HOST, 0)
     await site.start()
@@ -519,9 +521,11 @@ def machine_cpu() -> float:
     return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
-def start_baseline(procs: Processes, kind: str, upstream: str | None = None) -> Server:
-    """Start a bench server child (fixed, vary or hop) and read the port it prints."""
-    argv = [sys.executable, SCRIPT, "_serve", kind]
+def start_baseline(
+    procs: Processes, kind: str, upstream: str | None = None, delay_ms: float = 0
+) -> Server:
+    """Start a bench server child (fixed, vary, slow or hop) and read the port it prints."""
+    argv = [sys.executable, SCRIPT, "_serve", kind, "--delay-ms", str(delay_ms)]
     if upstream:
         argv += ["--upstream", upstream]
     proc = procs.spawn(argv, log=None)
@@ -755,8 +759,6 @@ def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]
     fixed = start_baseline(procs, "fixed")
     vary = start_baseline(procs, "vary")
     hop = start_baseline(procs, "hop", upstream=f"http://{HOST}:{vary.port}")
-    slow = start_baseline(procs, "slow")
-    slow_hop = start_baseline(procs, "hop", upstream=f"http://{HOST}:{slow.port}")
     replay_store = os.path.join(store_root, "replay-store")
     record_store = os.path.join(store_root, "record-store")
 
@@ -769,9 +771,17 @@ def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]
     procs.stop(seeding.proc)
     replay = start_seedcache(procs, "replay", "replay", vary.port, replay_store, store_root)
     recorder = start_seedcache(procs, "record", "auto", vary.port, record_store, store_root)
-    slow_recorder = start_seedcache(
-        procs, "record-slow", "auto", slow.port, record_store + "-slow", store_root
-    )
+    # Behind each slow upstream: a bare hop B and a recording seedcache.
+    slow: dict[int, tuple[Server, Server]] = {}
+    for delay in SLOW_UPSTREAM_MS:
+        upstream = start_baseline(procs, "slow", delay_ms=delay)
+        slow[delay] = (
+            start_baseline(procs, "hop", upstream=f"http://{HOST}:{upstream.port}"),
+            start_seedcache(
+                procs, f"record-{delay}ms", "auto", upstream.port,
+                f"{record_store}-{delay}ms", store_root,
+            ),
+        )  # fmt: skip
     for body in (request_body(1), request_body(2, stream=True)):
         status, headers, _ = http(replay.port, PATH, body)
         if status != 200 or headers.get("X-Seedcache-Status") != "hit":
@@ -805,16 +815,20 @@ def run(settings: Settings, procs: Processes, store_root: str) -> dict[str, Any]
         say(f"round {i + 1}/{settings.rounds}")
         # Baseline and seedcache alternate, so slow drift on the machine hits both alike.
         for conns in (8, 64):
-            measure(f"A_rps_{conns}", lambda c=conns: r.rps(fixed, c, "same", ok))
-            measure(f"S_rps_{conns}", lambda c=conns: r.rps(replay, c, "same", hit))
+            measure(f"A_rps_{conns}", functools.partial(r.rps, fixed, conns, "same", ok))
+            measure(f"S_rps_{conns}", functools.partial(r.rps, replay, conns, "same", hit))
         measure("A_latency", lambda: r.seq(fixed, "same", ok, settings.latency_requests))
         measure("S_latency", lambda: r.seq(replay, "same", hit, settings.latency_requests))
         measure("A_stream", lambda: r.seq(fixed, "stream", ok, settings.stream_requests))
         measure("S_stream", lambda: r.seq(replay, "stream", hit, settings.stream_requests))
         measure("B_record_8", lambda: r.rps(hop, 8, "unique", ok))
         measure("S_record_8", lambda: r.rps(recorder, 8, "unique", recorded))
-        measure("B_record_slow_8", lambda: r.rps(slow_hop, 8, "unique", ok))
-        measure("S_record_slow_8", lambda: r.rps(slow_recorder, 8, "unique", recorded))
+        for delay, (slow_hop, slow_recorder) in slow.items():
+            measure(f"B_record_{delay}ms_8", functools.partial(r.rps, slow_hop, 8, "unique", ok))
+            measure(
+                f"S_record_{delay}ms_8",
+                functools.partial(r.rps, slow_recorder, 8, "unique", recorded),
+            )
     return {"rounds": rounds, "median": {k: median_of(v) for k, v in rounds.items()}}
 
 
@@ -856,9 +870,10 @@ def report(result: dict[str, Any], settings: Settings) -> str:
         "ratio >= 0.80", s["rps"] / b["rps"] >= 0.8)  # fmt: skip
     row("  server CPU us/req @8", b["cpu_us_per_request"], s["cpu_us_per_request"], ".0f",
         s["cpu_us_per_request"] / b["cpu_us_per_request"], "-", None)  # fmt: skip
-    b, s = m["B_record_slow_8"], m["S_record_slow_8"]
-    row(f"record req/s @8, upstream {SLOW_UPSTREAM_S * 1000:.0f} ms", b["rps"], s["rps"], ",.0f",
-        s["rps"] / b["rps"], "ratio >= 0.80", s["rps"] / b["rps"] >= 0.8)  # fmt: skip
+    for delay in SLOW_UPSTREAM_MS:
+        b, s = m[f"B_record_{delay}ms_8"], m[f"S_record_{delay}ms_8"]
+        row(f"record req/s @8, upstream {delay} ms", b["rps"], s["rps"], ",.0f",
+            s["rps"] / b["rps"], "ratio >= 0.80", s["rps"] / b["rps"] >= 0.8)  # fmt: skip
 
     header = ("measurement", "baseline", "seedcache", "ratio", "target", "result")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
@@ -907,6 +922,7 @@ def child_main(argv: list[str]) -> int:
     serve = sub.add_parser("_serve")
     serve.add_argument("kind", choices=["fixed", "vary", "slow", "hop"])
     serve.add_argument("--upstream")
+    serve.add_argument("--delay-ms", type=float, default=0)
     load = sub.add_parser("_load")
     for name, kind in [
         ("--client", str),
@@ -922,7 +938,7 @@ def child_main(argv: list[str]) -> int:
         load.add_argument(name, type=kind, required=True)
     args = parser.parse_args(argv)
     if args.child == "_serve":
-        asyncio.run(serve_child(args.kind, args.upstream))
+        asyncio.run(serve_child(args.kind, args.upstream, args.delay_ms))
     else:
         load_child(args)
     return 0
