@@ -344,6 +344,26 @@ class TestDiskStore:
         finally:
             await store.close()
 
+    async def test_the_write_ahead_log_is_checkpointed(self, tmp_path: Path) -> None:
+        # The loop's connection never checkpoints; the writer thread does, every so many
+        # transactions. Without that the log would grow by every transaction (~18 MB here).
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        wal = tmp_path / "disk" / "cache.db-wal"
+        value = os.urandom(2048)
+        try:
+            for n in range(600):  # one transaction each: every update is awaited alone
+                await store.update("", key(n), lambda old: value)
+            assert wal.stat().st_size < 2_000_000
+            assert len(await collect(store)) == 600
+        finally:
+            await store.close()
+        # Everything is in the database file itself once the store is closed.
+        reopened = DiskStore(str(tmp_path / "disk"))
+        try:
+            assert await reopened.get("", key(599)) == value
+        finally:
+            await reopened.close()
+
     def test_a_file_that_is_not_a_database_is_a_store_error(self, tmp_path: Path) -> None:
         (tmp_path / "disk").mkdir()
         (tmp_path / "disk" / "cache.db").write_bytes(b"not a database " * 100)

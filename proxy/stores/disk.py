@@ -1,20 +1,28 @@
 """The default store: a diskcache directory with eviction off (recordings are an archive).
 
 Reads run on the event loop: SQLite in WAL mode never makes a reader wait for a writer, so a read
-costs one indexed lookup. Updates that arrive within a couple of loop turns share one transaction
-(a commit costs more than the updates in it), which is first tried on the loop through a
-connection that never waits for the write lock: a transaction of a few recordings costs tens of
-microseconds, less than handing it to a thread and taking the GIL back.
-When another writer (another process, or our writer thread) holds the lock, the batch goes to one
-writer thread instead, where it may wait, and a short SQLite timeout turns a stuck lock into an
-error instead of a stall.
+costs one indexed lookup.
+
+Updates that arrive within a couple of loop turns share one transaction (a commit costs more than
+the updates in it). The transaction runs on the loop, through a connection that never waits for
+the write lock: a few recordings cost tens of microseconds there, less than handing them to a
+thread and taking the GIL back. Two things that can take milliseconds run in one writer thread
+instead, while the loop goes on:
+- a batch that finds the lock taken (by another process, or by the writer thread), which waits
+  there, with a short SQLite timeout that turns a stuck lock into an error instead of a stall;
+- checkpoints (copying the write-ahead log into the database, with fsyncs): the loop's connection
+  never checkpoints, and every so many transactions one batch goes to the writer thread, which
+  checkpoints after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -25,6 +33,7 @@ from proxy.errors import StoreError
 from proxy.stores.base import Updater
 
 T = TypeVar("T")
+log = logging.getLogger("seedcache")
 
 _RECORDING = "rec:"
 _META = "meta:"
@@ -36,6 +45,8 @@ _LOOP_BATCH = 64
 # share it (group commit): a commit costs more than the updates in it. An idle loop goes round in
 # microseconds; a busy one gathers several updates per transaction.
 _GATHER_TURNS = 2
+# Transactions on the loop between two checkpoints in the writer thread.
+_CHECKPOINT_EVERY = 50
 
 
 class _Busy(Exception):
@@ -49,11 +60,15 @@ class DiskStore:
 
     def __init__(self, directory: str, *, timeout: float = 2.0) -> None:
         self.description = directory
+        self._timeout = timeout
         # One writer thread: SQLite serialises writers anyway, and threads taking turns at the
         # write lock (and the GIL) cost more than the writes themselves.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seedcache-disk")
         self._pending: list[tuple[str, Updater, asyncio.Future[bytes | None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._loop_thread: int | None = None
+        self._since_checkpoint = 0
+        self._checkpointer: sqlite3.Connection | None = None
         try:
             # Recordings are an archive: eviction off, and cull_limit=0 so that writes never look
             # for entries to cull.
@@ -65,6 +80,7 @@ class DiskStore:
             self._nowait = diskcache.Cache(
                 directory, eviction_policy="none", cull_limit=0, timeout=0
             )
+            self._path = os.path.join(self._cache.directory, diskcache.core.DBNAME)
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise StoreError(f"cannot open the disk store at {directory!r}: {exc}") from None
 
@@ -116,6 +132,8 @@ class DiskStore:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         self._writer.shutdown(wait=True)
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._nowait.close()
         self._cache.close()
 
@@ -126,11 +144,13 @@ class DiskStore:
                 await asyncio.sleep(0)
             batch, self._pending = self._pending[:_LOOP_BATCH], self._pending[_LOOP_BATCH:]
             try:
-                try:
-                    results = self._call(self._apply, batch, self._nowait, busy=_Busy)
-                except _Busy:
-                    # Another writer holds the lock: wait for it in the writer thread instead.
-                    results = await self._off_loop(self._apply, batch, self._cache)
+                if self._since_checkpoint >= _CHECKPOINT_EVERY:
+                    # No other write of ours starts until this returns: the checkpoint copies
+                    # the whole log, and the next transaction starts the log from the top.
+                    self._since_checkpoint = 0
+                    results = await self._off_loop(self._apply_and_checkpoint, batch)
+                else:
+                    results = await self._apply_here_or_off_loop(batch)
             except StoreError as exc:
                 results = [exc] * len(batch)
             for (_, _, future), result in zip(batch, results, strict=True):
@@ -140,6 +160,39 @@ class DiskStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _apply_here_or_off_loop(
+        self, batch: list[tuple[str, Updater, Any]]
+    ) -> list[bytes | BaseException | None]:
+        thread = threading.get_ident()
+        if self._loop_thread != thread:
+            # Automatic checkpoints off for this thread's connection only (a pragma is per
+            # connection): the writer thread's still checkpoints its own commits.
+            self._call(self._nowait.reset, "sqlite_wal_autocheckpoint", 0, update=False)
+            self._loop_thread = thread
+        try:
+            results = self._call(self._apply, batch, self._nowait, busy=_Busy)
+        except _Busy:
+            # Another writer holds the lock: wait for it in the writer thread instead.
+            return await self._off_loop(self._apply, batch, self._cache)
+        self._since_checkpoint += 1
+        return results
+
+    def _apply_and_checkpoint(
+        self, batch: list[tuple[str, Updater, Any]]
+    ) -> list[bytes | BaseException | None]:
+        """In the writer thread: apply a batch, then copy the write-ahead log into the database."""
+        results = self._apply(batch, self._cache)
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self._path, timeout=self._timeout, check_same_thread=False
+                )
+            # PASSIVE never waits; with no other writer of ours running it copies the whole log.
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint of the disk store at %r failed: %s", self.description, exc)
+        return results
 
     def _apply(
         self, batch: list[tuple[str, Updater, Any]], cache: diskcache.Cache
