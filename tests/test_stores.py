@@ -344,6 +344,29 @@ class TestDiskStore:
         finally:
             await store.close()
 
+    async def test_an_unexpected_failure_reaches_every_waiting_caller(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        try:
+
+            def broken(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("the store broke")
+
+            monkeypatch.setattr(store._nowait, "get", broken)
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(
+                    *(store.update("", key(n), lambda old: b"v") for n in range(5)),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+            assert [str(outcome) for outcome in outcomes] == ["the store broke"] * 5
+            monkeypatch.undo()
+            assert await store.update("", key(1), lambda old: b"v") == b"v"
+        finally:
+            await store.close()
+
     async def test_the_write_ahead_log_is_checkpointed(self, tmp_path: Path) -> None:
         # The loop's connection never checkpoints; the writer thread does, every so many
         # transactions. Without that the log would grow by every transaction (~18 MB here).

@@ -151,7 +151,7 @@ class DiskStore:
                     results = await self._off_loop(self._apply_and_checkpoint, batch)
                 else:
                     results = await self._apply_here_or_off_loop(batch)
-            except StoreError as exc:
+            except Exception as exc:  # every caller gets the failure; none waits forever
                 results = [exc] * len(batch)
             for (_, _, future), result in zip(batch, results, strict=True):
                 if future.done():
