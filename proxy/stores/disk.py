@@ -171,7 +171,7 @@ class DiskStore:
             self._call(self._nowait.reset, "sqlite_wal_autocheckpoint", 0, update=False)
             self._loop_thread = thread
         try:
-            results = self._call(self._apply, batch, self._nowait, busy=_Busy)
+            results = self._call(self._apply, batch, self._nowait, nowait=True)
         except _Busy:
             # Another writer holds the lock: wait for it in the writer thread instead.
             return await self._off_loop(self._apply, batch, self._cache)
@@ -221,14 +221,14 @@ class DiskStore:
         self,
         method: Callable[..., T],
         *args: Any,
-        busy: type[Exception] | None = None,
+        nowait: bool = False,
         **kwargs: Any,
     ) -> T:
         try:
             return method(*args, **kwargs)
         except diskcache.Timeout:
-            if busy is not None:
-                raise busy from None
+            if nowait:
+                raise _Busy from None
             raise StoreError(f"the disk store at {self.description!r} is locked") from None
         except (OSError, sqlite3.Error) as exc:
             # sqlite3.Error: a corrupt or unwritable database file.
