@@ -11,6 +11,7 @@ import hashlib
 import multiprocessing
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -341,6 +342,36 @@ class TestDiskStore:
             )
             assert results == [f"v{n}".encode() for n in range(150)]
             assert len(await collect(store)) == 150
+        finally:
+            await store.close()
+
+    async def test_a_large_value_is_written_off_the_loop(self, tmp_path: Path) -> None:
+        # diskcache writes a value this large to a file of its own: not on the loop. The batch it
+        # came in is rolled back there and applied again in the writer thread.
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        loop_thread = threading.get_ident()
+        ran_in: dict[str, list[int]] = {"small": [], "large": []}
+
+        def write(name: str, value: bytes) -> Updater:
+            def fn(old: bytes | None) -> bytes:
+                ran_in[name].append(threading.get_ident())
+                return value
+
+            return fn
+
+        large = os.urandom(1_000_000)
+        try:
+            small_result, large_result = await asyncio.gather(
+                store.update("", key("small"), write("small", b"v")),
+                store.update("", key("large"), write("large", large)),
+            )
+            assert (small_result, large_result) == (b"v", large)
+            assert ran_in["large"][0] == loop_thread  # tried on the loop, then moved
+            assert ran_in["large"][-1] != loop_thread
+            assert ran_in["small"][-1] != loop_thread  # its batch moved with it
+            assert await store.get("", key("large")) == large
+            assert await store.update("", key("small"), write("small", b"w")) == b"w"
+            assert ran_in["small"][-1] == loop_thread  # small values stay on the loop
         finally:
             await store.close()
 

@@ -12,7 +12,9 @@ from proxy.config import StoreSpec
 from proxy.errors import ConfigError
 
 # An atomic read-modify-write step: given the stored bytes (None if absent), the bytes to store,
-# or None to leave the value as it is.
+# or None to leave the value as it is. A store may run it more than once (Redis when another
+# writer won the race, disk when a batch moves off the loop): it computes, and has no other effect
+# than what a later run overwrites.
 Updater = Callable[[bytes | None], bytes | None]
 
 

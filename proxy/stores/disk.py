@@ -6,10 +6,12 @@ costs one indexed lookup.
 Updates that arrive within a couple of loop turns share one transaction (a commit costs more than
 the updates in it). The transaction runs on the loop, through a connection that never waits for
 the write lock: a few recordings cost tens of microseconds there, less than handing them to a
-thread and taking the GIL back. Two things that can take milliseconds run in one writer thread
-instead, while the loop goes on:
+thread and taking the GIL back. What can take milliseconds runs in one writer thread instead,
+while the loop goes on:
 - a batch that finds the lock taken (by another process, or by the writer thread), which waits
   there, with a short SQLite timeout that turns a stuck lock into an error instead of a stall;
+- a batch with a large value (a long stream's recording), which diskcache writes to a file of its
+  own: the loop's transaction is rolled back and the batch is applied again in the thread;
 - checkpoints (copying the write-ahead log into the database, with fsyncs): the loop's connection
   never checkpoints, and every so many transactions one batch goes to the writer thread, which
   checkpoints after it.
@@ -49,8 +51,9 @@ _GATHER_TURNS = 2
 _CHECKPOINT_EVERY = 50
 
 
-class _Busy(Exception):
-    """The write lock is taken by another writer (a transaction that did not wait for it)."""
+class _NotHere(Exception):
+    """This batch is not for the loop: the write lock is taken by another writer, or a value is
+    large enough to be written to a file of its own."""
 
 
 class DiskStore:
@@ -171,9 +174,10 @@ class DiskStore:
             self._call(self._nowait.reset, "sqlite_wal_autocheckpoint", 0, update=False)
             self._loop_thread = thread
         try:
-            results = self._call(self._apply, batch, self._nowait, nowait=True)
-        except _Busy:
-            # Another writer holds the lock: wait for it in the writer thread instead.
+            results = self._call(self._apply, batch, self._nowait)
+        except _NotHere:
+            # Nothing of it was written (rolled back): the writer thread applies it again, and
+            # waits there for the lock if another writer holds it.
             return await self._off_loop(self._apply, batch, self._cache)
         self._since_checkpoint += 1
         return results
@@ -197,38 +201,40 @@ class DiskStore:
     def _apply(
         self, batch: list[tuple[str, Updater, Any]], cache: diskcache.Cache
     ) -> list[bytes | BaseException | None]:
-        results: list[bytes | BaseException | None] = []
-        # diskcache raises Timeout only when BEGIN cannot take the write lock: before any update
-        # ran, so that a busy batch can be applied again elsewhere.
-        with cache.transact():
-            for name, fn, _ in batch:
-                old = cache.get(name)
-                try:
-                    new = fn(old)
-                except Exception as exc:  # one caller's failure is that caller's alone
-                    results.append(exc)
-                    continue
-                if new is not None:
-                    cache.set(name, new)
-                results.append(new if new is not None else old)
-        return results
+        on_loop = cache is self._nowait
+        try:
+            with cache.transact():
+                return [self._apply_one(cache, name, fn, on_loop) for name, fn, _ in batch]
+        except diskcache.Timeout:
+            # Only BEGIN raises it, when the write lock is taken: before any update ran.
+            if on_loop:
+                raise _NotHere from None
+            raise
+
+    @staticmethod
+    def _apply_one(
+        cache: diskcache.Cache, name: str, fn: Updater, on_loop: bool
+    ) -> bytes | BaseException | None:
+        old: bytes | None = cache.get(name)
+        try:
+            new = fn(old)
+        except Exception as exc:  # one caller's failure is that caller's alone
+            return exc
+        if new is None:
+            return old
+        if on_loop and len(new) >= cache.disk_min_file_size:
+            raise _NotHere  # rolls the transaction back
+        cache.set(name, new)
+        return new
 
     def _names(self, prefix: str) -> list[str]:
         # iterkeys() walks the index in key order: events ("audit-<n>") come out oldest first.
         return [n for n in self._cache.iterkeys() if isinstance(n, str) and n.startswith(prefix)]
 
-    def _call(
-        self,
-        method: Callable[..., T],
-        *args: Any,
-        nowait: bool = False,
-        **kwargs: Any,
-    ) -> T:
+    def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return method(*args, **kwargs)
         except diskcache.Timeout:
-            if nowait:
-                raise _Busy from None
             raise StoreError(f"the disk store at {self.description!r} is locked") from None
         except (OSError, sqlite3.Error) as exc:
             # sqlite3.Error: a corrupt or unwritable database file.
