@@ -221,7 +221,18 @@ class Handlers:
                 code="invalid_namespace",
             )
         mode = self._mode(request)
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.RequestPayloadError:
+            # aiohttp decodes a compressed body as it reads it: this one does not decode (or,
+            # with no encoding, was cut short by a client that is gone).
+            encoding = request.headers.get("Content-Encoding", "")
+            problem = f"decoded as Content-Encoding: {encoding[:40]}" if encoding else "read whole"
+            raise bad_request(
+                f"The request body could not be {problem}; send it complete, encoded as its "
+                "headers say.",
+                code="invalid_body",
+            ) from None
         cache_control = request.headers.get("Cache-Control", "").lower()
         read = "no-cache" not in cache_control
         write = "no-store" not in cache_control

@@ -35,6 +35,11 @@ HOP_BY_HOP = frozenset(
 # encodings it can decode itself (forwarding the client's `br` would give us bytes we cannot read).
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "cookie"}
 
+# Request encodings aiohttp's server decodes before the body is read (its parser's rule: the
+# whole header value, lower-cased; a body it cannot decode is refused). The body we forward is the
+# decoded one, so such a Content-Encoding would make the upstream decode it a second time.
+DECODED_REQUEST_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
 # Not copied back onto a body we re-frame: aiohttp has already decompressed it, so the upstream's
 # content-encoding and content-length would describe bytes the client never gets (the SDK then
 # fails and retries). Cookies from the upstream's CDN mean nothing to a local client.
@@ -55,6 +60,8 @@ def request_headers(
     for name, value in headers:
         lower = name.lower()
         if lower in drop or lower.startswith("x-seedcache-"):
+            continue
+        if lower == "content-encoding" and value.lower() in DECODED_REQUEST_ENCODINGS:
             continue
         if (api_key is not None or strip_auth) and lower in ("authorization", "api-key"):
             continue

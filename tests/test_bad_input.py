@@ -167,6 +167,18 @@ def test_max_body_applies_to_forwarded_paths_too(
     assert upstream.count() == 0
 
 
+def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    result = proxy.request("POST", CHAT, b"this is not gzip", headers={"Content-Encoding": "gzip"})
+
+    error = assert_error(result, 400, code="invalid_body")
+    assert "Content-Encoding: gzip" in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+    assert len(proxy.recordings()) == 1
+
+
 def test_an_unknown_mode_header_is_a_400(proxy: RunningProxy, upstream: FakeUpstream) -> None:
     result = proxy.request("POST", CHAT, chat_request(), headers={"X-Seedcache-Mode": "sometimes"})
 

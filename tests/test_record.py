@@ -4,8 +4,10 @@ hygiene, and coalescing of identical concurrent misses (DESIGN §2, §5, §9, §
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +305,31 @@ def test_gzip_from_upstream_reaches_the_sdk_decoded(
     assert "content-encoding" not in raw.headers
     assert int(raw.headers["content-length"]) == len(raw.body)
     assert raw.json()["id"] == upstream.chat_completion(chat_request(seed=77))["id"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_request_is_forwarded_decoded_and_keyed_as_the_plain_one(
+    encoding: str, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # aiohttp decodes the body as the proxy reads it: the upstream must not be told it is still
+    # compressed, and the key is the plain request's.
+    body = chat_request(seed=31)
+    plain = json.dumps(body).encode()
+    packed = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
+    headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+
+    recorded = proxy.request("POST", CHAT, packed, headers=headers)
+    again = proxy.request("POST", CHAT, plain, headers={"Content-Type": "application/json"})
+
+    assert recorded.status == 200, recorded.body
+    assert recorded.headers["x-seedcache-status"] == "recorded"
+    assert recorded.json()["id"] == upstream.chat_completion(body)["id"]
+    sent = upstream.last
+    assert "content-encoding" not in sent.headers
+    assert sent.body == body
+    assert again.headers["x-seedcache-status"] == "hit"
+    assert again.headers["x-seedcache-key"] == recorded.headers["x-seedcache-key"]
+    assert upstream.count() == 1
 
 
 def test_authorization_is_forwarded_but_never_stored(
