@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import ClientResponse, web
@@ -206,13 +207,22 @@ class Handlers:
     async def _incoming(self, request: web.Request) -> Incoming:
         method = request.method.upper()
         namespace = request.headers.get("X-Seedcache-Namespace", self.config.namespace)
-        path = request.path
+        # The path as sent, still percent-encoded: forwarded and keyed as it is, so that an
+        # encoded `/` or `?` inside an id stays part of the id.
+        path = request.rel_url.raw_path
+        if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+            # Resolved, they would step out of the upstream's /v1 (with the proxy's own key, if
+            # it sends one); no client of the API sends them.
+            raise bad_request(
+                f"The path {path[:200]!r} has '.' or '..' segments; send it without them.",
+                code="invalid_path",
+            )
         if path.startswith(NAMESPACE_PREFIX):
             # A base URL of /_seedcache/ns/<name>/v1 selects a namespace for clients that cannot
             # send headers (the pytest plugin's per-test namespaces).
             namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
             path = "/" + rest
-        path = normalise_path(path, request.query_string)
+        path = normalise_path(path, request.rel_url.raw_query_string)
         if self.config.isolate_by_key:
             namespace = await self._isolated(namespace, request)
         if not NAMESPACE.fullmatch(namespace):

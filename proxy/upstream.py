@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.config import Config
 from proxy.errors import ProxyError, SeedcacheError
@@ -33,7 +34,9 @@ HOP_BY_HOP = frozenset(
 
 # Not forwarded upstream: the upstream URL sets Host; aiohttp sets the framing and asks for the
 # encodings it can decode itself (forwarding the client's `br` would give us bytes we cannot read).
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "cookie"}
+# `Expect: 100-continue` was answered by our server before the body was read; forwarded, it makes
+# aiohttp hold the body back until the upstream says 100, which some never do.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "cookie", "expect"}
 
 # Request encodings aiohttp's server decodes before the body is read (its parser's rule: the
 # whole header value, lower-cased; a body it cannot decode is refused). The body we forward is the
@@ -117,9 +120,10 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    def url(self, path: str) -> str:
-        """The upstream URL for a normalised `/v1/...` path (with query string)."""
-        return self.base + path.removeprefix("/v1")
+    def url(self, path: str) -> URL:
+        """The upstream URL for a normalised `/v1/...` path (with query string), kept exactly as
+        the client encoded it: parsing it again would decode `%2F` and resolve `..`."""
+        return URL(self.base + path.removeprefix("/v1"), encoded=True)
 
     @asynccontextmanager
     async def open(

@@ -330,7 +330,7 @@ class Call:
     """One request the fake received, as seen on the wire."""
 
     method: str
-    path: str  # with the query string
+    path: str  # as sent, percent-encoded, with the query string
     headers: dict[str, str]  # lower-case names
     body: Any  # parsed JSON, or None
     raw: bytes
@@ -843,7 +843,7 @@ class FakeUpstream:
                     body = orjson.loads(raw)
             call = Call(
                 method=request.method,
-                path=request.path_qs,
+                path=request.raw_path,
                 headers={k.lower(): v for k, v in request.headers.items()},
                 body=body,
                 raw=raw,

@@ -179,6 +179,18 @@ def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(
     assert len(proxy.recordings()) == 1
 
 
+@pytest.mark.parametrize("path", ["/v1/../admin", "/v1/%2e%2e/%2E%2E/secret", "/v1/./models"])
+def test_dot_segments_in_the_path_are_a_400(
+    path: str, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # Resolved, they would step out of the upstream base (/v1) with whatever key is sent.
+    error = assert_error(proxy.request("GET", path), 400, code="invalid_path")
+
+    assert path in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+
+
 def test_an_unknown_mode_header_is_a_400(proxy: RunningProxy, upstream: FakeUpstream) -> None:
     result = proxy.request("POST", CHAT, chat_request(), headers={"X-Seedcache-Mode": "sometimes"})
 

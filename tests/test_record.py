@@ -4,6 +4,7 @@ hygiene, and coalescing of identical concurrent misses (DESIGN §2, §5, §9, §
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import socket
@@ -330,6 +331,36 @@ def test_a_compressed_request_is_forwarded_decoded_and_keyed_as_the_plain_one(
     assert again.headers["x-seedcache-status"] == "hit"
     assert again.headers["x-seedcache-key"] == recorded.headers["x-seedcache-key"]
     assert upstream.count() == 1
+
+
+def test_expect_100_continue_is_answered_by_the_proxy_not_forwarded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # curl sends it with large bodies; forwarded, the body would wait for the upstream's 100.
+    result = proxy.request("POST", CHAT, chat_request(), headers={"Expect": "100-continue"})
+
+    assert result.status == 200
+    assert result.headers["x-seedcache-status"] == "recorded"
+    assert "expect" not in upstream.last.headers
+
+
+def test_paths_reach_the_upstream_as_the_client_encoded_them(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # The SDK percent-encodes ids; decoded, a `/`, `?` or `#` inside one would change the path.
+    sent = {
+        "meta-llama/Llama-3-8B": "/v1/models/meta-llama%2FLlama-3-8B",
+        "ft:a?b": "/v1/models/ft:a%3Fb",
+        "tag#1": "/v1/models/tag%231",
+    }
+    with proxy.client() as client:
+        for model_id, path in sent.items():
+            with contextlib.suppress(openai.NotFoundError):  # the fake knows none of them
+                client.models.retrieve(model_id)
+            assert upstream.last.path == path
+    query = proxy.request("GET", "/v1/models/x?after=a%26b&limit=2")
+    assert upstream.last.path == "/v1/models/x?after=a%26b&limit=2"
+    assert query.headers["x-seedcache-status"] == "bypass"
 
 
 def test_authorization_is_forwarded_but_never_stored(
