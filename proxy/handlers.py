@@ -38,7 +38,15 @@ from proxy.keys import (
     parse_json,
 )
 from proxy.metrics import Metrics
-from proxy.recording import Recording, Sample, pick_sample, redact, stored_headers, utc_now
+from proxy.recording import (
+    Recording,
+    Sample,
+    check_storable,
+    pick_sample,
+    redact,
+    stored_headers,
+    utc_now,
+)
 from proxy.stores.base import Locking, Store
 from proxy.upstream import (
     Upstream,
@@ -273,6 +281,7 @@ class Handlers:
         if method == "POST":
             body = parse_json(raw)
             check_body(body)
+            check_storable(body)
         if route == "/v1/responses" and any(body.get(m) for m in STATEFUL):
             return body, None
         return body, make_key(method, path, body, namespace)

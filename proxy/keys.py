@@ -228,11 +228,20 @@ def _canonical_value(value: Any) -> Any:
         return {name: _canonical_value(item) for name, item in value.items()}
     if kind is list:
         return [_canonical_value(item) for item in value]
-    # 1 and 1.0 are one number: integral floats become ints, so every SDK keys alike.
-    if kind is float and math.isfinite(value) and value.is_integer():
+    # 1 and 1.0 are one number: integral floats become ints, so every SDK keys alike (within the
+    # integers a recording can hold).
+    if (
+        kind is float
+        and math.isfinite(value)
+        and value.is_integer()
+        and _INT_MIN <= value < _INT_END
+    ):
         return int(value)
     return value
 
+
+# The integers orjson, which writes recordings, can hold: int64 and uint64.
+_INT_MIN, _INT_END = -(2**63), 2**64
 
 _JSON_TYPE_NAMES = {str: "a string", list: "an array", int: "an integer", float: "a number"}
 
@@ -255,7 +264,8 @@ def parse_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         try:
-            # orjson refuses integers beyond 64 bits, which JSON allows; NaN stays refused.
+            # orjson reads integers beyond 64 bits as doubles, as JavaScript does, but refuses
+            # those beyond a double's range, which JSON allows; NaN stays refused.
             return json.loads(raw, parse_constant=_refuse_constant)
         except RecursionError:
             raise bad_request(

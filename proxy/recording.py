@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from proxy import sse
-from proxy.errors import FormatError
+from proxy.errors import FormatError, bad_request
 from proxy.sse import Event
 
 FORMAT = "seedcache.recording/1"
@@ -238,6 +238,25 @@ def stored_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
         for name, value in headers
         if name.lower() in STORED_RESPONSE_HEADERS
     }
+
+
+def check_storable(body: Any) -> None:
+    """Raise a 400 for a request body no recording can hold, before it is sent upstream: an
+    integer beyond 64 bits, a lone UTF-16 surrogate, or nesting deeper than 250 levels."""
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        text = str(exc)
+        reason = next((why for what, why in _UNSTORABLE.items() if what in text), text)
+        raise bad_request(f"The request body cannot be recorded: {reason}.") from None
+
+
+# What orjson says, and what it means for a request body.
+_UNSTORABLE = {
+    "64-bit": "an integer in it does not fit in 64 bits",
+    "surrogates": "a string in it holds a lone UTF-16 surrogate",
+    "Recursion": "it is nested more than 250 levels deep",
+}
 
 
 def redact(value: Any) -> Any:

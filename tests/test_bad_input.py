@@ -71,6 +71,45 @@ def test_deeply_nested_json_is_a_400_not_an_internal_error(
     assert_still_serving(proxy, upstream)
 
 
+UNSTORABLE = [
+    # orjson reads integers up to a double's range as doubles; beyond it they stay integers.
+    ("integer beyond a double", '"top_k": 1' + "0" * 400, "64 bits"),
+    ("integer beyond a double inside", '"logit_bias": {"1": 1' + "0" * 400 + "}", "64 bits"),
+    ("lone surrogate", '"user": "\\ud800"', "surrogate"),
+    ("nested 600 deep", '"tools": ' + "[" * 600 + "]" * 600, "250 levels"),
+]
+
+
+@pytest.mark.parametrize(
+    ("member", "says"), [u[1:] for u in UNSTORABLE], ids=[u[0] for u in UNSTORABLE]
+)
+def test_a_body_no_recording_can_hold_is_a_400_before_it_is_sent(
+    member: str, says: str, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # Valid JSON, but the recording could not be written: refused before the upstream is paid.
+    raw = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], ' + member
+    result = proxy.request("POST", CHAT, (raw + "}").encode())
+
+    error = assert_error(result, 400, code="invalid_body")
+    assert says in error["message"]
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
+
+
+def test_an_integral_float_beyond_64_bits_is_keyed_as_a_float_and_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # 1.0 keys as 1, but 1e20 has no 64-bit integer to key as.
+    result = proxy.request("POST", CHAT, chat_request(max_tokens=1e20))
+
+    assert result.status == 200
+    assert result.headers["x-seedcache-status"] == "recorded"
+    assert (
+        proxy.request("POST", CHAT, chat_request(max_tokens=1e20)).headers["x-seedcache-status"]
+        == "hit"
+    )
+
+
 @pytest.mark.parametrize(
     "raw", [b"[1, 2]", b'"chat"', b"42", b"true", b"null"], ids=lambda r: r.decode()
 )
