@@ -595,6 +595,8 @@ class Handlers:
                 sample = None
                 if flight is not None:
                     sample = self._body_sample(incoming, live, body, started)
+                    if sample is None:
+                        headers[STATUS] = status = "miss"  # forwarded, but nothing to record
                 if sample is not None and flight is not None:
                     await self._record(request, incoming, sample, flight, headers)
                 fingerprint = sample.system_fingerprint if sample else None
@@ -665,12 +667,19 @@ class Handlers:
             return response
         events.extend(decoder.flush())
         sample = self._sample(live, started, events=tuple(events))
+        outcome = status_of(headers)
         if flight is not None and sse.is_complete(events, incoming.path):
             await self._record(request, incoming, sample, flight, response.headers)
+        elif flight is not None:
+            # Ended cleanly but not as a successful stream does (no [DONE], an error event).
+            log.warning("not recording %s: the upstream stream did not complete", incoming.path)
+            outcome = "miss"
+            if buffered:  # not sent yet: the header can still say so
+                response.headers[STATUS] = outcome
         if buffered:
             await response.prepare(request)
             await response.write(b"".join(sse.encode(event) for event in events))
-        self.metrics.count(status_of(headers), incoming.model, sample.system_fingerprint)
+        self.metrics.count(outcome, incoming.model, sample.system_fingerprint)
         return response
 
     def _sample(

@@ -333,6 +333,20 @@ def test_a_compressed_request_is_forwarded_decoded_and_keyed_as_the_plain_one(
     assert upstream.count() == 1
 
 
+def test_a_2xx_answer_that_is_not_json_is_relayed_as_a_miss_and_not_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.fail_next(200, "<html>a captive portal</html>", {"Content-Type": "text/html"})
+
+    result = proxy.request("POST", CHAT, chat_request())
+
+    assert (result.status, result.body) == (200, b"<html>a captive portal</html>")
+    assert result.headers["x-seedcache-status"] == "miss"
+    assert proxy.recordings() == []
+    stats = proxy.stats()
+    assert (stats["recorded"], stats["misses"]) == (0, 1)
+
+
 def test_expect_100_continue_is_answered_by_the_proxy_not_forwarded(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:

@@ -372,6 +372,24 @@ def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
     assert caught.value.code == "boom"
     assert again.headers["x-seedcache-status"] == "recorded"
     assert upstream.count() == 2
+    # The failed stream's header went out before it failed; the stats count what happened.
+    stats = proxy.stats()
+    assert (stats["recorded"], stats["misses"]) == (1, 1)
+
+
+def test_an_audited_stream_that_fails_says_miss_and_stores_nothing(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # Audit mode receives the stream whole before answering: its header can tell the truth.
+    proxy = start_proxy(mode="audit")
+    upstream.error_frame_next("upstream died", after=2)
+
+    result = proxy.request("POST", CHAT, {**chat_request(), "stream": True})
+
+    assert result.headers["x-seedcache-status"] == "miss"
+    assert b"upstream died" in result.body
+    assert proxy.recordings() == []
+    assert proxy.stats()["recorded"] == 0
 
 
 def test_an_upstream_stream_that_stalls_past_the_timeout_is_an_error_and_stores_nothing(
