@@ -151,6 +151,16 @@ class Upstream:
                 f"The upstream {self.base} did not answer in time ({exc.__class__.__name__}).",
                 "upstream_timeout",
             ) from None
+        except aiohttp.ClientResponseError as exc:
+            # It answered, but not in HTTP aiohttp can read (a header line over 8 KB, say):
+            # asking again would be paid for again and answered the same way.
+            raise ProxyError(
+                502,
+                f"The upstream {self.base} answered with a response that cannot be read: "
+                f"{exc.message}",
+                type="upstream_error",
+                code="upstream_bad_response",
+            ) from None
         except aiohttp.ClientError as exc:
             raise upstream_failure(
                 502, f"Could not reach the upstream {self.base}: {exc}", "upstream_unreachable"

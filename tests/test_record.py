@@ -347,6 +347,22 @@ def test_a_2xx_answer_that_is_not_json_is_relayed_as_a_miss_and_not_recorded(
     assert (stats["recorded"], stats["misses"]) == (0, 1)
 
 
+def test_an_upstream_answer_that_cannot_be_read_is_a_502_the_sdk_does_not_retry(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # A header line over aiohttp's 8 KB limit: the upstream answered (and charged) all the same.
+    upstream.fail_next(200, {"id": "x"}, {"X-Big": "b" * 9000}, times=3)
+
+    with proxy.client() as client, pytest.raises(openai.InternalServerError) as caught:
+        client.with_options(max_retries=2).chat.completions.create(**chat_request())
+
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_bad_response"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert upstream.count() == 1
+    assert proxy.recordings() == []
+
+
 def test_expect_100_continue_is_answered_by_the_proxy_not_forwarded(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
