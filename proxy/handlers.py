@@ -117,6 +117,10 @@ class Relayed:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    # The leader's body bytes and API key: an error is the follower's answer too only when its
+    # request is the very same, since a 4xx can come from what the key leaves out (the API key,
+    # `stream_options` without `stream`).
+    origin: tuple[bytes, str]
 
 
 @dataclass(slots=True)
@@ -201,10 +205,11 @@ class Handlers:
                 return await self._lead(request, incoming, coalesce=coalesce)
             outcome = await asyncio.shield(flight)
             if isinstance(outcome, Relayed):
-                return web.Response(
-                    status=outcome.status, headers=outcome.headers, body=outcome.body
-                )
-            if outcome:
+                if outcome.origin == (incoming.raw, client_key(request.headers)):
+                    return web.Response(
+                        status=outcome.status, headers=outcome.headers, body=outcome.body
+                    )
+            elif outcome:
                 replay = await self._lookup(request, incoming)
                 if replay is not None:
                     return replay
@@ -586,7 +591,9 @@ class Handlers:
                     body = await read_body(live)
                     headers[STATUS] = "bypass" if flight is None else "miss"
                     if flight is not None and 400 <= live.status < 500 and live.status != 429:
-                        flight.set_result(Relayed(live.status, tuple(headers.items()), body))
+                        origin = (incoming.raw, client_key(request.headers))
+                        relayed = Relayed(live.status, tuple(headers.items()), body, origin)
+                        flight.set_result(relayed)
                     return web.Response(status=live.status, headers=headers, body=body)
                 headers[STATUS] = status
                 if live.content_type == "text/event-stream":

@@ -579,6 +579,25 @@ async def test_followers_of_a_failed_leader_get_the_same_client_error(
     assert {r.param for r in results if isinstance(r, openai.BadRequestError)} == {"tools"}
 
 
+async def test_a_leaders_client_error_is_not_served_to_a_follower_whose_request_differs(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # Same key, but the error came from what the key leaves out: the API key, here.
+    upstream.delay = 0.3
+    upstream.fail_next(401, error_envelope(401, "Incorrect API key provided"))
+    async with proxy.async_client() as client:
+        other = client.with_options(api_key="sk-another-key-0123456789abcdef")
+        leader = asyncio.create_task(client.chat.completions.create(**chat_request()))
+        await asyncio.sleep(0.1)
+        follower = await other.chat.completions.create(**chat_request())
+        with pytest.raises(openai.AuthenticationError):
+            await leader
+
+    assert follower.id == upstream.chat_completion(chat_request())["id"]
+    assert upstream.count() == 2  # the follower led its own call once the leader failed
+    assert len(proxy.recordings()) == 1
+
+
 async def test_record_mode_does_not_coalesce(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
