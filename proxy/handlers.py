@@ -84,6 +84,10 @@ RECORDING_CACHE_SIZE = 4096
 PARSED_CACHE_SIZE = 1024
 PARSED_BODY_LIMIT = 64 * 1024
 NAMESPACE_PREFIX = "/_seedcache/ns/"
+NO_USAGE = (
+    "this stream asks for a usage chunk (stream_options.include_usage) and the recording is a "
+    "stream recorded without one; record it again asking include_usage"
+)
 # Cross-proxy coalescing on a shared store: how long a fill lock lives if its holder dies, and
 # how often the others look for the recording meanwhile.
 SHARED_LOCK_TTL_MS = 30_000
@@ -346,6 +350,10 @@ class Handlers:
             if incoming.mode is Mode.REPLAY:
                 raise await self._miss(incoming, reason=f"no sample has fingerprint {pinned}")
             return None
+        if lacks_usage(sample, incoming):
+            if incoming.mode is Mode.REPLAY:
+                raise await self._miss(incoming, reason=NO_USAGE)
+            return None  # forwarded: the new sample has its usage
         if stale:
             policy = self.config.on_fingerprint_change
             if policy is OnFingerprintChange.REFRESH and incoming.mode is not Mode.REPLAY:
@@ -899,6 +907,15 @@ def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
             return list(sample.events)
         return sse.synthesise(sse.assemble(sample.events), include_usage=include_usage)
     return sse.synthesise(sample.body, include_usage=include_usage)
+
+
+def lacks_usage(sample: Sample, incoming: Incoming) -> bool:
+    """Whether a stream asks for a usage chunk (include_usage) that the sample cannot give: a chat
+    or completions stream recorded without include_usage never learnt its usage. (A non-streaming
+    answer assembled from such a stream says `usage: null`, as the SDK's types allow.)"""
+    if not incoming.include_usage or sample.events is None or _is_responses(sample.events):
+        return False
+    return not _has_usage_chunk(sample.events)
 
 
 def _has_usage_chunk(events: tuple[sse.Event, ...]) -> bool:

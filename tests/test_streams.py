@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from proxy.recording import Sample
-from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy
+from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy, status
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
     FakeUpstream,
@@ -275,23 +275,47 @@ def test_a_responses_stream_is_synthesised_from_a_plain_response(
     assert deltas == plain.output_text
 
 
-def test_a_stream_recorded_without_usage_gets_a_usage_chunk_when_a_replay_asks(
+def test_a_stream_asking_usage_the_recorded_stream_never_had_is_recorded_again(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
+    # The recording cannot know the usage: auto mode asks the upstream, and keeps the answer.
     body = chat_request(seed=15)
+    usage = {"include_usage": True}
     with proxy.client() as client:
         recorded = list(client.chat.completions.create(**body, stream=True))
-        replayed = list(
-            client.chat.completions.create(
-                **body, stream=True, stream_options={"include_usage": True}
-            )
+        live = client.chat.completions.with_raw_response.create(
+            **body, stream=True, stream_options=usage
         )
+        asked = list(live.parse())
+        again = list(client.chat.completions.create(**body, stream=True, stream_options=usage))
 
-    assert upstream.count() == 1
     assert all(c.choices for c in recorded)
-    assert replayed[-1].choices == []
-    assert all(c.choices for c in replayed[:-1])
-    assert text_of(replayed) == text_of(recorded) == message_text(upstream.chat_completion(body))
+    assert status(live) == "recorded"
+    assert upstream.count() == 2
+    for chunks in (asked, again):
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None
+        assert (
+            chunks[-1].usage.model_dump(exclude_none=True)
+            == upstream.chat_completion(body)["usage"]
+        )
+        assert all(c.choices for c in chunks[:-1])
+    assert text_of(again) == text_of(recorded) == message_text(upstream.chat_completion(body))
+
+
+def test_in_replay_a_stream_asking_usage_the_recording_never_had_is_an_explained_miss(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=15)
+    stream(start_proxy(), body)
+    replay = start_proxy(mode="replay")
+
+    with replay.client() as client, pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
+
+    assert "include_usage" in str(caught.value)
+    assert upstream.count() == 1
+    assert stream(replay, body).headers["x-seedcache-status"] == "hit"  # without it: a hit
 
 
 def test_a_stream_recorded_with_usage_has_no_usage_chunk_when_a_replay_does_not_ask(
