@@ -307,6 +307,8 @@ class _Choice:
             "role": self.role or "assistant",
             "content": fields.pop("content", None),
             "refusal": fields.pop("refusal", None),
+            # OpenAI's messages always carry it; streams send it only when there are some.
+            "annotations": [],
         }
         message.update(fields)
         if self.tool_calls is not None:

@@ -321,7 +321,12 @@ def test_assemble_openai_transcript() -> None:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "Paris", "refusal": None},
+                "message": {
+                    "role": "assistant",
+                    "content": "Paris",
+                    "refusal": None,
+                    "annotations": [],
+                },
                 "logprobs": None,
                 "finish_reason": "stop",
             }
@@ -350,7 +355,12 @@ def test_assemble_concatenates_content() -> None:
     assert result["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "The capital is Paris.", "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": "The capital is Paris.",
+                "refusal": None,
+                "annotations": [],
+            },
             "logprobs": None,
             "finish_reason": "length",
         }
@@ -398,6 +408,7 @@ def test_assemble_tool_calls_with_argument_fragments() -> None:
         "role": "assistant",
         "content": None,
         "refusal": None,
+        "annotations": [],
         "tool_calls": [
             tool_call(0, "get_weather", '{"city":"Paris"}'),
             tool_call(1, "get_time", '{"tz":"CET"}'),
@@ -466,7 +477,12 @@ def test_assemble_refusal() -> None:
         chunk(delta(finish_reason="stop")),
     )
     msg = assemble(events)["choices"][0]["message"]
-    assert msg == {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    assert msg == {
+        "role": "assistant",
+        "content": None,
+        "refusal": "I can't help with that.",
+        "annotations": [],
+    }
 
 
 def test_assemble_usage_and_null_fingerprint() -> None:
@@ -806,12 +822,12 @@ ROUND_TRIP_BODIES = {
 
 
 def without_absent_nones(assembled: Any, body: Any) -> Any:
-    """Drop keys the body omitted whose assembled value is None."""
+    """Drop keys the body omitted whose assembled value is None or empty."""
     if isinstance(assembled, dict) and isinstance(body, Mapping):
         return {
             k: without_absent_nones(v, body[k]) if k in body else v
             for k, v in assembled.items()
-            if k in body or v is not None
+            if k in body or v not in (None, [])
         }
     if isinstance(assembled, list) and isinstance(body, list) and len(assembled) == len(body):
         return [without_absent_nones(a, b) for a, b in zip(assembled, body, strict=True)]
@@ -825,7 +841,8 @@ def test_round_trip_body_through_stream(name: str) -> None:
     assert without_absent_nones(assembled, body) == body
 
 
-# Exact without normalising: llama.cpp's message omits `refusal`, which assembling always adds.
+# Exact without normalising: llama.cpp's message omits `refusal` and `annotations`, which
+# assembling always adds.
 OPENAI_SHAPED = [name for name in ROUND_TRIP_BODIES if name != "llama.cpp"]
 
 
