@@ -417,9 +417,7 @@ class Handlers:
         if incoming.stream and self.config.replay_timing:
             return await self._replay_paced(request, incoming, sample, status)
         body, base = decoded.render(sample, canon.key, incoming.stream, incoming.include_usage)
-        metadata = incoming.body.get("metadata") if isinstance(incoming.body, dict) else None
-        if metadata is not None:
-            body = echo_metadata(body, metadata, stream=incoming.stream)
+        body = echo(body, echoed(incoming.body), stream=incoming.stream)
         headers = {**base, STATUS: status}
         if not incoming.stream:
             return web.Response(status=sample.status, body=body, headers=headers)
@@ -440,11 +438,12 @@ class Handlers:
         response.enable_chunked_encoding()
         await response.prepare(request)
         start = time.monotonic()
+        asked = echoed(incoming.body)
         for event in replay_events(sample, include_usage=incoming.include_usage):
             delay = event.t_ms / 1000 - (time.monotonic() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            await response.write(sse.encode(event))
+            await response.write(sse.encode(echo_event(event, asked)))
         return response
 
     async def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
@@ -852,34 +851,70 @@ def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | N
     )
 
 
-def echo_metadata(body: bytes, metadata: Any, *, stream: bool) -> bytes:
-    """A replay with the request's `metadata` echoed where the recording echoed its own.
+# Bookkeeping members (not in the key) that a response repeats from its request, with what a
+# Responses object says when the request leaves them out. A chat completion repeats only
+# `metadata` (since 2026-08), and only when asked with some. `service_tier` is not among them: the
+# response names the tier that served it.
+_RESPONSES_ECHO: dict[str, Any] = {
+    "metadata": {},
+    "store": True,
+    "user": None,
+    "safety_identifier": None,
+    "prompt_cache_key": None,
+}
+_ECHO_NAMES = tuple(f'"{name}"' for name in _RESPONSES_ECHO)
+_ECHO_BYTES = tuple(name.encode() for name in _ECHO_NAMES)
 
-    Since 2026-08 OpenAI echoes `metadata` in responses; it is bookkeeping, not in the key, so a
-    recording made with other metadata would otherwise answer with that.
-    """
 
-    def patch(data: Any) -> Any:
-        if isinstance(data, dict):
-            if "metadata" in data:
-                data["metadata"] = metadata
-            inner = data.get("response")  # Responses API events carry the response inside
-            if isinstance(inner, dict) and "metadata" in inner:
-                inner["metadata"] = metadata
-        return data
+def echoed(body: Any) -> dict[str, Any]:
+    """The members of a request that its response repeats."""
+    if not isinstance(body, dict):
+        return {}
+    return {name: body[name] for name in _RESPONSES_ECHO if body.get(name) is not None}
 
-    if b'"metadata"' not in body:
+
+def echo(body: bytes, asked: dict[str, Any], *, stream: bool) -> bytes:
+    """A replay that repeats this request's bookkeeping (`echoed`), not the recorded request's:
+    the same question asked with other metadata or `store` gets them back, as it would live."""
+    if not asked and not any(name in body for name in _ECHO_BYTES):
         return body
     if not stream:
-        return orjson.dumps(patch(orjson.loads(body)))
-    events = sse.Decoder().decode(body)
-    patched = []
-    for event in events:
-        if event.data.startswith("{") and '"metadata"' in event.data:
-            data = orjson.dumps(patch(orjson.loads(event.data))).decode()
-            event = sse.Event(data, event.event, event.t_ms)
-        patched.append(sse.encode(event))
-    return b"".join(patched)
+        data = orjson.loads(body)
+        return orjson.dumps(data) if _echo_into(data, asked) else body
+    return b"".join(sse.encode(echo_event(event, asked)) for event in sse.Decoder().decode(body))
+
+
+def echo_event(event: sse.Event, asked: dict[str, Any]) -> sse.Event:
+    """One streamed event with this request's bookkeeping repeated (see `echo`)."""
+    if not event.data.startswith("{") or not (
+        asked or any(name in event.data for name in _ECHO_NAMES)
+    ):
+        return event
+    data = orjson.loads(event.data)
+    if not _echo_into(data, asked):
+        return event
+    return sse.Event(orjson.dumps(data).decode(), event.event, event.t_ms)
+
+
+def _echo_into(data: Any, asked: dict[str, Any]) -> bool:
+    """Set the echoed members of a response, chunk or Responses event; True if any changed."""
+    if not isinstance(data, dict):
+        return False
+    inner = data.get("response")
+    target: dict[str, Any] = inner if isinstance(inner, dict) else data
+    before = dict(target)
+    kind = target.get("object")
+    if kind == "response":
+        for name, default in _RESPONSES_ECHO.items():
+            if name in target or name in asked:
+                target[name] = asked.get(name, default)
+    elif kind not in ("chat.completion", "chat.completion.chunk"):
+        return False  # embeddings, models, legacy completions, Responses deltas: no echo
+    elif "metadata" in asked:
+        target["metadata"] = asked["metadata"]
+    else:
+        target.pop("metadata", None)
+    return bool(target != before)
 
 
 def replay_headers(sample: Sample, key: str, *, stream: bool) -> dict[str, str]:

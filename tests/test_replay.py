@@ -4,6 +4,7 @@ the recorded endpoints, and the admin endpoints (DESIGN §2, §5, §6, §11)."""
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from typing import Any
 
@@ -575,3 +576,56 @@ def test_a_replay_echoes_the_requests_metadata(
     assert streamed.headers["x-seedcache-status"] == "hit"
     assert b'"metadata":{"run":"third"}' in streamed.body
     assert b'"run":"first"' not in streamed.body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("replay_timing", [False, True], ids=["fast", "paced"])
+def test_a_replay_echoes_the_requests_metadata_or_none_as_live_would(
+    stream: bool, replay_timing: bool, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(replay_timing=replay_timing)
+    proxy.request("POST", CHAT, chat_request(metadata={"run": "a"}, stream=stream))
+
+    for asked in ({"run": "b"}, None):
+        body = chat_request(metadata=asked, stream=stream)
+        again = proxy.request("POST", CHAT, body)
+        live = upstream.chat_completion(chat_request(metadata=asked))
+        assert again.headers["x-seedcache-status"] == "hit"
+        if stream:
+            echoed = {c.get("metadata") is None or c["metadata"] == asked for c in chunks(again)}
+            assert echoed == {True}
+            assert b'"run":"a"' not in again.body
+            assert (b'"metadata"' in again.body) == (asked is not None)
+        else:
+            assert again.json().get("metadata") == live.get("metadata") == asked
+    assert upstream.count() == 1
+
+
+def chunks(result: Any) -> list[dict[str, Any]]:
+    """The JSON chunks of a raw SSE body."""
+    return [
+        json.loads(line[6:])
+        for line in result.body.decode().splitlines()
+        if line.startswith("data: {")
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_responses_replay_echoes_the_requests_store_and_metadata(
+    stream: bool, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # Replayed with the recorded store: true, a store: false client would be told its response
+    # was kept upstream, and chain a later request on an id that does not exist there.
+    with proxy.client() as client:
+        recorded = client.responses.create(**responses_request(store=True, metadata={"r": "1"}))
+        if stream:
+            events = list(client.responses.create(**responses_request(store=False), stream=True))
+            replayed = events[-1].response
+        else:
+            replayed = client.responses.create(**responses_request(store=False))
+
+    assert upstream.count() == 1
+    assert replayed.id == recorded.id
+    assert (recorded.store, recorded.metadata) == (True, {"r": "1"})
+    live = upstream.response(responses_request(store=False))
+    assert (replayed.store, replayed.metadata) == (live["store"], live["metadata"]) == (False, {})
