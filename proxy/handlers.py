@@ -133,14 +133,15 @@ class Decoded:
 
     recording: Recording
     at: float
-    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str]]] = field(
+    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool]] = field(
         default_factory=dict
     )
 
     def render(
         self, sample: Sample, key: str, stream: bool, include_usage: bool
-    ) -> tuple[bytes, dict[str, str]]:
-        """The body and headers replaying `sample` (one of ours) as asked, rendered once."""
+    ) -> tuple[bytes, dict[str, str], bool]:
+        """The body and headers replaying `sample` (one of ours) as asked, rendered once, and
+        whether the body repeats any bookkeeping (see `echo`)."""
         # id() is stable: this object keeps its samples alive.
         name = (id(sample), stream, stream and include_usage)
         cached = self.rendered.get(name)
@@ -150,7 +151,9 @@ class Decoded:
                 body = b"".join(sse.encode(event) for event in events)
             else:
                 body = orjson.dumps(sample.response())
-            cached = self.rendered[name] = (body, replay_headers(sample, key, stream=stream))
+            echoes = any(member in body for member in _ECHO_BYTES)
+            headers = replay_headers(sample, key, stream=stream)
+            cached = self.rendered[name] = (body, headers, echoes)
         return cached
 
 
@@ -227,7 +230,9 @@ class Handlers:
         # The path as sent, still percent-encoded: forwarded and keyed as it is, so that an
         # encoded `/` or `?` inside an id stays part of the id.
         path = request.rel_url.raw_path
-        if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+        if ("." in path or "%2" in path) and any(
+            unquote(segment) in (".", "..") for segment in path.split("/")
+        ):
             # Resolved, they would step out of the upstream's /v1 (with the proxy's own key, if
             # it sends one); no client of the API sends them.
             raise bad_request(
@@ -416,8 +421,12 @@ class Handlers:
         self.used.add(canon.key)
         if incoming.stream and self.config.replay_timing:
             return await self._replay_paced(request, incoming, sample, status)
-        body, base = decoded.render(sample, canon.key, incoming.stream, incoming.include_usage)
-        body = echo(body, echoed(incoming.body), stream=incoming.stream)
+        body, base, echoes = decoded.render(
+            sample, canon.key, incoming.stream, incoming.include_usage
+        )
+        asked = echoed(incoming.body)
+        if asked or echoes:
+            body = echo(body, asked, stream=incoming.stream)
         headers = {**base, STATUS: status}
         if not incoming.stream:
             return web.Response(status=sample.status, body=body, headers=headers)
