@@ -586,7 +586,7 @@ async def test_a_leaders_client_error_is_not_served_to_a_follower_whose_request_
     upstream.delay = 0.3
     upstream.fail_next(401, error_envelope(401, "Incorrect API key provided"))
     async with proxy.async_client() as client:
-        other = client.with_options(api_key="sk-another-key-0123456789abcdef")
+        other = client.with_options(api_key="another-tenant")
         leader = asyncio.create_task(client.chat.completions.create(**chat_request()))
         await asyncio.sleep(0.1)
         follower = await other.chat.completions.create(**chat_request())
