@@ -44,6 +44,8 @@ from proxy.recording import (
     check_storable,
     pick_sample,
     redact,
+    redact_event,
+    redact_json,
     stored_headers,
     utc_now,
 )
@@ -641,7 +643,7 @@ class Handlers:
             return None
         if not isinstance(parsed, (dict, list)):
             return None
-        return self._sample(live, started, body=parsed)
+        return self._sample(live, started, body=redact_json(parsed, body))
 
     async def _relay_stream(
         self,
@@ -689,7 +691,7 @@ class Handlers:
             log.info("client left during the stream of %s; nothing recorded", incoming.path)
             return response
         events.extend(decoder.flush())
-        sample = self._sample(live, started, events=tuple(events))
+        sample = self._sample(live, started, events=tuple(redact_event(e) for e in events))
         outcome = status_of(headers)
         if flight is not None and sse.is_complete(events, incoming.path):
             await self._record(request, incoming, sample, flight, response.headers)
@@ -741,7 +743,7 @@ class Handlers:
         fresh = Recording(
             key=canon.key,
             method=canon.method,
-            path=canon.path,
+            path=redact(canon.path),  # a query string may carry a key (?api_key=sk-…)
             body=redact(canon.body),
             namespace=canon.namespace,
         )

@@ -25,10 +25,15 @@ STORED_RESPONSE_HEADERS = frozenset(
     {"content-type", "openai-processing-ms", "openai-version", "x-request-id"}
 )
 
-# API-key shaped secrets: OpenAI/Anthropic style keys and bearer tokens.
+# API-key shaped secrets: OpenAI/Anthropic style keys and bearer tokens (HTTP auth schemes are
+# case-insensitive). Neither match holds a quote or a backslash, so replacing one inside JSON text
+# leaves valid JSON.
 _SECRET = re.compile(
-    r"(?<![A-Za-z0-9])(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}|\bBearer\s+[A-Za-z0-9._~+/\-]{8,}=*"
+    r"(?<![A-Za-z0-9])(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}|\b(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*"
 )
+# A cheap first look over raw JSON text: anything `_SECRET` finds in a decoded string shows here.
+_MAYBE = r"(?:sk|rk|pk)-[A-Za-z0-9_\-]{16}|(?i:bearer)"
+_MAYBE_SECRET, _MAYBE_SECRET_TEXT = re.compile(_MAYBE.encode()), re.compile(_MAYBE)
 REDACTED = "<redacted>"
 
 
@@ -260,14 +265,28 @@ _UNSTORABLE = {
 
 
 def redact(value: Any) -> Any:
-    """`value` with API-key shaped strings replaced, recursively through JSON containers."""
+    """`value` with API-key shaped strings replaced, recursively through JSON containers (member
+    names included)."""
     if isinstance(value, str):
         return _SECRET.sub(REDACTED, value)
     if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
+        return {redact(k): redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+def redact_json(value: Any, raw: bytes) -> Any:
+    """`redact(value)` for a value parsed from `raw`, walking it only if `raw` may hold a secret
+    (an upstream echoes `instructions`, `metadata` and the like into its answer)."""
+    return redact(value) if _MAYBE_SECRET.search(raw) else value
+
+
+def redact_event(event: Event) -> Event:
+    """A stream event with API-key shaped strings in its payload replaced."""
+    if not _MAYBE_SECRET_TEXT.search(event.data):
+        return event
+    return Event(_SECRET.sub(REDACTED, event.data), event.event, event.t_ms)
 
 
 EARLIEST = datetime.min.replace(tzinfo=UTC)

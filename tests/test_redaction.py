@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import RunningProxy, StartProxy
-from tests.fake_upstream import FakeUpstream, chat_request
+from tests.fake_upstream import FakeUpstream, chat_request, responses_request
 
 # Built at run time so that no key-shaped string is committed.
 SECRET = "sk-" + "proj-" + "A1b2C3d4" * 6
@@ -51,3 +51,48 @@ def test_keys_in_headers_never_reach_the_store(
     assert BEARER.encode() not in data
     assert b"test-key-not-a-secret" not in data, "the client's Authorization is never stored"
     assert b'"x-request-id": "req_<redacted>"' in data
+
+
+def test_keys_the_upstream_echoes_back_never_reach_the_store(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # The Responses API repeats `instructions` and `metadata`; chat repeats `metadata`.
+    proxy = start_proxy(store=f"files:{tmp_path / 'rec'}")
+    lower_bearer = "bearer " + "x9Y8z7W6" * 3
+    with proxy.client() as client:
+        live = client.responses.create(
+            **responses_request(instructions=f"Use {SECRET}", metadata={"token": lower_bearer})
+        )
+        list(client.responses.create(**responses_request(metadata={"k": SECRET}), stream=True))
+        client.chat.completions.create(**chat_request(metadata={"k": SECRET}))
+        list(
+            client.chat.completions.create(
+                **chat_request(seed=9, metadata={"k": SECRET}), stream=True
+            )
+        )
+        client.chat.completions.create(**chat_request(seed=8, extra_body={"x": {SECRET: 1}}))
+        replayed = client.responses.create(
+            **responses_request(instructions=f"Use {SECRET}", metadata={"token": lower_bearer})
+        )
+
+    assert live.instructions == f"Use {SECRET}"  # the client gets the live answer as sent
+    assert replayed.instructions == "Use <redacted>"  # a replay, what was stored
+    data = stored_bytes(tmp_path / "rec")
+    assert SECRET.encode() not in data
+    assert lower_bearer.encode() not in data
+    assert len(proxy.recordings()) == 5
+
+
+def test_a_key_in_the_query_string_is_not_stored(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy = start_proxy(store=f"files:{tmp_path / 'rec'}")
+
+    first = proxy.request("POST", f"/v1/chat/completions?api_key={SECRET}", chat_request())
+    again = proxy.request("POST", f"/v1/chat/completions?api_key={SECRET}", chat_request())
+
+    assert first.headers["x-seedcache-status"] == "recorded"
+    assert again.headers["x-seedcache-status"] == "hit"
+    assert upstream.last.path.endswith(SECRET)
+    assert SECRET.encode() not in stored_bytes(tmp_path / "rec")
+    assert proxy.recordings()[0].path == "/v1/chat/completions?api_key=<redacted>"
