@@ -17,7 +17,7 @@ import click
 from cli.audit import audit, probe, verify
 from cli.options import env, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
-from proxy.config import Config
+from proxy.config import Config, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
 
 
@@ -114,7 +114,7 @@ def serve(**options: Any) -> None:
     config = Config.build(**options)
     line = (
         f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
-        f"store {config.store}, upstream {config.upstream_base}"
+        f"store {StoreSpec.parse(config.store).shown}, upstream {config.upstream_base}"
         + (f", {config.workers} workers" if config.workers > 1 else "")
         + f"; export OPENAI_BASE_URL={config.public_url}"
     )
@@ -151,7 +151,7 @@ def run_server(config: Config, reuse_port: bool = False, announce: str | None = 
     """Serve `config` until interrupted (one worker process when reuse_port is set)."""
     from aiohttp import web
 
-    from proxy.app import create_app
+    from proxy.app import AccessLog, create_app
 
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -165,7 +165,7 @@ def run_server(config: Config, reuse_port: bool = False, announce: str | None = 
             print=(lambda _: click.echo(announce)) if announce else None,
             reuse_port=reuse_port or None,
             access_log=logging.getLogger("seedcache.access") if config.access_log else None,
-            access_log_format='%a "%r" %s %b %Tfs %{X-Seedcache-Status}o %{X-Seedcache-Key}o',
+            access_log_class=AccessLog,
         )
     except OSError as exc:
         # Binding failed (port in use, address not here): one line, not a traceback.

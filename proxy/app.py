@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from proxy import __version__
 from proxy.audit import parse_since, read_events, select, summarise
 from proxy.config import Config
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
-from proxy.handlers import Handlers, client_key
-from proxy.recording import Recording
+from proxy.handlers import KEY, STATUS, Handlers, client_key
+from proxy.recording import Recording, redact
 from proxy.stores.base import Store, open_store
 from proxy.upstream import Upstream
 
@@ -218,4 +219,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 type="server_error",
                 code="internal_error",
             )
+        )
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request: client, request line (keys in the query string redacted), status,
+    bytes, seconds, X-Seedcache-Status and X-Seedcache-Key."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        target = redact(request.rel_url.raw_path_qs)
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.6fs %s %s',
+            request.remote,
+            request.method,
+            target,
+            *request.version,
+            response.status,
+            response.body_length,
+            time,
+            response.headers.get(STATUS, "-"),
+            response.headers.get(KEY, "-"),
         )

@@ -10,6 +10,7 @@ import enum
 import os
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from proxy.errors import ConfigError
 from proxy.keys import NAMESPACE, NAMESPACE_RULE
@@ -124,6 +125,13 @@ class Config:
         """Raise ConfigError for values that cannot work."""
         if not self.upstream.startswith(("http://", "https://")):
             raise ConfigError(f"upstream must be an http(s) URL, got {self.upstream!r}")
+        if "@" in urlsplit(self.upstream).netloc:
+            # aiohttp refuses them beside the client's Authorization, which is forwarded.
+            raise ConfigError(
+                "the upstream URL must not carry credentials (user:password@); the client's "
+                "Authorization is forwarded, or give the proxy its own key with "
+                "--upstream-api-key-env"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
         if self.max_body <= 0:
@@ -190,6 +198,14 @@ class StoreSpec:
 
     def __str__(self) -> str:
         return FILES_PREFIX + self.location if self.kind == "files" else self.location
+
+    @property
+    def shown(self) -> str:
+        """The spec as messages print it: a Redis URL without its credentials or options."""
+        if self.kind != "redis":
+            return str(self)
+        parts = urlsplit(self.location)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 FILES_PREFIX = "files:"

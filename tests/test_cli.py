@@ -27,6 +27,8 @@ from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
 from tests.servers import free_port
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
+# Built at run time so that no key-shaped string is committed.
+QUERY_KEY = "sk-" + "proj-" + "Q1w2E3r4" * 4
 
 
 def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
@@ -212,6 +214,16 @@ def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     assert "app" not in captured_run_app  # nothing was started
 
 
+def test_the_start_up_line_shows_a_redis_store_without_its_password(
+    captured_run_app: dict[str, Any],
+) -> None:
+    result = run("serve", "--store", "redis://:hunter2-password@127.0.0.1:1/0?ssl_cert_reqs=none")
+
+    assert result.exit_code == 0, result.output
+    assert "store redis://127.0.0.1:1/0, upstream" in result.stdout
+    assert "hunter2" not in result.stdout
+
+
 def test_serve_refuses_a_non_integer_port_from_the_environment(
     captured_run_app: dict[str, Any],
 ) -> None:
@@ -288,6 +300,9 @@ def test_serve_runs_as_a_process_prints_one_line_and_proxies(
         with openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
             first = client.chat.completions.with_raw_response.create(**chat_request())
             second = client.chat.completions.with_raw_response.create(**chat_request())
+            in_query = client.chat.completions.with_raw_response.create(
+                **chat_request(seed=3), extra_query={"api_key": QUERY_KEY}
+            )
     finally:
         process.terminate()
         out, err = process.communicate(timeout=15)
@@ -301,8 +316,10 @@ def test_serve_runs_as_a_process_prints_one_line_and_proxies(
     assert first.headers["x-seedcache-status"] == "recorded"
     assert second.headers["x-seedcache-status"] == "hit"
     assert second.parse().id == upstream.chat_completion(chat_request())["id"]
-    assert upstream.count() == 1
+    assert upstream.count() == 2  # the first request and the one with a query string
     assert upstream.calls[0].headers["authorization"] == f"Bearer {API_KEY}"
     assert first.headers["x-seedcache-key"] in err  # the access log went to stderr…
     assert API_KEY not in err  # …without the client's key
+    assert in_query.headers["x-seedcache-key"] in err
+    assert "api_key=<redacted>" in err and QUERY_KEY not in err  # …or one in a query string
     assert process.returncode == 0

@@ -52,6 +52,7 @@ def test_defaults_live_in_config() -> None:
     ("options", "message"),
     [
         ({"upstream": "ftp://x"}, "http"),
+        ({"upstream": "https://user:pw@example.com/v1"}, "must not carry credentials"),
         ({"port": 70000}, "port"),
         ({"max_body": 0}, "max-body"),
         ({"on_fingerprint_change": "ignore"}, "keep, refresh, fail"),

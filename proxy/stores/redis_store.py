@@ -13,13 +13,13 @@ import random
 import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit
 
 import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from proxy.config import StoreSpec
 from proxy.errors import ConfigError, StoreError
 from proxy.stores.base import Updater
 
@@ -55,9 +55,7 @@ return 0
 
 def redact(url: str) -> str:
     """`url` without credentials or query options, for messages and `description`."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}"
+    return StoreSpec("redis", url).shown
 
 
 def recording_name(namespace: str, key: str) -> str:
