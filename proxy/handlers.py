@@ -389,7 +389,7 @@ class Handlers:
         if raw is None:
             self._recordings.pop(canon.key, None)
             return None  # misses are not remembered: another proxy may record it any moment
-        decoded = Decoded(Recording.loads(raw), now)
+        decoded = Decoded(load(raw, canon.key), now)
         return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
 
     async def _lookup_sequence(
@@ -756,7 +756,7 @@ class Handlers:
             seen[0] = stored
             if not incoming.write or (keep_existing and stored is not None):
                 return None
-            recording = fresh if stored is None else Recording.loads(stored)
+            recording = fresh if stored is None else load(stored, canon.key)
             return recording.with_sample(sample).dumps(pretty=self.store.pretty)
 
         await self.store.update(canon.namespace, canon.key, add)
@@ -817,6 +817,17 @@ class Handlers:
         except (ProxyError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("audit embeddings with %s failed: %s", body["model"], exc)
         return None
+
+
+def load(raw: bytes, key: str) -> Recording:
+    """The recording stored under `key`; one that cannot be read says how to get past it."""
+    try:
+        return Recording.loads(raw)
+    except FormatError as exc:
+        raise FormatError(
+            f"recording {key[:12]}: {exc}. Fix it, or delete it (seedcache rm {key[:12]}) to "
+            "record it again"
+        ) from None
 
 
 def remember(cache: dict[K, V], key: K, value: V, size: int) -> V:

@@ -160,7 +160,10 @@ class Recording:
             raise FormatError("stored recording is not a JSON object")
         try:
             return cls.from_json(data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A hand-edited file: a member missing, or of the wrong JSON type.
             raise FormatError(f"stored recording is malformed: {exc!r}") from None
 
     def summary(self, namespace: str | None = None) -> dict[str, Any]:

@@ -139,12 +139,20 @@ def test_unknown_format_is_an_error_that_says_what_to_do(fmt: str | None) -> Non
     message = str(caught.value)
     assert repr(fmt) in message and FORMAT in message
     assert "re-record" in message and "upgrade" in message
+    assert not message.startswith("stored recording is malformed")  # said once, not wrapped
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"not json", b"[1, 2]", b'{"format": "seedcache.recording/1", "key": "k"}'],
-    ids=["not-json", "not-an-object", "no-request"],
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"format": "seedcache.recording/1", "key": "k"}',
+        # Hand-edited: a member of the wrong JSON type.
+        b'{"format": "seedcache.recording/1", "key": "k", "request": {"method": "POST", '
+        b'"path": "/v1/x"}, "samples": [{"recorded_at": "", "headers": ["content-type"]}]}',
+    ],
+    ids=["not-json", "not-an-object", "no-request", "headers-not-an-object"],
 )
 def test_unreadable_recordings_raise_format_error(raw: bytes) -> None:
     with pytest.raises(FormatError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -629,3 +630,26 @@ def test_a_responses_replay_echoes_the_requests_store_and_metadata(
     assert (recorded.store, recorded.metadata) == (True, {"r": "1"})
     live = upstream.response(responses_request(store=False))
     assert (replayed.store, replayed.metadata) == (live["store"], live["metadata"]) == (False, {})
+
+
+def test_a_hand_edited_recording_that_cannot_be_read_says_how_to_get_past_it(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "rec"
+    start_proxy(store=f"files:{store}").request("POST", CHAT, chat_request())
+    [key] = [r.key for r in start_proxy(store=f"files:{store}").recordings()]
+    [path] = [p for p in store.rglob("*.json") if p.stem == key]
+    data = json.loads(path.read_text())
+    data["samples"][0]["headers"] = ["content-type"]  # an object turned into a list
+    path.write_text(json.dumps(data))
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    broken = replay.request("POST", CHAT, chat_request())
+    other = replay.request("POST", CHAT, chat_request(seed=2))
+
+    assert broken.status == 500
+    error = broken.json()["error"]
+    assert error["code"] == "recording_unreadable"
+    assert f"seedcache rm {path.stem[:12]}" in error["message"]
+    assert other.status == 404  # the others are still explained (the index skips it)
+    assert other.json()["error"]["code"] == "recording_not_found"
