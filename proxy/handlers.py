@@ -179,6 +179,7 @@ class Handlers:
         # Keys replayed or recorded by this run: the pytest plugin lists recordings no test used.
         self.used: set[str] = set()
         self._salt: str | None = None
+        self._salt_lock = asyncio.Lock()
         # --repeat sequence: how many identical requests per key this run has served.
         self._sequence: dict[str, int] = {}
         # Requests seen moments ago, parsed and keyed: (method, path, namespace, bytes) -> both.
@@ -314,12 +315,14 @@ class Handlers:
                 code="missing_api_key",
             )
         if self._salt is None:
-            # One random salt per store, shared by every proxy on it.
-            salt = await self.store.get_meta("isolation-salt")
-            if salt is None:
-                await self.store.set_meta("isolation-salt", secrets.token_hex(16))
-                salt = await self.store.get_meta("isolation-salt")
-            self._salt = salt or ""
+            async with self._salt_lock:  # the first requests arrive together: one salt for all
+                if self._salt is None:
+                    # One random salt per store, shared by every proxy on it.
+                    salt = await self.store.get_meta("isolation-salt")
+                    if salt is None:
+                        await self.store.set_meta("isolation-salt", secrets.token_hex(16))
+                        salt = await self.store.get_meta("isolation-salt")
+                    self._salt = salt or ""
         tenant = hashlib.sha256(f"{self._salt}:{secret}".encode()).hexdigest()[:16]
         return f"{namespace}.k{tenant}" if namespace else f"k{tenant}"
 

@@ -232,3 +232,25 @@ def test_isolation_by_key_needs_a_key(start_proxy: StartProxy, upstream: FakeUps
     assert answer.status == 401
     assert answer.json()["error"]["code"] == "missing_api_key"
     assert upstream.count() == 0
+
+
+async def test_a_tenants_first_requests_arriving_together_share_one_salt(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Each used to read, set and read the salt on its own: some hashed the tenant with a salt
+    # that lost, and their recordings were never found again.
+    proxy = start_proxy(isolate_by_key=True, store=f"files:{tmp_path / 'rec'}")
+    bodies = [chat_request(seed=n) for n in range(16)]
+    async with proxy.async_client() as client:
+
+        async def ask_all() -> list[str]:
+            raws = await asyncio.gather(
+                *(client.chat.completions.with_raw_response.create(**b) for b in bodies)
+            )
+            return [status(raw) for raw in raws]
+
+        first, again = await ask_all(), await ask_all()
+
+    assert first == ["recorded"] * 16
+    assert again == ["hit"] * 16
+    assert upstream.count() == 16
