@@ -194,7 +194,14 @@ class Handlers:
         incoming = await self._incoming(request)
         if incoming.mode is Mode.PASSTHROUGH or incoming.canon is None:
             if incoming.mode is Mode.REPLAY:
-                raise await self._miss(incoming, reason="this endpoint is not recorded")
+                route = (incoming.method, incoming.path.split("?", 1)[0])
+                reason = (
+                    "this request depends on state held upstream "
+                    f"({', '.join(STATEFUL)}), so it is never recorded"
+                    if route in RECORDED
+                    else "this endpoint is not recorded"
+                )
+                raise await self._miss(incoming, reason=reason)
             return await self._forward(request, incoming, status="bypass")
         canon = incoming.canon
         if incoming.mode in (Mode.AUTO, Mode.REPLAY) and incoming.read:

@@ -465,10 +465,12 @@ def test_stateful_responses_requests_miss_in_replay_mode(
 ) -> None:
     proxy = start_proxy(mode="replay")
 
-    with proxy.client() as client, pytest.raises(openai.NotFoundError):
+    with proxy.client() as client, pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(**responses_request(previous_response_id="resp_abc"))
 
     assert upstream.count() == 0
+    assert "depends on state held upstream" in str(caught.value)
+    assert "never recorded" in str(caught.value)
 
 
 def test_the_model_list_is_recorded_and_replayed(
