@@ -89,8 +89,20 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(request.app[HANDLERS].metrics.to_json())
 
 
+def _not_across_tenants(request: web.Request) -> None:
+    """Refuse a listing of the whole store when the store is shared by isolated tenants."""
+    if request.app[CONFIG].isolate_by_key:
+        raise ProxyError(
+            403,
+            f"{request.path} lists every tenant's recordings, so it is off with "
+            "--isolate-by-key; run `seedcache ls` or `seedcache audit` on the store instead.",
+            code="isolated_by_key",
+        )
+
+
 async def recordings(request: web.Request) -> web.Response:
     """The recordings in the store, newest first; ?model= and ?limit= narrow the list."""
+    _not_across_tenants(request)
     model = request.query.get("model")
     limit = _int_query(request, "limit", 1000)
     found = []
@@ -107,6 +119,7 @@ async def recordings(request: web.Request) -> web.Response:
 
 async def audit(request: web.Request) -> web.Response:
     """The audit summary per model and fingerprint (?since=24h, ?model=), as `seedcache audit`."""
+    _not_across_tenants(request)
     try:
         since = parse_since(request.query["since"]) if "since" in request.query else None
     except ValueError as exc:

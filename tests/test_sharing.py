@@ -234,6 +234,21 @@ def test_isolation_by_key_needs_a_key(start_proxy: StartProxy, upstream: FakeUps
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("listing", ["/_seedcache/recordings", "/_seedcache/audit"])
+def test_isolated_tenants_cannot_list_each_others_recordings(
+    listing: str, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(isolate_by_key=True)
+    proxy.request("POST", "/v1/chat/completions", chat_request())  # tenant A's recording
+
+    answer = proxy.request("GET", listing, headers={"Authorization": "Bearer tenant-b"})
+
+    assert answer.status == 403
+    assert answer.json()["error"]["code"] == "isolated_by_key"
+    assert b"gpt-4o-mini" not in answer.body
+    assert proxy.request("GET", "/_seedcache/health").status == 200
+
+
 async def test_a_tenants_first_requests_arriving_together_share_one_salt(
     start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
