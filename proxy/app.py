@@ -71,17 +71,21 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness, with the mode, store and upstream."""
+    """Liveness, with the mode, store and upstream: a 503 when the store cannot be read, so that
+    a health check (compose, Docker) sees a Redis that went away."""
     config = request.app[CONFIG]
-    return json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "mode": config.mode.value,
-            "store": request.app[HANDLERS].store.description,
-            "upstream": config.upstream_base,
-        }
-    )
+    store = request.app[HANDLERS].store
+    facts = {
+        "version": __version__,
+        "mode": config.mode.value,
+        "store": store.description,
+        "upstream": config.upstream_base,
+    }
+    try:
+        await store.get_meta("health")
+    except StoreError as exc:
+        return json_response({"status": "store_unavailable", "error": str(exc), **facts}, 503)
+    return json_response({"status": "ok", **facts})
 
 
 async def stats(request: web.Request) -> web.Response:

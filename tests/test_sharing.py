@@ -127,9 +127,12 @@ def test_redis_going_away_gives_a_clear_503_and_the_proxy_recovers(
         client.chat.completions.create(**chat_request())
     assert down.value.status_code == 503
     assert "cannot reach Redis" in str(down.value)
+    health = proxy.request("GET", "/_seedcache/health")  # what compose's health check asks
+    assert (health.status, health.json()["status"]) == (503, "store_unavailable")
     own_redis_server.start()
     raw = client.chat.completions.with_raw_response.create(**chat_request(seed=9))
     assert status(raw) == "recorded"
+    assert proxy.request("GET", "/_seedcache/health").json()["status"] == "ok"
 
 
 def test_proxies_recording_into_one_files_directory_at_once_lose_nothing(
