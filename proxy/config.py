@@ -98,6 +98,8 @@ class Config:
     access_log: bool = True
     # Seconds a disk store call may wait on SQLite's lock before failing (diskcache default is 60).
     store_timeout: float = 2.0
+    # What a miss in replay tells the user to run to record (the pytest plugin names its option).
+    record_hint: str = "seedcache serve --mode auto"
 
     @classmethod
     def build(cls, **given: Any) -> Config:

@@ -488,7 +488,7 @@ class Handlers:
             message += await self._nearest(incoming.canon)
         error = ProxyError(
             404,
-            f"{message}. Record it with: seedcache serve --mode auto",
+            f"{message}. Record it with: {self.config.record_hint}",
             type="seedcache_miss",
             code="recording_not_found",
         )

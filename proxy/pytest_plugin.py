@@ -108,7 +108,10 @@ def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
     options = {name: _setting(config, name) or default for name, default in DEFAULTS.items()}
     # Relative directories are taken from the rootdir, so `pytest` works from any folder.
     options["store"] = StoreSpec.parse(str(options["store"])).resolved(str(config.rootpath))
-    proxy = EmbeddedProxy(Config.build(port=0, access_log=False, **options)).start()
+    hint = "pytest --seedcache-mode auto"
+    proxy = EmbeddedProxy(
+        Config.build(port=0, access_log=False, record_hint=hint, **options)
+    ).start()
     session = SeedcacheSession(proxy)
     config.stash[_PROXY] = session
     saved = {name: os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}

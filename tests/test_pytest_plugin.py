@@ -51,6 +51,7 @@ def test_replay_is_the_default_and_fails_closed_with_an_explanation(
     result = run(pytester, f"--seedcache-upstream={upstream.base_url}")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*No recording for POST /v1/chat/completions*model=gpt-4o-mini*"])
+    result.stdout.fnmatch_lines(["*Record it with: pytest --seedcache-mode auto*"])
     result.stdout.fnmatch_lines(["*seedcache (replay): 0 hits, 2 misses, 0 recorded*"])
     assert upstream.count() == 0, "replay must never contact the upstream"
 
