@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 from typing import Any
@@ -17,7 +18,7 @@ import click
 from cli.audit import audit, probe, verify
 from cli.options import env, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
-from proxy.config import Config, StoreSpec
+from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
 
 
@@ -112,6 +113,13 @@ def serve(**options: Any) -> None:
     """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
     options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
     config = Config.build(**options)
+    directory = StoreSpec.parse(config.store).directory
+    if config.mode is Mode.REPLAY and directory is not None and not os.path.isdir(directory):
+        # Every request would miss: most likely a mistyped --store.
+        raise ConfigError(
+            f"--mode replay on a store that does not exist ({directory!r}): nothing could be "
+            "replayed; check --store, or record into it first with --mode auto"
+        )
     line = (
         f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
         f"store {StoreSpec.parse(config.store).shown}, upstream {config.upstream_base}"

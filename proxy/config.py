@@ -183,6 +183,10 @@ class StoreSpec:
         """The one reading of the --store grammar."""
         if spec.startswith(REDIS_SCHEMES):
             return cls("redis", spec)
+        scheme = spec.partition(":")[0]
+        if scheme in ("redis", "rediss", "unix"):
+            # `redis:/host` would otherwise become a directory of that name.
+            raise ConfigError(f"--store {spec!r} is not a Redis URL: write {scheme}://host:port/db")
         if spec.startswith(FILES_PREFIX):
             return cls("files", spec[len(FILES_PREFIX) :])
         return cls("disk", spec)

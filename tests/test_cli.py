@@ -165,6 +165,7 @@ def captured_run_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def test_serve_reads_every_option_from_seedcache_environment_variables(
     captured_run_app: dict[str, Any], tmp_path: Path
 ) -> None:
+    (tmp_path / "store").mkdir()  # replay needs a store that exists
     store = str(tmp_path / "store")
     env = {
         "SEEDCACHE_MODE": "none",
@@ -212,6 +213,30 @@ def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     assert result.exit_code == 2
     assert says in result.stderr
     assert "app" not in captured_run_app  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--mode", "replay", "--store", "no-such-store"), "replay on a store that does not exist"),
+        (("--store", "redis:/127.0.0.1:6379"), "is not a Redis URL: write redis://"),
+    ],
+    ids=["replay-on-nothing", "redis-typo"],
+)
+def test_a_mistyped_store_is_refused_not_created(
+    args: tuple[str, ...],
+    says: str,
+    captured_run_app: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run("serve", *args)
+
+    assert result.exit_code == 2
+    assert says in result.stderr
+    assert "app" not in captured_run_app
+    assert list(tmp_path.iterdir()) == []  # no directory made of the typo
 
 
 def test_the_start_up_line_shows_a_redis_store_without_its_password(
