@@ -364,9 +364,11 @@ class Handlers:
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
         if sample is None:
-            if incoming.mode is Mode.REPLAY:
-                raise await self._miss(incoming, reason=f"no sample has fingerprint {pinned}")
-            return None
+            # Only a pin finds no sample. It requires that one (DESIGN §4), also in auto: a live
+            # answer would come from whatever backend the upstream runs now.
+            raise await self._miss(
+                incoming, reason=f"no sample has fingerprint {pinned} (X-Seedcache-Fingerprint)"
+            )
         if lacks_usage(sample, incoming):
             if incoming.mode is Mode.REPLAY:
                 raise await self._miss(incoming, reason=NO_USAGE)

@@ -187,6 +187,13 @@ def test_a_pinned_fingerprint_selects_its_sample_and_misses_when_none_has_it(
     assert error["code"] == "recording_not_found"
     assert "fp_nowhere" in error["message"]
     assert upstream.count() == calls
+    # In auto too: a live answer would come from whatever backend the upstream runs now.
+    auto = start_proxy()
+    pinned = auto.request(
+        "POST", CHAT, chat_request(), headers={"X-Seedcache-Fingerprint": "fp_nowhere"}
+    )
+    assert (pinned.status, pinned.json()["error"]["code"]) == (404, "recording_not_found")
+    assert upstream.count() == calls
 
 
 # -- --on-fingerprint-change ---------------------------------------------------------------------
