@@ -137,7 +137,8 @@ def run(
                 f"{group} run {index} failed: upstream answered {exc.status_code}: {exc.message}"
             ) from None
         except openai.APIError as exc:
-            raise SeedcacheError(f"{group} run {index} failed: {exc}") from None
+            # A connection error says only "Connection error.": name where it went.
+            raise SeedcacheError(f"{group} run {index} failed: {exc} ({client.base_url})") from None
         choice = answer.choices[0] if answer.choices else None
         usage = answer.usage
         runs.append(

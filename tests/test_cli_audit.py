@@ -30,6 +30,7 @@ from tests.fake_upstream import (
     legacy_request,
     responses_request,
 )
+from tests.servers import free_port
 
 CHAT = "/v1/chat/completions"
 NOW = datetime.now(UTC)
@@ -744,3 +745,13 @@ def test_probe_upstream_errors_are_explained(upstream: FakeUpstream) -> None:
     assert result.exit_code == 2
     assert "seeded run 1 failed: upstream answered 401" in result.output
     assert upstream.count() == 1  # the SDK does not retry a 401
+
+
+def test_probe_names_the_url_it_could_not_reach() -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+
+    result = probe(closed, "--runs", "1")
+
+    assert result.exit_code == 2
+    assert "seeded run 1 failed: Connection error." in result.output
+    assert closed in result.output
