@@ -324,12 +324,12 @@ class Handlers:
         if self._salt is None:
             async with self._salt_lock:  # the first requests arrive together: one salt for all
                 if self._salt is None:
-                    # One random salt per store, shared by every proxy on it.
+                    # One random salt per store, shared by every proxy on it: the first to
+                    # add one wins, also when several start at once.
                     salt = await self.store.get_meta("isolation-salt")
                     if salt is None:
-                        await self.store.set_meta("isolation-salt", secrets.token_hex(16))
-                        salt = await self.store.get_meta("isolation-salt")
-                    self._salt = salt or ""
+                        salt = await self.store.add_meta("isolation-salt", secrets.token_hex(16))
+                    self._salt = salt
         tenant = hashlib.sha256(f"{self._salt}:{secret}".encode()).hexdigest()[:16]
         return f"{namespace}.k{tenant}" if namespace else f"k{tenant}"
 

@@ -216,6 +216,13 @@ class TestStoreContract:
         assert await store.get_meta("fingerprint:gpt-4o-mini") == "fp_2"
         assert await store.get_meta("fingerprint:gpt-4o") == "fp_ß"
 
+    async def test_add_meta_keeps_the_first_value(self, store: Store) -> None:
+        assert await store.add_meta("isolation-salt", "first") == "first"
+        assert await store.add_meta("isolation-salt", "second") == "first"
+        assert await store.get_meta("isolation-salt") == "first"
+        won = await asyncio.gather(*(store.add_meta("race", f"v{n}") for n in range(20)))
+        assert len(set(won)) == 1 and await store.get_meta("race") == won[0]
+
     async def test_events_in_order(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         # Small pages, so reading crosses page boundaries.
         monkeypatch.setattr(proxy.stores.files, "_EVENTS_PAGE", 3)
@@ -249,8 +256,34 @@ def _writer(spec: str, shared: str, own: str, worker: int, count: int) -> None:
     asyncio.run(run())
 
 
+def _adder(spec: str, worker: int) -> str:
+    """One process adding its own value under one meta name; returns the value that held."""
+
+    async def run() -> str:
+        store = open_store(spec, timeout=LOCK_TIMEOUT)
+        try:
+            return await store.add_meta("isolation-salt", f"w{worker}")
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 class TestParallelProcesses:
     """`serve --workers N` and parallel test workers: real processes writing one store."""
+
+    async def test_processes_adding_one_meta_value_agree(
+        self, store_spec: str, store: Store
+    ) -> None:
+        # Proxies starting at once on a fresh store must pick one isolation salt.
+        def run_all() -> list[str]:
+            with multiprocessing.get_context("spawn").Pool(4) as pool:
+                return pool.starmap(_adder, [(store_spec, w) for w in range(4)])
+
+        held = await asyncio.get_running_loop().run_in_executor(None, run_all)
+
+        assert len(set(held)) == 1
+        assert await store.get_meta("isolation-salt") == held[0]
 
     async def test_nothing_lost(self, store_spec: str, store: Store) -> None:
         workers, count = 4, 25

@@ -47,6 +47,10 @@ class Store(Protocol):
     async def set_meta(self, name: str, value: str) -> None:
         """Set a shared state value."""
 
+    async def add_meta(self, name: str, value: str) -> str:
+        """Set a shared state value unless one is set, atomically across processes; return the
+        value that holds (the one-time isolation salt: every proxy on a store must agree)."""
+
     async def append_event(self, event: bytes) -> None:
         """Append one audit event (JSON bytes)."""
 

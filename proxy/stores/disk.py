@@ -120,6 +120,14 @@ class DiskStore:
     async def set_meta(self, name: str, value: str) -> None:
         await self._off_loop(self._cache.set, _META + name, value)
 
+    async def add_meta(self, name: str, value: str) -> str:
+        return await self._off_loop(self._add_meta, _META + name, value)
+
+    def _add_meta(self, name: str, value: str) -> str:
+        self._cache.add(name, value)  # one transaction: add only if absent
+        held: str = self._cache.get(name)
+        return held
+
     async def append_event(self, event: bytes) -> None:
         await self._off_loop(self._cache.push, event, prefix=_EVENTS)
 

@@ -110,6 +110,16 @@ class FilesStore:
     async def set_meta(self, name: str, value: str) -> None:
         await self._locked("meta", functools.partial(self._set_meta, name, value))
 
+    async def add_meta(self, name: str, value: str) -> str:
+        return await self._locked("meta", functools.partial(self._add_meta, name, value))
+
+    def _add_meta(self, name: str, value: str) -> str:
+        held = self._read_meta().get(name)
+        if isinstance(held, str):
+            return held
+        self._set_meta(name, value)
+        return value
+
     async def append_event(self, event: bytes) -> None:
         line = event.strip()
         # Checked here because `events` skips lines that are not JSON (torn by a crash).

@@ -166,6 +166,12 @@ class RedisStore:
         with self._errors():
             await self._redis.hset(META, name, value)
 
+    async def add_meta(self, name: str, value: str) -> str:
+        with self._errors():
+            await self._redis.hsetnx(META, name, value)
+            held = await self._redis.hget(META, name)
+        return value if held is None else _bytes(held).decode()
+
     async def append_event(self, event: bytes) -> None:
         with self._errors():
             await self._redis.xadd(AUDIT, {"event": event})
