@@ -112,7 +112,19 @@ def main() -> None:
 def serve(**options: Any) -> None:
     """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
     options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
-    config = Config.build(**options)
+    try:
+        config = Config.build(**options)
+    except ConfigError as exc:
+        # A value from SEEDCACHE_* is not on the command line: say where it came from.
+        given = click.get_current_context()
+        from_env = [
+            env(name)
+            for name in options
+            if given.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT
+        ]
+        if from_env:
+            raise ConfigError(f"{exc} (set in the environment: {', '.join(from_env)})") from None
+        raise
     directory = StoreSpec.parse(config.store).directory
     if config.mode is Mode.REPLAY and directory is not None and not os.path.isdir(directory):
         # Every request would miss: most likely a mistyped --store.

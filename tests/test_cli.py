@@ -212,6 +212,7 @@ def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
 
     assert result.exit_code == 2
     assert says in result.stderr
+    assert f"(set in the environment: {next(iter(env))})" in result.stderr  # not on the line
     assert "app" not in captured_run_app  # nothing was started
 
 
