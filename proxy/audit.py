@@ -130,7 +130,10 @@ def parse_since(value: str, *, now: datetime | None = None) -> datetime:
     units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
     text = value.strip()
     if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
-        return now - timedelta(**{units[text[-1]]: float(text[:-1])})
+        try:
+            return now - timedelta(**{units[text[-1]]: float(text[:-1])})
+        except OverflowError:
+            raise ValueError(f"--since {value!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -181,7 +184,9 @@ class Group:
         self.verdicts[verdict] = self.verdicts.get(verdict, 0) + 1
         self.identical += verdict == "identical"
         self.fingerprint_changes += bool(event.get("fingerprint_changed"))
-        similarity = event.get("similarity") or {}
+        similarity = event.get("similarity")
+        if not isinstance(similarity, dict):
+            similarity = {}  # a foreign line: counted, without numbers
         for name, values in (
             ("text_ratio", self._ratios),
             ("ngram_cosine_distance", self._distances),

@@ -417,9 +417,22 @@ def test_audit_since_filters_by_time(audit_log: Path) -> None:
     assert count("--since", (NOW - timedelta(days=30)).date().isoformat()) == len(KNOWN) + 1
     assert count("--since", (NOW - 7 * HOUR).isoformat()) == 4
 
-    bad = seedcache("audit", "--audit-log", str(audit_log), "--since", "last tuesday")
-    assert bad.exit_code == 2
-    assert "--since" in bad.output
+    for nonsense in ("last tuesday", "99999999d", "1" + "0" * 30 + "s"):
+        bad = seedcache("audit", "--audit-log", str(audit_log), "--since", nonsense)
+        assert bad.exit_code == 2, bad.output
+        assert "--since" in bad.output
+
+
+def test_audit_counts_a_foreign_similarity_without_its_numbers(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    lines = [{**KNOWN[0], "similarity": [0.5]}, {**KNOWN[0], "similarity": "n/a"}, KNOWN[0]]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    for extra in ((), ("--json",), ("--html", str(tmp_path / "a.html"))):
+        result = seedcache("audit", "--audit-log", str(log), *extra)
+        assert result.exit_code == 0, result.output
+    groups = json.loads(seedcache("audit", "--audit-log", str(log), "--json").stdout)["groups"]
+    assert sum(group["comparisons"] for group in groups) == 3
 
 
 def test_audit_model_filter(audit_log: Path) -> None:
