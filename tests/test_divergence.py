@@ -248,6 +248,27 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], Verdict, bool]] = [
         False,
     ),
     (
+        "tool call arguments in another member order and spacing",
+        chat(None, tool_calls=[tool_call(arguments='{"city":"Paris","unit":"c"}')]),
+        chat(None, tool_calls=[tool_call(arguments='{"unit": "c", "city": "Paris"}')]),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "tool call arguments 1 against 1.0",
+        chat(None, tool_calls=[tool_call(arguments='{"days":1,"all":true}')]),
+        chat(None, tool_calls=[tool_call(arguments='{"days":1.0,"all":true}')]),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "tool call arguments true against 1",
+        chat(None, tool_calls=[tool_call(arguments='{"all":true}')]),
+        chat(None, tool_calls=[tool_call(arguments='{"all":1}')]),
+        TOOLS,
+        False,
+    ),
+    (
         "tool call name differs",
         chat(None, tool_calls=[tool_call()]),
         chat(None, tool_calls=[tool_call(name="get_forecast")]),
