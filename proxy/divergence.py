@@ -89,7 +89,9 @@ _PLAIN_NAME = re.compile(r"[^.\[\]\s\"']+")
 # longer ones are approximated (see _text_ratio), in tens of ms even for 100,000 chars.
 _CHAR_MATCH_BUDGET = 2_500_000
 _WORD_MATCH_BUDGET = 25_000_000
-_WORD = re.compile(r"\s*\S+|\s+")
+# A word with the spaces before it and its trailing punctuation; a run of letters without spaces
+# (Chinese, Japanese, a hex blob) is cut every 16 characters, or it would be one "word".
+_WORD = re.compile(r"\s*(?:\w{1,16}[^\w\s]*|[^\w\s]+)|\s+")
 
 _DIFFERENCE_LIMIT = 50
 
@@ -714,9 +716,16 @@ def _word_matched_chars(a: str, b: str) -> int:
     words_a, words_b = _WORD.findall(a), _WORD.findall(b)
     if len(words_a) * len(words_b) > _WORD_MATCH_BUDGET:
         return _shingle_matched_chars(words_a, words_b)
-    offsets = np.concatenate(([0], np.cumsum([len(w) for w in words_a])))
-    matcher = difflib.SequenceMatcher(None, words_a, words_b, autojunk=False)
-    return sum(int(offsets[i + size] - offsets[i]) for i, _, size in matcher.get_matching_blocks())
+    # Matched without the spaces before them, so that a rewrapped text (spaces to newlines) still
+    # matches word for word; the spaces count as matched only where they are the same.
+    stripped_a, stripped_b = [w.lstrip() for w in words_a], [w.lstrip() for w in words_b]
+    matcher = difflib.SequenceMatcher(None, stripped_a, stripped_b, autojunk=False)
+    matched = 0
+    for i, j, size in matcher.get_matching_blocks():
+        for k in range(size):
+            same = words_a[i + k] == words_b[j + k]
+            matched += len(words_a[i + k]) if same else len(stripped_a[i + k])
+    return matched
 
 
 def _shingle_matched_chars(words_a: list[str], words_b: list[str]) -> int:

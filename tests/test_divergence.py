@@ -674,6 +674,30 @@ def test_text_ratio_agrees_with_difflib(a: str, b: str) -> None:
     assert sim.text_ratio == pytest.approx(expected)
 
 
+def long_pairs() -> list[tuple[str, str, str, float]]:
+    """Long pairs past the exact budget, with difflib's ratio for each worked out by hand."""
+    rng = random.Random(7)
+    cjk = "".join(chr(0x4E00 + rng.randrange(2000)) for _ in range(4000))
+    blob = "".join(rng.choices("0123456789abcdef", k=3000))
+    prose = " ".join("".join(rng.choices("abcdefghij", k=rng.randint(2, 9))) for _ in range(900))
+    return [
+        ("Chinese, first and last changed", cjk, "X" + cjk[1:-1] + "Y", 3998 / 4000),
+        ("a hex blob, first changed", blob, "f" + blob[1:], 2999 / 3000),
+        # Every character but the 899 spaces is matched.
+        ("prose rewrapped", prose, prose.replace(" ", "\n"), 1 - 899 / len(prose)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "exact"), [p[1:] for p in long_pairs()], ids=[p[0] for p in long_pairs()]
+)
+def test_the_long_text_approximation_stays_near_difflib(a: str, b: str, exact: float) -> None:
+    # Past the exact budget: texts without spaces are cut into 16-character words, and words
+    # match whatever spaces precede them (these used to score 0.0).
+    sim = compare(chat(a), chat(b)).similarity
+    assert sim.text_ratio == pytest.approx(exact, abs=0.02)
+
+
 @pytest.mark.parametrize("words", [3_000, 40_000])  # matched word by word / by word triples
 def test_similarity_of_long_texts(words: int) -> None:
     rng = random.Random(words)
