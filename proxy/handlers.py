@@ -82,9 +82,13 @@ INDEX_TTL = 5.0
 # proxy replace theirs at once; those of other proxies on a shared store show within the TTL.
 RECORDING_TTL = 1.0
 RECORDING_CACHE_SIZE = 4096
-# Request bodies remembered with their parse and key, so that identical requests skip both.
+# Only recordings this small are kept decoded: a decoded one takes several times its bytes, and a
+# large one (a long embedding list) costs more to keep than to read again.
+RECORDING_CACHE_LIMIT = 64 * 1024
+# Request bodies remembered with their parse and key, so that identical requests skip both (the
+# limit bounds the cache at a few tens of MB: a parsed body takes several times its bytes).
 PARSED_CACHE_SIZE = 1024
-PARSED_BODY_LIMIT = 64 * 1024
+PARSED_BODY_LIMIT = 8 * 1024
 NAMESPACE_PREFIX = "/_seedcache/ns/"
 NO_USAGE = (
     "this stream asks for a usage chunk (stream_options.include_usage) and the recording is a "
@@ -402,6 +406,8 @@ class Handlers:
             self._recordings.pop(canon.key, None)
             return None  # misses are not remembered: another proxy may record it any moment
         decoded = Decoded(load(raw, canon.key), now)
+        if len(raw) > RECORDING_CACHE_LIMIT:
+            return decoded
         return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
 
     async def _lookup_sequence(
