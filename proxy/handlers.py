@@ -915,9 +915,9 @@ def echoed(body: Any) -> dict[str, Any]:
 
 def echo(body: bytes, asked: dict[str, Any], *, stream: bool) -> bytes:
     """A replay that repeats this request's bookkeeping (`echoed`), not the recorded request's:
-    the same question asked with other metadata or `store` gets them back, as it would live."""
-    if not asked and not any(name in body for name in _ECHO_BYTES):
-        return body
+    the same question asked with other metadata or `store` gets them back, as it would live.
+    Called only when the request asks some or the rendered body repeats some (`Decoded.render`
+    finds that once per rendering)."""
     if not stream:
         data = orjson.loads(body)
         return orjson.dumps(data) if _echo_into(data, asked) else body

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -230,12 +229,7 @@ def _canonical_value(value: Any) -> Any:
         return [_canonical_value(item) for item in value]
     # 1 and 1.0 are one number: integral floats become ints, so every SDK keys alike (within the
     # integers a recording can hold).
-    if (
-        kind is float
-        and math.isfinite(value)
-        and value.is_integer()
-        and _INT_MIN <= value < _INT_END
-    ):
+    if kind is float and value.is_integer() and _INT_MIN <= value < _INT_END:
         return int(value)
     return value
 

@@ -53,11 +53,6 @@ return 0
 """
 
 
-def redact(url: str) -> str:
-    """`url` without credentials or query options, for messages and `description`."""
-    return StoreSpec("redis", url).shown
-
-
 def recording_name(namespace: str, key: str) -> str:
     """The Redis key of a recording."""
     return f"{PREFIX}{namespace}:rec:{key}"
@@ -79,7 +74,7 @@ class RedisStore:
         connect_timeout: float = CONNECT_TIMEOUT,
         timeout: float = TIMEOUT,
     ) -> None:
-        self.description = redact(url)
+        self.description = StoreSpec("redis", url).shown  # no credentials, no options
         try:
             self._redis: Redis = Redis.from_url(
                 url,
