@@ -48,6 +48,19 @@ class ProxyError(SeedcacheError):
         # Extra response headers (X-Seedcache-Status, X-Seedcache-Key) for the error response.
         self.headers: dict[str, str] = {}
 
+    def again(self) -> ProxyError:
+        """The same error, to answer another request with."""
+        error = ProxyError(
+            self.status,
+            self.message,
+            type=self.type,
+            code=self.code,
+            param=self.param,
+            retry=self.retry,
+        )
+        error.headers.update(self.headers)
+        return error
+
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {message, type, param, code}}."""
         return error_envelope(self.message, type=self.type, code=self.code, param=self.param)

@@ -133,6 +133,12 @@ class Relayed:
     origin: tuple[bytes, str]
 
 
+# What a leader's upstream call gives the identical requests that waited for it: True when it
+# recorded, the upstream's non-2xx answer, the upstream failure (unreachable, timed out, broken
+# off), or None when its client left before the recording was made.
+Outcome = bool | Relayed | ProxyError | None
+
+
 @dataclass(slots=True)
 class Decoded:
     """A recording read from the store moments ago, with the replies rendered from it so far."""
@@ -175,8 +181,8 @@ class Handlers:
         # runtime Protocol check is slow).
         self._locking = store if isinstance(store, Locking) else None
         self.audit = AuditLog(config.audit_log_path, store)
-        # key -> the leader's outcome: True when it recorded, a Relayed error, or None (failed).
-        self._inflight: dict[str, asyncio.Future[bool | Relayed | None]] = {}
+        # key -> the leader's outcome, for identical requests that arrived meanwhile.
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._fingerprints: dict[str, tuple[str | None, float]] = {}
         self._index: RequestIndex | None = None
         self._index_at = 0.0
@@ -225,6 +231,10 @@ class Handlers:
                     return await self._lead_shared(request, incoming, self._locking)
                 return await self._lead(request, incoming, coalesce=coalesce)
             outcome = await asyncio.shield(flight)
+            if isinstance(outcome, ProxyError):
+                error = outcome.again()
+                error.headers[KEY] = canon.key
+                raise error
             if isinstance(outcome, Relayed):
                 if outcome.origin == (incoming.raw, client_key(request.headers)):
                     return web.Response(
@@ -234,7 +244,8 @@ class Handlers:
                 replay = await self._lookup(request, incoming)
                 if replay is not None:
                     return replay
-            # The leader failed (client gone, upstream broke): the next one in line leads.
+            # The leader's client left, or its error came from what the key leaves out: the next
+            # one in line leads.
 
     # -- parsing ----------------------------------------------------------------------------
 
@@ -561,7 +572,7 @@ class Handlers:
         """Forward this request and record it; identical concurrent misses wait for us."""
         canon = incoming.canon
         assert canon is not None
-        flight: asyncio.Future[bool | Relayed | None] = asyncio.get_running_loop().create_future()
+        flight: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if coalesce:
             self._inflight[canon.key] = flight
         try:
@@ -569,6 +580,12 @@ class Handlers:
             if not incoming.write and status == "recorded":
                 status = "bypass"  # Cache-Control: no-store: forwarded, not recorded
             return await self._forward(request, incoming, status=status, flight=flight)
+        except ProxyError as exc:
+            if exc.type == "upstream_error" and not flight.done():
+                # Unreachable, timed out, unreadable: so it is for whoever waits on the same
+                # call, who would otherwise each wait out the same timeout in turn.
+                flight.set_result(exc)
+            raise
         finally:
             if coalesce:
                 del self._inflight[canon.key]
@@ -611,7 +628,7 @@ class Handlers:
         incoming: Incoming,
         *,
         status: str,
-        flight: asyncio.Future[bool | Relayed | None] | None = None,
+        flight: asyncio.Future[Outcome] | None = None,
     ) -> web.StreamResponse:
         """Send the request upstream and relay the answer, recording it when `flight` is given."""
         started = time.monotonic()
@@ -626,7 +643,7 @@ class Handlers:
                     self.metrics.upstream_error(live.status)
                     body = await read_body(live)
                     headers[STATUS] = "bypass" if flight is None else "miss"
-                    if flight is not None and 400 <= live.status < 500 and live.status != 429:
+                    if flight is not None:
                         origin = (incoming.raw, client_key(request.headers))
                         relayed = Relayed(live.status, tuple(headers.items()), body, origin)
                         flight.set_result(relayed)
@@ -669,7 +686,7 @@ class Handlers:
         incoming: Incoming,
         live: ClientResponse,
         headers: CIMultiDict[str],
-        flight: asyncio.Future[bool | Relayed | None] | None,
+        flight: asyncio.Future[Outcome] | None,
     ) -> web.StreamResponse:
         """Relay an upstream stream event by event and record it if it completes.
 
@@ -695,10 +712,11 @@ class Handlers:
         except UpstreamBroken as exc:
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
             self.metrics.upstream_error(0)
+            broken = upstream_failure(502, f"The upstream stream broke off: {exc}", "upstream_broken")
             if buffered:
-                raise upstream_failure(
-                    502, f"The upstream stream broke off: {exc}", "upstream_broken"
-                ) from None
+                raise broken from None
+            if flight is not None and not flight.done():
+                flight.set_result(broken)  # those waiting have had nothing yet: a clean 502
             # Ending the body cleanly would make a truncated answer look complete to the SDK:
             # close the connection with the chunked body unterminated instead.
             if request.transport is not None:
@@ -751,7 +769,7 @@ class Handlers:
         request: web.Request,
         incoming: Incoming,
         sample: Sample,
-        flight: asyncio.Future[bool | Relayed | None],
+        flight: asyncio.Future[Outcome],
         headers: MutableMapping[str, str],
     ) -> None:
         """Store a live sample; when the key already had samples, audit it against them."""

@@ -579,6 +579,47 @@ async def test_followers_of_a_failed_leader_get_the_same_client_error(
     assert {r.param for r in results if isinstance(r, openai.BadRequestError)} == {"tools"}
 
 
+@pytest.mark.parametrize("code", [429, 500, 503])
+async def test_followers_of_a_leader_get_its_rate_limit_or_server_error(
+    code: int, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.delay = 0.5
+    upstream.fail_next(code, error_envelope(code))
+    async with proxy.async_client() as client:
+        results = await asyncio.gather(
+            *(client.chat.completions.create(**chat_request()) for _ in range(4)),
+            return_exceptions=True,
+        )
+
+    assert upstream.count() == 1  # not one paid (or rate-limited) call per waiting request
+    assert {getattr(r, "status_code", None) for r in results} == {code}
+    assert proxy.recordings() == []
+
+
+async def test_followers_of_a_leader_that_timed_out_time_out_with_it(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(upstream_timeout=0.5)
+    upstream.hang_next(5)
+    async with proxy.async_client() as client:
+        results = await asyncio.gather(
+            *(client.chat.completions.with_raw_response.create(**chat_request()) for _ in range(4)),
+            return_exceptions=True,
+        )
+
+    # Before, each waiting request went upstream in turn once the one before it timed out.
+    assert upstream.count() == 1
+    assert all(isinstance(r, openai.InternalServerError) for r in results)
+    errors = [r for r in results if isinstance(r, openai.InternalServerError)]
+    assert {e.status_code for e in errors} == {504}
+    assert {e.code for e in errors} == {"upstream_timeout"}
+    assert {e.response.headers["x-should-retry"] for e in errors} == {"true"}
+    assert len({e.response.headers["x-seedcache-key"] for e in errors}) == 1
+    assert proxy.recordings() == []
+    after = proxy.request("POST", CHAT, chat_request())
+    assert after.headers["x-seedcache-status"] == "recorded"
+
+
 async def test_a_leaders_client_error_is_not_served_to_a_follower_whose_request_differs(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:

@@ -521,6 +521,41 @@ async def test_identical_concurrent_streaming_misses_are_coalesced(
         assert text_of(chunks) == message_text(expected)
 
 
+async def test_requests_waiting_on_a_stream_that_breaks_off_get_a_retryable_502(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.chunk_delay = 0.05
+    upstream.drop_stream_after(4)
+    body = chat_request(seed=21)
+
+    async with proxy.async_client() as client:
+
+        async def leader() -> BaseException | None:
+            try:
+                async for _ in await client.chat.completions.create(**body, stream=True):
+                    pass
+            except openai.APIConnectionError as exc:
+                return exc
+            return None
+
+        async def follower() -> Any:
+            await asyncio.sleep(0.1)  # the leader's stream is under way
+            return await client.chat.completions.with_raw_response.create(**body, stream=True)
+
+        broken, *followers = await asyncio.gather(
+            leader(), *(follower() for _ in range(3)), return_exceptions=True
+        )
+
+    assert isinstance(broken, openai.APIConnectionError)  # the leader saw the stream break
+    assert all(isinstance(f, openai.InternalServerError) for f in followers)
+    errors = [f for f in followers if isinstance(f, openai.InternalServerError)]
+    assert {(e.status_code, e.code) for e in errors} == {(502, "upstream_broken")}
+    assert {e.response.headers["x-should-retry"] for e in errors} == {"true"}
+    assert len({e.response.headers["x-seedcache-key"] for e in errors}) == 1
+    assert upstream.count() == 1  # they did not each go upstream in turn
+    assert proxy.recordings() == []
+
+
 async def test_a_plain_request_waiting_on_a_streaming_leader_gets_the_assembled_completion(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
