@@ -98,6 +98,10 @@ NO_USAGE = (
 # how often the others look for the recording meanwhile.
 SHARED_LOCK_TTL_MS = 30_000
 SHARED_LOCK_POLL = 0.05
+# How long a live stream's client may leave a write unread (its socket buffers full) before it
+# counts as gone: the relay would wait on it for ever, and so would the requests waiting for
+# the recording. A client reading at any pace never comes near it.
+CLIENT_WRITE_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,7 +712,8 @@ class Handlers:
                 for event in decoder.decode(chunk, t_ms):
                     events.append(event)
                     if not buffered:
-                        await response.write(sse.encode(event))
+                        async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
+                            await response.write(sse.encode(event))
         except UpstreamBroken as exc:
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
             self.metrics.upstream_error(0)
@@ -725,6 +730,15 @@ class Handlers:
         except ConnectionError:
             # The client went away: what it did not receive is not recorded (DESIGN §5).
             log.info("client left during the stream of %s; nothing recorded", incoming.path)
+            return response
+        except TimeoutError:
+            log.warning(
+                "client of the stream of %s read nothing for %ss: closed, nothing recorded",
+                incoming.path,
+                CLIENT_WRITE_TIMEOUT,
+            )
+            if request.transport is not None:
+                request.transport.close()
             return response
         events.extend(decoder.flush())
         sample = self._sample(live, started, events=tuple(redact_event(e) for e in events))

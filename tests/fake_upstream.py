@@ -389,6 +389,7 @@ class FakeUpstream:
     chunk_delay: float = 0.0
     gzip: bool = False
     keepalive_comments: bool = True
+    padding: int = 0  # characters added to every stream chunk's `obfuscation`: streams of many MB
     extra_headers: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     calls: list[Call] = field(default_factory=list, repr=False)
@@ -549,7 +550,7 @@ class FakeUpstream:
             if include_usage:
                 out["usage"] = None
             if obfuscate:
-                out["obfuscation"] = _obfuscation()
+                out["obfuscation"] = _obfuscation() + "0" * self.padding
             return out
 
         chunks = []

@@ -13,6 +13,7 @@ from typing import Any
 import openai
 import pytest
 
+from proxy import handlers
 from proxy.recording import Sample
 from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy, status
 from tests.fake_upstream import (
@@ -554,6 +555,46 @@ async def test_requests_waiting_on_a_stream_that_breaks_off_get_a_retryable_502(
     assert len({e.response.headers["x-seedcache-key"] for e in errors}) == 1
     assert upstream.count() == 1  # they did not each go upstream in turn
     assert proxy.recordings() == []
+
+
+async def test_a_leader_whose_client_stops_reading_does_not_hold_up_those_waiting_on_it(
+    proxy: RunningProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handlers, "CLIENT_WRITE_TIMEOUT", 0.5)
+    upstream.padding = 50_000  # ~11 MB of stream: more than the socket buffers hold
+    body = chat_request(seed=22, n=20, stream=True)
+    payload = json.dumps(body).encode()
+    # The leader: a client that sends its request and never reads a byte of the answer.
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", proxy.running.port))
+    stuck.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    try:
+        await asyncio.sleep(0.3)  # it leads, and its relay stalls
+        async with proxy.async_client() as client:
+            raw = await asyncio.wait_for(
+                client.chat.completions.with_raw_response.create(**body), timeout=30
+            )
+            chunks = [c async for c in raw.parse()]
+        stuck.settimeout(10)
+        received = b""
+        while piece := stuck.recv(1 << 20):
+            received += piece
+    finally:
+        stuck.close()
+
+    # The stalled leader was cut off with its chunked body unterminated, and recorded nothing;
+    # the waiting request then led its own call.
+    assert received.startswith(b"HTTP/1.1 200")
+    assert not received.endswith(b"0\r\n\r\n")
+    assert raw.headers["x-seedcache-status"] == "recorded"
+    assert text_of(chunks) == message_text(upstream.chat_completion(body))
+    assert upstream.count() == 2
+    assert len(only_sample(proxy).events or ()) == len(upstream.chat_chunks(body)) + 1
 
 
 async def test_a_plain_request_waiting_on_a_streaming_leader_gets_the_assembled_completion(
