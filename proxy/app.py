@@ -163,6 +163,9 @@ def error_response(error: ProxyError) -> web.Response:
     response.headers["x-request-id"] = f"req_seedcache_{uuid.uuid4().hex[:24]}"
     response.headers["X-Seedcache-Status"] = "error"
     response.headers.update(error.headers)
+    if error.status == 408:
+        # RFC 9110 §15.5.9: the connection closes; the rest of the body is not waited for.
+        response.force_close()
     return response
 
 

@@ -98,6 +98,9 @@ NO_USAGE = (
 # how often the others look for the recording meanwhile.
 SHARED_LOCK_TTL_MS = 30_000
 SHARED_LOCK_POLL = 0.05
+# How long a request body may take to arrive: a client that stops sending half way (or sends a
+# byte a minute) would otherwise hold its connection and handler for ever.
+BODY_TIMEOUT = 60.0
 # How long a live stream's client may leave a write unread (its socket buffers full) before it
 # counts as gone: the relay would wait on it for ever, and so would the requests waiting for
 # the recording. A client reading at any pace never comes near it.
@@ -283,7 +286,18 @@ class Handlers:
             )
         mode = self._mode(request)
         try:
-            raw = await request.read()
+            if request.content.is_eof():
+                raw = await request.read()  # arrived with the headers, as small bodies do
+            else:
+                async with asyncio.timeout(BODY_TIMEOUT):
+                    raw = await request.read()
+        except TimeoutError:
+            raise ProxyError(
+                408,
+                f"The request body did not arrive within {BODY_TIMEOUT:g} seconds; send it whole.",
+                code="body_timeout",
+                retry=True,
+            ) from None
         except web.RequestPayloadError:
             # aiohttp decodes a compressed body as it reads it: this one does not decode (or,
             # with no encoding, was cut short by a client that is gone).

@@ -3,10 +3,14 @@ and a server that keeps serving (DESIGN §10)."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 from typing import Any
 
 import pytest
 
+from proxy import handlers
 from tests.conftest import HTTPResult, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request
 
@@ -216,6 +220,32 @@ def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)
     assert len(proxy.recordings()) == 1
+
+
+def test_a_body_that_stops_arriving_is_a_408_and_is_not_forwarded(
+    proxy: RunningProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handlers, "BODY_TIMEOUT", 0.5)
+    payload = json.dumps(chat_request()).encode()
+    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload[:20]  # and then nothing more
+        )
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        body = answer.read()
+
+    assert answer.status == 408
+    assert answer.headers["x-should-retry"] == "true"
+    assert answer.headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == "body_timeout"
+    assert "0.5 seconds" in error["message"]
+    assert upstream.count() == 0
+    assert proxy.recordings() == []
+    assert_still_serving(proxy, upstream)
 
 
 @pytest.mark.parametrize("path", ["/v1/../admin", "/v1/%2e%2e/%2E%2E/secret", "/v1/./models"])
