@@ -193,8 +193,9 @@ class Handlers:
         self._fingerprints: dict[str, tuple[str | None, float]] = {}
         self._index: RequestIndex | None = None
         self._index_at = 0.0
-        # Keys replayed or recorded by this run: the pytest plugin lists recordings no test used.
-        self.used: set[str] = set()
+        # Keys replayed or recorded by this run, when asked for (an embedded proxy: the pytest
+        # plugin lists recordings no test used); a long-running server would grow it for ever.
+        self.used: set[str] | None = None
         self._salt: str | None = None
         self._salt_lock = asyncio.Lock()
         # --repeat sequence: how many identical requests per key this run has served.
@@ -467,7 +468,8 @@ class Handlers:
     ) -> web.StreamResponse:
         canon = incoming.canon
         assert canon is not None
-        self.used.add(canon.key)
+        if self.used is not None:
+            self.used.add(canon.key)
         if incoming.stream and self.config.replay_timing:
             return await self._replay_paced(request, incoming, sample, status)
         body, base, echoes = decoded.render(
@@ -731,7 +733,9 @@ class Handlers:
         except UpstreamBroken as exc:
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
             self.metrics.upstream_error(0)
-            broken = upstream_failure(502, f"The upstream stream broke off: {exc}", "upstream_broken")
+            broken = upstream_failure(
+                502, f"The upstream stream broke off: {exc}", "upstream_broken"
+            )
             if buffered:
                 raise broken from None
             if flight is not None and not flight.done():
@@ -834,7 +838,8 @@ class Handlers:
         if not incoming.write or (keep_existing and old is not None):
             return
         self._recordings.pop(canon.key, None)
-        self.used.add(canon.key)
+        if self.used is not None:
+            self.used.add(canon.key)
         if self._index is not None:
             self._index.add(canon.key, fresh.namespace, fresh.method, fresh.path, fresh.body)
         if not flight.done():

@@ -13,6 +13,12 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import generate_latest
 
 OUTCOMES = ("hit", "miss", "recorded", "stale", "bypass", "audited")
+# The model comes from the client: past this many (model, fingerprint) pairs, or past this length,
+# a model is counted as OTHER, so that a client sending ever new names cannot grow memory or
+# the /metrics exposition without bound.
+MODEL_LIMIT = 256
+MODEL_NAME_LIMIT = 200
+OTHER = "(other)"
 # The stats document names totals in the plural (hits, misses, …); outcomes are X-Seedcache-Status.
 STAT_NAMES = {"hit": "hits", "miss": "misses", "bypass": "bypassed"}
 
@@ -51,8 +57,9 @@ class Metrics:
         """Count one request's outcome."""
         name = STAT_NAMES.get(outcome, outcome)
         self.totals[name] += 1
-        self._bucket(model, fingerprint)[name] += 1
-        labels = (outcome, model or "")
+        model, bucket = self._bucket(model, fingerprint)
+        bucket[name] += 1
+        labels = (outcome, model)
         child = self._children.get(labels)
         if child is None:
             # labels() takes a lock and checks its arguments: look each child up once.
@@ -64,8 +71,9 @@ class Metrics:
     ) -> None:
         """Count one divergence found by the audit."""
         self.totals["divergences"] += 1
-        self._bucket(model, fingerprint)["divergences"] += 1
-        self._divergences.labels(model or "", verdict, str(fingerprint_changed).lower()).inc()
+        model, bucket = self._bucket(model, fingerprint)
+        bucket["divergences"] += 1
+        self._divergences.labels(model, verdict, str(fingerprint_changed).lower()).inc()
 
     def upstream_error(self, status: int) -> None:
         """Count an upstream failure (status 0: no response at all)."""
@@ -86,5 +94,12 @@ class Metrics:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
 
-    def _bucket(self, model: str | None, fingerprint: str | None) -> Counter[str]:
-        return self.by_model.setdefault((model or "", fingerprint or ""), Counter())
+    def _bucket(self, model: str | None, fingerprint: str | None) -> tuple[str, Counter[str]]:
+        """The model as counted, and the counts of its (model, fingerprint) pair."""
+        pair = (model or "", fingerprint or "")
+        bucket = self.by_model.get(pair)
+        if bucket is not None:
+            return pair[0], bucket
+        if len(self.by_model) >= MODEL_LIMIT or len(pair[0]) > MODEL_NAME_LIMIT:
+            pair = (OTHER, "")
+        return pair[0], self.by_model.setdefault(pair, Counter())

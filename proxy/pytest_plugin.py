@@ -81,7 +81,7 @@ class SeedcacheSession:
 
     def unused(self) -> list[Recording]:
         """Recordings in the store that no request of this session replayed or recorded."""
-        used = self.proxy.handlers.used
+        used = self.proxy.handlers.used or set()
 
         async def scan() -> list[Recording]:
             found = []

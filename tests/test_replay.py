@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from proxy import metrics
 from proxy.keys import make_key
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
 from tests.fake_upstream import (
@@ -561,6 +562,26 @@ def test_stats_and_metrics_count_a_known_sequence(
     ]
     assert len(hits) == 1 and float(hits[0].rsplit(" ", 1)[1]) == 2.0
     assert API_KEY not in metrics.body.decode()
+
+
+def test_stats_and_metrics_count_models_past_the_limit_as_other(
+    start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model is the client's to choose: ever new names must not grow the counters for ever.
+    monkeypatch.setattr(metrics, "MODEL_LIMIT", 5)
+    proxy = start_proxy(mode="replay")
+    models = [f"model-{i}" for i in range(8)] + ["m" * 5000]
+    for model in models:
+        assert proxy.request("POST", CHAT, chat_request(model=model)).status == 404
+
+    stats = proxy.stats()
+    assert stats["misses"] == len(models)
+    counted = {b["model"]: b["misses"] for b in stats["by_model"]}
+    assert counted == {**{f"model-{i}": 1 for i in range(5)}, "(other)": 4}
+    exposed = proxy.request("GET", "/metrics").body.decode()
+    assert 'seedcache_requests_total{model="(other)",status="miss"} 4.0' in exposed
+    assert "model-7" not in exposed and "m" * 300 not in exposed
+    assert upstream.count() == 0
 
 
 def test_a_replay_echoes_the_requests_metadata(
