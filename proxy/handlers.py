@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import shlex
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from multidict import CIMultiDict
 
 from proxy import sse
 from proxy.audit import AuditLog, audit_event, baseline
-from proxy.config import Config, Mode, OnFingerprintChange, Repeat
+from proxy.config import Config, Mode, OnFingerprintChange, Repeat, StoreSpec
 from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.keys import (
@@ -184,6 +185,7 @@ class Handlers:
         self.store = store
         self.upstream = upstream
         self.metrics = Metrics()
+        self._store_shown = StoreSpec.parse(config.store).shown  # for hints in messages
         # A store shared by several proxies coalesces misses across them (checked once: a
         # runtime Protocol check is slow).
         self._locking = store if isinstance(store, Locking) else None
@@ -435,7 +437,7 @@ class Handlers:
         if raw is None:
             self._recordings.pop(canon.key, None)
             return None  # misses are not remembered: another proxy may record it any moment
-        decoded = Decoded(load(raw, canon.key), now)
+        decoded = Decoded(load(raw, canon.key, self._store_shown), now)
         if len(raw) > RECORDING_CACHE_LIMIT:
             return decoded
         return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
@@ -824,7 +826,7 @@ class Handlers:
             seen[0] = stored
             if not incoming.write or (keep_existing and stored is not None):
                 return None
-            recording = fresh if stored is None else load(stored, canon.key)
+            recording = fresh if stored is None else load(stored, canon.key, self._store_shown)
             return recording.with_sample(sample).dumps(pretty=self.store.pretty)
 
         await self.store.update(canon.namespace, canon.key, add)
@@ -888,14 +890,15 @@ class Handlers:
         return None
 
 
-def load(raw: bytes, key: str) -> Recording:
-    """The recording stored under `key`; one that cannot be read says how to get past it."""
+def load(raw: bytes, key: str, store: str) -> Recording:
+    """The recording stored under `key` in `store` (a --store value as shown); one that cannot be
+    read says how to get past it."""
     try:
         return Recording.loads(raw)
     except FormatError as exc:
+        remove = f"seedcache rm --store {shlex.quote(store)} {key[:12]}"
         raise FormatError(
-            f"recording {key[:12]}: {exc}. Fix it, or delete it (seedcache rm {key[:12]}) to "
-            "record it again"
+            f"recording {key[:12]}: {exc}. Fix it, or delete it ({remove}) to record it again"
         ) from None
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shlex
 import struct
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from click.testing import CliRunner
 
+from cli.main import main
 from proxy import metrics
 from proxy.keys import make_key
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
@@ -673,6 +677,11 @@ def test_a_hand_edited_recording_that_cannot_be_read_says_how_to_get_past_it(
     assert broken.status == 500
     error = broken.json()["error"]
     assert error["code"] == "recording_unreadable"
-    assert f"seedcache rm {path.stem[:12]}" in error["message"]
     assert other.status == 404  # the others are still explained (the index skips it)
     assert other.json()["error"]["code"] == "recording_not_found"
+    # The command the message gives works as it is, from any folder.
+    [command] = re.findall(r"\((seedcache rm [^)]+)\)", error["message"])
+    removed = CliRunner().invoke(main, shlex.split(command)[1:])
+    assert removed.exit_code == 0, removed.output
+    assert not path.exists()
+    assert replay.request("POST", CHAT, chat_request()).status == 404
