@@ -518,6 +518,8 @@ class Handlers:
             details.append(f"model={model}")
         if incoming.canon is not None and incoming.canon.seed is not None:
             details.append(f"seed={incoming.canon.seed}")
+        if incoming.canon is not None and incoming.canon.namespace:
+            details.append(f"namespace={incoming.canon.namespace}")
         if details:
             what += f" ({', '.join(details)})"
         message = f"No recording for {what}"
@@ -540,7 +542,13 @@ class Handlers:
 
     async def _nearest(self, canon: CanonicalRequest) -> str:
         index = await self._recording_index()
-        found = index.nearest(canon, redact(canon.body))
+        body = redact(canon.body)
+        # Across namespaces only when they are not tenants that must not learn of each other.
+        others = [] if self.config.isolate_by_key else index.elsewhere(canon, body)
+        if others:
+            names = ", ".join(repr(n) if n else "the default one" for n in others)
+            return f". The same request is recorded in namespace {names}"
+        found = index.nearest(canon, body)
         if found is None:
             return ". No recording has the same method, path and model"
         key, differences = found

@@ -188,6 +188,19 @@ class RequestIndex:
                 best = (key, differences)
         return best
 
+    def elsewhere(self, canon: CanonicalRequest, body: Any) -> list[str]:
+        """The other namespaces that hold a recording of this very request (same method, path
+        and canonical body): a renamed or forgotten namespace explains the miss."""
+        leaves = frozenset(_leaves(body, ""))
+        found = {
+            namespace
+            for (namespace, method, path, model), group in self._groups.items()
+            if namespace != canon.namespace
+            and (method, path, model) == (canon.method, canon.path, canon.model)
+            and any(indexed.leaves == leaves for indexed in group.values())
+        }
+        return sorted(found)
+
 
 @dataclass(frozen=True, slots=True)
 class _Indexed:

@@ -237,6 +237,29 @@ def test_a_miss_message_names_the_nearest_recording_and_what_differs(
     assert key_of(recorded)[:12] not in other_model.json()["error"]["message"]
 
 
+def test_a_miss_says_which_other_namespace_holds_the_same_request(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    recorder = start_proxy()
+    body = chat_request(seed=5)
+    recorder.request("POST", CHAT, body, headers={"X-Seedcache-Namespace": "winter"})
+    recorder.stop()
+    replayer = start_proxy(mode="replay")
+
+    renamed = replayer.request("POST", CHAT, body, headers={"X-Seedcache-Namespace": "spring"})
+    dropped = replayer.request("POST", CHAT, body)
+    different = replayer.request("POST", CHAT, chat_request(seed=6))
+
+    assert (renamed.status, dropped.status, different.status) == (404, 404, 404)
+    renamed_message = renamed.json()["error"]["message"]
+    assert "namespace=spring" in renamed_message
+    assert "The same request is recorded in namespace 'winter'" in renamed_message
+    dropped_message = dropped.json()["error"]["message"]
+    assert "namespace=" not in dropped_message
+    assert "The same request is recorded in namespace 'winter'" in dropped_message
+    assert "recorded in namespace" not in different.json()["error"]["message"]
+
+
 def test_a_miss_carries_the_miss_status_and_its_key(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:

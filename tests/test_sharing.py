@@ -88,8 +88,11 @@ def test_tenants_isolated_by_key_never_see_each_others_recordings(
     # Offline, tenant C has nothing recorded and is never served A's or B's recording.
     replay = start_proxy(store=store, isolate_by_key=True, mode="replay")
     c = openai.OpenAI(base_url=replay.base_url, api_key="tenant-c-key", max_retries=0)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as missed:
         c.chat.completions.create(**body)
+    # Nor told where another tenant keeps the very same request.
+    assert "recorded in namespace" not in str(missed.value)
+    assert "No recording has the same method, path and model" in str(missed.value)
     a = openai.OpenAI(base_url=replay.base_url, api_key="tenant-a-key", max_retries=0)
     assert status(a.chat.completions.with_raw_response.create(**body)) == "hit"
 
