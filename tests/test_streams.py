@@ -360,6 +360,60 @@ def test_replay_timing_reproduces_the_recorded_pacing(
     assert arrivals[-1] - arrivals[0] >= 0.8 * recorded_span
 
 
+# -- the SDK's stream helpers, which accumulate events themselves --------------------------------
+
+
+@pytest.mark.parametrize("recorded_as", ["plain", "stream"])
+@pytest.mark.parametrize(
+    "extra",
+    [{"n": 2}, {"logprobs": True, "top_logprobs": 2}, {"tools": [tool()]}],
+    ids=["n2", "logprobs", "tools"],
+)
+def test_the_sdks_chat_stream_helper_accepts_replays(
+    recorded_as: str, extra: dict[str, Any], proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=31, **extra)
+    with proxy.client() as client:
+        if recorded_as == "stream":
+            with client.chat.completions.stream(**body) as live_stream:
+                live = live_stream.get_final_completion()
+        else:
+            live = client.chat.completions.create(**body)
+        with client.chat.completions.stream(**body) as replayed:
+            final = replayed.get_final_completion()
+
+    assert upstream.count() == 1
+    assert final.id == live.id
+    assert len(final.choices) == len(live.choices)
+    for got, want in zip(final.choices, live.choices, strict=True):
+        assert got.message.content == want.message.content
+        assert got.finish_reason == want.finish_reason
+        got_calls, want_calls = got.message.tool_calls or [], want.message.tool_calls or []
+        assert [c.function.arguments for c in got_calls] == [
+            c.function.arguments for c in want_calls
+        ]
+        if want.logprobs is not None:
+            assert got.logprobs is not None and got.logprobs.content == want.logprobs.content
+
+
+@pytest.mark.parametrize("recorded_as", ["plain", "stream"])
+def test_the_sdks_responses_stream_helper_accepts_replays(
+    recorded_as: str, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = responses_request(input="Helper me.")
+    with proxy.client() as client:
+        if recorded_as == "stream":
+            with client.responses.stream(**body) as live_stream:
+                live = live_stream.get_final_response()
+        else:
+            live = client.responses.create(**body)
+        with client.responses.stream(**body) as replayed:
+            final = replayed.get_final_response()
+
+    assert upstream.count() == 1
+    assert (final.id, final.output_text, final.usage) == (live.id, live.output_text, live.usage)
+
+
 # -- broken and abandoned streams -----------------------------------------------------------------
 
 
