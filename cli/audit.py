@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.options import store_option
+from cli.options import store_option, store_spec
 from proxy import report
 from proxy.audit import AuditLog, parse_since, read_events, read_jsonl, select, summarise
 from proxy.config import (
@@ -23,7 +23,6 @@ from proxy.config import (
     DEFAULT_PROBE_RUNS,
     DEFAULT_PROBE_SEED,
     DEFAULT_PROBE_TEMPERATURE,
-    DEFAULT_STORE,
     DEFAULT_UPSTREAM,
     DEFAULT_VERIFY_CONCURRENCY,
     Config,
@@ -86,7 +85,7 @@ def audit(
         moment = parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    source = audit_log or (store or DEFAULT_STORE)
+    source = audit_log or store_spec(store)
     if audit_log:
         raw = read_jsonl(audit_log)
     elif (directory := StoreSpec.parse(source).directory) and not os.path.isdir(directory):

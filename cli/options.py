@@ -1,4 +1,5 @@
-"""Options and helpers shared by the commands: `--store`, the environment names of options."""
+"""Options and helpers shared by the commands: `--store` and the store it names, the environment
+names of options."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
-from proxy.config import DEFAULT_STORE
+from proxy.config import DEFAULT_STORE, Config
+from proxy.stores.base import check_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,3 +27,11 @@ def store_option(func: F) -> F:
         help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
         "or redis://host:port/db.",
     )(func)
+
+
+def store_spec(store: str | None) -> str:
+    """The `--store` value with the default filled in; ConfigError when it names no store."""
+    # Config owns the default; it is built with the store alone, so nothing else is validated.
+    spec = Config.build(store=store).store
+    check_store(spec)
+    return spec

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
-from cli.options import store_option
+from cli.options import store_option, store_spec
 from proxy.audit import parse_since
-from proxy.config import Config, StoreSpec
+from proxy.config import StoreSpec
 from proxy.errors import FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import EARLIEST, Recording, Sample, recorded_at
@@ -127,11 +127,6 @@ def _describe(recording: Recording) -> str:
 # --- store access -------------------------------------------------------------------------------
 
 
-def _store_spec(store: str | None) -> str:
-    # Config owns the default; it is built with the store alone, so nothing else is validated.
-    return Config.build(store=store).store
-
-
 def _exists(spec: str) -> bool:
     """False when a disk or files store's directory is missing: opening it would create it."""
     directory = StoreSpec.parse(spec).directory
@@ -200,7 +195,7 @@ def ls(
         moment = parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    spec = _store_spec(store)
+    spec = store_spec(store)
     found = asyncio.run(_scan_spec(spec)) if _exists(spec) else []
     endpoint = normalise_path(*path.partition("?")[::2]) if path else None
     rows = []
@@ -278,7 +273,7 @@ def _table(lines: list[tuple[str, ...]]) -> str:
 @click.argument("key")
 def show(store: str | None, key: str) -> None:
     """Print the recording KEY (a unique prefix is enough) as pretty JSON."""
-    spec = _store_spec(store)
+    spec = store_spec(store)
     _require(spec)
     found = resolve(key, asyncio.run(_scan_spec(spec)), spec)
     click.echo(Recording.loads(found.raw).dumps(pretty=True).decode(), nl=False)
@@ -295,7 +290,7 @@ def rm(store: str | None, keys: tuple[str, ...]) -> None:
 
     Every prefix is resolved before anything is deleted, so a typo deletes nothing.
     """
-    spec = _store_spec(store)
+    spec = store_spec(store)
     _require(spec)
     asyncio.run(_rm(spec, keys))
 
@@ -347,7 +342,7 @@ def prune(
             f"takes an ISO date (2026-11-01) or a duration (12h, 30d), got {older_than!r}",
             param_hint="--older-than",
         ) from None
-    spec = _store_spec(store)
+    spec = store_spec(store)
     if not _exists(spec):
         click.echo(f"No recordings in {spec}: nothing to prune.")
         return
@@ -446,7 +441,7 @@ _COPY_NOTE = (
 @store_option
 @click.argument("dest")
 def export(store: str | None, dest: str) -> None:
-    asyncio.run(_copy(_store_spec(store), _store_spec(dest), "exported", "exporting"))
+    asyncio.run(_copy(store_spec(store), store_spec(dest), "exported", "exporting"))
 
 
 @click.command(
@@ -458,7 +453,7 @@ def export(store: str | None, dest: str) -> None:
 @store_option
 @click.argument("src")
 def import_(store: str | None, src: str) -> None:
-    asyncio.run(_copy(_store_spec(src), _store_spec(store), "imported", "importing"))
+    asyncio.run(_copy(store_spec(src), store_spec(store), "imported", "importing"))
 
 
 @dataclass(slots=True)

@@ -217,6 +217,27 @@ def test_ls_of_an_empty_store_is_friendly_and_creates_nothing(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [("", "--store must not be empty"), ("files:", "--store files: needs a directory")],
+    ids=["empty", "files-without-directory"],
+)
+@pytest.mark.parametrize(
+    "command",
+    [["ls"], ["show", "abc"], ["prune", "--model", "gpt-4o"], ["audit"]],
+    ids=lambda command: command[0],
+)
+def test_a_store_that_names_nothing_is_refused(
+    command: list[str], spec: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = run(command[0], "--store", spec, *command[1:])
+
+    failed(result, says)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ls_reads_the_store_from_the_environment(recorded: Recorded) -> None:
     result = CliRunner().invoke(main, ["ls", "--json"], env={"SEEDCACHE_STORE": recorded.store})
 

@@ -73,18 +73,24 @@ class Locking(Protocol):
         """Give the lock back if `token` still holds it."""
 
 
-def open_store(spec: str, *, timeout: float = 2.0) -> Store:
-    """The store named by a `--store` value: a directory, `files:DIR`, or `redis://…`."""
+def check_store(spec: str) -> StoreSpec:
+    """`spec` taken apart; ConfigError when it names no store."""
     if not spec:
         raise ConfigError("--store must not be empty")
     parsed = StoreSpec.parse(spec)
+    if parsed.kind == "files" and not parsed.location:
+        raise ConfigError("--store files: needs a directory, e.g. files:tests/recordings")
+    return parsed
+
+
+def open_store(spec: str, *, timeout: float = 2.0) -> Store:
+    """The store named by a `--store` value: a directory, `files:DIR`, or `redis://…`."""
+    parsed = check_store(spec)
     if parsed.kind == "redis":
         from proxy.stores.redis_store import RedisStore
 
         return RedisStore(spec)
     if parsed.kind == "files":
-        if not parsed.location:
-            raise ConfigError("--store files: needs a directory, e.g. files:tests/recordings")
         from proxy.stores.files import FilesStore
 
         return FilesStore(parsed.location, timeout=timeout)
