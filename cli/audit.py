@@ -26,10 +26,9 @@ from proxy.config import (
     DEFAULT_UPSTREAM,
     DEFAULT_VERIFY_CONCURRENCY,
     Config,
-    StoreSpec,
 )
 from proxy.errors import ConfigError
-from proxy.stores.base import open_store
+from proxy.stores.base import open_store, store_exists
 
 if TYPE_CHECKING:
     from proxy import verify as verifying
@@ -88,8 +87,8 @@ def audit(
     source = audit_log or store_spec(store)
     if audit_log:
         raw = read_jsonl(audit_log)
-    elif (directory := StoreSpec.parse(source).directory) and not os.path.isdir(directory):
-        raw = []  # nothing recorded yet; opening the store would create the directory
+    elif not store_exists(source):
+        raw = []  # nothing recorded yet; opening the store would create it
     else:
         raw = asyncio.run(_store_events(source))
     events = select(raw, since=moment, model=model)

@@ -20,6 +20,7 @@ from cli.options import env, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
+from proxy.stores.base import check_store
 
 
 class Group(click.Group):
@@ -125,7 +126,8 @@ def serve(**options: Any) -> None:
         if from_env:
             raise ConfigError(f"{exc} (set in the environment: {', '.join(from_env)})") from None
         raise
-    directory = StoreSpec.parse(config.store).directory
+    # A files store's directory given without files: (or the reverse) is refused before binding.
+    directory = check_store(config.store).directory
     if config.mode is Mode.REPLAY and directory is not None and not os.path.isdir(directory):
         # Every request would miss: most likely a mistyped --store.
         raise ConfigError(

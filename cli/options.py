@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 import click
 
 from proxy.config import DEFAULT_STORE, Config
-from proxy.stores.base import check_store
+from proxy.errors import SeedcacheError
+from proxy.stores.base import check_store, store_exists
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,3 +36,10 @@ def store_spec(store: str | None) -> str:
     spec = Config.build(store=store).store
     check_store(spec)
     return spec
+
+
+def require_store(spec: str) -> None:
+    """Refuse a store that does not exist, instead of creating it by opening it: the commands
+    that only read recordings must not leave an empty store behind a mistyped --store."""
+    if not store_exists(spec):
+        raise SeedcacheError(f"there is no store at {spec!r}: nothing has been recorded there")

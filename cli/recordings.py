@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -17,13 +16,12 @@ from typing import Any, TypeVar
 
 import click
 
-from cli.options import store_option, store_spec
+from cli.options import require_store, store_option, store_spec
 from proxy.audit import parse_since
-from proxy.config import StoreSpec
 from proxy.errors import FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import EARLIEST, Recording, Sample, recorded_at
-from proxy.stores.base import Store, open_store
+from proxy.stores.base import Store, open_store, store_exists
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,17 +125,6 @@ def _describe(recording: Recording) -> str:
 # --- store access -------------------------------------------------------------------------------
 
 
-def _exists(spec: str) -> bool:
-    """False when a disk or files store's directory is missing: opening it would create it."""
-    directory = StoreSpec.parse(spec).directory
-    return directory is None or os.path.isdir(directory)
-
-
-def _require(spec: str) -> None:
-    if not _exists(spec):
-        raise SeedcacheError(f"there is no store at {spec!r}: nothing has been recorded there")
-
-
 @asynccontextmanager
 async def _opened(spec: str) -> AsyncIterator[Store]:
     store = open_store(spec)
@@ -196,7 +183,7 @@ def ls(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     spec = store_spec(store)
-    found = asyncio.run(_scan_spec(spec)) if _exists(spec) else []
+    found = asyncio.run(_scan_spec(spec)) if store_exists(spec) else []
     endpoint = normalise_path(*path.partition("?")[::2]) if path else None
     rows = []
     for item in found:
@@ -274,7 +261,7 @@ def _table(lines: list[tuple[str, ...]]) -> str:
 def show(store: str | None, key: str) -> None:
     """Print the recording KEY (a unique prefix is enough) as pretty JSON."""
     spec = store_spec(store)
-    _require(spec)
+    require_store(spec)
     found = resolve(key, asyncio.run(_scan_spec(spec)), spec)
     click.echo(Recording.loads(found.raw).dumps(pretty=True).decode(), nl=False)
 
@@ -291,7 +278,7 @@ def rm(store: str | None, keys: tuple[str, ...]) -> None:
     Every prefix is resolved before anything is deleted, so a typo deletes nothing.
     """
     spec = store_spec(store)
-    _require(spec)
+    require_store(spec)
     asyncio.run(_rm(spec, keys))
 
 
@@ -343,7 +330,7 @@ def prune(
             param_hint="--older-than",
         ) from None
     spec = store_spec(store)
-    if not _exists(spec):
+    if not store_exists(spec):
         click.echo(f"No recordings in {spec}: nothing to prune.")
         return
     filters = _Filters(before, model, fingerprint)
@@ -464,7 +451,7 @@ class _Tally:
 
 
 async def _copy(source_spec: str, dest_spec: str, verb: str, label: str) -> None:
-    _require(source_spec)
+    require_store(source_spec)
     tally = _Tally()
     async with _opened(source_spec) as source:
         found = await _scan(source)

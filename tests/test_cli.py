@@ -8,6 +8,7 @@ import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from tests.conftest import API_KEY, RunningProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
 from tests.servers import free_port
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "trip_planner"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # Built at run time so that no key-shaped string is committed.
 QUERY_KEY = "sk-" + "proj-" + "Q1w2E3r4" * 4
@@ -238,6 +240,22 @@ def test_a_mistyped_store_is_refused_not_created(
     assert says in result.stderr
     assert "app" not in captured_run_app
     assert list(tmp_path.iterdir()) == []  # no directory made of the typo
+
+
+@pytest.mark.parametrize("mode", ["replay", "auto"])
+def test_serve_refuses_a_files_store_given_without_files(
+    mode: str, captured_run_app: dict[str, Any], tmp_path: Path
+) -> None:
+    recordings = tmp_path / "recordings"
+    shutil.copytree(EXAMPLE / "tests" / "recordings", recordings)
+    before = sorted(path.name for path in recordings.iterdir())
+
+    result = run("serve", "--mode", mode, "--store", str(recordings))
+
+    assert result.exit_code == 2
+    assert f"holds recording files (<key>.json): use --store files:{recordings}" in result.stderr
+    assert "app" not in captured_run_app  # refused before anything listens
+    assert sorted(path.name for path in recordings.iterdir()) == before
 
 
 def test_the_start_up_line_shows_a_redis_store_without_its_password(

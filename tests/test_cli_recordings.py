@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from cli.main import main
 from cli.recordings import merge
 from proxy.recording import Recording
 from proxy.stores.base import open_store
+from proxy.stores.disk import DiskStore
 from tests.conftest import RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
 
@@ -544,3 +546,132 @@ def test_an_unreachable_store_is_a_clear_error(
     result = CliRunner().invoke(main, args)
 
     failed(result, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+# -- a directory holding the other kind of store -------------------------------------------------
+
+EXAMPLE_RECORDINGS = (
+    Path(__file__).resolve().parent.parent / "examples/trip_planner/tests/recordings"
+)
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes, to show that nothing was written there."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture
+def committed(tmp_path: Path) -> Path:
+    """A copy of the example's committed files store: four recordings, one in a namespace."""
+    directory = tmp_path / "recordings"
+    shutil.copytree(EXAMPLE_RECORDINGS, directory)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ls"],
+        ["show", "e254"],
+        ["rm", "e254"],
+        ["prune", "--model", "gpt-4o-mini"],
+        ["audit"],
+        ["export", "DEST"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_a_files_store_given_as_a_directory_is_refused_and_left_untouched(
+    command: list[str], committed: Path, tmp_path: Path
+) -> None:
+    before = tree(committed)
+    args = [part.replace("DEST", str(tmp_path / "dest")) for part in command]
+
+    result = run(args[0], "--store", str(committed), *args[1:])
+
+    failed(result, f"{committed} holds recording files", f"use --store files:{committed}")
+    assert tree(committed) == before  # no cache.db written into the recordings
+    assert not (tmp_path / "dest").exists()
+
+
+def test_import_from_a_files_store_given_as_a_directory_is_refused(
+    committed: Path, tmp_path: Path
+) -> None:
+    before = tree(committed)
+
+    result = run("import", "--store", str(tmp_path / "dest"), str(committed))
+
+    failed(result, f"use --store files:{committed}")
+    assert tree(committed) == before
+    assert not (tmp_path / "dest").exists()
+
+
+def test_recordings_only_in_a_namespace_folder_are_recognised(
+    committed: Path, tmp_path: Path
+) -> None:
+    only_winter = tmp_path / "winter-only"
+    shutil.copytree(committed / "winter", only_winter / "winter")
+
+    failed(run("ls", "--store", str(only_winter)), f"use --store files:{only_winter}")
+    assert [row["namespace"] for row in ls_json(f"files:{only_winter}")] == ["winter"]
+
+
+def test_with_files_the_same_directory_lists_its_recordings(committed: Path) -> None:
+    rows = ls_json(f"files:{committed}")
+
+    assert len(rows) == 4
+    assert any(row["key"].startswith("e254fd01bb08") for row in rows)
+
+
+def test_a_disk_store_made_inside_a_files_store_is_pointed_out(committed: Path) -> None:
+    async def open_as_disk() -> None:
+        # What opening the directory without files: used to do: an empty database beside the files.
+        await DiskStore(str(committed)).close()
+
+    asyncio.run(open_as_disk())
+    assert (committed / "cache.db").exists()
+
+    result = run("ls", "--store", str(committed))
+
+    failed(result, f"use --store files:{committed}", "move its cache.db files")
+    assert len(ls_json(f"files:{committed}")) == 4  # the files store reads past them
+
+
+def test_a_disk_store_given_as_files_is_refused(recorded: Recorded) -> None:
+    before = tree(Path(recorded.store))
+
+    result = run("ls", "--store", f"files:{recorded.store}")
+
+    failed(result, f"{recorded.store} holds a disk store", f"use --store {recorded.store}")
+    assert tree(Path(recorded.store)) == before
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "says"),
+    [
+        (["ls"], 0, "No recordings in"),
+        (["show", "abc"], 2, "there is no store at"),
+        (["rm", "abc"], 2, "there is no store at"),
+        (["prune", "--model", "gpt-4o"], 0, "nothing to prune"),
+        (["audit"], 0, "No audit events"),
+        (["export", "DEST"], 2, "there is no store at"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else None,
+)
+def test_reading_commands_create_no_store_in_an_empty_directory(
+    command: list[str], code: int, says: str, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [part.replace("DEST", str(tmp_path / "dest")) for part in command]
+
+    result = run(args[0], "--store", str(empty), *args[1:])
+
+    assert result.exit_code == code, result.output
+    assert says in result.output
+    assert "Traceback" not in result.output
+    assert list(empty.iterdir()) == []
+    assert not (tmp_path / "dest").exists()

@@ -475,6 +475,30 @@ class TestFilesStore:
         with pytest.raises(ConfigError, match="needs a directory"):
             open_store("files:")
 
+    @pytest.mark.parametrize("namespace", ["", "team-a"])
+    async def test_its_directory_opened_as_a_disk_store_is_refused(
+        self, files: FilesStore, tmp_path: Path, namespace: str
+    ) -> None:
+        await files.put(namespace, key(1), b"{}\n")
+        before = sorted(p.name for p in (tmp_path / "rec").iterdir())
+
+        with pytest.raises(ConfigError, match=f"use --store files:{tmp_path / 'rec'}$"):
+            open_store(str(tmp_path / "rec"))
+        assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == before  # no cache.db
+
+    async def test_a_disk_store_opened_as_files_is_refused(self, tmp_path: Path) -> None:
+        disk = DiskStore(str(tmp_path / "disk"))
+        await disk.put("", key(1), b"{}")
+        await disk.close()
+
+        with pytest.raises(ConfigError, match=f"holds a disk store .*--store {tmp_path / 'disk'}"):
+            open_store(f"files:{tmp_path / 'disk'}")
+        opened = open_store(str(tmp_path / "disk"))  # as what it is, it opens
+        try:
+            assert await collect(opened) == {("", key(1)): b"{}"}
+        finally:
+            await opened.close()
+
     async def test_layout(self, files: FilesStore, tmp_path: Path) -> None:
         root = tmp_path / "rec"
         await files.put("", key(1), b'{\n  "a": 1\n}\n')

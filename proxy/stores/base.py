@@ -5,6 +5,7 @@ Stores speak bytes under (namespace, key); what the bytes mean (recordings, HTTP
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
@@ -74,13 +75,55 @@ class Locking(Protocol):
 
 
 def check_store(spec: str) -> StoreSpec:
-    """`spec` taken apart; ConfigError when it names no store."""
+    """`spec` taken apart; ConfigError when it names no store, or a directory that holds the
+    other kind of local store (every request would miss, and opening it would write into it)."""
     if not spec:
         raise ConfigError("--store must not be empty")
     parsed = StoreSpec.parse(spec)
     if parsed.kind == "files" and not parsed.location:
         raise ConfigError("--store files: needs a directory, e.g. files:tests/recordings")
+    if parsed.directory and os.path.isdir(parsed.directory):
+        _check_kind(parsed)
     return parsed
+
+
+def _check_kind(spec: StoreSpec) -> None:
+    from proxy.stores.disk import holds_database
+    from proxy.stores.files import holds_recordings
+
+    directory = spec.location
+    database = holds_database(directory)
+    # A disk store keeps no .json files of its own. A database beside recording files was made
+    # by opening a files store's directory as a disk store; with a database, only the top level
+    # is looked at, so that a large disk store is not listed folder by folder.
+    if spec.kind == "disk" and holds_recordings(directory, in_namespaces=not database):
+        moved = (
+            ", and move its cache.db files into a directory of their own to read them as a "
+            "disk store"
+            if database
+            else ""
+        )
+        raise ConfigError(
+            f"{directory} holds recording files (<key>.json): use --store files:{directory}" + moved
+        )
+    if spec.kind == "files" and database and not holds_recordings(directory):
+        raise ConfigError(
+            f"{directory} holds a disk store (cache.db), not recording files: use --store "
+            f"{directory}"
+        )
+
+
+def store_exists(spec: str) -> bool:
+    """False when opening the store would create it: a disk store's directory without its
+    database, or a files store's directory missing. ConfigError as `check_store`."""
+    parsed = check_store(spec)
+    if parsed.kind == "files":
+        return os.path.isdir(parsed.location)
+    if parsed.kind == "disk":
+        from proxy.stores.disk import holds_database
+
+        return holds_database(parsed.location)
+    return True
 
 
 def open_store(spec: str, *, timeout: float = 2.0) -> Store:

@@ -56,6 +56,11 @@ class _NotHere(Exception):
     large enough to be written to a file of its own."""
 
 
+def holds_database(directory: str) -> bool:
+    """True when `directory` holds a disk store's database (diskcache's cache.db)."""
+    return os.path.isfile(os.path.join(directory, diskcache.core.DBNAME))
+
+
 class DiskStore:
     """Recordings in a local diskcache directory."""
 

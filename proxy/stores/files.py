@@ -55,6 +55,25 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def holds_recordings(directory: str, *, in_namespaces: bool = True) -> bool:
+    """True when `directory` holds recording files, `<key>.json` (also in namespace folders
+    unless `in_namespaces` is false): the directory of a files store."""
+    folders: list[str] = []
+    try:
+        for entry in _entries(Path(directory)):
+            if _KEY_FILE.fullmatch(entry.name) and entry.is_file():
+                return True
+            if in_namespaces and NAMESPACE.fullmatch(entry.name) and entry.is_dir():
+                folders.append(entry.path)
+        return any(
+            _KEY_FILE.fullmatch(inner.name) and inner.is_file()
+            for folder in folders
+            for inner in _entries(Path(folder))
+        )
+    except OSError:
+        return False  # unreadable: opening the store will say why
+
+
 class FilesStore:
     """Recordings as JSON files in a directory, written atomically and locked against other
     processes, so parallel test workers and `serve --workers N` can record at once.
