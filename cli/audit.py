@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.options import store_option, store_spec
+from cli.options import require_store, store_option, store_spec
 from proxy import report
 from proxy.audit import AuditLog, parse_since, read_events, read_jsonl, select, summarise
 from proxy.config import (
@@ -176,14 +176,23 @@ def verify(
     divergence rate is above --max-divergence or a request failed. The API key is read from
     OPENAI_API_KEY.
     """
-    config = Config.build(store=store, upstream=upstream, audit_log=audit_log)
+    config = Config.build(store=store_spec(store), upstream=upstream, audit_log=audit_log)
+    # Opening a store that does not exist would create it, and verify a mistyped --store with
+    # nothing to compare: a drift check that always passes.
+    require_store(config.store)
     api_key = _api_key(config.upstream_base)
     outcome, selection = asyncio.run(_verify(config, api_key, sample, model, concurrency))
     if selection.skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
         click.echo(f"skipped {sum(selection.skipped.values())} recordings ({reasons})")
     if not selection.recordings:
-        click.echo(f"No recordings to verify in {config.store}.")
+        if selection.other_models:
+            click.echo(
+                f"No recordings of model {model} to verify in {config.store} "
+                f"({selection.other_models} of other models)."
+            )
+        else:
+            click.echo(f"No recordings to verify in {config.store}.")
         return
     for failure in outcome.failures:
         click.echo(f"failed {failure.key[:12]} {failure.path}: {failure.message}", err=True)

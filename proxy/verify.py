@@ -29,6 +29,8 @@ class Selection:
 
     recordings: list[Recording]
     skipped: dict[str, int] = field(default_factory=dict)
+    # Recordings left out because they are of another model than the one asked for.
+    other_models: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ async def select_recordings(
     """The recordings of `store` that can be re-issued (of `model`), `sample` of them at random."""
     chosen: list[Recording] = []
     skipped: dict[str, int] = {}
+    other_models = 0
     async for _, _, raw in store.scan():
         try:
             recording = Recording.loads(raw)
@@ -83,12 +86,13 @@ async def select_recordings(
             skipped["no samples"] = skipped.get("no samples", 0) + 1
             continue
         if model and model != recording.model and all(s.model != model for s in recording.samples):
+            other_models += 1
             continue
         chosen.append(recording)
     chosen.sort(key=lambda r: r.key)  # scan order is the store's; sampling from a fixed order
     if sample is not None and sample < len(chosen):
         chosen = (rng or random.Random()).sample(chosen, sample)
-    return Selection(chosen, skipped)
+    return Selection(chosen, skipped, other_models)
 
 
 def make_client(upstream: str, api_key: str) -> openai.AsyncOpenAI:

@@ -253,12 +253,50 @@ def test_verify_reads_the_upstream_from_the_environment(
 def test_verify_with_an_empty_store_has_nothing_to_do(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
+    asyncio.run(DiskStore(str(tmp_path / "empty")).close())  # a store, with nothing in it
+
     result = seedcache(
         "verify", "--store", str(tmp_path / "empty"), "--upstream", upstream.base_url
     )
 
     assert result.exit_code == 0, result.output
     assert "No recordings to verify" in result.stdout
+    assert upstream.count() == 0
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["missing", "empty-directory"])
+def test_verify_refuses_a_store_that_does_not_exist_and_creates_none(
+    made: bool, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    typo = tmp_path / "typo"
+    if made:
+        typo.mkdir()
+
+    result = seedcache("verify", "--store", str(typo), "--upstream", upstream.base_url)
+
+    assert result.exit_code == 2, result.output
+    assert f"there is no store at '{typo}'" in result.stderr
+    assert list(tmp_path.iterdir()) == ([typo] if made else [])
+    assert not made or list(typo.iterdir()) == []
+    assert upstream.count() == 0
+
+
+def test_verify_says_when_the_model_filter_leaves_nothing(
+    recorded_store: Path, upstream: FakeUpstream
+) -> None:
+    result = seedcache(
+        "verify",
+        "--store",
+        str(recorded_store),
+        "--upstream",
+        upstream.base_url,
+        "--model",
+        "gpt-4o-mni",
+    )
+
+    assert result.exit_code == 0, result.output
+    assert f"No recordings of model gpt-4o-mni to verify in {recorded_store} (" in result.stdout
+    assert "of other models)" in result.stdout
     assert upstream.count() == 0
 
 
