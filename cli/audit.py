@@ -94,9 +94,13 @@ def audit(
     events = select(raw, since=moment, model=model)
     groups = summarise(events)
     if html_file:
-        Path(html_file).write_text(
-            report.html_page(events, groups, source=source), encoding="utf-8"
-        )
+        page = report.html_page(events, groups, source=source)
+        try:
+            Path(html_file).write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the HTML report to {html_file}: {exc.strerror or exc}"
+            ) from None
     if as_json:
         document = {
             "source": source,

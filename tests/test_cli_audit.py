@@ -520,6 +520,20 @@ def test_audit_html_is_a_self_contained_page_with_charts_and_escaped_texts(
     assert page.index("Worst recorded text") < page.index("Paris is the")
 
 
+def test_audit_html_into_a_missing_directory_is_a_one_line_error(
+    audit_log: Path, tmp_path: Path
+) -> None:
+    page_file = tmp_path / "no-such-directory" / "report.html"
+
+    result = seedcache("audit", "--audit-log", str(audit_log), "--html", str(page_file))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"seedcache: cannot write the HTML report to {page_file}: No such file or directory\n"
+    )
+    assert not page_file.parent.exists()
+
+
 def test_audit_of_an_empty_store_or_log_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "never-used"
     result = seedcache("audit", "--store", str(missing))
