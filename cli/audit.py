@@ -44,7 +44,8 @@ def upstream_option(func: F) -> F:
         default=DEFAULT_UPSTREAM,
         show_default=True,
         help="The API to send the requests to (env SEEDCACHE_UPSTREAM); a seedcache proxy's "
-        "URL works too: the requests carry X-Seedcache-Mode: passthrough.",
+        "URL works too: the requests carry X-Seedcache-Mode: passthrough (not in replay mode: "
+        "an answer from a recording is a failure).",
     )(func)
 
 

@@ -58,6 +58,9 @@ class Repeat(enum.StrEnum):
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 # `verify` and `probe`, pointed at a seedcache proxy instead of the real API, must stay live.
 PASSTHROUGH_HEADERS = {"X-Seedcache-Mode": "passthrough"}
+# A proxy started in replay mode answers them from its recordings all the same (DESIGN §2): an
+# answer with one of these X-Seedcache-Status values was not live, and compares with nothing.
+REPLAYED_STATUSES = ("hit", "stale")
 # `seedcache verify`: requests in flight, and the divergence rate above which it fails.
 DEFAULT_VERIFY_CONCURRENCY = 4
 DEFAULT_MAX_DIVERGENCE = 0.0

@@ -20,6 +20,7 @@ from proxy.config import (
     DEFAULT_PROBE_SEED,
     DEFAULT_PROBE_TEMPERATURE,
     PASSTHROUGH_HEADERS,
+    REPLAYED_STATUSES,
 )
 from proxy.divergence import ngram_cosine_distance
 from proxy.errors import ConfigError, SeedcacheError
@@ -129,9 +130,19 @@ def run(
     for group, request in plan:
         counters[group] = index = counters.get(group, 0) + 1
         try:
-            answer: ChatCompletion = client.chat.completions.create(
+            # The raw response, for its headers: a seedcache proxy says where the answer came from.
+            raw = client.chat.completions.with_raw_response.create(
                 **request, extra_headers=PASSTHROUGH_HEADERS
             )
+            status = raw.headers.get("X-Seedcache-Status")
+            if status in REPLAYED_STATUSES:
+                raise SeedcacheError(
+                    f"{group} run {index} was answered from a recording (X-Seedcache-Status: "
+                    f"{status}), not live: is {str(client.base_url).rstrip('/')} a seedcache "
+                    "proxy in replay mode? Point --upstream at the API, or at a proxy in another "
+                    "mode"
+                )
+            answer: ChatCompletion = raw.parse()
         except openai.APIStatusError as exc:
             raise SeedcacheError(
                 f"{group} run {index} failed: upstream answered {exc.status_code}: {exc.message}"

@@ -16,7 +16,7 @@ from typing import Any
 import openai
 
 from proxy.audit import AuditLog, audit_event, baseline
-from proxy.config import DEFAULT_VERIFY_CONCURRENCY, PASSTHROUGH_HEADERS
+from proxy.config import DEFAULT_VERIFY_CONCURRENCY, PASSTHROUGH_HEADERS, REPLAYED_STATUSES
 from proxy.errors import FormatError
 from proxy.keys import RECORDED
 from proxy.recording import Recording, Sample, utc_now
@@ -148,13 +148,24 @@ async def _reissue(
     # The SDK's base URL ends in /v1 and the stored path starts with it (DESIGN §3 normalises it).
     path = recording.path.removeprefix("/v1")
     started = time.monotonic()
+    # The raw response, for its headers: a seedcache proxy says where the answer came from.
+    raw_response = openai.AsyncAPIResponse[object]
     try:
         if recording.method == "GET":
-            answer = await client.get(path, cast_to=object)
+            raw = await client.get(path, cast_to=raw_response)
         else:
             # The stored body is the canonical one: `stream` is not in it, so the answer is one
             # JSON body, compared with the sample whatever shape that was recorded in.
-            answer = await client.post(path, cast_to=object, body=recording.body)
+            raw = await client.post(path, cast_to=raw_response, body=recording.body)
+        status = raw.headers.get("X-Seedcache-Status")
+        if status in REPLAYED_STATUSES:
+            return Failure(
+                recording.key,
+                recording.path,
+                f"answered from a recording (X-Seedcache-Status: {status}), not live: is "
+                f"{upstream} a seedcache proxy in replay mode?",
+            )
+        answer = await raw.parse()
     except openai.APIStatusError as exc:
         return Failure(recording.key, recording.path, f"upstream answered {exc.status_code}: {exc}")
     except openai.APIError as exc:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import re
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,44 @@ def test_verify_against_an_unchanged_upstream_finds_everything_identical(
         assert call.headers["x-seedcache-mode"] == "passthrough"
         assert call.headers["authorization"] == f"Bearer {API_KEY}"
         assert call.body is None or "stream" not in call.body
+
+
+def test_verify_through_a_replaying_proxy_fails_instead_of_finding_replays_identical(
+    recorded_store: Path, upstream: FakeUpstream, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(recorded_store, served)
+    proxy = start_proxy(mode="replay", store=str(served))  # ignores X-Seedcache-Mode: passthrough
+
+    result = seedcache("verify", "--store", str(recorded_store), "--upstream", proxy.base_url)
+
+    assert result.exit_code == 1, result.output
+    failures = [line for line in result.stderr.splitlines() if line.startswith("failed ")]
+    assert len(failures) == ENDPOINTS
+    for line in failures:
+        assert line.endswith(
+            "answered from a recording (X-Seedcache-Status: hit), not live: is "
+            f"{proxy.base_url} a seedcache proxy in replay mode?"
+        )
+    assert f"verified 0 of {ENDPOINTS} recordings" in result.stdout
+    assert f"{ENDPOINTS} failed" in result.stdout
+    assert not (recorded_store / "audit.jsonl").exists()  # nothing written as identical
+    assert disk_events(recorded_store) == []
+    assert upstream.count() == 0
+
+
+def test_verify_through_a_proxy_in_auto_mode_is_live(
+    recorded_store: Path, upstream: FakeUpstream, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(recorded_store, served)
+    proxy = start_proxy(store=str(served))  # auto: passthrough requests go upstream
+
+    result = seedcache("verify", "--store", str(recorded_store), "--upstream", proxy.base_url)
+
+    assert result.exit_code == 0, result.output
+    assert f"{ENDPOINTS} identical, 0 diverged (0.0%), 0 failed" in result.stdout
+    assert upstream.count() == ENDPOINTS
 
 
 def test_verify_exits_1_when_the_divergence_rate_is_over_the_limit(
@@ -752,6 +791,34 @@ def test_probe_through_a_seedcache_proxy_is_live(
     assert upstream.count(CHAT) == 6
     proxy.stop()
     assert disk_recordings(Path(proxy.config.store)) == {}  # passthrough leaves the store alone
+
+
+def test_probe_through_a_replaying_proxy_is_an_error(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "probed")
+    recorder = start_proxy(store=store)
+    with recorder.client() as client:  # what probe sends, recorded without the passthrough header
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Tell me a story."}],
+            temperature=0.7,
+            max_tokens=200,
+            seed=123,
+        )
+    recorder.stop()
+    proxy = start_proxy(mode="replay", store=store)
+
+    result = probe(proxy.base_url, "--runs", "2")
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "seedcache: seeded run 1 was answered from a recording (X-Seedcache-Status: hit), not "
+        f"live: is {proxy.base_url} a seedcache proxy in replay mode? Point --upstream at the "
+        "API, or at a proxy in another mode"
+    )
+    assert result.stdout == ""
+    assert upstream.count() == 1  # the recording only
 
 
 def test_probe_messages_from_a_file(upstream: FakeUpstream, tmp_path: Path) -> None:
