@@ -10,7 +10,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -134,19 +137,14 @@ def serve(**options: Any) -> None:
             f"--mode replay on a store that does not exist ({directory!r}): nothing could be "
             "replayed; check --store, or record into it first with --mode auto"
         )
-    line = (
-        f"seedcache listening on http://{config.host}:{config.port} in {config.mode.value} mode, "
-        f"store {StoreSpec.parse(config.store).shown}, upstream {config.upstream_base}"
-        + (f", {config.workers} workers" if config.workers > 1 else "")
-        + f"; export OPENAI_BASE_URL={config.public_url}"
-    )
     if config.workers == 1:
-        # The line is printed once the port is bound, so that it never announces a failure.
-        run_server(config, announce=line)
+        # The line is printed once the proxy serves, so that it never announces a failure, and
+        # with the port bound (--port 0 picks one).
+        run_server(config, on_ready=lambda port: click.echo(start_line(config, port)))
         return
     if config.port == 0:
         raise ConfigError("--workers needs a fixed --port")
-    click.echo(line)
+    click.echo(start_line(config, config.port))
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=run_server, args=(config, True), name=f"seedcache-{n}")
@@ -169,8 +167,22 @@ def serve(**options: Any) -> None:
             worker.join(timeout=10)
 
 
-def run_server(config: Config, reuse_port: bool = False, announce: str | None = None) -> None:
-    """Serve `config` until interrupted (one worker process when reuse_port is set)."""
+def start_line(config: Config, port: int) -> str:
+    """What `serve` prints once it listens on `port`: how it runs, and the OPENAI_BASE_URL."""
+    listening = replace(config, port=port)
+    return (
+        f"seedcache listening on http://{config.host}:{port} in {config.mode.value} mode, "
+        f"store {StoreSpec.parse(config.store).shown}, upstream {config.upstream_base}"
+        + (f", {config.workers} workers" if config.workers > 1 else "")
+        + f"; export OPENAI_BASE_URL={listening.public_url}"
+    )
+
+
+def run_server(
+    config: Config, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve `config` until interrupted (one worker process when reuse_port is set); `on_ready`
+    gets the port once the proxy serves on it."""
     from aiohttp import web
 
     from proxy.app import AccessLog, create_app
@@ -180,20 +192,51 @@ def run_server(config: Config, reuse_port: bool = False, announce: str | None = 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        web.run_app(
-            create_app(config),
-            host=config.host,
-            port=config.port,
-            print=(lambda _: click.echo(announce)) if announce else None,
-            reuse_port=reuse_port or None,
-            access_log=logging.getLogger("seedcache.access") if config.access_log else None,
-            access_log_class=AccessLog,
-        )
+        sockets = listen(config.host, config.port, reuse_port=reuse_port)
     except OSError as exc:
-        # Binding failed (port in use, address not here): one line, not a traceback.
+        # Port in use, address not here: one line, not a traceback.
         raise ConfigError(
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
+    port = int(sockets[0].getsockname()[1])
+    try:
+        web.run_app(
+            create_app(replace(config, port=port)),
+            sock=sockets,
+            # aiohttp prints once the app has started and every socket serves.
+            print=(lambda _: on_ready(port)) if on_ready else None,
+            access_log=logging.getLogger("seedcache.access") if config.access_log else None,
+            access_log_class=AccessLog,
+        )
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Sockets bound on every address of `host` ("" for all) as asyncio's create_server binds
+    them, bound here so that the port is known before serving: with port 0, one free port for
+    all of them."""
+    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # As asyncio does: an IPv6 socket does not also take the IPv4 addresses.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # With port 0 the first socket picks the port, and the others take the same one.
+            chosen = port if sock is sockets[0] else sockets[0].getsockname()[1]
+            sock.bind((address[0], chosen, *address[2:]))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def read_tokens(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ import os
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -157,6 +158,8 @@ def captured_run_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def run_app(app: web.Application, **options: Any) -> None:
         captured["app"] = app
         captured.update(options)
+        # The sockets `serve` bound; it closes them when run_app returns.
+        captured["addresses"] = [sock.getsockname() for sock in options.get("sock", ())]
         if callable(options.get("print")):
             options["print"]("======== Running ========")  # as aiohttp does once it listens
 
@@ -169,9 +172,10 @@ def test_serve_reads_every_option_from_seedcache_environment_variables(
 ) -> None:
     (tmp_path / "store").mkdir()  # replay needs a store that exists
     store = str(tmp_path / "store")
+    port = free_port()
     env = {
         "SEEDCACHE_MODE": "none",
-        "SEEDCACHE_PORT": "9000",
+        "SEEDCACHE_PORT": str(free_port()),
         "SEEDCACHE_STORE": store,
         "SEEDCACHE_UPSTREAM": "http://127.0.0.1:1/v1",
         "SEEDCACHE_MAX_BODY": "1000",
@@ -181,19 +185,20 @@ def test_serve_reads_every_option_from_seedcache_environment_variables(
         "SEEDCACHE_NAMESPACE": "ci",
     }
 
-    result = run("serve", "--port", "9001", env=env)
+    result = run("serve", "--port", str(port), env=env)
 
     assert result.exit_code == 0, result.output
     config = captured_run_app["app"][CONFIG]
     assert config.mode is Mode.REPLAY
-    assert config.port == captured_run_app["port"] == 9001  # the command line wins
+    # The command line wins, and the address is loopback unless told otherwise.
+    assert captured_run_app["addresses"] == [("127.0.0.1", port)]
+    assert config.port == port
     assert (config.store, config.upstream_base) == (store, "http://127.0.0.1:1/v1")
     assert (config.max_body, config.replay_timing, config.upstream_timeout) == (1000, True, 2.5)
     assert (config.on_fingerprint_change.value, config.namespace) == ("refresh", "ci")
-    assert captured_run_app["host"] == "127.0.0.1"  # loopback unless told otherwise
     assert result.stdout == (
-        f"seedcache listening on http://127.0.0.1:9001 in replay mode, store {store}, "
-        "upstream http://127.0.0.1:1/v1; export OPENAI_BASE_URL=http://127.0.0.1:9001/v1\n"
+        f"seedcache listening on http://127.0.0.1:{port} in replay mode, store {store}, "
+        f"upstream http://127.0.0.1:1/v1; export OPENAI_BASE_URL=http://127.0.0.1:{port}/v1\n"
     )
 
 
@@ -261,11 +266,35 @@ def test_serve_refuses_a_files_store_given_without_files(
 def test_the_start_up_line_shows_a_redis_store_without_its_password(
     captured_run_app: dict[str, Any],
 ) -> None:
-    result = run("serve", "--store", "redis://:hunter2-password@127.0.0.1:1/0?ssl_cert_reqs=none")
+    result = run(
+        "serve",
+        "--port",
+        "0",
+        "--store",
+        "redis://:hunter2-password@127.0.0.1:1/0?ssl_cert_reqs=none",
+    )
 
     assert result.exit_code == 0, result.output
     assert "store redis://127.0.0.1:1/0, upstream" in result.stdout
     assert "hunter2" not in result.stdout
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(
+    captured_run_app: dict[str, Any], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = run("serve", "--port", str(port), "--store", str(tmp_path / "store"))
+
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"seedcache: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert result.stdout == ""
+    assert "app" not in captured_run_app
 
 
 def test_serve_refuses_a_non_integer_port_from_the_environment(
@@ -366,4 +395,26 @@ def test_serve_runs_as_a_process_prints_one_line_and_proxies(
     assert API_KEY not in err  # …without the client's key
     assert in_query.headers["x-seedcache-key"] in err
     assert "api_key=<redacted>" in err and QUERY_KEY not in err  # …or one in a query string
+    assert process.returncode == 0
+
+
+def test_serve_on_port_0_announces_the_port_it_listens_on(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    command = [seedcache_executable(), "serve", "--port", "0", "--upstream", upstream.base_url]
+    env = {**os.environ, "SEEDCACHE_STORE": str(tmp_path / "store"), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+    )
+    try:
+        line = read_line(process, timeout=30)
+        announced = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", line)
+        assert announced, line
+        port = int(announced[1])
+        assert port != 0
+        assert line.endswith(f"export OPENAI_BASE_URL=http://127.0.0.1:{port}/v1\n")
+        assert wait_healthy(port, process)["status"] == "ok"
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
     assert process.returncode == 0
