@@ -14,6 +14,8 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import click
@@ -144,27 +146,111 @@ def serve(**options: Any) -> None:
         return
     if config.port == 0:
         raise ConfigError("--workers needs a fixed --port")
-    click.echo(start_line(config, config.port))
+    code = run_workers(config)
+    if code:
+        sys.exit(code)
+
+
+# What a worker of `serve --workers N` sends its parent once it serves; otherwise it sends why it
+# could not start.
+READY = "ready"
+
+
+def run_workers(config: Config) -> int:
+    """Serve `config` from `config.workers` processes on one port, until interrupted or until one
+    of them ends, which stops the others; the exit code for the parent."""
     context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=run_server, args=(config, True), name=f"seedcache-{n}")
-        for n in range(config.workers)
-    ]
-    for worker in workers:
-        worker.start()
+    workers: dict[Connection, BaseProcess] = {}
+    senders: list[Connection] = []
+    for n in range(config.workers):
+        receiver, sender = context.Pipe(duplex=False)
+        workers[receiver] = context.Process(
+            target=run_worker, args=(config, sender), name=f"seedcache-{n}"
+        )
+        senders.append(sender)
     # SIGTERM (docker stop, systemd) ends the workers as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        for worker in workers:
-            worker.join()
+        for worker in workers.values():
+            worker.start()
+        for sender in senders:
+            sender.close()  # each worker holds its own end now
+        _wait_until_serving(workers)
+        click.echo(start_line(config, config.port))
+        channel, ended = _first_to_end(workers)
+        told = _message(channel)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
-        for worker in workers:
+        for worker in workers.values():
             if worker.is_alive():
                 worker.terminate()
-        for worker in workers:
+        for worker in workers.values():
             worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    if told is not None and told != READY:
+        click.echo(f"seedcache: {told}", err=True)  # a worker's error once it served
+    code = ended.exitcode or 0
+    if code > 0:
+        why = f"exited with code {code}"
+    elif code < 0:
+        why = f"was killed by signal {-code}"
+    else:
+        why = "stopped"
+    click.echo(f"seedcache: worker {ended.name} {why}; the others were stopped", err=True)
+    return code if code > 0 else (1 if code < 0 else 0)
+
+
+def _wait_until_serving(workers: dict[Connection, BaseProcess]) -> None:
+    """Return once every worker serves; raise the first start-up error one of them reports."""
+    waiting = dict(workers)
+    while waiting:
+        ready = wait([*waiting, *(worker.sentinel for worker in waiting.values())])
+        for channel, worker in list(waiting.items()):
+            if channel not in ready and worker.sentinel not in ready:
+                continue
+            message = _message(channel)
+            if message == READY:
+                del waiting[channel]
+            elif message is not None:
+                raise ConfigError(message)
+            else:  # it ended without a word: its traceback went to stderr
+                worker.join()
+                raise SeedcacheError(
+                    f"worker {worker.name} ended with exit code {worker.exitcode} before it "
+                    "could serve"
+                )
+
+
+def _message(channel: Connection) -> str | None:
+    """What a worker sent, or None when it sent nothing (it ended without a word)."""
+    if not channel.poll():
+        return None
+    try:
+        return str(channel.recv())
+    except EOFError:
+        return None
+
+
+def _first_to_end(workers: dict[Connection, BaseProcess]) -> tuple[Connection, BaseProcess]:
+    ended = wait([worker.sentinel for worker in workers.values()])
+    channel, worker = next(item for item in workers.items() if item[1].sentinel in ended)
+    worker.join()
+    return channel, worker
+
+
+def run_worker(config: Config, parent: Connection) -> None:
+    """One process of `serve --workers N`: tells the parent once it serves, or why it cannot
+    (and exits 2, as `serve` does)."""
+    try:
+        run_server(config, reuse_port=True, on_ready=lambda _: parent.send(READY))
+    except SeedcacheError as exc:
+        parent.send(str(exc))
+        sys.exit(2)
+    finally:
+        parent.close()
 
 
 def start_line(config: Config, port: int) -> str:

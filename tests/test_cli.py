@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -418,3 +420,71 @@ def test_serve_on_port_0_announces_the_port_it_listens_on(
         process.terminate()
         process.communicate(timeout=15)
     assert process.returncode == 0
+
+
+# -- seedcache serve --workers ---------------------------------------------------------------------
+
+
+def test_workers_on_a_port_in_use_fail_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [seedcache_executable(), "serve", "--workers", "2", "--port", str(port)]
+        command += ["--store", str(tmp_path / "store")]
+
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    assert finished.returncode == 2
+    assert finished.stdout == ""  # nothing announced: no worker could listen
+    assert finished.stderr == (
+        f"seedcache: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes `serve --workers N` started to serve (not multiprocessing's helpers)."""
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+    return [
+        int(pid)
+        for pid in children.stdout.split()
+        if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    ]
+
+
+def test_when_a_worker_dies_the_others_stop_and_serve_exits_non_zero(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    port = free_port()
+    command = [seedcache_executable(), "serve", "--workers", "2", "--port", str(port)]
+    command += ["--upstream", upstream.base_url, "--store", str(tmp_path / "store")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEEDCACHE_ACCESS_LOG": "false"}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,  # so that the finally below can stop every process it made
+    )
+    try:
+        line = read_line(process, timeout=60)
+        assert f"listening on http://127.0.0.1:{port} " in line and "2 workers" in line
+        assert wait_healthy(port, process)["status"] == "ok"  # announced once serving
+        first, second = worker_pids(process.pid)
+
+        os.kill(first, signal.SIGKILL)
+        _, err = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left, workers included
+        process.communicate()
+
+    assert process.returncode == 1
+    assert re.fullmatch(
+        r"seedcache: worker seedcache-\d was killed by signal 9; the others were stopped\n", err
+    )
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{second}").exists():  # stopped, and reaped by serve
+        assert time.monotonic() < deadline, "the other worker is still running"
+        time.sleep(0.05)
