@@ -18,10 +18,12 @@ import click
 
 from cli.options import require_store, store_option, store_spec
 from proxy.audit import parse_since
+from proxy.config import StoreSpec
 from proxy.errors import FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import EARLIEST, Recording, Sample, recorded_at
 from proxy.stores.base import Store, open_store, store_exists
+from proxy.stores.files import recording_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -263,7 +265,20 @@ def show(store: str | None, key: str) -> None:
     spec = store_spec(store)
     require_store(spec)
     found = resolve(key, asyncio.run(_scan_spec(spec)), spec)
-    click.echo(Recording.loads(found.raw).dumps(pretty=True).decode(), nl=False)
+    try:
+        recording = Recording.loads(found.raw)
+    except FormatError as exc:
+        parsed = StoreSpec.parse(spec)
+        where = (
+            recording_file(parsed.location, found.namespace, found.key)
+            if parsed.kind == "files"
+            else f"in {parsed.shown}"
+        )
+        raise FormatError(
+            f"recording {found.key} ({where}) cannot be read: {exc}. Fix it, or delete it "
+            f"(seedcache rm --store {parsed.shown} {found.key[:KEY_SHOWN]}) to record it again"
+        ) from None
+    click.echo(recording.dumps(pretty=True).decode(), nl=False)
 
 
 # --- rm -----------------------------------------------------------------------------------------
@@ -288,8 +303,12 @@ async def _rm(spec: str, keys: tuple[str, ...]) -> None:
         chosen = {item.key: item for item in (resolve(key, found, spec) for key in keys)}
         for item in chosen.values():
             if await store.delete(item.namespace, item.key):
-                recording = _load(item)
-                click.echo(f"removed {_describe(recording) if recording else item.key}")
+                # An unreadable recording is often why it is removed: no warning about it.
+                try:
+                    described = _describe(Recording.loads(item.raw))
+                except FormatError:
+                    described = f"{item.key[:KEY_SHOWN]} (unreadable)"
+                click.echo(f"removed {described}")
             else:
                 click.echo(f"{item.key[:KEY_SHOWN]} was already gone")
 

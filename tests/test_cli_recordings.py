@@ -677,3 +677,59 @@ def test_reading_commands_create_no_store_in_an_empty_directory(
     assert "Traceback" not in result.output
     assert list(empty.iterdir()) == []
     assert not (tmp_path / "dest").exists()
+
+
+# -- an unreadable recording ---------------------------------------------------------------------
+
+CONFLICTED = "e254fd01bb0895290ef36ab824df5930c3637e0bc4a3321e8bc867f1199c1513"
+
+
+@pytest.fixture
+def conflicted(committed: Path) -> Path:
+    """The committed files store with one recording left in a merge conflict."""
+    path = committed / f"{CONFLICTED}.json"
+    text = path.read_text()
+    path.write_text(f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> branch\n")
+    return path
+
+
+def test_show_of_an_unreadable_recording_names_its_file_and_how_to_remove_it(
+    conflicted: Path, committed: Path
+) -> None:
+    result = run("show", "--store", f"files:{committed}", "e254")
+
+    failed(
+        result,
+        f"recording {CONFLICTED} ({conflicted}) cannot be read: stored recording is not valid JSON",
+        f"(seedcache rm --store files:{committed} e254fd01bb08) to record it again",
+    )
+
+
+def test_show_of_an_unreadable_recording_in_a_disk_store_names_the_store(
+    recorded: Recorded,
+) -> None:
+    mini = recorded.key("mini")
+
+    async def spoil() -> None:
+        store = DiskStore(recorded.store)
+        try:
+            await store.put("", mini, b"{ not json")
+        finally:
+            await store.close()
+
+    asyncio.run(spoil())
+
+    result = run("show", "--store", recorded.store, mini[:12])
+
+    failed(result, f"recording {mini} (in {recorded.store}) cannot be read")
+
+
+def test_rm_of_an_unreadable_recording_removes_it_without_a_warning(
+    conflicted: Path, committed: Path
+) -> None:
+    result = run("rm", "--store", f"files:{committed}", "e254")
+
+    assert result.exit_code == 0, result.output
+    assert result.output == "removed e254fd01bb08 (unreadable)\n"  # no "skipping …" warning
+    assert not conflicted.exists()
+    assert len(ls_json(f"files:{committed}")) == 3

@@ -55,6 +55,11 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def recording_file(directory: str, namespace: str, key: str) -> str:
+    """The file that holds recording `key` of `namespace` in the files store at `directory`."""
+    return os.path.join(directory, namespace, f"{key}.json")
+
+
 def holds_recordings(directory: str, *, in_namespaces: bool = True) -> bool:
     """True when `directory` holds recording files, `<key>.json` (also in namespace folders
     unless `in_namespaces` is false): the directory of a files store."""
@@ -169,14 +174,12 @@ class FilesStore:
     def _path(self, namespace: str, key: str) -> Path:
         if not _KEY.fullmatch(key):
             raise StoreError(f"{key!r} is not a seedcache key (64 lowercase hex digits)")
-        if not namespace:
-            return self._root / f"{key}.json"
-        if not namespace or not NAMESPACE.fullmatch(namespace):
+        if namespace and not NAMESPACE.fullmatch(namespace):
             raise StoreError(
                 f"namespace {namespace!r} cannot be a directory of the files store: use letters, "
                 "digits, '.', '_' and '-', not starting with '.'"
             )
-        return self._root / namespace / f"{key}.json"
+        return Path(recording_file(str(self._root), namespace, key))
 
     def _list(self) -> list[tuple[str, str, Path]]:
         found: list[tuple[str, str, Path]] = []
