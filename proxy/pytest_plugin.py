@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
+from proxy.errors import ConfigError
 from proxy.recording import Recording
 
-DEFAULTS = {"mode": "replay", "store": "files:tests/recordings", "upstream": None}
+# The plugin's own defaults, where they differ from `seedcache serve`'s (Config's).
+DEFAULTS = {"mode": "replay", "store": "files:tests/recordings"}
+# Settings taken from `--seedcache-NAME` or the ini's `seedcache_NAME`, passed on to Config.build.
+SETTINGS = ("mode", "store", "upstream")
+RECORD_HINT = "pytest --seedcache-mode auto"
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
-_PROXY = pytest.StashKey["SeedcacheSession | None"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,9 +47,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("seedcache_mode", "seedcache mode for the test session", default="")
     parser.addini("seedcache_store", "seedcache store for the test session", default="")
     parser.addini("seedcache_upstream", "seedcache upstream for the test session", default="")
-    parser.addini(
-        "seedcache_fail_on_miss", "fail the session on misses", type="bool", default=False
-    )
+    parser.addini("seedcache_fail_on_miss", "fail the session on misses", type="bool", default=None)
+
+
+@dataclass
+class _Plugin:
+    """The plugin's state in one pytest process: its settings, and the proxy once started."""
+
+    config: Config
+    fail_on_miss: bool
+    session: SeedcacheSession | None = None
+
+
+_PLUGIN = pytest.StashKey[_Plugin]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,7 +67,31 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "seedcache(namespace): record and replay this test's (or module's) calls in a namespace",
     )
-    config.stash[_PROXY] = None
+    config.stash[_PLUGIN] = _settings(config)
+
+
+def _setting(config: pytest.Config, name: str) -> Any:
+    """A setting given on the command line or in the ini file; None if neither gives it."""
+    value = config.getoption(f"--seedcache-{name.replace('_', '-')}")
+    if value is None:
+        value = config.getini(f"seedcache_{name}")
+    # An ini key that is absent reads as its default: "" for text, None (or [] before pytest 9)
+    # for the flag; an explicit `false` stays False.
+    return None if value is None or value == "" or value == [] else value
+
+
+def _settings(config: pytest.Config) -> _Plugin:
+    """The session's settings, checked once: a mistyped one stops the run with a usage error
+    instead of failing every test that asks for the proxy."""
+    options = {name: _setting(config, name) for name in SETTINGS}
+    options = {name: value or DEFAULTS.get(name) for name, value in options.items()}
+    try:
+        # Relative directories are taken from the rootdir, so `pytest` works from any folder.
+        options["store"] = StoreSpec.parse(str(options["store"])).resolved(str(config.rootpath))
+        built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"seedcache: {exc}") from None
+    return _Plugin(built, bool(_setting(config, "fail_on_miss")))
 
 
 class SeedcacheSession:
@@ -94,26 +133,13 @@ class SeedcacheSession:
         return result
 
 
-def _setting(config: pytest.Config, name: str) -> Any:
-    value = config.getoption(f"--seedcache-{name.replace('_', '-')}")
-    if value is None:
-        value = config.getini(f"seedcache_{name}") or None
-    return value
-
-
 @pytest.fixture(scope="session")
 def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
     """One seedcache proxy for the session; OPENAI_BASE_URL points at it while tests run."""
     config = request.config
-    options = {name: _setting(config, name) or default for name, default in DEFAULTS.items()}
-    # Relative directories are taken from the rootdir, so `pytest` works from any folder.
-    options["store"] = StoreSpec.parse(str(options["store"])).resolved(str(config.rootpath))
-    hint = "pytest --seedcache-mode auto"
-    proxy = EmbeddedProxy(
-        Config.build(port=0, access_log=False, record_hint=hint, **options)
-    ).start()
-    session = SeedcacheSession(proxy)
-    config.stash[_PROXY] = session
+    plugin = config.stash[_PLUGIN]
+    proxy = EmbeddedProxy(plugin.config).start()
+    session = plugin.session = SeedcacheSession(proxy)
     saved = {name: os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
     os.environ["OPENAI_BASE_URL"] = session.base_url
     # The SDK refuses to start without a key; replays need none, so a placeholder will do.
@@ -126,7 +152,7 @@ def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        _report(config, session)
+        _report(config, plugin, session)
         proxy.stop()
 
 
@@ -147,7 +173,7 @@ def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
         os.environ["OPENAI_BASE_URL"] = saved or session.base_url
 
 
-def _report(config: pytest.Config, session: SeedcacheSession) -> None:
+def _report(config: pytest.Config, plugin: _Plugin, session: SeedcacheSession) -> None:
     stats = session.stats()
     lines = [
         f"seedcache ({session.mode.value}): {stats['hits']} hits, {stats['misses']} misses, "
@@ -169,8 +195,7 @@ def _report(config: pytest.Config, session: SeedcacheSession) -> None:
         if len(unused) > 20:
             lines.append(f"  … and {len(unused) - 20} more")
     config.stash.setdefault(_SUMMARY, []).extend(lines)
-    fail = _setting(config, "fail_on_miss")
-    if fail and stats["misses"]:
+    if plugin.fail_on_miss and stats["misses"]:
         config.stash[_FAILED] = True
 
 

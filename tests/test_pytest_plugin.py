@@ -169,3 +169,23 @@ def test_the_example_passes_offline_without_an_api_key() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 passed" in result.stdout
     assert "0 misses" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (["--seedcache-mode=reply"], "", "seedcache: unknown mode 'reply'; choose one of auto*"),
+        ([], "seedcache_upstream = api.openai.com", "seedcache: upstream must be an http(s) URL*"),
+        (["--seedcache-store=redis:/cache"], "", "seedcache: --store 'redis:/cache' is not*"),
+    ],
+    ids=["mode", "upstream", "store"],
+)
+def test_invalid_settings_stop_the_run_with_one_usage_error(
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(test_app=APP_TESTS)
+    result = run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
