@@ -22,7 +22,7 @@ from proxy.recording import Recording
 # The plugin's own defaults, where they differ from `seedcache serve`'s (Config's).
 DEFAULTS = {"mode": "replay", "store": "files:tests/recordings"}
 # Settings taken from `--seedcache-NAME` or the ini's `seedcache_NAME`, passed on to Config.build.
-SETTINGS = ("mode", "store", "upstream")
+SETTINGS = ("mode", "store", "upstream", "repeat", "on_fingerprint_change")
 RECORD_HINT = "pytest --seedcache-mode auto"
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
 
@@ -39,6 +39,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--seedcache-upstream", help="The real API (default the OpenAI API).")
     group.addoption(
+        "--seedcache-repeat",
+        help="reuse (default: identical requests get the same sample) or sequence (the k-th "
+        "identical request gets the k-th sample).",
+    )
+    group.addoption(
+        "--seedcache-on-fingerprint-change",
+        help="When the current system_fingerprint has no sample: keep (default: replay the "
+        "newest, marked stale), refresh (record a new one), fail.",
+    )
+    group.addoption(
         "--seedcache-fail-on-miss",
         action="store_true",
         default=None,
@@ -47,6 +57,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("seedcache_mode", "seedcache mode for the test session", default="")
     parser.addini("seedcache_store", "seedcache store for the test session", default="")
     parser.addini("seedcache_upstream", "seedcache upstream for the test session", default="")
+    parser.addini("seedcache_repeat", "seedcache repeat (reuse, sequence)", default="")
+    parser.addini(
+        "seedcache_on_fingerprint_change",
+        "seedcache on-fingerprint-change (keep, refresh, fail)",
+        default="",
+    )
     parser.addini("seedcache_fail_on_miss", "fail the session on misses", type="bool", default=None)
 
 

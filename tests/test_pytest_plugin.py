@@ -189,3 +189,80 @@ def test_invalid_settings_stop_the_run_with_one_usage_error(
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_repeat_sequence_replays_the_kth_answer_to_the_kth_identical_request(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    pytester.makepyfile(
+        test_app="""
+import openai, pytest
+
+def test_an_unseeded_question_asked_three_times(seedcache):
+    client = openai.OpenAI(max_retries=0)
+    answers = [
+        client.chat.completions.create(
+            model="gpt-4o-mini", temperature=1,
+            messages=[{"role": "user", "content": "Name a colour"}],
+        ).choices[0].message.content
+        for _ in range(3)
+    ]
+    assert len(set(answers)) == 3
+"""
+    )
+    recorded = run(
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        "--seedcache-repeat=sequence",
+    )
+    recorded.assert_outcomes(passed=1)
+    recorded.stdout.fnmatch_lines(["*seedcache (auto): 0 hits, 0 misses, 3 recorded*"])
+    calls = upstream.count()
+
+    pytester.makeini("[pytest]\nseedcache_repeat = sequence\n")
+    replayed = run(pytester)
+    replayed.assert_outcomes(passed=1)
+    replayed.stdout.fnmatch_lines(["*seedcache (replay): 3 hits, 0 misses*"])
+    assert upstream.count() == calls
+
+
+def test_on_fingerprint_change_fail_refuses_a_sample_of_an_older_fingerprint(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    upstream.fingerprint = "fp_moved"
+    pytester.makepyfile(
+        test_app=APP_TESTS
+        + """
+def test_a_new_question_sees_the_new_fingerprint():
+    assert ask("Tell me about Venus").system_fingerprint == "fp_moved"
+
+def test_the_old_recording_is_refused():
+    with pytest.raises(openai.ConflictError, match="fingerprint"):
+        ask("Tell me about Mars")
+""",
+    )
+    result = run(
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        "--seedcache-on-fingerprint-change=fail",
+        "-k",
+        "new_question or old_recording",
+    )
+    result.assert_outcomes(passed=2, deselected=2)
+
+    kept = run(
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        "-o",
+        "seedcache_on_fingerprint_change=keep",
+        "-k",
+        "old_recording",
+    )
+    kept.assert_outcomes(failed=1, deselected=3)
+    kept.stdout.fnmatch_lines(["*DID NOT RAISE*", "*0 hits, 0 misses, 0 recorded, 1 stale*"])
