@@ -17,6 +17,7 @@ import pytest
 from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
 from proxy.errors import ConfigError
+from proxy.keys import NAMESPACE, NAMESPACE_RULE
 from proxy.recording import Recording
 
 # The plugin's own defaults, where they differ from `seedcache serve`'s (Config's).
@@ -127,6 +128,9 @@ class SeedcacheSession:
 
     def namespaced_url(self, namespace: str) -> str:
         """A base URL whose requests are recorded in `namespace`."""
+        if not NAMESPACE.fullmatch(namespace):
+            # A '/' would make it part of the request path: a different endpoint, not recorded.
+            raise ConfigError(f"namespace {namespace!r} is not valid: use {NAMESPACE_RULE}")
         return f"{self.proxy.url}/_seedcache/ns/{namespace}/v1" if namespace else self.base_url
 
     def stats(self) -> dict[str, Any]:
@@ -179,10 +183,17 @@ def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
     if marker is None:
         yield
         return
+    namespace = str(marker.kwargs.get("namespace", marker.args[0] if marker.args else ""))
+    if not NAMESPACE.fullmatch(namespace):
+        # Checked before the test runs: a request would fail in the SDK, or worse, go elsewhere.
+        pytest.fail(
+            f"@pytest.mark.seedcache(namespace={namespace!r}): not a valid namespace; use "
+            f"{NAMESPACE_RULE}",
+            pytrace=False,
+        )
     session: SeedcacheSession = request.getfixturevalue("seedcache")
-    namespace = marker.kwargs.get("namespace", marker.args[0] if marker.args else "")
     saved = os.environ.get("OPENAI_BASE_URL")
-    os.environ["OPENAI_BASE_URL"] = session.namespaced_url(str(namespace))
+    os.environ["OPENAI_BASE_URL"] = session.namespaced_url(namespace)
     try:
         yield
     finally:

@@ -266,3 +266,41 @@ def test_the_old_recording_is_refused():
     )
     kept.assert_outcomes(failed=1, deselected=3)
     kept.stdout.fnmatch_lines(["*DID NOT RAISE*", "*0 hits, 0 misses, 0 recorded, 1 stale*"])
+
+
+def test_an_invalid_namespace_fails_the_test_before_it_runs(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(
+        test_app=APP_TESTS
+        + """
+@pytest.mark.seedcache(namespace="eu/winter")
+def test_with_a_slash():
+    raise AssertionError("the test body ran")
+
+@pytest.mark.seedcache("winter sports")
+def test_with_a_space():
+    raise AssertionError("the test body ran")
+
+def test_with_a_url_asked_for(seedcache):
+    with pytest.raises(ValueError, match="namespace 'eu/winter' is not valid"):
+        seedcache.namespaced_url("eu/winter")
+"""
+    )
+    result = run(
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        "-k",
+        "with_a",
+    )
+    result.assert_outcomes(errors=2, passed=1, deselected=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*@pytest.mark.seedcache(namespace='eu/winter'): not a valid namespace; use up to 128 "
+            "letters, digits*",
+            "*@pytest.mark.seedcache(namespace='winter sports'): not a valid namespace*",
+        ]
+    )
+    assert "the test body ran" not in result.stdout.str()
+    assert upstream.count() == 0
