@@ -16,7 +16,7 @@ import pytest
 
 from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, FormatError
 from proxy.keys import NAMESPACE, NAMESPACE_RULE
 from proxy.recording import Recording
 
@@ -140,16 +140,25 @@ class SeedcacheSession:
 
     def unused(self) -> list[Recording]:
         """Recordings in the store that no request of this session replayed or recorded."""
+        return self.scan_unused()[0]
+
+    def scan_unused(self) -> tuple[list[Recording], list[str]]:
+        """The recordings no request of this session used, and the keys of those that could
+        not be read (a merge conflict in a committed file): one bad file hides no others."""
         used = self.proxy.handlers.used or set()
 
-        async def scan() -> list[Recording]:
-            found = []
+        async def scan() -> tuple[list[Recording], list[str]]:
+            found, unreadable = [], []
             async for _, key, raw in self.proxy.handlers.store.scan():
-                if key not in used:
+                if key in used:
+                    continue
+                try:
                     found.append(Recording.loads(raw))
-            return found
+                except FormatError:
+                    unreadable.append(key)
+            return found, unreadable
 
-        result: list[Recording] = self.proxy.call(scan())
+        result: tuple[list[Recording], list[str]] = self.proxy.call(scan())
         return result
 
 
@@ -208,10 +217,10 @@ def _report(config: pytest.Config, plugin: _Plugin, session: SeedcacheSession) -
         f"{stats['upstream_errors']} upstream errors"
     ]
     try:
-        unused = session.unused()
+        unused, unreadable = session.scan_unused()
     except Exception as exc:  # the summary must never hide the session's own result
         lines.append(f"seedcache: could not list unused recordings: {exc}")
-        unused = []
+        unused, unreadable = [], []
     if unused:
         lines.append(f"seedcache: {len(unused)} recording(s) no test used:")
         for recording in unused[:20]:
@@ -221,6 +230,14 @@ def _report(config: pytest.Config, plugin: _Plugin, session: SeedcacheSession) -
             )
         if len(unused) > 20:
             lines.append(f"  … and {len(unused) - 20} more")
+    if unreadable:
+        keys = ", ".join(key[:12] for key in sorted(unreadable)[:5])
+        more = ", …" if len(unreadable) > 5 else ""
+        store = StoreSpec.parse(session.proxy.config.store).shown
+        lines.append(
+            f"seedcache: {len(unreadable)} unreadable recording(s) skipped ({keys}{more}): fix "
+            f"them, or delete them with seedcache rm --store {store} KEY"
+        )
     config.stash.setdefault(_SUMMARY, []).extend(lines)
     if plugin.fail_on_miss and stats["misses"]:
         config.stash[_FAILED] = True

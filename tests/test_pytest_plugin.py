@@ -304,3 +304,30 @@ def test_with_a_url_asked_for(seedcache):
     )
     assert "the test body ran" not in result.stdout.str()
     assert upstream.count() == 0
+
+
+def test_an_unreadable_recording_is_skipped_and_counted_in_the_unused_list(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS.replace("Tell me about Mars", "Tell me about Venus"))
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    [venus] = (pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json")
+    pytester.makepyfile(test_app=APP_TESTS)
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    [mars] = set((pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json")) - {venus}
+    # A merge conflict in a committed recording.
+    text = mars.read_text()
+    mars.write_text(f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> branch\n")
+
+    pytester.makepyfile(test_app="def test_nothing_asked(seedcache):\n    pass\n")
+    result = run(pytester)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*1 recording(s) no test used:*",
+            f"  {venus.stem[:12]} POST /v1/chat/completions model=gpt-4o-mini*",
+            f"seedcache: 1 unreadable recording(s) skipped ({mars.stem[:12]}): fix them, or "
+            f"delete them with seedcache rm --store files:{mars.parent} KEY",
+        ]
+    )
+    assert "could not list" not in result.stdout.str()
