@@ -73,7 +73,21 @@ class _Plugin:
 
     config: Config
     fail_on_miss: bool
+    rootdir: str
     session: SeedcacheSession | None = None
+
+    def missing_store(self) -> str | None:
+        """Why replay cannot work: its store directory does not exist (recordings that were not
+        committed, a mistyped store, another rootdir). None when there is nothing to say."""
+        directory = StoreSpec.parse(self.config.store).directory
+        if self.config.mode is not Mode.REPLAY or directory is None or os.path.isdir(directory):
+            return None
+        return (
+            f"seedcache: no recordings to replay: {os.path.abspath(directory)} does not exist "
+            f"(a relative store is taken from the rootdir, {self.rootdir}). Record them with "
+            f"{RECORD_HINT} and commit them, or point --seedcache-store / seedcache_store at "
+            "the recordings"
+        )
 
 
 _PLUGIN = pytest.StashKey[_Plugin]()
@@ -108,7 +122,7 @@ def _settings(config: pytest.Config) -> _Plugin:
         built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
     except ConfigError as exc:
         raise pytest.UsageError(f"seedcache: {exc}") from None
-    return _Plugin(built, bool(_setting(config, "fail_on_miss")))
+    return _Plugin(built, bool(_setting(config, "fail_on_miss")), str(config.rootpath))
 
 
 class SeedcacheSession:
@@ -167,6 +181,10 @@ def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
     """One seedcache proxy for the session; OPENAI_BASE_URL points at it while tests run."""
     config = request.config
     plugin = config.stash[_PLUGIN]
+    missing = plugin.missing_store()
+    if missing:
+        # Opening the store would create an empty directory, and every request would miss.
+        pytest.fail(missing, pytrace=False)
     proxy = EmbeddedProxy(plugin.config).start()
     session = plugin.session = SeedcacheSession(proxy)
     saved = {name: os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}

@@ -47,6 +47,7 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 def test_replay_is_the_default_and_fails_closed_with_an_explanation(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
+    (pytester.path / "tests" / "recordings").mkdir(parents=True)
     pytester.makepyfile(test_app=APP_TESTS)
     result = run(pytester, f"--seedcache-upstream={upstream.base_url}")
     result.assert_outcomes(failed=2)
@@ -142,6 +143,7 @@ def test_in_a_namespace():
 def test_placeholder_api_key_lets_the_sdk_start_offline(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
+    (pytester.path / "tests" / "recordings").mkdir(parents=True)
     pytester.makepyfile(
         test_app="""
 import os, pytest
@@ -331,3 +333,23 @@ def test_an_unreadable_recording_is_skipped_and_counted_in_the_unused_list(
         ]
     )
     assert "could not list" not in result.stdout.str()
+
+
+def test_replay_without_a_store_directory_names_the_path_and_creates_nothing(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\n")
+    pytester.mkdir("tests")
+    pytester.makepyfile(test_app=APP_TESTS)
+    result = run(pytester)
+    result.assert_outcomes(errors=2)
+    searched = pytester.path / "tests" / "recordings"
+    result.stdout.fnmatch_lines(
+        [
+            f"*seedcache: no recordings to replay: {searched} does not exist (a relative store "
+            f"is taken from the rootdir, {pytester.path}). Record them with pytest "
+            "--seedcache-mode auto and commit them, or point --seedcache-store*",
+        ]
+    )
+    assert "No recording for" not in result.stdout.str()
+    assert not searched.exists()
