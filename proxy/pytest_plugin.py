@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import pytest
 
@@ -26,6 +26,10 @@ DEFAULTS = {"mode": "replay", "store": "files:tests/recordings"}
 SETTINGS = ("mode", "store", "upstream", "repeat", "on_fingerprint_change")
 RECORD_HINT = "pytest --seedcache-mode auto"
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
+# The totals of the summary line (/_seedcache/stats names).
+COUNTED = ("hits", "misses", "recorded", "stale", "upstream_errors")
+# Unused recordings listed by name in the summary; the rest are counted.
+LISTED = 20
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -75,6 +79,10 @@ class _Plugin:
     fail_on_miss: bool
     rootdir: str
     session: SeedcacheSession | None = None
+    # What each proxy did: this process's own, or on a pytest-xdist controller, its workers'.
+    tallies: list[Tally] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+    failed: bool = False
 
     def missing_store(self) -> str | None:
         """Why replay cannot work: its store directory does not exist (recordings that were not
@@ -91,6 +99,19 @@ class _Plugin:
 
 
 _PLUGIN = pytest.StashKey[_Plugin]()
+
+
+class Tally(TypedDict):
+    """What one proxy did in a session, in plain types: a pytest-xdist worker sends its tally
+    to the controller, which prints one summary for all of them."""
+
+    mode: str
+    counts: dict[str, int]
+    # Recordings this proxy did not use: [key, method, path, model, namespace].
+    unused: list[list[Any]]
+    unreadable: list[str]
+    error: str | None  # why the store could not be scanned for unused recordings
+    store: str
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -199,7 +220,12 @@ def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        _report(config, plugin, session)
+        tally = _tally(session)
+        workeroutput = getattr(config, "workeroutput", None)
+        if workeroutput is not None:  # a pytest-xdist worker: the controller reports
+            workeroutput["seedcache"] = tally
+        else:
+            plugin.tallies.append(tally)
         proxy.stop()
 
 
@@ -227,52 +253,75 @@ def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
         os.environ["OPENAI_BASE_URL"] = saved or session.base_url
 
 
-def _report(config: pytest.Config, plugin: _Plugin, session: SeedcacheSession) -> None:
+def _tally(session: SeedcacheSession) -> Tally:
     stats = session.stats()
-    lines = [
-        f"seedcache ({session.mode.value}): {stats['hits']} hits, {stats['misses']} misses, "
-        f"{stats['recorded']} recorded, {stats['stale']} stale, "
-        f"{stats['upstream_errors']} upstream errors"
-    ]
+    tally = Tally(
+        mode=session.mode.value,
+        counts={name: int(stats[name]) for name in COUNTED},
+        unused=[],
+        unreadable=[],
+        error=None,
+        store=StoreSpec.parse(session.proxy.config.store).shown,
+    )
     try:
-        unused, unreadable = session.scan_unused()
+        unused, tally["unreadable"] = session.scan_unused()
     except Exception as exc:  # the summary must never hide the session's own result
-        lines.append(f"seedcache: could not list unused recordings: {exc}")
-        unused, unreadable = [], []
+        tally["error"] = str(exc)
+    else:
+        tally["unused"] = [[r.key, r.method, r.path, r.model, r.namespace] for r in unused]
+    return tally
+
+
+def _summary(tallies: list[Tally]) -> tuple[list[str], int]:
+    """The summary's lines for the tallies of one or more proxies, and their misses."""
+    counts = {name: sum(tally["counts"][name] for tally in tallies) for name in COUNTED}
+    workers = f" ({len(tallies)} workers)" if len(tallies) > 1 else ""
+    lines = [
+        f"seedcache ({tallies[0]['mode']}): {counts['hits']} hits, {counts['misses']} misses, "
+        f"{counts['recorded']} recorded, {counts['stale']} stale, "
+        f"{counts['upstream_errors']} upstream errors{workers}"
+    ]
+    errors = sorted({tally["error"] for tally in tallies if tally["error"] is not None})
+    lines += [f"seedcache: could not list unused recordings: {error}" for error in errors]
+    # Workers share the store: a recording is unused only if no worker's proxy used it.
+    unused = [] if errors else tallies[0]["unused"]
+    for tally in tallies[1:]:
+        also = {entry[0] for entry in tally["unused"]}
+        unused = [entry for entry in unused if entry[0] in also]
     if unused:
         lines.append(f"seedcache: {len(unused)} recording(s) no test used:")
-        for recording in unused[:20]:
-            lines.append(
-                f"  {recording.key[:12]} {recording.method} {recording.path} "
-                f"model={recording.model} namespace={recording.namespace or '-'}"
-            )
-        if len(unused) > 20:
-            lines.append(f"  … and {len(unused) - 20} more")
+        for key, method, path, model, namespace in unused[:LISTED]:
+            lines.append(f"  {key[:12]} {method} {path} model={model} namespace={namespace or '-'}")
+        if len(unused) > LISTED:
+            lines.append(f"  … and {len(unused) - LISTED} more")
+    unreadable = sorted({key for tally in tallies for key in tally["unreadable"]})
     if unreadable:
-        keys = ", ".join(key[:12] for key in sorted(unreadable)[:5])
+        keys = ", ".join(key[:12] for key in unreadable[:5])
         more = ", …" if len(unreadable) > 5 else ""
-        store = StoreSpec.parse(session.proxy.config.store).shown
         lines.append(
             f"seedcache: {len(unreadable)} unreadable recording(s) skipped ({keys}{more}): fix "
-            f"them, or delete them with seedcache rm --store {store} KEY"
+            f"them, or delete them with seedcache rm --store {tallies[0]['store']} KEY"
         )
-    config.stash.setdefault(_SUMMARY, []).extend(lines)
-    if plugin.fail_on_miss and stats["misses"]:
-        config.stash[_FAILED] = True
+    return lines, counts["misses"]
 
 
-_SUMMARY = pytest.StashKey[list[str]]()
-_FAILED = pytest.StashKey[bool]()
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object | None) -> None:
+    """pytest-xdist, on the controller: keep the tally of a worker that finished."""
+    tally = getattr(node, "workeroutput", {}).get("seedcache")
+    plugin = node.config.stash.get(_PLUGIN, None)
+    if tally is not None and plugin is not None:
+        plugin.tallies.append(tally)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    lines = config.stash.get(_SUMMARY, [])
-    if not lines:
+    plugin = config.stash.get(_PLUGIN, None)
+    if plugin is None or not plugin.summary:
         return
     terminalreporter.section("seedcache")
-    for line in lines:
+    for line in plugin.summary:
         terminalreporter.write_line(line)
-    if config.stash.get(_FAILED, False):
+    if plugin.failed:
         terminalreporter.write_line(
             "seedcache: failing the session because requests had no recording "
             "(--seedcache-fail-on-miss)",
@@ -282,5 +331,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if session.config.stash.get(_FAILED, False) and exitstatus == 0:
+    plugin = session.config.stash.get(_PLUGIN, None)
+    if plugin is None or not plugin.tallies:
+        return
+    plugin.summary, misses = _summary(plugin.tallies)
+    plugin.failed = plugin.fail_on_miss and misses > 0
+    if plugin.failed and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -49,7 +49,8 @@ def test_replay_is_the_default_and_fails_closed_with_an_explanation(
 ) -> None:
     (pytester.path / "tests" / "recordings").mkdir(parents=True)
     pytester.makepyfile(test_app=APP_TESTS)
-    result = run(pytester, f"--seedcache-upstream={upstream.base_url}")
+    # Without pytest-xdist, whose hooks the plugin implements only as optional ones.
+    result = run(pytester, f"--seedcache-upstream={upstream.base_url}", "-p", "no:xdist")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*No recording for POST /v1/chat/completions*model=gpt-4o-mini*"])
     result.stdout.fnmatch_lines(["*Record it with: pytest --seedcache-mode auto*"])
@@ -353,3 +354,52 @@ def test_replay_without_a_store_directory_names_the_path_and_creates_nothing(
     )
     assert "No recording for" not in result.stdout.str()
     assert not searched.exists()
+
+
+def questions(*topics: str) -> str:
+    """A test module with one test per topic, asking about it; a miss is an expected error."""
+    return "import openai, pytest\n" + "".join(
+        f"""
+def test_{topic.lower()}(seedcache):
+    client = openai.OpenAI(max_retries=0)
+    try:
+        client.chat.completions.create(
+            model="gpt-4o-mini", seed=7,
+            messages=[{{"role": "user", "content": "Tell me about {topic}"}}])
+    except openai.NotFoundError:
+        pass  # the application under test copes with API errors
+"""
+        for topic in topics
+    )
+
+
+def test_under_xdist_one_summary_adds_up_the_workers_and_fails_on_a_miss(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    recordings = pytester.path / "tests" / "recordings"
+    record = ("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    pytester.makepyfile(test_a=questions("Mars"), test_b=questions("Venus"))
+    run(pytester, *record).assert_outcomes(passed=2)
+    used = {path.stem for path in recordings.glob("*.json")}
+    pytester.makepyfile(test_c=questions("Jupiter"))
+    run(pytester, *record, "test_c.py").assert_outcomes(passed=1)
+    [unused] = {path.stem for path in recordings.glob("*.json")} - used
+    (pytester.path / "test_c.py").unlink()
+
+    # Each file on its own worker: each worker's proxy used one recording the other did not.
+    pytester.makepyfile(test_a=questions("Mars", "Saturn"))
+    result = run(pytester, "-n", "2", "--dist", "loadfile", "--seedcache-fail-on-miss")
+    result.assert_outcomes(passed=3)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "seedcache (replay): 2 hits, 1 misses, 0 recorded, 0 stale, 0 upstream errors "
+            "(2 workers)",
+            "seedcache: 1 recording(s) no test used:",
+            f"  {unused[:12]} POST /v1/chat/completions model=gpt-4o-mini namespace=-",
+            "*failing the session because requests had no recording*",
+        ]
+    )
+    output = result.stdout.str()
+    assert output.count("seedcache (replay)") == 1
+    assert not any(key[:12] in output for key in used)
