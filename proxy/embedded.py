@@ -29,6 +29,8 @@ class EmbeddedProxy:
         )
         self._runner: web.AppRunner | None = None
         self._app: web.Application | None = None
+        # Responses the proxy has started to send, errors included: whether anything reached it.
+        self.requests = 0
 
     @property
     def url(self) -> str:
@@ -49,7 +51,11 @@ class EmbeddedProxy:
     def start(self) -> EmbeddedProxy:
         """Open the store, bind a port (the configured one; 0 picks a free one) and serve."""
         self._thread.start()
-        self._run(self._start())
+        try:
+            self._run(self._start())
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -67,12 +73,16 @@ class EmbeddedProxy:
 
     async def _start(self) -> None:
         self._app = create_app(self.config)
+        self._app.on_response_prepare.append(self._count)
         self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         self._app[HANDLERS].used = set()  # for SeedcacheSession.unused()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+
+    async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.requests += 1
 
     def _run(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

@@ -1,8 +1,11 @@
 """The pytest plugin (entry point `pytest11`): one seedcache proxy for the test session.
 
-The `seedcache` fixture starts it on a free loopback port and points `OPENAI_BASE_URL` at it. By
-default it replays `files:tests/recordings` and fails closed: a request with no recording is an
-explained error, never a call that spends money.
+The proxy runs on a free loopback port and `OPENAI_BASE_URL` points at it: from the start, before
+conftest files and test modules are imported, when the project sets any seedcache setting; else
+from when a test first asks for the `seedcache` fixture. By default it replays
+`files:tests/recordings` and fails closed: a request with no recording is an explained error,
+never a call that spends money. Under pytest-xdist each worker runs its own proxy and the
+controller reports for all of them.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import pytest
 
 from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
-from proxy.errors import ConfigError, FormatError
+from proxy.errors import ConfigError, FormatError, SeedcacheError
 from proxy.keys import NAMESPACE, NAMESPACE_RULE
 from proxy.recording import Recording
 
 # The plugin's own defaults, where they differ from `seedcache serve`'s (Config's).
 DEFAULTS = {"mode": "replay", "store": "files:tests/recordings"}
 # Settings taken from `--seedcache-NAME` or the ini's `seedcache_NAME`, passed on to Config.build.
+# Any of them, or `fail_on_miss`, given: the project uses seedcache, so the proxy and environment
+# are set up before anything is imported (a module-level `OpenAI()` reads them when created).
 SETTINGS = ("mode", "store", "upstream", "repeat", "on_fingerprint_change")
+# The variables the plugin sets, and restores when pytest is done.
+ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY")
 RECORD_HINT = "pytest --seedcache-mode auto"
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
 # The totals of the summary line (/_seedcache/stats names).
@@ -78,7 +85,9 @@ class _Plugin:
     config: Config
     fail_on_miss: bool
     rootdir: str
+    early: bool  # the project set a seedcache setting: the proxy starts with pytest
     session: SeedcacheSession | None = None
+    fixture_used: bool = False
     # What each proxy did: this process's own, or on a pytest-xdist controller, its workers'.
     tallies: list[Tally] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
@@ -107,6 +116,9 @@ class Tally(TypedDict):
 
     mode: str
     counts: dict[str, int]
+    requests: int  # that reached the proxy, answered or refused
+    fixture_used: bool
+    early: bool
     # Recordings this proxy did not use: [key, method, path, model, namespace].
     unused: list[list[Any]]
     unreadable: list[str]
@@ -114,17 +126,64 @@ class Tally(TypedDict):
     store: str
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # The earliest hook a plugin gets: the command line and ini file are read, and neither
+    # conftest files nor test modules are imported yet.
+    _setup(early_config)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "seedcache(namespace): record and replay this test's (or module's) calls in a namespace",
     )
-    config.stash[_PLUGIN] = _settings(config)
+    _setup(config)  # when the plugin was registered too late for the hook above
+
+
+def _setup(config: pytest.Config) -> None:
+    """Check the settings; if the project set any, start the proxy and set the environment."""
+    if _PLUGIN in config.stash or getattr(config.known_args_namespace, "help", False):
+        return
+    plugin = config.stash[_PLUGIN] = _settings(config)
+    if not plugin.early:
+        return  # seedcache is installed, not used (yet): no proxy, no change to the environment
+    missing = plugin.missing_store()
+    if missing:
+        # Opening the store would create an empty directory, and every request would miss.
+        raise pytest.UsageError(missing)
+    try:
+        _start(config, plugin)
+    except (SeedcacheError, OSError) as exc:
+        raise pytest.UsageError(f"seedcache: {exc}") from None
+
+
+def _start(config: pytest.Config, plugin: _Plugin) -> SeedcacheSession:
+    """Start the proxy and point the environment at it until pytest is done."""
+    proxy = EmbeddedProxy(plugin.config).start()
+    session = plugin.session = SeedcacheSession(proxy)
+    saved = {name: os.environ.get(name) for name in ENV}
+    os.environ["OPENAI_BASE_URL"] = session.base_url
+    # The SDK refuses to start without a key; replays need none, so a placeholder will do.
+    os.environ.setdefault("OPENAI_API_KEY", PLACEHOLDER_KEY)
+
+    def stop() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        proxy.stop()
+
+    # Run even when pytest stops before its session (a usage error found later).
+    config.add_cleanup(stop)
+    return session
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
     """A setting given on the command line or in the ini file; None if neither gives it."""
-    value = config.getoption(f"--seedcache-{name.replace('_', '-')}")
+    # The parsed command line, which `getoption` only reads from pytest_configure on.
+    value = getattr(config.known_args_namespace, f"seedcache_{name}", None)
     if value is None:
         value = config.getini(f"seedcache_{name}")
     # An ini key that is absent reads as its default: "" for text, None (or [] before pytest 9)
@@ -135,15 +194,16 @@ def _setting(config: pytest.Config, name: str) -> Any:
 def _settings(config: pytest.Config) -> _Plugin:
     """The session's settings, checked once: a mistyped one stops the run with a usage error
     instead of failing every test that asks for the proxy."""
-    options = {name: _setting(config, name) for name in SETTINGS}
-    options = {name: value or DEFAULTS.get(name) for name, value in options.items()}
+    given = {name: _setting(config, name) for name in (*SETTINGS, "fail_on_miss")}
+    options = {name: given[name] or DEFAULTS.get(name) for name in SETTINGS}
     try:
         # Relative directories are taken from the rootdir, so `pytest` works from any folder.
         options["store"] = StoreSpec.parse(str(options["store"])).resolved(str(config.rootpath))
         built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
     except ConfigError as exc:
         raise pytest.UsageError(f"seedcache: {exc}") from None
-    return _Plugin(built, bool(_setting(config, "fail_on_miss")), str(config.rootpath))
+    early = any(value is not None for value in given.values())
+    return _Plugin(built, bool(given["fail_on_miss"]), str(config.rootpath), early)
 
 
 class SeedcacheSession:
@@ -198,35 +258,20 @@ class SeedcacheSession:
 
 
 @pytest.fixture(scope="session")
-def seedcache(request: pytest.FixtureRequest) -> Iterator[SeedcacheSession]:
-    """One seedcache proxy for the session; OPENAI_BASE_URL points at it while tests run."""
-    config = request.config
-    plugin = config.stash[_PLUGIN]
+def seedcache(request: pytest.FixtureRequest) -> SeedcacheSession:
+    """The session's seedcache proxy; OPENAI_BASE_URL points at it while tests run."""
+    plugin = request.config.stash[_PLUGIN]
+    plugin.fixture_used = True
+    if plugin.session is not None:
+        return plugin.session
     missing = plugin.missing_store()
     if missing:
         # Opening the store would create an empty directory, and every request would miss.
         pytest.fail(missing, pytrace=False)
-    proxy = EmbeddedProxy(plugin.config).start()
-    session = plugin.session = SeedcacheSession(proxy)
-    saved = {name: os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
-    os.environ["OPENAI_BASE_URL"] = session.base_url
-    # The SDK refuses to start without a key; replays need none, so a placeholder will do.
-    os.environ.setdefault("OPENAI_API_KEY", PLACEHOLDER_KEY)
     try:
-        yield session
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        tally = _tally(session)
-        workeroutput = getattr(config, "workeroutput", None)
-        if workeroutput is not None:  # a pytest-xdist worker: the controller reports
-            workeroutput["seedcache"] = tally
-        else:
-            plugin.tallies.append(tally)
-        proxy.stop()
+        return _start(request.config, plugin)
+    except (SeedcacheError, OSError) as exc:
+        pytest.fail(f"seedcache: {exc}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -253,11 +298,19 @@ def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
         os.environ["OPENAI_BASE_URL"] = saved or session.base_url
 
 
-def _tally(session: SeedcacheSession) -> Tally:
+def _tally(plugin: _Plugin) -> Tally | None:
+    """What this process's proxy did; None if it did nothing for the tests (none was started,
+    or it is a pytest-xdist controller's, which runs no tests)."""
+    session = plugin.session
+    if session is None or not (plugin.fixture_used or session.proxy.requests):
+        return None
     stats = session.stats()
     tally = Tally(
         mode=session.mode.value,
         counts={name: int(stats[name]) for name in COUNTED},
+        requests=session.proxy.requests,
+        fixture_used=plugin.fixture_used,
+        early=plugin.early,
         unused=[],
         unreadable=[],
         error=None,
@@ -281,6 +334,20 @@ def _summary(tallies: list[Tally]) -> tuple[list[str], int]:
         f"{counts['recorded']} recorded, {counts['stale']} stale, "
         f"{counts['upstream_errors']} upstream errors{workers}"
     ]
+    if any(tally["fixture_used"] for tally in tallies) and not any(
+        tally["requests"] for tally in tallies
+    ):
+        lines.append(
+            "seedcache: tests used the seedcache fixture, but no request reached the proxy"
+            + (
+                ": are their clients given a base_url of their own?"
+                if tallies[0]["early"]
+                else ": a client created before the fixture ran (`client = OpenAI()` at import "
+                "time) does not see OPENAI_BASE_URL and calls the API it was given. Set any "
+                "seedcache_* ini setting (seedcache_mode = replay) to have the environment set "
+                "before test modules are imported, or create clients inside functions"
+            )
+        )
     errors = sorted({tally["error"] for tally in tallies if tally["error"] is not None})
     lines += [f"seedcache: could not list unused recordings: {error}" for error in errors]
     # Workers share the store: a recording is unused only if no worker's proxy used it.
@@ -332,7 +399,17 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     plugin = session.config.stash.get(_PLUGIN, None)
-    if plugin is None or not plugin.tallies:
+    if plugin is None:
+        return
+    tally = _tally(plugin)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller reports
+        if tally is not None:
+            workeroutput["seedcache"] = tally
+        return
+    if tally is not None:
+        plugin.tallies.append(tally)
+    if not plugin.tallies:
         return
     plugin.summary, misses = _summary(plugin.tallies)
     plugin.failed = plugin.fail_on_miss and misses > 0

@@ -37,10 +37,12 @@ def test_stream():
 """
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+def run(
+    pytester: pytest.Pytester, *args: str, env: dict[str, str] | None = None
+) -> pytest.RunResult:
     # A subprocess, so each inner session starts and stops its own proxy like a real run.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    pytester._monkeypatch.setattr(os, "environ", env)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    pytester._monkeypatch.setattr(os, "environ", {**clean, **(env or {})})
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
 
 
@@ -342,17 +344,23 @@ def test_replay_without_a_store_directory_names_the_path_and_creates_nothing(
     pytester.makeini("[pytest]\n")
     pytester.mkdir("tests")
     pytester.makepyfile(test_app=APP_TESTS)
+    searched = pytester.path / "tests" / "recordings"
+    message = (
+        f"seedcache: no recordings to replay: {searched} does not exist (a relative store "
+        f"is taken from the rootdir, {pytester.path}). Record them with pytest "
+        "--seedcache-mode auto and commit them, or point --seedcache-store*"
+    )
+    # Started by the fixture: the tests that use it fail.
     result = run(pytester)
     result.assert_outcomes(errors=2)
-    searched = pytester.path / "tests" / "recordings"
-    result.stdout.fnmatch_lines(
-        [
-            f"*seedcache: no recordings to replay: {searched} does not exist (a relative store "
-            f"is taken from the rootdir, {pytester.path}). Record them with pytest "
-            "--seedcache-mode auto and commit them, or point --seedcache-store*",
-        ]
-    )
+    result.stdout.fnmatch_lines([f"*{message}"])
     assert "No recording for" not in result.stdout.str()
+    assert not searched.exists()
+
+    # Started with pytest (a seedcache setting is given): the run stops at once.
+    result = run(pytester, "--seedcache-fail-on-miss")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
     assert not searched.exists()
 
 
@@ -380,10 +388,10 @@ def test_under_xdist_one_summary_adds_up_the_workers_and_fails_on_a_miss(
     record = ("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
     pytester.makepyfile(test_a=questions("Mars"), test_b=questions("Venus"))
     run(pytester, *record).assert_outcomes(passed=2)
-    used = {path.stem for path in recordings.glob("*.json")}
+    used = {path.stem for path in recordings.glob("[0-9a-f]*.json")}
     pytester.makepyfile(test_c=questions("Jupiter"))
     run(pytester, *record, "test_c.py").assert_outcomes(passed=1)
-    [unused] = {path.stem for path in recordings.glob("*.json")} - used
+    [unused] = {path.stem for path in recordings.glob("[0-9a-f]*.json")} - used
     (pytester.path / "test_c.py").unlink()
 
     # Each file on its own worker: each worker's proxy used one recording the other did not.
@@ -403,3 +411,92 @@ def test_under_xdist_one_summary_adds_up_the_workers_and_fails_on_a_miss(
     output = result.stdout.str()
     assert output.count("seedcache (replay)") == 1
     assert not any(key[:12] in output for key in used)
+
+
+APP_MODULE = """
+from openai import OpenAI
+
+client = OpenAI(max_retries=0)  # created when the module is imported
+
+
+def ask(content):
+    answer = client.chat.completions.create(
+        model="gpt-4o-mini", seed=7, messages=[{"role": "user", "content": content}])
+    return answer.choices[0].message.content
+"""
+
+
+def test_a_client_created_at_import_time_uses_the_proxy_once_a_setting_is_given(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makeini("[pytest]\nseedcache_fail_on_miss = true\n")
+    pytester.makepyfile(app=APP_MODULE)
+    pytester.makeconftest("import app  # imported before any test module\n")
+    pytester.makepyfile(test_app="from app import ask\n\ndef test_ask():\n    assert ask('Mars')\n")
+    # A developer's shell: a real key, and OPENAI_BASE_URL at the real API.
+    shell = {"OPENAI_API_KEY": "sk-real", "OPENAI_BASE_URL": upstream.base_url}
+
+    recorded = run(
+        pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}", env=shell
+    )
+    recorded.assert_outcomes(passed=1)
+    recorded.stdout.fnmatch_lines(["seedcache (auto): 0 hits, 0 misses, 1 recorded*"])
+    assert len(list((pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json"))) == 1
+    calls = upstream.count()
+
+    replayed = run(pytester, env=shell)
+    replayed.assert_outcomes(passed=1)
+    replayed.stdout.fnmatch_lines(["seedcache (replay): 1 hits, 0 misses, 0 recorded*"])
+    assert upstream.count() == calls, "replay made a live call"
+
+    # CI: no key at all; the SDK, created while conftest.py is imported, needs one.
+    offline = run(pytester, f"--seedcache-upstream=http://127.0.0.1:{free_port()}/v1")
+    offline.assert_outcomes(passed=1)
+
+
+def test_without_any_setting_the_environment_is_left_alone_until_the_fixture_runs(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_app="""
+import os
+
+AT_IMPORT = os.environ.get("OPENAI_BASE_URL")
+
+def test_untouched():
+    assert AT_IMPORT == os.environ.get("OPENAI_BASE_URL") == "http://api.example.invalid/v1"
+"""
+    )
+    result = run(pytester, env={"OPENAI_BASE_URL": "http://api.example.invalid/v1"})
+    result.assert_outcomes(passed=1)
+    assert "seedcache (" not in result.stdout.str()
+    assert not (pytester.path / "tests").exists()
+
+
+def test_the_summary_says_when_the_fixture_was_used_but_nothing_reached_the_proxy(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    (pytester.path / "tests" / "recordings").mkdir(parents=True)
+    pytester.makepyfile(app=APP_MODULE)
+    pytester.makepyfile(
+        test_app="""
+import pytest
+from app import ask
+
+pytestmark = pytest.mark.usefixtures("seedcache")
+
+def test_ask():
+    assert ask("Mars")
+"""
+    )
+    shell = {"OPENAI_API_KEY": "sk-real", "OPENAI_BASE_URL": upstream.base_url}
+    result = run(pytester, env=shell)
+    result.assert_outcomes(passed=1)
+    assert upstream.count() == 1, "the client created at import time went to the real API"
+    result.stdout.fnmatch_lines(
+        [
+            "seedcache (replay): 0 hits, 0 misses, 0 recorded*",
+            "seedcache: tests used the seedcache fixture, but no request reached the proxy: a "
+            "client created before the fixture ran*Set any seedcache_* ini setting*",
+        ]
+    )
