@@ -197,8 +197,11 @@ def _settings(config: pytest.Config) -> _Plugin:
     given = {name: _setting(config, name) for name in (*SETTINGS, "fail_on_miss")}
     options = {name: given[name] or DEFAULTS.get(name) for name in SETTINGS}
     try:
+        spec = StoreSpec.parse(str(options["store"]))
+        if spec.directory == "":
+            raise ConfigError("--seedcache-store files: needs a directory: files:tests/recordings")
         # Relative directories are taken from the rootdir, so `pytest` works from any folder.
-        options["store"] = StoreSpec.parse(str(options["store"])).resolved(str(config.rootpath))
+        options["store"] = spec.resolved(str(config.rootpath))
         built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
     except ConfigError as exc:
         raise pytest.UsageError(f"seedcache: {exc}") from None

@@ -182,8 +182,9 @@ def test_the_example_passes_offline_without_an_api_key() -> None:
         (["--seedcache-mode=reply"], "", "seedcache: unknown mode 'reply'; choose one of auto*"),
         ([], "seedcache_upstream = api.openai.com", "seedcache: upstream must be an http(s) URL*"),
         (["--seedcache-store=redis:/cache"], "", "seedcache: --store 'redis:/cache' is not*"),
+        (["--seedcache-store=files:"], "", "seedcache: --seedcache-store files: needs a dir*"),
     ],
-    ids=["mode", "upstream", "store"],
+    ids=["mode", "upstream", "redis-store", "files-store"],
 )
 def test_invalid_settings_stop_the_run_with_one_usage_error(
     pytester: pytest.Pytester, args: list[str], ini: str, message: str
