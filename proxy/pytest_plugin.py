@@ -182,10 +182,14 @@ def _start(config: pytest.Config, plugin: _Plugin) -> SeedcacheSession:
 
 def _setting(config: pytest.Config, name: str) -> Any:
     """A setting given on the command line or in the ini file; None if neither gives it."""
-    # The parsed command line, which `getoption` only reads from pytest_configure on.
-    value = getattr(config.known_args_namespace, f"seedcache_{name}", None)
+    dest = f"seedcache_{name}"
+    # The command line as parsed before conftest files load: `getoption` reads it only from
+    # pytest_configure on (and only it has the options of a plugin a conftest file registered).
+    value = getattr(config.known_args_namespace, dest, None)
     if value is None:
-        value = config.getini(f"seedcache_{name}")
+        value = config.getoption(dest, None)
+    if value is None:
+        value = config.getini(dest)
     # An ini key that is absent reads as its default: "" for text, None (or [] before pytest 9)
     # for the flag; an explicit `false` stays False.
     return None if value is None or value == "" or value == [] else value
@@ -343,7 +347,7 @@ def _summary(tallies: list[Tally]) -> tuple[list[str], int]:
         lines.append(
             "seedcache: tests used the seedcache fixture, but no request reached the proxy"
             + (
-                ": are their clients given a base_url of their own?"
+                ": do their clients set a base_url of their own?"
                 if tallies[0]["early"]
                 else ": a client created before the fixture ran (`client = OpenAI()` at import "
                 "time) does not see OPENAI_BASE_URL and calls the API it was given. Set any "

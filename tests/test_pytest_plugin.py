@@ -501,3 +501,18 @@ def test_ask():
             "client created before the fixture ran*Set any seedcache_* ini setting*",
         ]
     )
+
+
+def test_options_reach_a_plugin_that_a_conftest_file_registers(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makeconftest('pytest_plugins = ["proxy.pytest_plugin"]\n')
+    pytester.makepyfile(test_app=APP_TESTS)
+    result = run(
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["seedcache (auto): 1 hits, 0 misses, 1 recorded*"])
