@@ -1,5 +1,7 @@
 """The pytest plugin, run on small test suites with pytester: replay by default, explained misses,
-recording into files:, namespaces, the session summary, and the example's offline tests."""
+recording into files:, namespaces, the session summary (also under pytest-xdist), settings checked
+when pytest starts, the environment set before test modules are imported, and the example's
+offline tests."""
 
 from __future__ import annotations
 
