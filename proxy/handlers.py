@@ -202,10 +202,19 @@ class Handlers:
         self._salt_lock = asyncio.Lock()
         # --repeat sequence: how many identical requests per key this run has served.
         self._sequence: dict[str, int] = {}
+        # The namespace of requests that name none (no header, no /_seedcache/ns/ path): the
+        # configured one, or the current test's under the pytest plugin.
+        self.namespace = config.namespace
         # Requests seen moments ago, parsed and keyed: (method, path, namespace, bytes) -> both.
         self._parsed: dict[tuple[str, str, str, bytes], tuple[Any, CanonicalRequest | None]] = {}
         # Recordings read moments ago, so that a hot key skips the store and the decoding.
         self._recordings: dict[str, Decoded] = {}
+
+    def restart_sequences(self) -> None:
+        """`--repeat sequence` counts identical requests from here on: the pytest plugin restarts
+        it for every test, so that the samples a test gets do not depend on which tests ran
+        before it."""
+        self._sequence.clear()
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -261,7 +270,7 @@ class Handlers:
 
     async def _incoming(self, request: web.Request) -> Incoming:
         method = request.method.upper()
-        namespace = request.headers.get("X-Seedcache-Namespace", self.config.namespace)
+        namespace = request.headers.get("X-Seedcache-Namespace", self.namespace)
         # The path as sent, still percent-encoded: forwarded and keyed as it is, so that an
         # encoded `/` or `?` inside an id stays part of the id.
         path = request.rel_url.raw_path

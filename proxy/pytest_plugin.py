@@ -282,27 +282,37 @@ def seedcache(request: pytest.FixtureRequest) -> SeedcacheSession:
 
 
 @pytest.fixture(autouse=True)
-def _seedcache_namespace(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Apply `@pytest.mark.seedcache(namespace=...)` by pointing OPENAI_BASE_URL at it."""
+def _seedcache_per_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Per test: `@pytest.mark.seedcache(namespace=...)` applies to every request the test makes
+    (through clients created at import time too), and `--seedcache-repeat sequence` counts the
+    test's identical requests from the first, whatever ran before."""
     marker = request.node.get_closest_marker("seedcache")
-    if marker is None:
+    namespace = None
+    if marker is not None:
+        namespace = str(marker.kwargs.get("namespace", marker.args[0] if marker.args else ""))
+        if not NAMESPACE.fullmatch(namespace):
+            # Checked before the test runs: a request would fail in the SDK, or go elsewhere.
+            pytest.fail(
+                f"@pytest.mark.seedcache(namespace={namespace!r}): not a valid namespace; use "
+                f"{NAMESPACE_RULE}",
+                pytrace=False,
+            )
+        request.getfixturevalue("seedcache")  # the proxy, started if it is not yet
+    plugin = request.config.stash.get(_PLUGIN, None)
+    if plugin is None or plugin.session is None:
         yield
         return
-    namespace = str(marker.kwargs.get("namespace", marker.args[0] if marker.args else ""))
-    if not NAMESPACE.fullmatch(namespace):
-        # Checked before the test runs: a request would fail in the SDK, or worse, go elsewhere.
-        pytest.fail(
-            f"@pytest.mark.seedcache(namespace={namespace!r}): not a valid namespace; use "
-            f"{NAMESPACE_RULE}",
-            pytrace=False,
-        )
-    session: SeedcacheSession = request.getfixturevalue("seedcache")
-    saved = os.environ.get("OPENAI_BASE_URL")
-    os.environ["OPENAI_BASE_URL"] = session.namespaced_url(namespace)
+    handlers = plugin.session.proxy.handlers
+    handlers.restart_sequences()
+    if namespace is None:
+        yield
+        return
+    # The proxy's namespace for requests that name none, while this test runs.
+    handlers.namespace = namespace
     try:
         yield
     finally:
-        os.environ["OPENAI_BASE_URL"] = saved or session.base_url
+        handlers.namespace = plugin.config.namespace
 
 
 def _tally(plugin: _Plugin) -> Tally | None:

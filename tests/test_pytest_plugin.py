@@ -145,6 +145,35 @@ def test_in_a_namespace():
     assert len(list((pytester.path / "cassettes" / "team-a").glob("[0-9a-f]*.json"))) == 1
 
 
+def test_the_namespace_marker_applies_to_a_client_created_at_import_time(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makeini(f"[pytest]\nseedcache_mode = auto\nseedcache_upstream = {upstream.base_url}\n")
+    pytester.makepyfile(
+        test_app="""
+import openai, pytest
+
+client = openai.OpenAI(max_retries=0)  # before any test or fixture runs
+
+def ask():
+    return client.chat.completions.create(
+        model="gpt-4o-mini", seed=7, messages=[{"role": "user", "content": "Hi"}])
+
+@pytest.mark.seedcache(namespace="team-a")
+def test_in_a_namespace():
+    assert ask().choices[0].message.content
+
+def test_after_it():
+    assert ask().choices[0].message.content
+"""
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=2)
+    recordings = pytester.path / "tests" / "recordings"
+    assert len(list((recordings / "team-a").glob("[0-9a-f]*.json"))) == 1
+    assert len(list(recordings.glob("[0-9a-f]*.json"))) == 1  # the next test is back outside
+
+
 def test_placeholder_api_key_lets_the_sdk_start_offline(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
@@ -234,6 +263,49 @@ def test_an_unseeded_question_asked_three_times(seedcache):
     replayed.assert_outcomes(passed=1)
     replayed.stdout.fnmatch_lines(["*seedcache (replay): 3 hits, 0 misses*"])
     assert upstream.count() == calls
+
+
+def test_repeat_sequence_counts_per_test_so_a_selection_replays_what_was_recorded(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    pytester.makepyfile(
+        test_app="""
+import json, openai
+
+def ask_twice(name):
+    client = openai.OpenAI(max_retries=0)
+    answers = [
+        client.chat.completions.create(
+            model="gpt-4o-mini", temperature=1,
+            messages=[{"role": "user", "content": "Name a colour"}],
+        ).choices[0].message.content
+        for _ in range(2)
+    ]
+    with open(f"answers-{name}.jsonl", "a") as out:
+        out.write(json.dumps(answers) + "\\n")
+
+def test_a(seedcache):
+    ask_twice("a")
+
+def test_b(seedcache):
+    ask_twice("b")
+"""
+    )
+    recorded = run(
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        "--seedcache-repeat=sequence",
+    )
+    # test_b's two requests are the first and second of its own: test_a's samples.
+    recorded.stdout.fnmatch_lines(["*seedcache (auto): 2 hits, 0 misses, 2 recorded*"])
+    replayed = run(pytester, "--seedcache-repeat=sequence", "-k", "test_b")
+    replayed.assert_outcomes(passed=1)
+    replayed.stdout.fnmatch_lines(["*seedcache (replay): 2 hits, 0 misses*"])
+
+    first, again = (pytester.path / "answers-b.jsonl").read_text().splitlines()
+    assert first == again == (pytester.path / "answers-a.jsonl").read_text().strip()
 
 
 def test_on_fingerprint_change_fail_refuses_a_sample_of_an_older_fingerprint(
