@@ -6,12 +6,14 @@ reads `SEEDCACHE_<OPTION>` from the environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
@@ -154,6 +156,9 @@ def serve(**options: Any) -> None:
 # What a worker of `serve --workers N` sends its parent once it serves; otherwise it sends why it
 # could not start.
 READY = "ready"
+# How long a stopping worker may take to finish the requests in flight: aiohttp's graceful
+# shutdown (60 s) and a little more. One still running then is killed.
+WORKER_SHUTDOWN = 65.0
 
 
 def run_workers(config: Config) -> int:
@@ -168,8 +173,9 @@ def run_workers(config: Config) -> int:
             target=run_worker, args=(config, sender), name=f"seedcache-{n}"
         )
         senders.append(sender)
-    # SIGTERM (docker stop, systemd) ends the workers as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM (docker stop, systemd) stops serve as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    ended = None
     try:
         for worker in workers.values():
             worker.start()
@@ -180,16 +186,11 @@ def run_workers(config: Config) -> int:
         channel, ended = _first_to_end(workers)
         told = _message(channel)
     except KeyboardInterrupt:
-        return 0
+        pass  # asked to stop
     finally:
-        for worker in workers.values():
-            if worker.is_alive():
-                worker.terminate()
-        for worker in workers.values():
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        _stop_workers(list(workers.values()))
+    if ended is None:
+        return 0
     if told is not None and told != READY:
         click.echo(f"seedcache: {told}", err=True)  # a worker's error once it served
     code = ended.exitcode or 0
@@ -198,9 +199,32 @@ def run_workers(config: Config) -> int:
     elif code < 0:
         why = f"was killed by signal {-code}"
     else:
-        why = "stopped"
+        why = "stopped"  # by a signal of its own: serve was not asked to stop
     click.echo(f"seedcache: worker {ended.name} {why}; the others were stopped", err=True)
-    return code if code > 0 else (1 if code < 0 else 0)
+    return code if code > 0 else 1
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_workers(workers: list[BaseProcess]) -> None:
+    """Ask each worker once to stop (SIGTERM: it finishes the requests in flight, and records
+    them), then wait; kill those still running after WORKER_SHUTDOWN, or at a second Ctrl-C."""
+    running = [worker for worker in workers if worker.is_alive()]
+    for worker in running:
+        worker.terminate()
+    deadline = time.monotonic() + WORKER_SHUTDOWN
+    try:
+        for worker in running:
+            worker.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass  # asked again: stop waiting
+    for worker in running:
+        if worker.is_alive():
+            click.echo(f"seedcache: worker {worker.name} did not stop in time: killed", err=True)
+            worker.kill()
+            worker.join()
 
 
 def _wait_until_serving(workers: dict[Connection, BaseProcess]) -> None:
@@ -245,7 +269,7 @@ def run_worker(config: Config, parent: Connection) -> None:
     """One process of `serve --workers N`: tells the parent once it serves, or why it cannot
     (and exits 2, as `serve` does)."""
     try:
-        run_server(config, reuse_port=True, on_ready=lambda _: parent.send(READY))
+        run_server(config, worker=True, on_ready=lambda _: parent.send(READY))
     except SeedcacheError as exc:
         parent.send(str(exc))
         sys.exit(2)
@@ -265,10 +289,10 @@ def start_line(config: Config, port: int) -> str:
 
 
 def run_server(
-    config: Config, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None
+    config: Config, worker: bool = False, on_ready: Callable[[int], None] | None = None
 ) -> None:
-    """Serve `config` until interrupted (one worker process when reuse_port is set); `on_ready`
-    gets the port once the proxy serves on it."""
+    """Serve `config` until interrupted (as one of several processes on the port when `worker`
+    is set); `on_ready` gets the port once the proxy serves on it."""
     from aiohttp import web
 
     from proxy.app import AccessLog, create_app
@@ -278,13 +302,15 @@ def run_server(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        sockets = listen(config.host, config.port, reuse_port=reuse_port)
+        sockets = listen(config.host, config.port, reuse_port=worker)
     except OSError as exc:
         # Port in use, address not here: one line, not a traceback.
         raise ConfigError(
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
     port = int(sockets[0].getsockname()[1])
+    # A worker handles its signals itself, on a loop of its own (aiohttp closes it).
+    loop = _stop_once(asyncio.new_event_loop()) if worker else None
     try:
         web.run_app(
             create_app(replace(config, port=port)),
@@ -293,10 +319,29 @@ def run_server(
             print=(lambda _: on_ready(port)) if on_ready else None,
             access_log=logging.getLogger("seedcache.access") if config.access_log else None,
             access_log_class=AccessLog,
+            handle_signals=not worker,
+            loop=loop,
         )
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _stop_once(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    """A worker's signals: Ctrl-C reaches the whole process group, and the parent stops each
+    worker with one SIGTERM, which starts the graceful shutdown; a second SIGTERM (systemd
+    signals the whole group too) must not cut it short, so it is ignored."""
+    from aiohttp import web
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def stop() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise web.GracefulExit
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    return loop
 
 
 def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -450,6 +451,90 @@ def worker_pids(parent: int) -> list[int]:
         for pid in children.stdout.split()
         if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     ]
+
+
+def start_workers(
+    upstream: FakeUpstream, store: Path
+) -> tuple[subprocess.Popen[str], int, list[int]]:
+    """`serve --workers 2` in a session of its own, serving: the process, its port, its workers."""
+    port = free_port()
+    command = [seedcache_executable(), "serve", "--workers", "2", "--port", str(port)]
+    command += ["--upstream", upstream.base_url, "--store", str(store)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEEDCACHE_ACCESS_LOG": "false"}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,  # so that a test can signal the whole group, and clean it up
+    )
+    line = read_line(process, timeout=60)
+    assert f"listening on http://127.0.0.1:{port} " in line and "2 workers" in line
+    assert wait_healthy(port, process)["status"] == "ok"  # announced once serving
+    return process, port, worker_pids(process.pid)
+
+
+@pytest.mark.parametrize("signalled", ["serve", "its process group"])
+def test_workers_stopped_with_sigterm_finish_and_record_the_requests_in_flight(
+    signalled: str, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # docker stop signals serve; systemd signals every process of the group, workers included.
+    upstream.delay = 3
+    process, port, _ = start_workers(upstream, tmp_path / "store")
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/v1/chat/completions", json.dumps(chat_request()).encode())
+            response = connection.getresponse()
+            answer.update(status=response.status, headers=dict(response.headers))
+            answer["body"] = json.loads(response.read())
+        finally:
+            connection.close()
+
+    asking = threading.Thread(target=ask)
+    try:
+        asking.start()
+        deadline = time.monotonic() + 10
+        while upstream.count() == 0:  # the request is upstream now
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        if signalled == "serve":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+        asking.join(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+    assert answer["status"] == 200
+    assert answer["headers"]["X-Seedcache-Status"] == "recorded"
+    assert answer["body"]["id"] == upstream.chat_completion(chat_request())["id"]
+    assert process.returncode == 0, err
+    assert "killed" not in err
+    listed = run("ls", "--store", str(tmp_path / "store"), "--json")
+    assert [r["key"] for r in json.loads(listed.output)] == [answer["headers"]["X-Seedcache-Key"]]
+
+
+def test_a_worker_stopped_by_a_signal_of_its_own_makes_serve_exit_non_zero(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    process, _, (first, _) = start_workers(upstream, tmp_path / "store")
+    try:
+        os.kill(first, signal.SIGTERM)  # serve was not asked to stop: the service is down
+        _, err = process.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+    assert process.returncode == 1
+    assert re.fullmatch(r"seedcache: worker seedcache-\d stopped; the others were stopped\n", err)
 
 
 def test_when_a_worker_dies_the_others_stop_and_serve_exits_non_zero(
