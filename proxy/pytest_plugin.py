@@ -133,6 +133,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     _setup(early_config)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Conftest files are imported by now: one that set OPENAI_BASE_URL would send the clients
+    # created from here on (test modules') past a proxy the project asked for.
+    plugin = session.config.stash.get(_PLUGIN, None)
+    if plugin is not None and plugin.session is not None:
+        os.environ["OPENAI_BASE_URL"] = plugin.session.base_url
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -270,6 +278,9 @@ def seedcache(request: pytest.FixtureRequest) -> SeedcacheSession:
     plugin = request.config.stash[_PLUGIN]
     plugin.fixture_used = True
     if plugin.session is not None:
+        # A conftest file imported after the proxy started may have pointed it elsewhere: the
+        # tests asked for the proxy, and a replay must never be a live call.
+        os.environ["OPENAI_BASE_URL"] = plugin.session.base_url
         return plugin.session
     missing = plugin.missing_store()
     if missing:

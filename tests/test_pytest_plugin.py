@@ -529,6 +529,40 @@ def test_a_client_created_at_import_time_uses_the_proxy_once_a_setting_is_given(
     offline.assert_outcomes(passed=1)
 
 
+def test_a_conftest_that_points_openai_base_url_elsewhere_does_not_bypass_replay(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    (pytester.path / "tests" / "recordings").mkdir(parents=True)
+    pytester.makeini("[pytest]\nseedcache_mode = replay\nseedcache_fail_on_miss = true\n")
+    # A default endpoint for development (a local server), set by the project's conftest.py.
+    pytester.makeconftest(
+        f"import os\nos.environ['OPENAI_BASE_URL'] = {upstream.base_url!r}\n"
+        "os.environ.setdefault('OPENAI_API_KEY', 'sk-dev')\n"
+    )
+    pytester.makepyfile(
+        test_app="""
+import openai
+
+module_client = openai.OpenAI(max_retries=0)  # a test module's, created at import
+
+def ask(client):
+    return client.chat.completions.create(
+        model="gpt-4o-mini", seed=1, messages=[{"role": "user", "content": "hi"}])
+
+def test_module_client():
+    ask(module_client)
+
+def test_fixture(seedcache):
+    ask(openai.OpenAI(max_retries=0))
+"""
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=2)  # explained misses, not live answers
+    result.stdout.fnmatch_lines(["*No recording for POST /v1/chat/completions*"])
+    result.stdout.fnmatch_lines(["seedcache (replay): 0 hits, 2 misses*"])
+    assert upstream.count() == 0
+
+
 def test_without_any_setting_the_environment_is_left_alone_until_the_fixture_runs(
     pytester: pytest.Pytester,
 ) -> None:
