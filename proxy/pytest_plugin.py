@@ -35,6 +35,16 @@ RECORD_HINT = "pytest --seedcache-mode auto"
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
 # The totals of the summary line (/_seedcache/stats names).
 COUNTED = ("hits", "misses", "recorded", "stale", "upstream_errors")
+# Options under which pytest runs no test (their `dest` names): --version, --markers,
+# --fixtures, --fixtures-per-test, --collect-only, --setup-plan.
+_NO_TESTS = (
+    "version",
+    "markers",
+    "showfixtures",
+    "show_fixtures_per_test",
+    "collectonly",
+    "setupplan",
+)
 # Unused recordings listed by name in the summary; the rest are counted.
 LISTED = 20
 
@@ -153,6 +163,12 @@ def _setup(config: pytest.Config) -> None:
     """Check the settings; if the project set any, start the proxy and set the environment."""
     if _PLUGIN in config.stash or getattr(config.known_args_namespace, "help", False):
         return
+    if any(getattr(config.known_args_namespace, name, False) for name in _NO_TESTS):
+        # Nothing will run (IDE test discovery, --fixtures): no proxy and no store to check,
+        # but a client created while test modules are imported still needs a key offline.
+        if any(_setting(config, name) is not None for name in (*SETTINGS, "fail_on_miss")):
+            _set_environment(config, None)
+        return
     plugin = config.stash[_PLUGIN] = _settings(config)
     if not plugin.early:
         return  # seedcache is installed, not used (yet): no proxy, no change to the environment
@@ -170,22 +186,29 @@ def _start(config: pytest.Config, plugin: _Plugin) -> SeedcacheSession:
     """Start the proxy and point the environment at it until pytest is done."""
     proxy = EmbeddedProxy(plugin.config).start()
     session = plugin.session = SeedcacheSession(proxy)
+    # Cleanups run even when pytest stops before its session (a usage error found later).
+    config.add_cleanup(proxy.stop)
+    _set_environment(config, session.base_url)
+    return session
+
+
+def _set_environment(config: pytest.Config, base_url: str | None) -> None:
+    """Point OPENAI_BASE_URL at the proxy (when there is one) and set a placeholder key if none
+    is set, until pytest is done."""
     saved = {name: os.environ.get(name) for name in ENV}
-    os.environ["OPENAI_BASE_URL"] = session.base_url
+    if base_url is not None:
+        os.environ["OPENAI_BASE_URL"] = base_url
     # The SDK refuses to start without a key; replays need none, so a placeholder will do.
     os.environ.setdefault("OPENAI_API_KEY", PLACEHOLDER_KEY)
 
-    def stop() -> None:
+    def restore() -> None:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        proxy.stop()
 
-    # Run even when pytest stops before its session (a usage error found later).
-    config.add_cleanup(stop)
-    return session
+    config.add_cleanup(restore)
 
 
 def _setting(config: pytest.Config, name: str) -> Any:

@@ -563,6 +563,20 @@ def test_fixture(seedcache):
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("listing", ["--collect-only", "--fixtures", "--markers", "-VV"])
+def test_listing_runs_no_proxy_and_checks_no_store(listing: str, pytester: pytest.Pytester) -> None:
+    # IDE test discovery on a fresh checkout: replay set, no recordings yet, no key.
+    pytester.makeini("[pytest]\nseedcache_mode = replay\n")
+    pytester.makepyfile(
+        test_app="import openai\n\nclient = openai.OpenAI()\n\ndef test_it():\n    pass\n"
+    )
+    result = run(pytester, listing)
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    if listing == "--collect-only":
+        result.stdout.fnmatch_lines(["*test_it*"])
+    assert not (pytester.path / "tests").exists()
+
+
 def test_without_any_setting_the_environment_is_left_alone_until_the_fixture_runs(
     pytester: pytest.Pytester,
 ) -> None:
