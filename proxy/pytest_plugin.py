@@ -100,6 +100,7 @@ class _Plugin:
     fixture_used: bool = False
     # What each proxy did: this process's own, or on a pytest-xdist controller, its workers'.
     tallies: list[Tally] = field(default_factory=list)
+    crashed: list[str] = field(default_factory=list)  # pytest-xdist workers that sent none
     summary: list[str] = field(default_factory=list)
     failed: bool = False
 
@@ -376,8 +377,9 @@ def _tally(plugin: _Plugin) -> Tally | None:
     return tally
 
 
-def _summary(tallies: list[Tally]) -> tuple[list[str], int]:
-    """The summary's lines for the tallies of one or more proxies, and their misses."""
+def _summary(tallies: list[Tally], crashed: list[str]) -> tuple[list[str], int]:
+    """The summary's lines for the tallies of one or more proxies (and the pytest-xdist workers
+    that crashed before sending theirs), and their misses."""
     counts = {name: sum(tally["counts"][name] for tally in tallies) for name in COUNTED}
     workers = f" ({len(tallies)} workers)" if len(tallies) > 1 else ""
     lines = [
@@ -399,10 +401,16 @@ def _summary(tallies: list[Tally]) -> tuple[list[str], int]:
                 "before test modules are imported, or create clients inside functions"
             )
         )
+    if crashed:
+        lines.append(
+            f"seedcache: worker(s) {', '.join(crashed)} crashed: their numbers are not counted, "
+            "and the recordings no test used are not listed"
+        )
     errors = sorted({tally["error"] for tally in tallies if tally["error"] is not None})
     lines += [f"seedcache: could not list unused recordings: {error}" for error in errors]
-    # Workers share the store: a recording is unused only if no worker's proxy used it.
-    unused = [] if errors else tallies[0]["unused"]
+    # Workers share the store: a recording is unused only if no worker's proxy used it (and a
+    # crashed worker's use is unknown).
+    unused = [] if errors or crashed else tallies[0]["unused"]
     for tally in tallies[1:]:
         also = {entry[0] for entry in tally["unused"]}
         unused = [entry for entry in unused if entry[0] in also]
@@ -428,8 +436,12 @@ def pytest_testnodedown(node: Any, error: object | None) -> None:
     """pytest-xdist, on the controller: keep the tally of a worker that finished."""
     tally = getattr(node, "workeroutput", {}).get("seedcache")
     plugin = node.config.stash.get(_PLUGIN, None)
-    if tally is not None and plugin is not None:
+    if plugin is None:
+        return
+    if tally is not None:
         plugin.tallies.append(tally)
+    elif error is not None:
+        plugin.crashed.append(str(getattr(getattr(node, "gateway", None), "id", "?")))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -462,7 +474,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         plugin.tallies.append(tally)
     if not plugin.tallies:
         return
-    plugin.summary, misses = _summary(plugin.tallies)
+    plugin.summary, misses = _summary(plugin.tallies, plugin.crashed)
     plugin.failed = plugin.fail_on_miss and misses > 0
     if plugin.failed and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

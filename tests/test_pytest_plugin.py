@@ -488,6 +488,26 @@ def test_under_xdist_one_summary_adds_up_the_workers_and_fails_on_a_miss(
     assert not any(key[:12] in output for key in used)
 
 
+def test_under_xdist_a_crashed_worker_is_named_and_no_recording_is_called_unused(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    record = ("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    pytester.makepyfile(test_a=questions("Mars"), test_b=questions("Venus"))
+    run(pytester, *record).assert_outcomes(passed=2)
+    # The worker that runs test_a then dies: what its proxy replayed is unknown.
+    (pytester.path / "test_a.py").write_text(
+        questions("Mars") + "\n\ndef test_zz_crash():\n    import os\n    os._exit(3)\n"
+    )
+
+    result = run(pytester, "-n", "2", "--dist", "loadfile", "--max-worker-restart", "0")
+
+    result.stdout.fnmatch_lines(
+        ["seedcache: worker(s) gw* crashed: their numbers are not counted*"],
+    )
+    assert "recording(s) no test used:" not in result.stdout.str()
+    assert result.ret != 0
+
+
 APP_MODULE = """
 from openai import OpenAI
 
