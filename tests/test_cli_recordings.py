@@ -221,8 +221,13 @@ def test_ls_of_an_empty_store_is_friendly_and_creates_nothing(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("spec", "says"),
-    [("", "--store must not be empty"), ("files:", "--store files: needs a directory")],
-    ids=["empty", "files-without-directory"],
+    [
+        ("", "--store must not be empty"),
+        ("files:", "--store files: needs a directory"),
+        ("a-file", "a-file is a file, not a directory"),
+        ("files:a-file", "a-file is a file, not a directory"),
+    ],
+    ids=["empty", "files-without-directory", "a-file", "files-a-file"],
 )
 @pytest.mark.parametrize(
     "command",
@@ -233,11 +238,13 @@ def test_a_store_that_names_nothing_is_refused(
     command: list[str], spec: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a store\n")
 
     result = run(command[0], "--store", spec, *command[1:])
 
     failed(result, says)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "not a store\n"
 
 
 def test_ls_reads_the_store_from_the_environment(recorded: Recorded) -> None:

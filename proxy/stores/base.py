@@ -117,13 +117,15 @@ def store_exists(spec: str) -> bool:
     """False when opening the store would create it: a disk store's directory without its
     database, or a files store's directory missing. ConfigError as `check_store`."""
     parsed = check_store(spec)
+    if parsed.directory is None:
+        return True  # Redis: reached when opened
+    if os.path.exists(parsed.directory) and not os.path.isdir(parsed.directory):
+        raise ConfigError(f"--store {spec}: {parsed.directory} is a file, not a directory")
     if parsed.kind == "files":
-        return os.path.isdir(parsed.location)
-    if parsed.kind == "disk":
-        from proxy.stores.disk import holds_database
+        return os.path.isdir(parsed.directory)
+    from proxy.stores.disk import holds_database
 
-        return holds_database(parsed.location)
-    return True
+    return holds_database(parsed.directory)
 
 
 def open_store(spec: str, *, timeout: float = 2.0) -> Store:

@@ -57,8 +57,15 @@ class _NotHere(Exception):
 
 
 def holds_database(directory: str) -> bool:
-    """True when `directory` holds a disk store's database (diskcache's cache.db)."""
-    return os.path.isfile(os.path.join(directory, diskcache.core.DBNAME))
+    """True when `directory` holds a disk store's database (diskcache's cache.db); StoreError
+    when that cannot be told (no permission to look)."""
+    try:
+        os.stat(os.path.join(directory, diskcache.core.DBNAME))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise StoreError(f"cannot read the disk store at {directory!r}: {exc.strerror}") from None
+    return True
 
 
 class DiskStore:
