@@ -626,6 +626,10 @@ def test_recordings_only_in_a_namespace_folder_are_recognised(
     failed(run("ls", "--store", str(only_winter)), f"use --store files:{only_winter}")
     assert [row["namespace"] for row in ls_json(f"files:{only_winter}")] == ["winter"]
 
+    # Also once a database was made beside them (what opening it as a disk store used to do).
+    asyncio.run(DiskStore(str(only_winter)).close())
+    failed(run("ls", "--store", str(only_winter)), f"use --store files:{only_winter}")
+
 
 def test_with_files_the_same_directory_lists_its_recordings(committed: Path) -> None:
     rows = ls_json(f"files:{committed}")

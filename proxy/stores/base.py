@@ -94,9 +94,8 @@ def _check_kind(spec: StoreSpec) -> None:
     directory = spec.location
     database = holds_database(directory)
     # A disk store keeps no .json files of its own. A database beside recording files was made
-    # by opening a files store's directory as a disk store; with a database, only the top level
-    # is looked at, so that a large disk store is not listed folder by folder.
-    if spec.kind == "disk" and holds_recordings(directory, in_namespaces=not database):
+    # by opening a files store's directory as a disk store.
+    if spec.kind == "disk" and holds_recordings(directory, beside_database=database):
         moved = (
             ", and move its cache.db files into a directory of their own to read them as a "
             "disk store"

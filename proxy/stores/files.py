@@ -60,15 +60,22 @@ def recording_file(directory: str, namespace: str, key: str) -> str:
     return os.path.join(directory, namespace, f"{key}.json")
 
 
-def holds_recordings(directory: str, *, in_namespaces: bool = True) -> bool:
-    """True when `directory` holds recording files, `<key>.json` (also in namespace folders
-    unless `in_namespaces` is false): the directory of a files store."""
+# diskcache's folders of values too large for its database.
+_VALUE_FOLDER = re.compile(r"[0-9a-f]{2}")
+
+
+def holds_recordings(directory: str, *, beside_database: bool = False) -> bool:
+    """True when `directory` holds recording files, `<key>.json`, also in namespace folders: the
+    directory of a files store. `beside_database`: it holds a disk store's cache.db too, whose
+    folders of large values (two hex digits each, thousands of files) are not looked into."""
     folders: list[str] = []
     try:
         for entry in _entries(Path(directory)):
             if _KEY_FILE.fullmatch(entry.name) and entry.is_file():
                 return True
-            if in_namespaces and NAMESPACE.fullmatch(entry.name) and entry.is_dir():
+            if beside_database and _VALUE_FOLDER.fullmatch(entry.name):
+                continue
+            if NAMESPACE.fullmatch(entry.name) and entry.is_dir():
                 folders.append(entry.path)
         return any(
             _KEY_FILE.fullmatch(inner.name) and inner.is_file()
