@@ -180,7 +180,7 @@ def _setup(config: pytest.Config) -> None:
     try:
         _start(config, plugin)
     except (SeedcacheError, OSError) as exc:
-        raise pytest.UsageError(f"seedcache: {exc}") from None
+        raise pytest.UsageError(_problem(exc)) from None
 
 
 def _start(config: pytest.Config, plugin: _Plugin) -> SeedcacheSession:
@@ -240,7 +240,7 @@ def _settings(config: pytest.Config) -> _Plugin:
         options["store"] = spec.resolved(str(config.rootpath))
         built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
     except ConfigError as exc:
-        raise pytest.UsageError(f"seedcache: {exc}") from None
+        raise pytest.UsageError(_problem(exc)) from None
     early = any(value is not None for value in given.values())
     return _Plugin(built, bool(given["fail_on_miss"]), str(config.rootpath), early)
 
@@ -313,7 +313,12 @@ def seedcache(request: pytest.FixtureRequest) -> SeedcacheSession:
     try:
         return _start(request.config, plugin)
     except (SeedcacheError, OSError) as exc:
-        pytest.fail(f"seedcache: {exc}", pytrace=False)
+        pytest.fail(_problem(exc), pytrace=False)
+
+
+def _problem(exc: Exception) -> str:
+    """A seedcache error as the plugin reports it: here the option is --seedcache-store."""
+    return "seedcache: " + str(exc).replace("--store ", "--seedcache-store ")
 
 
 @pytest.fixture(autouse=True)

@@ -597,6 +597,24 @@ def test_listing_runs_no_proxy_and_checks_no_store(listing: str, pytester: pytes
     assert not (pytester.path / "tests").exists()
 
 
+def test_a_recordings_directory_given_without_files_is_refused_in_pytest_terms(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    record = ("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    run(pytester, *record).assert_outcomes(passed=2)
+    recordings = pytester.path / "tests" / "recordings"
+    before = sorted(p.name for p in recordings.iterdir())
+
+    result = run(pytester, "--seedcache-store=tests/recordings")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*seedcache: {recordings} holds recording files*use --seedcache-store files:{recordings}"]
+    )
+    assert sorted(p.name for p in recordings.iterdir()) == before  # no cache.db among them
+
+
 def test_without_any_setting_the_environment_is_left_alone_until_the_fixture_runs(
     pytester: pytest.Pytester,
 ) -> None:
