@@ -212,7 +212,7 @@ def test_the_example_passes_offline_without_an_api_key() -> None:
     [
         (["--seedcache-mode=reply"], "", "seedcache: unknown mode 'reply'; choose one of auto*"),
         ([], "seedcache_upstream = api.openai.com", "seedcache: upstream must be an http(s) URL*"),
-        (["--seedcache-store=redis:/cache"], "", "seedcache: --store 'redis:/cache' is not*"),
+        (["--seedcache-store=redis:/cache"], "", "seedcache: --seedcache-store 'redis:/c* is not*"),
         (["--seedcache-store=files:"], "", "seedcache: --seedcache-store files: needs a dir*"),
     ],
     ids=["mode", "upstream", "redis-store", "files-store"],
