@@ -99,6 +99,9 @@ NO_USAGE = (
 # how often the others look for the recording meanwhile.
 SHARED_LOCK_TTL_MS = 30_000
 SHARED_LOCK_POLL = 0.05
+# How long a lock holder's upstream failure is left for the proxies that waited on it: enough for
+# every one of them to look (they look every SHARED_LOCK_POLL), short enough not to be a cache.
+SHARED_FAILURE_TTL_MS = 1_000
 # How long a request body may take to arrive: a client that stops sending half way (or sends a
 # byte a minute) would otherwise hold its connection and handler for ever.
 BODY_TIMEOUT = 60.0
@@ -638,26 +641,44 @@ class Handlers:
         and goes upstream; the others wait for its recording. A lock whose holder died expires."""
         canon = incoming.canon
         assert canon is not None
-        name = f"fill:{canon.namespace}:{canon.key}"
+        # The key alone names them: the namespace is part of its material.
+        name, failed = f"fill:{canon.key}", f"failed:{canon.key}"
         deadline = time.monotonic() + self.config.upstream_timeout
+        waited = False
         while True:
             token = await store.acquire(name, SHARED_LOCK_TTL_MS)
             if token is not None:
+                posted = None
                 try:
-                    # Another proxy may have recorded it between our miss and our lock.
+                    # Another proxy may have recorded it between our miss and our lock, or
+                    # failed to: then so do we, as the requests waiting on a call do.
                     replay = await self._lookup(request, incoming)
                     if replay is not None:
                         return replay
-                    return await self._lead(request, incoming, coalesce=True)
+                    posted = await store.read_post(failed) if waited else None
+                    if posted is None:
+                        return await self._lead(request, incoming, coalesce=True)
+                except ProxyError as exc:
+                    if exc.type == "upstream_error":
+                        # Unreachable, timed out: say so to the proxies waiting on this call,
+                        # which would otherwise each wait out the same timeout in turn.
+                        with contextlib.suppress(StoreError):
+                            await store.post(failed, failure_bytes(exc), SHARED_FAILURE_TTL_MS)
+                    raise
                 finally:
                     # A release that fails is harmless (the lock expires), and must not turn the
                     # answer just given into an error.
                     with contextlib.suppress(StoreError):
                         await store.release(name, token)
+                raise failure_from(posted, canon.key)
+            waited = True
             await asyncio.sleep(SHARED_LOCK_POLL)
             replay = await self._lookup(request, incoming)
             if replay is not None:
                 return replay
+            posted = await store.read_post(failed)
+            if posted is not None:
+                raise failure_from(posted, canon.key)
             if time.monotonic() > deadline:
                 return await self._lead(request, incoming, coalesce=True)
 
@@ -905,6 +926,26 @@ class Handlers:
         except (ProxyError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("audit embeddings with %s failed: %s", body["model"], exc)
         return None
+
+
+def failure_bytes(error: ProxyError) -> bytes:
+    """An upstream failure as one proxy posts it for the others."""
+    fields = ("status", "message", "type", "code", "retry")
+    return orjson.dumps({name: getattr(error, name) for name in fields})
+
+
+def failure_from(posted: bytes, key: str) -> ProxyError:
+    """The upstream failure another proxy posted for `key`, as this proxy answers it."""
+    fields = orjson.loads(posted)
+    error = ProxyError(
+        int(fields["status"]),
+        str(fields["message"]),
+        type=str(fields["type"]),
+        code=fields["code"],
+        retry=bool(fields["retry"]),
+    )
+    error.headers[KEY] = key
+    return error
 
 
 def load(raw: bytes, key: str, store: str) -> Recording:

@@ -56,6 +56,37 @@ def test_identical_concurrent_misses_on_several_proxies_make_one_upstream_call(
     assert upstream.count("/chat/completions") == 1
 
 
+def test_proxies_waiting_on_another_proxys_call_get_its_upstream_timeout(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    upstream.hang_next(5)
+    leader, waiter = (start_proxy(store=redis_url, upstream_timeout=0.5) for _ in range(2))
+
+    async def ask(proxy: RunningProxy, after: float) -> BaseException | None:
+        await asyncio.sleep(after)
+        async with proxy.async_client() as client:
+            try:
+                await client.chat.completions.create(**chat_request())
+            except openai.InternalServerError as exc:
+                return exc
+        return None
+
+    async def both() -> list[BaseException | None]:
+        return await asyncio.gather(ask(leader, 0), ask(waiter, 0.2))
+
+    errors = asyncio.run(both())
+
+    # The waiting proxy did not go upstream in its turn once the first call timed out.
+    assert upstream.count("/chat/completions") == 1
+    assert [getattr(e, "status_code", None) for e in errors] == [504, 504]
+    assert [getattr(e, "code", None) for e in errors] == ["upstream_timeout"] * 2
+    # Moments later it is a miss like any other: recorded by whichever proxy gets it.
+    time.sleep(1.2)
+    assert status(waiter.client().chat.completions.with_raw_response.create(**chat_request())) == (
+        "recorded"
+    )
+
+
 def test_namespaces_keep_recordings_apart(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
     proxy = start_proxy()
     body = chat_request()

@@ -73,6 +73,12 @@ class Locking(Protocol):
     async def release(self, name: str, token: str) -> None:
         """Give the lock back if `token` still holds it."""
 
+    async def post(self, name: str, value: bytes, ttl_ms: int) -> None:
+        """Leave `value` under `name` for the other proxies, for `ttl_ms`."""
+
+    async def read_post(self, name: str) -> bytes | None:
+        """What was left under `name` and has not expired yet."""
+
 
 def check_store(spec: str) -> StoreSpec:
     """`spec` taken apart; ConfigError when it names no store, or a directory that holds the

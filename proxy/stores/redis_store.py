@@ -27,6 +27,7 @@ PREFIX = "seedcache:"
 META = "seedcache:meta"
 AUDIT = "seedcache:audit"
 LOCK_PREFIX = "seedcache:lock:"
+POST_PREFIX = "seedcache:post:"
 _RECORDINGS = "seedcache:*:rec:*"
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -208,6 +209,16 @@ class RedisStore:
         """Release the lock `name` if `token` still holds it (it may have expired meanwhile)."""
         with self._errors():
             await self._release(keys=[LOCK_PREFIX + name], args=[token])
+
+    async def post(self, name: str, value: bytes, ttl_ms: int) -> None:
+        """Leave `value` under `name` for `ttl_ms` ms (what a lock holder's call came to)."""
+        with self._errors():
+            await self._redis.set(POST_PREFIX + name, value, px=ttl_ms)
+
+    async def read_post(self, name: str) -> bytes | None:
+        with self._errors():
+            value = await self._redis.get(POST_PREFIX + name)
+        return None if value is None else _bytes(value)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
