@@ -1,7 +1,7 @@
 """A small application that calls the OpenAI API: the code under test in this example.
 
-It creates its client when called, so that it picks up OPENAI_BASE_URL from the environment
-(seedcache's pytest plugin sets it for the test session).
+Its client reads OPENAI_BASE_URL from the environment: seedcache's pytest plugin sets it as pytest
+starts (pytest.ini has seedcache settings), before this module is imported.
 """
 
 from __future__ import annotations
