@@ -540,24 +540,8 @@ def test_a_worker_stopped_by_a_signal_of_its_own_makes_serve_exit_non_zero(
 def test_when_a_worker_dies_the_others_stop_and_serve_exits_non_zero(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    port = free_port()
-    command = [seedcache_executable(), "serve", "--workers", "2", "--port", str(port)]
-    command += ["--upstream", upstream.base_url, "--store", str(tmp_path / "store")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEEDCACHE_ACCESS_LOG": "false"}
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-        start_new_session=True,  # so that the finally below can stop every process it made
-    )
+    process, _, (first, second) = start_workers(upstream, tmp_path / "store")
     try:
-        line = read_line(process, timeout=60)
-        assert f"listening on http://127.0.0.1:{port} " in line and "2 workers" in line
-        assert wait_healthy(port, process)["status"] == "ok"  # announced once serving
-        first, second = worker_pids(process.pid)
-
         os.kill(first, signal.SIGKILL)
         _, err = process.communicate(timeout=30)
     finally:

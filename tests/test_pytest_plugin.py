@@ -228,32 +228,44 @@ def test_invalid_settings_stop_the_run_with_one_usage_error(
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
-def test_repeat_sequence_replays_the_kth_answer_to_the_kth_identical_request(
-    pytester: pytest.Pytester, upstream: FakeUpstream
-) -> None:
-    upstream.nondeterministic = True
-    pytester.makepyfile(
-        test_app="""
-import openai, pytest
+# The same unseeded question asked `times` times: without --repeat sequence, one answer.
+UNSEEDED = """
+import openai
 
-def test_an_unseeded_question_asked_three_times(seedcache):
+def ask_unseeded(times):
     client = openai.OpenAI(max_retries=0)
-    answers = [
+    return [
         client.chat.completions.create(
             model="gpt-4o-mini", temperature=1,
             messages=[{"role": "user", "content": "Name a colour"}],
         ).choices[0].message.content
-        for _ in range(3)
+        for _ in range(times)
     ]
-    assert len(set(answers)) == 3
 """
-    )
-    recorded = run(
+
+
+def record_in_sequence(pytester: pytest.Pytester, upstream: FakeUpstream) -> pytest.RunResult:
+    """The suite run in auto with --repeat sequence: each identical request records a sample."""
+    upstream.nondeterministic = True
+    return run(
         pytester,
         "--seedcache-mode=auto",
         f"--seedcache-upstream={upstream.base_url}",
         "--seedcache-repeat=sequence",
     )
+
+
+def test_repeat_sequence_replays_the_kth_answer_to_the_kth_identical_request(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(
+        test_app=UNSEEDED
+        + """
+def test_an_unseeded_question_asked_three_times(seedcache):
+    assert len(set(ask_unseeded(3))) == 3
+"""
+    )
+    recorded = record_in_sequence(pytester, upstream)
     recorded.assert_outcomes(passed=1)
     recorded.stdout.fnmatch_lines(["*seedcache (auto): 0 hits, 0 misses, 3 recorded*"])
     calls = upstream.count()
@@ -268,22 +280,14 @@ def test_an_unseeded_question_asked_three_times(seedcache):
 def test_repeat_sequence_counts_per_test_so_a_selection_replays_what_was_recorded(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
-    upstream.nondeterministic = True
     pytester.makepyfile(
-        test_app="""
-import json, openai
+        test_app=UNSEEDED
+        + """
+import json
 
 def ask_twice(name):
-    client = openai.OpenAI(max_retries=0)
-    answers = [
-        client.chat.completions.create(
-            model="gpt-4o-mini", temperature=1,
-            messages=[{"role": "user", "content": "Name a colour"}],
-        ).choices[0].message.content
-        for _ in range(2)
-    ]
     with open(f"answers-{name}.jsonl", "a") as out:
-        out.write(json.dumps(answers) + "\\n")
+        out.write(json.dumps(ask_unseeded(2)) + "\\n")
 
 def test_a(seedcache):
     ask_twice("a")
@@ -292,12 +296,7 @@ def test_b(seedcache):
     ask_twice("b")
 """
     )
-    recorded = run(
-        pytester,
-        "--seedcache-mode=auto",
-        f"--seedcache-upstream={upstream.base_url}",
-        "--seedcache-repeat=sequence",
-    )
+    recorded = record_in_sequence(pytester, upstream)
     # test_b's two requests are the first and second of its own: test_a's samples.
     recorded.stdout.fnmatch_lines(["*seedcache (auto): 2 hits, 0 misses, 2 recorded*"])
     replayed = run(pytester, "--seedcache-repeat=sequence", "-k", "test_b")
