@@ -61,6 +61,16 @@ PASSTHROUGH_HEADERS = {"X-Seedcache-Mode": "passthrough"}
 # A proxy started in replay mode answers them from its recordings all the same (DESIGN §2): an
 # answer with one of these X-Seedcache-Status values was not live, and compares with nothing.
 REPLAYED_STATUSES = ("hit", "stale")
+
+
+def not_live(status: str, url: str) -> str:
+    """Why an answer from `url` with X-Seedcache-Status `status` (a replayed one) is no answer."""
+    return (
+        f"answered from a recording (X-Seedcache-Status: {status}), not live: is {url} a "
+        "seedcache proxy in replay mode?"
+    )
+
+
 # `seedcache verify`: requests in flight, and the divergence rate above which it fails.
 DEFAULT_VERIFY_CONCURRENCY = 4
 DEFAULT_MAX_DIVERGENCE = 0.0

@@ -21,6 +21,7 @@ from proxy.config import (
     DEFAULT_PROBE_TEMPERATURE,
     PASSTHROUGH_HEADERS,
     REPLAYED_STATUSES,
+    not_live,
 )
 from proxy.divergence import ngram_cosine_distance
 from proxy.errors import ConfigError, SeedcacheError
@@ -137,10 +138,8 @@ def run(
             status = raw.headers.get("X-Seedcache-Status")
             if status in REPLAYED_STATUSES:
                 raise SeedcacheError(
-                    f"{group} run {index} was answered from a recording (X-Seedcache-Status: "
-                    f"{status}), not live: is {str(client.base_url).rstrip('/')} a seedcache "
-                    "proxy in replay mode? Point --upstream at the API, or at a proxy in another "
-                    "mode"
+                    f"{group} run {index} was {not_live(status, str(client.base_url).rstrip('/'))}"
+                    " Point --upstream at the API, or at a proxy in another mode"
                 )
             answer: ChatCompletion = raw.parse()
         except openai.APIStatusError as exc:

@@ -16,7 +16,12 @@ from typing import Any
 import openai
 
 from proxy.audit import AuditLog, audit_event, baseline
-from proxy.config import DEFAULT_VERIFY_CONCURRENCY, PASSTHROUGH_HEADERS, REPLAYED_STATUSES
+from proxy.config import (
+    DEFAULT_VERIFY_CONCURRENCY,
+    PASSTHROUGH_HEADERS,
+    REPLAYED_STATUSES,
+    not_live,
+)
 from proxy.errors import FormatError
 from proxy.keys import RECORDED
 from proxy.recording import Recording, Sample, utc_now
@@ -159,12 +164,7 @@ async def _reissue(
             raw = await client.post(path, cast_to=raw_response, body=recording.body)
         status = raw.headers.get("X-Seedcache-Status")
         if status in REPLAYED_STATUSES:
-            return Failure(
-                recording.key,
-                recording.path,
-                f"answered from a recording (X-Seedcache-Status: {status}), not live: is "
-                f"{upstream} a seedcache proxy in replay mode?",
-            )
+            return Failure(recording.key, recording.path, not_live(status, upstream))
         answer = await raw.parse()
     except openai.APIStatusError as exc:
         return Failure(recording.key, recording.path, f"upstream answered {exc.status_code}: {exc}")
