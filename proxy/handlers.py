@@ -47,6 +47,7 @@ from proxy.recording import (
     redact,
     redact_event,
     redact_json,
+    secrets_in,
     stored_headers,
     utc_now,
 )
@@ -714,7 +715,8 @@ class Handlers:
                 body = await read_body(live)
                 sample = None
                 if flight is not None:
-                    sample = self._body_sample(incoming, live, body, started)
+                    known = self._secrets(request, incoming)
+                    sample = self._body_sample(incoming, live, body, started, known)
                     if sample is None:
                         headers[STATUS] = status = "miss"  # forwarded, but nothing to record
                 if sample is not None and flight is not None:
@@ -728,8 +730,22 @@ class Handlers:
                 exc.headers[KEY] = incoming.canon.key
             raise
 
+    def _secrets(self, request: web.Request, incoming: Incoming) -> frozenset[str]:
+        """The secrets of a request that its answer may echo and no recording may hold: the
+        API-key shaped strings of its body (stored redacted), and the API keys it is sent with."""
+        found = secrets_in(incoming.body, incoming.raw)
+        for key in (client_key(request.headers), self.upstream.api_key):
+            if key and len(key) >= 8:
+                found.add(key)
+        return frozenset(found)
+
     def _body_sample(
-        self, incoming: Incoming, live: ClientResponse, body: bytes, started: float
+        self,
+        incoming: Incoming,
+        live: ClientResponse,
+        body: bytes,
+        started: float,
+        known: frozenset[str],
     ) -> Sample | None:
         try:
             parsed = orjson.loads(body)
@@ -738,7 +754,7 @@ class Handlers:
             return None
         if not isinstance(parsed, (dict, list)):
             return None
-        return self._sample(live, started, body=redact_json(parsed, body))
+        return self._sample(live, started, body=redact_json(parsed, body, known))
 
     async def _relay_stream(
         self,
@@ -799,7 +815,8 @@ class Handlers:
                 request.transport.close()
             return response
         events.extend(decoder.flush())
-        sample = self._sample(live, started, events=tuple(redact_event(e) for e in events))
+        known = self._secrets(request, incoming)
+        sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
         outcome = status_of(headers)
         if flight is not None and sse.is_complete(events, incoming.path):
             await self._record(request, incoming, sample, flight, response.headers)

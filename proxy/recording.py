@@ -26,10 +26,12 @@ STORED_RESPONSE_HEADERS = frozenset(
 )
 
 # API-key shaped secrets: OpenAI/Anthropic style keys and bearer tokens (HTTP auth schemes are
-# case-insensitive). Neither match holds a quote or a backslash, so replacing one inside JSON text
-# leaves valid JSON.
+# case-insensitive) that look like tokens: 16 characters or more, a digit among them, so that
+# "Bearer authentication" is prose. Neither match holds a quote or a backslash, so replacing one
+# inside JSON text leaves valid JSON.
 _SECRET = re.compile(
-    r"(?<![A-Za-z0-9])(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}|\b(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*"
+    r"(?<![A-Za-z0-9])(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}"
+    r"|\b(?i:bearer)\s+(?=[A-Za-z0-9._~+/\-]*[0-9])[A-Za-z0-9._~+/\-]{16,}=*"
 )
 # A cheap first look over raw JSON text: anything `_SECRET` finds in a decoded string shows here.
 _MAYBE = r"(?:sk|rk|pk)-[A-Za-z0-9_\-]{16}|(?i:bearer)"
@@ -279,17 +281,58 @@ def redact(value: Any) -> Any:
     return value
 
 
-def redact_json(value: Any, raw: bytes) -> Any:
-    """`redact(value)` for a value parsed from `raw`, walking it only if `raw` may hold a secret
-    (an upstream echoes `instructions`, `metadata` and the like into its answer)."""
-    return redact(value) if _MAYBE_SECRET.search(raw) else value
+def secrets_in(value: Any, raw: bytes) -> set[str]:
+    """The API-key shaped strings `redact` replaces in `value`, parsed from `raw` (looked for
+    only if `raw` may hold one)."""
+    found: set[str] = set()
+    if _MAYBE_SECRET.search(raw):
+        _collect(value, found)
+    return found
 
 
-def redact_event(event: Event) -> Event:
-    """A stream event with API-key shaped strings in its payload replaced."""
-    if not _MAYBE_SECRET_TEXT.search(event.data):
+def _collect(value: Any, found: set[str]) -> None:
+    if isinstance(value, str):
+        found.update(_SECRET.findall(value))
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _collect(name, found)
+            _collect(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _collect(item, found)
+
+
+def redact_json(value: Any, raw: bytes, known: frozenset[str]) -> Any:
+    """An upstream's answer, parsed from `raw`, with the `known` secrets of its request replaced
+    where it echoes them (`instructions`, `metadata`). Nothing else is touched: what the model
+    wrote ("Bearer authentication", an example key) is replayed as it was said."""
+    if not any(secret.encode() in raw for secret in known):
+        return value
+    return _replace_known(value, _longest_first(known))
+
+
+def _longest_first(known: frozenset[str]) -> tuple[str, ...]:
+    # A key inside a bearer token of the same request is replaced with the whole token.
+    return tuple(sorted(known, key=len, reverse=True))
+
+
+def _replace_known(value: Any, known: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        for secret in known:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {_replace_known(k, known): _replace_known(v, known) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_known(v, known) for v in value]
+    return value
+
+
+def redact_event(event: Event, known: frozenset[str]) -> Event:
+    """A stream event with the `known` secrets of its request replaced, as `redact_json`."""
+    if not any(secret in event.data for secret in known):
         return event
-    return Event(_SECRET.sub(REDACTED, event.data), event.event, event.t_ms)
+    return Event(_replace_known(event.data, _longest_first(known)), event.event, event.t_ms)
 
 
 EARLIEST = datetime.min.replace(tzinfo=UTC)

@@ -100,7 +100,8 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.upstream_timeout
         )
-        self._api_key = (
+        # The proxy's own upstream key (--upstream-api-key-env), sent instead of the client's.
+        self.api_key = (
             os.environ[config.upstream_api_key_env] if config.upstream_api_key_env else None
         )
         # Clients that present an access token must not have it sent upstream.
@@ -141,7 +142,7 @@ class Upstream:
             response = await self._session.request(
                 method,
                 self.url(path),
-                headers=request_headers(items, api_key=self._api_key, strip_auth=self._strip_auth),
+                headers=request_headers(items, api_key=self.api_key, strip_auth=self._strip_auth),
                 data=body,
                 allow_redirects=False,
             )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import openai
+import orjson
 
 from proxy.audit import AuditLog, audit_event, baseline
 from proxy.config import (
@@ -24,7 +25,7 @@ from proxy.config import (
 )
 from proxy.errors import FormatError
 from proxy.keys import RECORDED
-from proxy.recording import Recording, Sample, utc_now
+from proxy.recording import REDACTED, Recording, Sample, utc_now
 from proxy.stores.base import Store
 
 
@@ -89,6 +90,12 @@ async def select_recordings(
             continue
         if not recording.samples:
             skipped["no samples"] = skipped.get("no samples", 0) + 1
+            continue
+        if REDACTED in recording.path or REDACTED.encode() in orjson.dumps(recording.body):
+            # A secret was redacted from the request as stored: sent again, it would be another
+            # request, and its answer no measure of drift.
+            reason = "a secret redacted from the request"
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
         if model and model != recording.model and all(s.model != model for s in recording.samples):
             other_models += 1

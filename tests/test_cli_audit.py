@@ -256,6 +256,31 @@ def test_verify_skips_recordings_it_cannot_reissue_with_a_count(
     assert not any(c.path.startswith("/v1/moderations") for c in upstream.calls)
 
 
+def test_verify_skips_a_recording_whose_request_had_a_secret_redacted(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "recorded"
+    proxy = start_proxy(store=str(store))
+    secret = "sk-" + "proj-" + "A1b2C3d4" * 6  # built here: no key-shaped string is committed
+    prose = "Explain Bearer authentication in HTTP"  # looks like no key, and is not one
+    with proxy.client() as client:
+        client.chat.completions.create(
+            **chat_request(messages=[{"role": "user", "content": prose}])
+        )
+        client.chat.completions.create(
+            **chat_request(messages=[{"role": "user", "content": f"My key is {secret}"}])
+        )
+    proxy.stop()
+    upstream.reset()
+
+    result = seedcache("verify", "--store", str(store), "--upstream", upstream.base_url)
+
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 recordings (1 a secret redacted from the request)" in result.stdout
+    # What was sent again is the prompt as recorded, not one with "<redacted>" in it.
+    assert [c.body["messages"][0]["content"] for c in upstream.calls] == [prose]
+
+
 def test_verify_reports_upstream_failures_and_exits_1(
     recorded_store: Path, upstream: FakeUpstream
 ) -> None:

@@ -317,6 +317,8 @@ def test_stored_headers_keep_only_the_allowlist_lower_cased() -> None:
 
 
 def test_stored_headers_redact_secrets_in_allowed_values() -> None:
-    stored = stored_headers([("x-request-id", SECRET), ("openai-version", "Bearer abcdefgh1234")])
+    stored = stored_headers(
+        [("x-request-id", SECRET), ("openai-version", "Bearer abcdefgh12345678")]
+    )
 
     assert stored == {"x-request-id": REDACTED, "openai-version": REDACTED}

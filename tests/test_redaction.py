@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import RunningProxy, StartProxy
-from tests.fake_upstream import FakeUpstream, chat_request, responses_request
+from tests.fake_upstream import FakeUpstream, chat_request, completion, responses_request
 
 # Built at run time so that no key-shaped string is committed.
 SECRET = "sk-" + "proj-" + "A1b2C3d4" * 6
@@ -96,3 +96,25 @@ def test_a_key_in_the_query_string_is_not_stored(
     assert upstream.last.path.endswith(SECRET)
     assert SECRET.encode() not in stored_bytes(tmp_path / "rec")
     assert proxy.recordings()[0].path == "/v1/chat/completions?api_key=<redacted>"
+
+
+def test_what_the_model_says_is_replayed_as_it_was_said(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Prose about bearer tokens and an example key in an answer are not the request's secrets.
+    example_token, example_key = "x9Y8z7W6" * 3, "sk-" + "example" * 3
+    said = f"Use Bearer authentication, as in Bearer {example_token}; keys look like {example_key}."
+    upstream.fail_next(200, completion(said))
+    proxy = start_proxy(store=f"files:{tmp_path / 'rec'}")
+    asked = chat_request(messages=[{"role": "user", "content": "Explain Bearer authentication"}])
+    with proxy.client() as client:
+        live = client.chat.completions.with_raw_response.create(**asked)
+        replayed = client.chat.completions.with_raw_response.create(**asked)
+
+    assert (live.headers["x-seedcache-status"], replayed.headers["x-seedcache-status"]) == (
+        "recorded",
+        "hit",
+    )
+    assert live.parse().choices[0].message.content == said
+    assert replayed.parse().choices[0].message.content == said
+    assert proxy.recordings()[0].body["messages"][0]["content"] == "Explain Bearer authentication"
