@@ -43,12 +43,15 @@ from proxy.recording import (
     Recording,
     Sample,
     check_storable,
+    has_usage_chunk,
+    is_responses,
     pick_sample,
     redact,
     redact_event,
     redact_json,
     secrets_in,
     stored_headers,
+    stream_lacks_usage,
     utc_now,
 )
 from proxy.stores.base import Locking, Store
@@ -1107,7 +1110,7 @@ def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
     for, so the stream is then rebuilt from the assembled response.
     """
     if sample.events is not None:
-        if _has_usage_chunk(sample.events) == include_usage or _is_responses(sample.events):
+        if has_usage_chunk(sample.events) == include_usage or is_responses(sample.events):
             return list(sample.events)
         return sse.synthesise(sse.assemble(sample.events), include_usage=include_usage)
     return sse.synthesise(sample.body, include_usage=include_usage)
@@ -1117,22 +1120,4 @@ def lacks_usage(sample: Sample, incoming: Incoming) -> bool:
     """Whether a stream asks for a usage chunk (include_usage) that the sample cannot give: a chat
     or completions stream recorded without include_usage never learnt its usage. (A non-streaming
     answer assembled from such a stream says `usage: null`, as the SDK's types allow.)"""
-    if not incoming.include_usage or sample.events is None or _is_responses(sample.events):
-        return False
-    return not _has_usage_chunk(sample.events)
-
-
-def _has_usage_chunk(events: tuple[sse.Event, ...]) -> bool:
-    for event in reversed(events):
-        if event.data.startswith("{") and '"usage"' in event.data:
-            try:
-                data = orjson.loads(event.data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(data, dict) and data.get("choices") == [] and data.get("usage"):
-                return True
-    return False
-
-
-def _is_responses(events: tuple[sse.Event, ...]) -> bool:
-    return any(event.event is not None for event in events[:1])
+    return incoming.include_usage and stream_lacks_usage(sample)

@@ -197,8 +197,40 @@ class Recording:
         One sample per distinct (fingerprint, output): a sample equal in both to an existing one
         replaces it (moving it to the end), so re-recording the same output does not grow it.
         """
-        kept = tuple(s for s in self.samples if not _same_output(s, sample))
+        kept: list[Sample] = []
+        same: list[Sample] = []
+        for old in self.samples:
+            (same if _same_output(old, sample) else kept).append(old)
+        if same and stream_lacks_usage(sample) and not all(map(stream_lacks_usage, same)):
+            # The same output recorded with its usage says more: streams asking include_usage,
+            # and plain requests, replay it.
+            return self
         return replace(self, samples=(*kept, sample))
+
+
+def stream_lacks_usage(sample: Sample) -> bool:
+    """A chat or completions stream recorded without include_usage: it never learnt its usage."""
+    if sample.events is None or is_responses(sample.events):
+        return False
+    return not has_usage_chunk(sample.events)
+
+
+def has_usage_chunk(events: tuple[Event, ...]) -> bool:
+    """Whether a chat or completions stream ends with a usage chunk (include_usage)."""
+    for event in reversed(events):
+        if event.data.startswith("{") and '"usage"' in event.data:
+            try:
+                data = orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and data.get("choices") == [] and data.get("usage"):
+                return True
+    return False
+
+
+def is_responses(events: tuple[Event, ...]) -> bool:
+    """Whether a stream is the Responses API's (named events, usage in its terminal event)."""
+    return any(event.event is not None for event in events[:1])
 
 
 def _same_output(a: Sample, b: Sample) -> bool:

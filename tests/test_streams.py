@@ -26,6 +26,7 @@ from tests.fake_upstream import (
 )
 
 CHAT = "/v1/chat/completions"
+USAGE = {"include_usage": True}
 
 
 def only_sample(proxy: RunningProxy) -> Sample:
@@ -549,6 +550,29 @@ def test_a_client_that_leaves_a_paced_replay_does_not_disturb_the_proxy(
     assert data_lines(again.body) == data_lines(recorded.body)
     assert upstream.count() == 1
     assert len(only_sample(proxy).events or ()) == len(data_lines(recorded.body))
+
+
+def test_recording_the_same_stream_again_without_usage_keeps_the_sample_with_usage(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    body = chat_request(seed=24)
+    proxy = start_proxy()
+    with proxy.client() as client:
+        list(client.chat.completions.create(**body, stream=True, stream_options=USAGE))
+    with proxy.client(default_headers={"X-Seedcache-Mode": "record"}) as client:
+        list(client.chat.completions.create(**body, stream=True))  # the same output, no usage
+    replayer = start_proxy(mode="replay")
+    with replayer.client() as client:
+        plain = client.chat.completions.create(**body)
+        chunks = list(client.chat.completions.create(**body, stream=True, stream_options=USAGE))
+
+    assert upstream.count() == 2
+    assert plain.usage is not None and plain.usage.total_tokens > 0
+    assert chunks[-1].usage is not None and chunks[-1].usage == plain.usage
+    assert (
+        len(only_sample(replayer).events or ())
+        == len(upstream.chat_chunks({**body, "stream_options": USAGE})) + 1
+    )
 
 
 # -- coalescing -----------------------------------------------------------------------------------
