@@ -468,8 +468,10 @@ def _chat_choices(choice: Mapping[str, Any], index: int) -> list[dict[str, Any]]
             continue
         if isinstance(value, str) and value:
             leading.append({key: value})
+        elif key == "annotations" and value == []:
+            continue  # never streamed empty: the SDK's accumulated message has None, as live
         elif not value:
-            first[key] = value  # empty fields (annotations: [], null) ride on the first chunk
+            first[key] = value  # other empty fields (null) ride on the first chunk
         else:
             trailing.append({key: value})  # function_call, annotations, audio
 

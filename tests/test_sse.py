@@ -628,7 +628,8 @@ def test_synthesise_with_usage() -> None:
     assert last["usage"] == body["usage"]
     assert all("usage" in c and c["usage"] is None for c in choice_chunks)
     assert [c["choices"][0]["delta"] for c in choice_chunks] == [
-        {"role": "assistant", "content": "", "refusal": None, "annotations": []},
+        # As OpenAI streams it: no empty `annotations` (the SDK's accumulated message has None).
+        {"role": "assistant", "content": "", "refusal": None},
         {"content": "Paris."},
         {},
     ]
