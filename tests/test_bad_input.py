@@ -79,6 +79,11 @@ UNSTORABLE = [
     # orjson reads integers up to a double's range as doubles; beyond it they stay integers.
     ("integer beyond a double", '"top_k": 1' + "0" * 400, "64 bits"),
     ("integer beyond a double inside", '"logit_bias": {"1": 1' + "0" * 400 + "}", "64 bits"),
+    # Within a double's range orjson reads them as doubles: 2**64 + 1 and 2**64 + 2 would share
+    # a key, and a seed was "a number, not an integer".
+    ("integer past 2**64", f'"top_k": {2**64 + 1}', "64 bits"),
+    ("seed past 2**64", f'"seed": {2**64 + 2}', "64 bits"),
+    ("integer below -2**63", f'"logit_bias": {{"1": {-(2**63) - 1}}}', "64 bits"),
     ("lone surrogate", '"user": "\\ud800"', "surrogate"),
     ("nested 600 deep", '"tools": ' + "[" * 600 + "]" * 600, "250 levels"),
 ]
@@ -98,6 +103,18 @@ def test_a_body_no_recording_can_hold_is_a_400_before_it_is_sent(
     assert says in error["message"]
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)
+
+
+def test_integers_of_many_digits_within_64_bits_are_keyed_exactly(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # The largest seeds there are, and a long run of digits in a string, read as they were sent.
+    for seed in (2**64 - 1, -(2**63)):
+        body = chat_request(seed=seed, user="order 12345678901234567890123")
+        assert proxy.request("POST", CHAT, body).headers["x-seedcache-status"] == "recorded"
+        assert proxy.request("POST", CHAT, body).headers["x-seedcache-status"] == "hit"
+    assert upstream.count() == 2
+    assert {r.body["seed"] for r in proxy.recordings()} == {2**64 - 1, -(2**63)}
 
 
 def test_an_integral_float_beyond_64_bits_is_keyed_as_a_float_and_recorded(
