@@ -556,6 +556,8 @@ class _ResponseStream:
             added["content"] = []
         elif kind == "function_call":
             added["arguments"] = ""
+        elif kind == "reasoning" and isinstance(item.get("summary"), list):
+            added["summary"] = []
         if "status" in item:
             added["status"] = "in_progress"
         self.emit("response.output_item.added", output_index=output_index, item=added)
@@ -570,7 +572,23 @@ class _ResponseStream:
             where = {"item_id": item_id, "output_index": output_index}
             self.emit("response.function_call_arguments.delta", **where, delta=arguments)
             self.emit("response.function_call_arguments.done", **where, arguments=arguments)
+        elif kind == "reasoning":
+            summary = item.get("summary")
+            for summary_index, part in enumerate(summary if isinstance(summary, list) else []):
+                if isinstance(part, Mapping):
+                    self._summary(item_id, output_index, summary_index, part)
         self.emit("response.output_item.done", output_index=output_index, item=item)
+
+    def _summary(
+        self, item_id: Any, output_index: int, summary_index: int, part: Mapping[str, Any]
+    ) -> None:
+        # What a UI showing the model's reasoning summary reads as it streams.
+        where = {"item_id": item_id, "output_index": output_index, "summary_index": summary_index}
+        text = part.get("text") or ""
+        self.emit("response.reasoning_summary_part.added", **where, part={**part, "text": ""})
+        self.emit("response.reasoning_summary_text.delta", **where, delta=text)
+        self.emit("response.reasoning_summary_text.done", **where, text=text)
+        self.emit("response.reasoning_summary_part.done", **where, part=part)
 
     def _part(
         self, item_id: Any, output_index: int, content_index: int, part: Mapping[str, Any]
@@ -587,6 +605,16 @@ class _ResponseStream:
                     empty[key] = []
             self.emit("response.content_part.added", **where, part=empty)
             self.emit("response.output_text.delta", **where, delta=text, logprobs=logprobs)
+            annotations = part.get("annotations")
+            for annotation_index, annotation in enumerate(
+                annotations if isinstance(annotations, list) else []
+            ):
+                self.emit(
+                    "response.output_text.annotation.added",
+                    **where,
+                    annotation_index=annotation_index,
+                    annotation=annotation,
+                )
             self.emit("response.output_text.done", **where, text=text, logprobs=logprobs)
         elif kind == "refusal":
             refusal = part.get("refusal") or ""

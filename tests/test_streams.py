@@ -277,6 +277,53 @@ def test_a_responses_stream_is_synthesised_from_a_plain_response(
     assert deltas == plain.output_text
 
 
+def test_a_synthesised_responses_stream_streams_reasoning_summaries_and_annotations(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    body = responses_request(input="Think, then cite.")
+    answer = upstream.response(body)
+    summary = [{"type": "summary_text", "text": "Weighed two sources."}]
+    reasoning = {"id": "rs_" + "1" * 24, "type": "reasoning", "summary": summary}
+    citation = {
+        "type": "url_citation",
+        "url": "https://example.com/a",
+        "title": "A",
+        "start_index": 0,
+        "end_index": 3,
+    }
+    message = answer["output"][0]
+    message["content"][0]["annotations"] = [citation]
+    answer["output"] = [reasoning, message]
+    upstream.fail_next(200, answer, path="/responses")
+    with proxy.client() as client:
+        plain = client.responses.create(**body)
+        events = list(client.responses.create(**body, stream=True))
+        with client.responses.stream(**body) as stream:
+            final = stream.get_final_response()
+
+    assert upstream.count() == 1
+    types = [e.type for e in events]
+    assert types[types.index("response.output_item.added") :][:6] == [
+        "response.output_item.added",
+        "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done",
+        "response.output_item.done",
+    ]
+    assert events[types.index("response.output_item.added")].item.summary == []
+    deltas = [e.delta for e in events if e.type == "response.reasoning_summary_text.delta"]
+    assert deltas == ["Weighed two sources."]
+    [added] = [e for e in events if e.type == "response.output_text.annotation.added"]
+    annotation = added.annotation  # a model in recent SDKs, a dict in older ones
+    dumped = annotation if isinstance(annotation, dict) else annotation.model_dump()
+    assert (added.annotation_index, dumped) == (0, citation)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # The helper's own accumulation (a ParsedResponse) comes to the plain answer.
+    assert (final.id, final.output_text) == (plain.id, plain.output_text)
+    assert final.output[0].model_dump() == plain.output[0].model_dump()
+
+
 def test_a_stream_asking_usage_the_recorded_stream_never_had_is_recorded_again(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
