@@ -310,7 +310,7 @@ def run_server(
         ) from None
     port = int(sockets[0].getsockname()[1])
     # A worker handles its signals itself, on a loop of its own (aiohttp closes it).
-    loop = _stop_once(asyncio.new_event_loop()) if worker else None
+    loop = worker_signals(asyncio.new_event_loop()) if worker else None
     try:
         web.run_app(
             create_app(replace(config, port=port)),
@@ -327,15 +327,21 @@ def run_server(
             sock.close()
 
 
-def _stop_once(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+def worker_signals(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
     """A worker's signals: Ctrl-C reaches the whole process group, and the parent stops each
     worker with one SIGTERM, which starts the graceful shutdown; a second SIGTERM (systemd
     signals the whole group too) must not cut it short, so it is ignored."""
     from aiohttp import web
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stopping: list[bool] = []
 
     def stop() -> None:
+        # Two signals read from the loop's wake-up pipe at once schedule this twice: the second
+        # must not raise again, inside the shutdown the first one started.
+        if stopping:
+            return
+        stopping.append(True)
         loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise web.GracefulExit
