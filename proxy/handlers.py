@@ -633,7 +633,7 @@ class Handlers:
                 flight.set_result(exc)
             raise
         finally:
-            if coalesce:
+            if coalesce and self._inflight.get(canon.key) is flight:
                 del self._inflight[canon.key]
             if not flight.done():
                 flight.set_result(None)
@@ -647,12 +647,14 @@ class Handlers:
         assert canon is not None
         # The key alone names them: the namespace is part of its material.
         name, failed = f"fill:{canon.key}", f"failed:{canon.key}"
-        deadline = time.monotonic() + self.config.upstream_timeout
         waited = False
         while True:
             token = await store.acquire(name, SHARED_LOCK_TTL_MS)
             if token is not None:
                 posted = None
+                # The lock lives while the call does (a stream can run for minutes), and ends
+                # SHARED_LOCK_TTL_MS after a holder that died.
+                keeping = asyncio.create_task(self._keep_lock(store, name, token))
                 try:
                     # Another proxy may have recorded it between our miss and our lock, or
                     # failed to: then so do we, as the requests waiting on a call do.
@@ -670,11 +672,14 @@ class Handlers:
                             await store.post(failed, failure_bytes(exc), SHARED_FAILURE_TTL_MS)
                     raise
                 finally:
+                    keeping.cancel()
                     # A release that fails is harmless (the lock expires), and must not turn the
                     # answer just given into an error.
                     with contextlib.suppress(StoreError):
                         await store.release(name, token)
                 raise failure_from(posted, canon.key)
+            # Another proxy holds it: wait for its recording, its failure, or its lock (taken
+            # again when it is released or its holder died).
             waited = True
             await asyncio.sleep(SHARED_LOCK_POLL)
             replay = await self._lookup(request, incoming)
@@ -683,8 +688,15 @@ class Handlers:
             posted = await store.read_post(failed)
             if posted is not None:
                 raise failure_from(posted, canon.key)
-            if time.monotonic() > deadline:
-                return await self._lead(request, incoming, coalesce=True)
+
+    @staticmethod
+    async def _keep_lock(store: Locking, name: str, token: str) -> None:
+        """Extend a fill lock every third of its life until cancelled."""
+        while True:
+            await asyncio.sleep(SHARED_LOCK_TTL_MS / 3000)
+            with contextlib.suppress(StoreError):
+                if not await store.extend(name, token, SHARED_LOCK_TTL_MS):
+                    return  # lost (expired while Redis was away): nothing left to keep
 
     async def _forward(
         self,

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from cli.main import read_tokens
+from proxy import handlers
 from proxy.errors import ConfigError
 from proxy.recording import Recording
 from tests.conftest import RunningProxy, StartProxy, status
@@ -85,6 +86,36 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_timeout(
     assert status(waiter.client().chat.completions.with_raw_response.create(**chat_request())) == (
         "recorded"
     )
+
+
+def test_a_call_longer_than_the_lock_and_the_read_timeout_is_still_made_once(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stream of about 1.5 s: longer than the fill lock's life (0.3 s here) and than the
+    # upstream timeout, which bounds each read, not a whole stream.
+    monkeypatch.setattr(handlers, "SHARED_LOCK_TTL_MS", 300)
+    upstream.chunk_delay = 0.12
+    proxies = [start_proxy(store=redis_url, upstream_timeout=0.5) for _ in range(2)]
+    body = chat_request(seed=41)
+
+    async def ask(proxy: RunningProxy, after: float) -> str:
+        await asyncio.sleep(after)
+        async with proxy.async_client() as client:
+            raw = await client.chat.completions.with_raw_response.create(**body, stream=True)
+            chunks = [c async for c in raw.parse()]
+            return f"{status(raw)} {chunks[0].id}"
+
+    async def everyone() -> list[str]:
+        return await asyncio.gather(*(ask(p, 0.1 * n) for n, p in enumerate(proxies * 2)))
+
+    answers = asyncio.run(everyone())
+
+    assert upstream.count("/chat/completions") == 1
+    assert sorted(a.split()[0] for a in answers) == ["hit", "hit", "hit", "recorded"]
+    assert len({a.split()[1] for a in answers}) == 1
 
 
 def test_namespaces_keep_recordings_apart(start_proxy: StartProxy, upstream: FakeUpstream) -> None:

@@ -73,6 +73,9 @@ class Locking(Protocol):
     async def release(self, name: str, token: str) -> None:
         """Give the lock back if `token` still holds it."""
 
+    async def extend(self, name: str, token: str, ttl_ms: int) -> bool:
+        """Keep the lock for another `ttl_ms` if `token` still holds it; whether it did."""
+
     async def post(self, name: str, value: bytes, ttl_ms: int) -> None:
         """Leave `value` under `name` for the other proxies, for `ttl_ms`."""
 

@@ -52,6 +52,12 @@ if redis.call("get", KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_EXTEND = """
+if redis.call("get", KEYS[1]) == ARGV[1] then
+    return redis.call("pexpire", KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 
 def recording_name(namespace: str, key: str) -> str:
@@ -92,6 +98,7 @@ class RedisStore:
             # Values are bytes (recordings need not be UTF-8); decoded replies would corrupt them.
             raise ConfigError(f"{self.description}: remove decode_responses from the Redis URL")
         self._release = self._redis.register_script(_RELEASE)
+        self._extend = self._redis.register_script(_EXTEND)
 
     async def get(self, namespace: str, key: str) -> bytes | None:
         with self._errors():
@@ -209,6 +216,11 @@ class RedisStore:
         """Release the lock `name` if `token` still holds it (it may have expired meanwhile)."""
         with self._errors():
             await self._release(keys=[LOCK_PREFIX + name], args=[token])
+
+    async def extend(self, name: str, token: str, ttl_ms: int) -> bool:
+        """Keep the lock `name` for another `ttl_ms` ms if `token` still holds it."""
+        with self._errors():
+            return bool(await self._extend(keys=[LOCK_PREFIX + name], args=[token, ttl_ms]))
 
     async def post(self, name: str, value: bytes, ttl_ms: int) -> None:
         """Leave `value` under `name` for `ttl_ms` ms (what a lock holder's call came to)."""
