@@ -473,6 +473,17 @@ class Handlers:
                 )
             return None
         sample = recording.samples[ordinal]
+        pinned = request.headers.get(FINGERPRINT)
+        if pinned and sample.system_fingerprint not in (pinned, None):
+            raise await self._miss(
+                incoming,
+                reason=f"sample {ordinal + 1} has fingerprint {sample.system_fingerprint}, not "
+                f"{pinned} (X-Seedcache-Fingerprint, --repeat sequence)",
+            )
+        if lacks_usage(sample, incoming):
+            if incoming.mode is Mode.REPLAY:
+                raise await self._miss(incoming, reason=NO_USAGE)
+            return None  # forwarded: the new sample has its usage
         self.metrics.count("hit", recording.model, sample.system_fingerprint)
         return await self._replay(request, incoming, decoded, sample, "hit")
 

@@ -55,6 +55,35 @@ def test_auto_records_a_new_sample_past_the_last_one(
     assert len(second_run.recordings()[0].samples) == 3
 
 
+def test_sequence_keeps_the_checks_of_a_replay(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The k-th sample is served only if it can answer: a pinned fingerprint it does not have,
+    # or a usage chunk a stream recorded without one cannot give, is an explained miss.
+    upstream.nondeterministic = True
+    recorder = start_proxy(repeat="sequence")
+    list(recorder.client().chat.completions.create(**UNSEEDED, stream=True))  # no usage chunk
+    recorder.stop()
+
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    with replayer.client() as client, pytest.raises(openai.NotFoundError) as pinned:
+        client.chat.completions.create(
+            **UNSEEDED, extra_headers={"X-Seedcache-Fingerprint": "fp_other"}
+        )
+    replayer.stop()
+    replayer = start_proxy(repeat="sequence", mode="replay")  # a new run: counting from 1
+    with replayer.client() as client, pytest.raises(openai.NotFoundError) as usage:
+        list(
+            client.chat.completions.create(
+                **UNSEEDED, stream=True, stream_options={"include_usage": True}
+            )
+        )
+
+    assert "not fp_other (X-Seedcache-Fingerprint" in str(pinned.value)
+    assert "include_usage" in str(usage.value)
+    assert upstream.count() == 1
+
+
 def test_reuse_is_the_default_and_serves_one_sample(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
