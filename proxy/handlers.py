@@ -743,10 +743,11 @@ class Handlers:
                 if flight is not None:
                     known = self._secrets(request, incoming)
                     sample = self._body_sample(incoming, live, body, started, known)
-                    if sample is None:
-                        headers[STATUS] = status = "miss"  # forwarded, but nothing to record
-                if sample is not None and flight is not None:
-                    await self._record(request, incoming, sample, flight, headers)
+                    recorded = sample is not None and await self._recorded(
+                        request, incoming, sample, flight, headers
+                    )
+                    if not recorded:
+                        headers[STATUS] = status = "miss"  # forwarded, but not recorded
                 fingerprint = sample.system_fingerprint if sample else None
                 self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
@@ -845,7 +846,10 @@ class Handlers:
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
         outcome = status_of(headers)
         if flight is not None and sse.is_complete(events, incoming.path):
-            await self._record(request, incoming, sample, flight, response.headers)
+            if not await self._recorded(request, incoming, sample, flight, response.headers):
+                outcome = "miss"
+                if buffered:  # not sent yet: the header can still say so
+                    response.headers[STATUS] = outcome
         elif flight is not None:
             # Ended cleanly but not as a successful stream does (no [DONE], an error event).
             log.warning("not recording %s: the upstream stream did not complete", incoming.path)
@@ -878,6 +882,24 @@ class Handlers:
             body=body,
             events=events,
         )
+
+    async def _recorded(
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        sample: Sample,
+        flight: asyncio.Future[Outcome],
+        headers: MutableMapping[str, str],
+    ) -> bool:
+        """`_record`, and whether it could: a store that fails now (Redis went away during the
+        upstream call) must not cost the client the answer it waited, and paid, for. A 503 would
+        also make the SDK retry: another paid call."""
+        try:
+            await self._record(request, incoming, sample, flight, headers)
+        except StoreError as exc:
+            log.error("not recording %s: the store failed: %s", incoming.path, exc)
+            return False
+        return True
 
     async def _record(
         self,

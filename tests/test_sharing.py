@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,8 @@ from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
 from tests.redis_server import RedisServer
 from tests.servers import free_port
+
+CHAT = "/v1/chat/completions"
 
 
 def test_a_recording_made_by_one_proxy_replays_on_another(
@@ -198,6 +201,40 @@ def test_redis_going_away_gives_a_clear_503_and_the_proxy_recovers(
     raw = client.chat.completions.with_raw_response.create(**chat_request(seed=9))
     assert status(raw) == "recorded"
     assert proxy.request("GET", "/_seedcache/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_store_that_fails_while_the_upstream_answers_still_gives_the_answer(
+    stream: bool, start_proxy: StartProxy, upstream: FakeUpstream, own_redis_server: RedisServer
+) -> None:
+    # A 503 would lose an answer already paid for, and make the SDK pay again when it retries.
+    proxy = start_proxy(store=own_redis_server.url())
+    upstream.delay = 0.5
+    body = chat_request(seed=43)
+
+    def stop_redis_once_upstream() -> None:
+        deadline = time.monotonic() + 10
+        while upstream.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        own_redis_server.stop()
+
+    stopper = threading.Thread(target=stop_redis_once_upstream)
+    stopper.start()
+    try:
+        result = proxy.request("POST", CHAT, {**body, "stream": stream})
+    finally:
+        stopper.join()
+        own_redis_server.start()
+
+    assert result.status == 200
+    assert result.headers["x-seedcache-status"] == ("recorded" if stream else "miss")
+    expected = upstream.chat_completion(body)
+    if stream:
+        assert result.body.endswith(b"data: [DONE]\n\n")  # whole, and the body was ended
+    else:
+        assert result.json()["id"] == expected["id"]
+    assert proxy.stats()["misses"] == 1  # not recorded, and counted so
+    assert upstream.count() == 1
 
 
 def test_proxies_recording_into_one_files_directory_at_once_lose_nothing(
