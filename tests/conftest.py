@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ class RunningProxy:
     running: RunningApp
     config: Config
     loop: BackgroundLoop
+    # The sync clients handed out, closed with the proxy: an unclosed one's socket warns when
+    # the garbage collector finds it, in whichever test runs then.
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -49,7 +52,10 @@ class RunningProxy:
 
     def client(self, **options: Any) -> openai.OpenAI:
         options.setdefault("max_retries", 0)
-        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, **options)
+        options.setdefault("api_key", API_KEY)
+        client = openai.OpenAI(base_url=self.base_url, **options)
+        self.clients.append(client)
+        return client
 
     def async_client(self, **options: Any) -> openai.AsyncOpenAI:
         options.setdefault("max_retries", 0)
@@ -113,6 +119,8 @@ class RunningProxy:
         return result
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         self.running.stop()
 
 

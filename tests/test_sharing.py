@@ -142,8 +142,8 @@ def test_tenants_isolated_by_key_never_see_each_others_recordings(
     store = str(tmp_path / "shared")
     proxy = start_proxy(store=store, isolate_by_key=True)
     body = chat_request()
-    a = openai.OpenAI(base_url=proxy.base_url, api_key="tenant-a-key", max_retries=0)
-    b = openai.OpenAI(base_url=proxy.base_url, api_key="tenant-b-key", max_retries=0)
+    a = proxy.client(api_key="tenant-a-key")
+    b = proxy.client(api_key="tenant-b-key")
     assert status(a.chat.completions.with_raw_response.create(**body)) == "recorded"
     assert status(b.chat.completions.with_raw_response.create(**body)) == "recorded"
     assert status(a.chat.completions.with_raw_response.create(**body)) == "hit"
@@ -152,13 +152,13 @@ def test_tenants_isolated_by_key_never_see_each_others_recordings(
 
     # Offline, tenant C has nothing recorded and is never served A's or B's recording.
     replay = start_proxy(store=store, isolate_by_key=True, mode="replay")
-    c = openai.OpenAI(base_url=replay.base_url, api_key="tenant-c-key", max_retries=0)
+    c = replay.client(api_key="tenant-c-key")
     with pytest.raises(openai.NotFoundError) as missed:
         c.chat.completions.create(**body)
     # Nor told where another tenant keeps the very same request.
     assert "recorded in namespace" not in str(missed.value)
     assert "No recording has the same method, path and model" in str(missed.value)
-    a = openai.OpenAI(base_url=replay.base_url, api_key="tenant-a-key", max_retries=0)
+    a = replay.client(api_key="tenant-a-key")
     assert status(a.chat.completions.with_raw_response.create(**body)) == "hit"
 
 
@@ -175,7 +175,7 @@ def test_access_tokens_and_the_proxys_own_upstream_key(
     assert "access token" in str(refused.value)
     assert upstream.count() == 0
 
-    member = openai.OpenAI(base_url=proxy.base_url, api_key="team-token-2", max_retries=0)
+    member = proxy.client(api_key="team-token-2")
     assert member.chat.completions.create(**chat_request()).choices[0].message.content
     assert upstream.last.headers["authorization"] == "Bearer upstream-only-key"
     assert proxy.request("GET", "/_seedcache/health").status == 200
@@ -286,10 +286,10 @@ def test_workers_serve_one_port_from_several_processes(
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
     try:
         assert process.stdout is not None
         assert "2 workers" in process.stdout.readline()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -311,6 +311,7 @@ def test_workers_serve_one_port_from_several_processes(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/_seedcache/health") as answer:
             assert json.load(answer)["status"] == "ok"
     finally:
+        client.close()
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=15)
