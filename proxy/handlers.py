@@ -12,7 +12,7 @@ import logging
 import secrets
 import shlex
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Awaitable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -744,7 +744,7 @@ class Handlers:
                     known = self._secrets(request, incoming)
                     sample = self._body_sample(incoming, live, body, started, known)
                     recorded = sample is not None and await self._recorded(
-                        request, incoming, sample, flight, headers
+                        self._record(request, incoming, sample, flight, headers), incoming.path
                     )
                     if not recorded:
                         headers[STATUS] = status = "miss"  # forwarded, but not recorded
@@ -846,7 +846,8 @@ class Handlers:
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
         outcome = status_of(headers)
         if flight is not None and sse.is_complete(events, incoming.path):
-            if not await self._recorded(request, incoming, sample, flight, response.headers):
+            recording = self._record(request, incoming, sample, flight, response.headers)
+            if not await self._recorded(recording, incoming.path):
                 outcome = "miss"
                 if buffered:  # not sent yet: the header can still say so
                     response.headers[STATUS] = outcome
@@ -883,21 +884,15 @@ class Handlers:
             events=events,
         )
 
-    async def _recorded(
-        self,
-        request: web.Request,
-        incoming: Incoming,
-        sample: Sample,
-        flight: asyncio.Future[Outcome],
-        headers: MutableMapping[str, str],
-    ) -> bool:
-        """`_record`, and whether it could: a store that fails now (Redis went away during the
-        upstream call) must not cost the client the answer it waited, and paid, for. A 503 would
-        also make the SDK retry: another paid call."""
+    @staticmethod
+    async def _recorded(recording: Awaitable[None], path: str) -> bool:
+        """Whether `recording` (a `_record`) could store: a store that fails now (Redis went away
+        during the upstream call) must not cost the client the answer it waited, and paid, for.
+        A 503 would also make the SDK retry: another paid call."""
         try:
-            await self._record(request, incoming, sample, flight, headers)
+            await recording
         except StoreError as exc:
-            log.error("not recording %s: the store failed: %s", incoming.path, exc)
+            log.error("not recording %s: the store failed: %s", path, exc)
             return False
         return True
 
