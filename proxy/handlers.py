@@ -757,14 +757,15 @@ class Handlers:
                 exc.headers[KEY] = incoming.canon.key
             raise
 
-    def _secrets(self, request: web.Request, incoming: Incoming) -> frozenset[str]:
-        """The secrets of a request that its answer may echo and no recording may hold: the
-        API-key shaped strings of its body (stored redacted), and the API keys it is sent with."""
+    def _secrets(self, request: web.Request, incoming: Incoming) -> tuple[str, ...]:
+        """The secrets of a request that its answer may echo and no recording may hold, longest
+        first: the API-key shaped strings of its body (stored redacted), and the API keys it is
+        sent with."""
         found = secrets_in(incoming.body, incoming.raw)
         for key in (client_key(request.headers), self.upstream.api_key):
             if key and len(key) >= 8:
                 found.add(key)
-        return frozenset(found)
+        return tuple(sorted(found, key=len, reverse=True))
 
     def _body_sample(
         self,
@@ -772,7 +773,7 @@ class Handlers:
         live: ClientResponse,
         body: bytes,
         started: float,
-        known: frozenset[str],
+        known: tuple[str, ...],
     ) -> Sample | None:
         try:
             parsed = orjson.loads(body)

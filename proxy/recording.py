@@ -7,7 +7,7 @@ which sample to serve is here too, since it only reads a recording.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +35,7 @@ _SECRET = re.compile(
 )
 # A cheap first look over raw JSON text: anything `_SECRET` finds in a decoded string shows here.
 _MAYBE = r"(?:sk|rk|pk)-[A-Za-z0-9_\-]{16}|(?i:bearer)"
-_MAYBE_SECRET, _MAYBE_SECRET_TEXT = re.compile(_MAYBE.encode()), re.compile(_MAYBE)
+_MAYBE_SECRET = re.compile(_MAYBE.encode())
 REDACTED = "<redacted>"
 
 
@@ -304,67 +304,62 @@ _UNSTORABLE = {
 def redact(value: Any) -> Any:
     """`value` with API-key shaped strings replaced, recursively through JSON containers (member
     names included)."""
+    return _map_strings(value, lambda text: _SECRET.sub(REDACTED, text))
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` with `change` applied to every string in it, member names included."""
     if isinstance(value, str):
-        return _SECRET.sub(REDACTED, value)
+        return change(value)
     if isinstance(value, dict):
-        return {redact(k): redact(v) for k, v in value.items()}
+        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [_map_strings(v, change) for v in value]
     return value
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in `value`, member names included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield name
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def secrets_in(value: Any, raw: bytes) -> set[str]:
     """The API-key shaped strings `redact` replaces in `value`, parsed from `raw` (looked for
     only if `raw` may hold one)."""
-    found: set[str] = set()
-    if _MAYBE_SECRET.search(raw):
-        _collect(value, found)
-    return found
+    if not _MAYBE_SECRET.search(raw):
+        return set()
+    return {found for text in _strings(value) for found in _SECRET.findall(text)}
 
 
-def _collect(value: Any, found: set[str]) -> None:
-    if isinstance(value, str):
-        found.update(_SECRET.findall(value))
-    elif isinstance(value, dict):
-        for name, item in value.items():
-            _collect(name, found)
-            _collect(item, found)
-    elif isinstance(value, list):
-        for item in value:
-            _collect(item, found)
-
-
-def redact_json(value: Any, raw: bytes, known: frozenset[str]) -> Any:
-    """An upstream's answer, parsed from `raw`, with the `known` secrets of its request replaced
-    where it echoes them (`instructions`, `metadata`). Nothing else is touched: what the model
-    wrote ("Bearer authentication", an example key) is replayed as it was said."""
+def redact_json(value: Any, raw: bytes, known: tuple[str, ...]) -> Any:
+    """An upstream's answer, parsed from `raw`, with the `known` secrets of its request (longest
+    first) replaced where it echoes them (`instructions`, `metadata`). Nothing else is touched:
+    what the model wrote ("Bearer authentication", an example key) is replayed as it was said."""
     if not any(secret.encode() in raw for secret in known):
         return value
-    return _replace_known(value, _longest_first(known))
+    return _map_strings(value, lambda text: _replace_known(text, known))
 
 
-def _longest_first(known: frozenset[str]) -> tuple[str, ...]:
-    # A key inside a bearer token of the same request is replaced with the whole token.
-    return tuple(sorted(known, key=len, reverse=True))
+def _replace_known(text: str, known: tuple[str, ...]) -> str:
+    # Longest first: a key inside a bearer token of the same request goes with the whole token.
+    for secret in known:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
-def _replace_known(value: Any, known: tuple[str, ...]) -> Any:
-    if isinstance(value, str):
-        for secret in known:
-            value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {_replace_known(k, known): _replace_known(v, known) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_replace_known(v, known) for v in value]
-    return value
-
-
-def redact_event(event: Event, known: frozenset[str]) -> Event:
+def redact_event(event: Event, known: tuple[str, ...]) -> Event:
     """A stream event with the `known` secrets of its request replaced, as `redact_json`."""
     if not any(secret in event.data for secret in known):
         return event
-    return Event(_replace_known(event.data, _longest_first(known)), event.event, event.t_ms)
+    return Event(_replace_known(event.data, known), event.event, event.t_ms)
 
 
 EARLIEST = datetime.min.replace(tzinfo=UTC)
