@@ -48,16 +48,26 @@ class ProxyError(SeedcacheError):
         # Extra response headers (X-Seedcache-Status, X-Seedcache-Key) for the error response.
         self.headers: dict[str, str] = {}
 
+    def fields(self) -> dict[str, Any]:
+        """What the error says, in JSON types (for another proxy to answer it too)."""
+        names = ("status", "message", "type", "code", "param", "retry")
+        return {name: getattr(self, name) for name in names}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> ProxyError:
+        """The error `fields()` describes."""
+        return cls(
+            int(fields["status"]),
+            str(fields["message"]),
+            type=str(fields["type"]),
+            code=fields.get("code"),
+            param=fields.get("param"),
+            retry=bool(fields.get("retry")),
+        )
+
     def again(self) -> ProxyError:
         """The same error, to answer another request with."""
-        error = ProxyError(
-            self.status,
-            self.message,
-            type=self.type,
-            code=self.code,
-            param=self.param,
-            retry=self.retry,
-        )
+        error = ProxyError.from_fields(self.fields())
         error.headers.update(self.headers)
         return error
 

@@ -679,8 +679,9 @@ class Handlers:
                     if exc.type == "upstream_error":
                         # Unreachable, timed out: say so to the proxies waiting on this call,
                         # which would otherwise each wait out the same timeout in turn.
+                        posted_failure = orjson.dumps(exc.fields())
                         with contextlib.suppress(StoreError):
-                            await store.post(failed, failure_bytes(exc), SHARED_FAILURE_TTL_MS)
+                            await store.post(failed, posted_failure, SHARED_FAILURE_TTL_MS)
                     raise
                 finally:
                     keeping.cancel()
@@ -989,22 +990,9 @@ class Handlers:
         return None
 
 
-def failure_bytes(error: ProxyError) -> bytes:
-    """An upstream failure as one proxy posts it for the others."""
-    fields = ("status", "message", "type", "code", "retry")
-    return orjson.dumps({name: getattr(error, name) for name in fields})
-
-
 def failure_from(posted: bytes, key: str) -> ProxyError:
     """The upstream failure another proxy posted for `key`, as this proxy answers it."""
-    fields = orjson.loads(posted)
-    error = ProxyError(
-        int(fields["status"]),
-        str(fields["message"]),
-        type=str(fields["type"]),
-        code=fields["code"],
-        retry=bool(fields["retry"]),
-    )
+    error = ProxyError.from_fields(orjson.loads(posted))
     error.headers[KEY] = key
     return error
 
