@@ -167,7 +167,7 @@ def _setup(config: pytest.Config) -> None:
     if any(getattr(config.known_args_namespace, name, False) for name in _NO_TESTS):
         # Nothing will run (IDE test discovery, --fixtures): no proxy and no store to check,
         # but a client created while test modules are imported still needs a key offline.
-        if any(_setting(config, name) is not None for name in (*SETTINGS, "fail_on_miss")):
+        if _opted_in(_given(config)):
             _set_environment(config, None)
         return
     plugin = config.stash[_PLUGIN] = _settings(config)
@@ -230,7 +230,7 @@ def _setting(config: pytest.Config, name: str) -> Any:
 def _settings(config: pytest.Config) -> _Plugin:
     """The session's settings, checked once: a mistyped one stops the run with a usage error
     instead of failing every test that asks for the proxy."""
-    given = {name: _setting(config, name) for name in (*SETTINGS, "fail_on_miss")}
+    given = _given(config)
     options = {name: given[name] or DEFAULTS.get(name) for name in SETTINGS}
     try:
         spec = StoreSpec.parse(str(options["store"]))
@@ -241,8 +241,17 @@ def _settings(config: pytest.Config) -> _Plugin:
         built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
     except ConfigError as exc:
         raise pytest.UsageError(_problem(exc)) from None
-    early = any(value is not None for value in given.values())
-    return _Plugin(built, bool(given["fail_on_miss"]), str(config.rootpath), early)
+    return _Plugin(built, bool(given["fail_on_miss"]), str(config.rootpath), _opted_in(given))
+
+
+def _given(config: pytest.Config) -> dict[str, Any]:
+    """Every seedcache setting the command line or ini file gives (None for the others)."""
+    return {name: _setting(config, name) for name in (*SETTINGS, "fail_on_miss")}
+
+
+def _opted_in(given: dict[str, Any]) -> bool:
+    """Any setting given: the project uses seedcache, so the proxy starts with pytest."""
+    return any(value is not None for value in given.values())
 
 
 class SeedcacheSession:
