@@ -30,6 +30,7 @@ from proxy.keys import (
     NAMESPACE,
     NAMESPACE_RULE,
     RECORDED,
+    STREAMED,
     CanonicalRequest,
     RequestIndex,
     check_body,
@@ -45,6 +46,7 @@ from proxy.recording import (
     check_storable,
     has_usage_chunk,
     is_responses,
+    looks_secret,
     pick_sample,
     redact,
     redact_event,
@@ -343,7 +345,8 @@ class Handlers:
                 body, canon = self._parse(method, path, namespace, raw, route[1])
                 if len(raw) <= PARSED_BODY_LIMIT:
                     remember(self._parsed, parsed, (body, canon), PARSED_CACHE_SIZE)
-        stream = isinstance(body, dict) and body.get("stream") is True
+        # Embeddings and models do not stream: a stray `stream` is answered, and replayed, as JSON.
+        stream = isinstance(body, dict) and body.get("stream") is True and route in STREAMED
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return Incoming(method, path, raw, body, mode, read, write, stream, include_usage, canon)
@@ -764,7 +767,7 @@ class Handlers:
         sent with."""
         found = secrets_in(incoming.body, incoming.raw)
         for key in (client_key(request.headers), self.upstream.api_key):
-            if key and len(key) >= 8:
+            if key and looks_secret(key):
                 found.add(key)
         return tuple(sorted(found, key=len, reverse=True))
 
@@ -793,10 +796,12 @@ class Handlers:
         headers: CIMultiDict[str],
         flight: asyncio.Future[Outcome] | None,
     ) -> web.StreamResponse:
-        """Relay an upstream stream event by event and record it if it completes.
+        """Relay an upstream stream as it arrives and record its events if it completes.
 
+        The client gets the upstream's bytes unchanged, keep-alive comments included (they keep
+        its read timeout from firing while the model thinks); the recording keeps the events.
         In audit mode the stream is received whole first, so that the client's headers can
-        carry the verdict; the client still gets the live events exactly as sent.
+        carry the verdict.
         """
         started = time.monotonic()
         headers.update(SSE_HEADERS)
@@ -807,14 +812,16 @@ class Handlers:
             await response.prepare(request)
         decoder = sse.Decoder()
         events: list[sse.Event] = []
+        received: list[bytes] = []
         try:
             async for chunk in iter_body(live):
                 t_ms = int((time.monotonic() - started) * 1000)
-                for event in decoder.decode(chunk, t_ms):
-                    events.append(event)
-                    if not buffered:
-                        async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
-                            await response.write(sse.encode(event))
+                events.extend(decoder.decode(chunk, t_ms))
+                if buffered:
+                    received.append(chunk)
+                else:
+                    async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
+                        await response.write(chunk)
         except UpstreamBroken as exc:
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
             self.metrics.upstream_error(0)
@@ -861,7 +868,7 @@ class Handlers:
                 response.headers[STATUS] = outcome
         if buffered:
             await response.prepare(request)
-            await response.write(b"".join(sse.encode(event) for event in events))
+            await response.write(b"".join(received))
         self.metrics.count(outcome, incoming.model, sample.system_fingerprint)
         return response
 
@@ -1032,7 +1039,8 @@ def status_of(headers: Mapping[str, str]) -> str:
 
 
 def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | None, str | None]:
-    """The response `model` and `system_fingerprint` of a body, or of a stream's first chunk."""
+    """The response `model` and `system_fingerprint` of a body, or of the first chunk of a stream
+    that names its model (Azure's first chunk, a content-filter report, names none)."""
     first: Any = body
     if first is None:
         for event in events:
@@ -1042,13 +1050,14 @@ def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | N
                 continue
             if isinstance(first, dict) and isinstance(first.get("response"), dict):
                 first = first["response"]  # Responses API events carry the response inside
-            break
+            if not isinstance(first, dict) or first.get("model") != "":
+                break
     if not isinstance(first, dict):
         return None, None
     model, fingerprint = first.get("model"), first.get("system_fingerprint")
     return (
-        model if isinstance(model, str) else None,
-        fingerprint if isinstance(fingerprint, str) else None,
+        model if isinstance(model, str) and model else None,
+        fingerprint if isinstance(fingerprint, str) and fingerprint else None,
     )
 
 
@@ -1136,10 +1145,16 @@ def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
 
     A streamed sample is replayed as recorded, unless the request's include_usage differs from
     the recording's: code that reads `chunk.choices[0]` crashes on a usage chunk it did not ask
-    for, so the stream is then rebuilt from the assembled response.
+    for, so the stream is then rebuilt from the assembled response. (A stream with its usage on
+    the finishing chunk, as llama.cpp sends it, answers either way as recorded.)
     """
     if sample.events is not None:
-        if has_usage_chunk(sample.events) == include_usage or is_responses(sample.events):
+        usage_chunk = has_usage_chunk(sample.events)
+        if (
+            usage_chunk == include_usage
+            or (include_usage and not stream_lacks_usage(sample))
+            or is_responses(sample.events)
+        ):
             return list(sample.events)
         return sse.synthesise(sse.assemble(sample.events), include_usage=include_usage)
     return sse.synthesise(sample.body, include_usage=include_usage)

@@ -37,6 +37,15 @@ RECORDED = frozenset(
     }
 )
 
+# The recorded endpoints that stream when asked to.
+STREAMED = frozenset(
+    {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/responses"),
+    }
+)
+
 # Members that change framing, billing or tracking but never the generated output. An explicit
 # denylist: an allowlist would silently merge requests differing in an extension it did not know.
 BOOKKEEPING = frozenset(
@@ -132,6 +141,8 @@ def check_body(body: Any) -> None:
         value = body.get(name)
         if value is None:
             continue
+        if types == (int,) and isinstance(value, float) and value.is_integer():
+            continue  # 123.0 is the number 123, as in the key
         if isinstance(value, bool) or not isinstance(value, types):
             wanted = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
             raise bad_request(

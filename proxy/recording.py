@@ -212,20 +212,26 @@ def stream_lacks_usage(sample: Sample) -> bool:
     """A chat or completions stream recorded without include_usage: it never learnt its usage."""
     if sample.events is None or is_responses(sample.events):
         return False
-    return not has_usage_chunk(sample.events)
+    return not any(True for _ in _usage_chunks(sample.events))
 
 
 def has_usage_chunk(events: tuple[Event, ...]) -> bool:
-    """Whether a chat or completions stream ends with a usage chunk (include_usage)."""
+    """Whether a chat or completions stream ends with a usage chunk (include_usage): one with
+    usage and no choices, which code reading `chunk.choices[0]` must have asked for."""
+    return any(chunk.get("choices") == [] for chunk in _usage_chunks(events))
+
+
+def _usage_chunks(events: tuple[Event, ...]) -> Iterator[dict[str, Any]]:
+    """Each chunk of a stream that carries its usage, last first: OpenAI sends it in a chunk of
+    its own, llama.cpp and others on the chunk that finishes."""
     for event in reversed(events):
         if event.data.startswith("{") and '"usage"' in event.data:
             try:
                 data = orjson.loads(event.data)
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(data, dict) and data.get("choices") == [] and data.get("usage"):
-                return True
-    return False
+            if isinstance(data, dict) and isinstance(data.get("usage"), dict) and data["usage"]:
+                yield data
 
 
 def is_responses(events: tuple[Event, ...]) -> bool:
@@ -329,6 +335,13 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _strings(item)
+
+
+def looks_secret(key: str) -> bool:
+    """Whether an API key is one no answer may repeat: an `sk-…` key, or a token of 16 characters
+    or more with a digit. A local server's placeholder (`lm-studio`, `anything`, `not-needed`) is
+    a word a model may well say, so it is not replaced in answers."""
+    return bool(_SECRET.fullmatch(key)) or (len(key) >= 16 and any(c.isdigit() for c in key))
 
 
 def secrets_in(value: Any, raw: bytes) -> set[str]:

@@ -137,12 +137,15 @@ def is_complete(events: Sequence[Event], path: str) -> bool:
                 return False
             finished = finished or kind in _RESPONSE_FINISHED
         return finished
-    # vLLM sends an error frame and then [DONE], so [DONE] alone does not mean success.
+    # vLLM sends an error frame and then [DONE], so [DONE] alone does not mean success; others
+    # name it `event: error`.
     return (
         bool(events)
         and events[-1].data == DONE
         and not any(
-            '"error"' in event.data and _has_error(_json_object(event.data)) for event in events
+            event.event == "error"
+            or ('"error"' in event.data and _has_error(_json_object(event.data)))
+            for event in events
         )
     )
 
@@ -374,8 +377,8 @@ def _assemble_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     choices: dict[int, _Choice] = {}
     for chunk in chunks:
         for key, value in chunk.items():
-            if key not in _NOT_COPIED and top.get(key) is None:
-                top[key] = value  # first non-null wins
+            if key not in _NOT_COPIED and _unset(top.get(key)):
+                top[key] = value  # the first value set wins
         if "usage" in chunk:
             usage_seen = True
             # The include_usage chunk carries it once; vLLM continuous usage: the last one.
@@ -402,6 +405,12 @@ def _assemble_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
         result["usage"] = usage
     result.update(top)
     return result
+
+
+def _unset(value: Any) -> bool:
+    """A chunk member that says nothing: Azure opens its streams with a content-filter chunk whose
+    `id` and `model` are "" and `created` is 0, before the chunks that carry them."""
+    return value is None or value == "" or (type(value) is int and value == 0)
 
 
 def _is_text_completion(chunks: list[dict[str, Any]]) -> bool:

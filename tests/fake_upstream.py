@@ -390,6 +390,8 @@ class FakeUpstream:
     gzip: bool = False
     keepalive_comments: bool = True
     padding: int = 0  # characters added to every stream chunk's `obfuscation`: streams of many MB
+    usage_on_finish: bool = False  # include_usage: usage on the last finishing chunk (llama.cpp)
+    filter_chunk: bool = False  # chat streams open with Azure's content-filter chunk
     extra_headers: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     calls: list[Call] = field(default_factory=list, repr=False)
@@ -592,10 +594,18 @@ class FakeUpstream:
             chunks.append(chunk(c.index, {}, c.finish_reason))
         if include_usage:
             usage = _usage(_prompt_tokens(body), sum(c.completion_tokens for c in choices))
-            last = {**base, "choices": [], "usage": usage}
-            if obfuscate:
-                last["obfuscation"] = _obfuscation()
-            chunks.append(last)
+            if self.usage_on_finish:
+                chunks[-1]["usage"] = usage
+            else:
+                last = {**base, "choices": [], "usage": usage}
+                if obfuscate:
+                    last["obfuscation"] = _obfuscation()
+                chunks.append(last)
+        if self.filter_chunk:
+            # Azure: a content-filter report first, its id, model and created left empty.
+            report = [{"prompt_index": 0, "content_filter_results": {}}]
+            empty = {"choices": [], "created": 0, "id": "", "model": "", "object": ""}
+            chunks.insert(0, {**empty, "prompt_filter_results": report})
         return chunks
 
     @staticmethod

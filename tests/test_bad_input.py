@@ -297,3 +297,18 @@ def test_an_invalid_namespace_header_is_a_400(
     assert_error(result, 400, code="invalid_namespace")
     assert upstream.count() == 0
     assert proxy.recordings() == []
+
+
+def test_an_integral_float_seed_is_that_integer(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # The key compares numbers by value, so the check of its type does too.
+    first = proxy.request("POST", CHAT, chat_request(seed=123))
+    again = proxy.request("POST", CHAT, chat_request(seed=123.0))
+
+    assert (first.headers["x-seedcache-status"], again.headers["x-seedcache-status"]) == (
+        "recorded",
+        "hit",
+    )
+    assert again.headers["x-seedcache-key"] == first.headers["x-seedcache-key"]
+    assert upstream.count() == 1

@@ -118,3 +118,24 @@ def test_what_the_model_says_is_replayed_as_it_was_said(
     assert live.parse().choices[0].message.content == said
     assert replayed.parse().choices[0].message.content == said
     assert proxy.recordings()[0].body["messages"][0]["content"] == "Explain Bearer authentication"
+
+
+def test_an_answer_repeating_the_client_key_keeps_a_placeholder_and_loses_a_real_key(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Local servers take any key: `anything` is a word the model may say, SECRET is a key.
+    proxy = start_proxy(store=f"files:{tmp_path / 'rec'}")
+    for key, seed in (("anything", 1), ("lm-studio", 2), (SECRET, 3)):
+        said = f"You can ask me {key} about Mars."
+        upstream.fail_next(200, completion(said))
+        with proxy.client(api_key=key) as client:
+            live = client.chat.completions.with_raw_response.create(**chat_request(seed=seed))
+            replayed = client.chat.completions.with_raw_response.create(**chat_request(seed=seed))
+        assert (live.headers["x-seedcache-status"], replayed.headers["x-seedcache-status"]) == (
+            "recorded",
+            "hit",
+        )
+        assert live.parse().choices[0].message.content == said
+        expected = "You can ask me <redacted> about Mars." if key == SECRET else said
+        assert replayed.parse().choices[0].message.content == expected
+    assert SECRET.encode() not in stored_bytes(tmp_path / "rec")

@@ -708,3 +708,17 @@ def test_a_hand_edited_recording_that_cannot_be_read_says_how_to_get_past_it(
     assert removed.exit_code == 0, removed.output
     assert not path.exists()
     assert replay.request("POST", CHAT, chat_request()).status == 404
+
+
+def test_an_embeddings_request_asking_to_stream_replays_its_json(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # Embeddings do not stream: a stray `stream: true` is answered with JSON, and so is a replay.
+    body = {**embedding_request(), "stream": True}
+    live = proxy.request("POST", "/v1/embeddings", body)
+    again = proxy.request("POST", "/v1/embeddings", body)
+
+    assert (status(live), status(again)) == ("recorded", "hit")
+    assert again.headers["content-type"].startswith("application/json")
+    assert again.json()["data"] == live.json()["data"]
+    assert upstream.count() == 1

@@ -742,3 +742,86 @@ async def test_a_plain_request_waiting_on_a_streaming_leader_gets_the_assembled_
     assert upstream.count() == 1
     assert completion.id == chunks[0].id
     assert completion.choices[0].message.content == text_of(chunks)
+
+
+def test_a_stream_with_its_usage_on_the_finishing_chunk_replays_as_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # llama.cpp puts include_usage's usage on the chunk that finishes, not on a chunk of its own.
+    upstream.usage_on_finish = True
+    body = {**chat_request(seed=41), "stream_options": USAGE}
+    live = stream(proxy, body)
+    again = stream(proxy, body)
+    with proxy.client() as client:
+        chunks = list(client.chat.completions.create(**body, stream=True))
+        plain = client.chat.completions.create(**chat_request(seed=41))
+
+    assert (status(live), status(again)) == ("recorded", "hit")
+    assert upstream.count() == 1
+    assert data_lines(again.body) == data_lines(live.body)
+    assert chunks[-1].choices and chunks[-1].usage is not None
+    expected = upstream.chat_completion(chat_request(seed=41))["usage"]
+    assert chunks[-1].usage.model_dump(exclude_none=True) == expected
+    assert plain.usage is not None and plain.usage.model_dump(exclude_none=True) == expected
+
+
+def test_a_stream_opening_with_a_content_filter_chunk_keeps_its_identity(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # Azure's first chunk reports content filtering with an empty id and model and created 0.
+    upstream.filter_chunk = True
+    body = chat_request(seed=42)
+    stream(proxy, body)
+    with proxy.client() as client:
+        plain = client.chat.completions.with_raw_response.create(**body)
+
+    expected = upstream.chat_completion(body)
+    completion = plain.parse()
+    assert status(plain) == "hit"
+    assert (completion.id, completion.created, completion.model) == (
+        expected["id"],
+        expected["created"],
+        expected["model"],
+    )
+    assert completion.system_fingerprint == DEFAULT_FINGERPRINT
+    assert plain.headers["x-seedcache-fingerprint"] == DEFAULT_FINGERPRINT
+    assert only_sample(proxy).model == expected["model"]
+    assert completion.choices[0].message.content == message_text(expected)
+
+
+def test_a_chat_stream_with_an_error_event_is_not_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    chunk = upstream.chat_chunks(chat_request(seed=43))[0]
+    error = {"type": "error", "code": "server_error", "message": "overloaded"}
+    sent = (
+        f"data: {json.dumps(chunk)}\n\nevent: error\ndata: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+    )
+    upstream.fail_next(200, sent, {"Content-Type": "text/event-stream"})
+    live = stream(proxy, chat_request(seed=43))
+
+    assert live.status == 200
+    assert status(proxy.request("POST", CHAT, chat_request(seed=43))) == "recorded"
+    assert upstream.count() == 2
+
+
+@pytest.mark.parametrize("mode", ["auto", "passthrough"])
+def test_a_live_stream_reaches_the_client_as_the_upstream_sent_it(
+    start_proxy: StartProxy, upstream: FakeUpstream, mode: str
+) -> None:
+    # Keep-alive comments keep a client's read timeout from firing while the model thinks; they
+    # are forwarded live and never recorded.
+    upstream.chunk_delay = 0.01
+    proxy = start_proxy(mode=mode)
+    body = chat_request(seed=44)
+    live = stream(proxy, body)
+
+    assert live.body.startswith(b": keep-alive\n\n")
+    assert live.body.count(b": keep-alive\n\n") > 1
+    assert data_lines(live.body)[-1] == "[DONE]"
+    if mode == "auto":
+        replayed = stream(proxy, body)
+        assert status(replayed) == "hit"
+        assert b"keep-alive" not in replayed.body
+        assert replayed.body == live.body.replace(b": keep-alive\n\n", b"")
+    assert len(data_lines(live.body)) == len(upstream.chat_chunks({**body, "stream": True})) + 1
