@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -284,7 +285,7 @@ def parse_json(raw: bytes) -> Any:
         try:
             # orjson reads integers beyond 64 bits as doubles, as JavaScript does, but refuses
             # those beyond a double's range, which JSON allows; NaN stays refused.
-            return json.loads(raw, parse_constant=_refuse_constant)
+            return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
         except RecursionError:
             raise bad_request(
                 "The request body is nested too deeply to be a chat request.",
@@ -303,6 +304,18 @@ def parse_json(raw: bytes) -> Any:
 
 # 19 digits in a row: the shortest integer literal orjson may read as a double (below -2**63).
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a double; one beyond a double's range (1e400) would be keyed as infinity
+    and stored as null, so it is refused."""
+    number = float(text)
+    if math.isinf(number):
+        raise bad_request(
+            f"The number {text[:40]} in the request body is beyond the range of a double.",
+            code="invalid_body",
+        )
+    return number
 
 
 def _refuse_constant(name: str) -> Any:

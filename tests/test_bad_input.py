@@ -85,6 +85,9 @@ UNSTORABLE = [
     ("seed past 2**64", f'"seed": {2**64 + 2}', "64 bits"),
     ("integer below -2**63", f'"logit_bias": {{"1": {-(2**63) - 1}}}', "64 bits"),
     ("lone surrogate", '"user": "\\ud800"', "surrogate"),
+    # Keyed as infinity, stored as null: 1e400 and -1e400 would share a stored request.
+    ("number beyond a double", '"temperature": 1e400', "range of a double"),
+    ("negative number beyond a double", '"top_p": -1e400', "range of a double"),
     ("nested 600 deep", '"tools": ' + "[" * 600 + "]" * 600, "250 levels"),
 ]
 
