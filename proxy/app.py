@@ -18,7 +18,7 @@ from proxy import __version__
 from proxy.audit import parse_since, read_events, select, summarise
 from proxy.config import Config
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
-from proxy.handlers import KEY, STATUS, Handlers, client_key
+from proxy.handlers import KEY, STARTED, STATUS, Handlers, client_key
 from proxy.recording import Recording, redact
 from proxy.stores.base import Store, open_store
 from proxy.upstream import Upstream
@@ -189,11 +189,46 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into an OpenAI error envelope; never a traceback to the client."""
+    # Requests on one keep-alive connection share a task, and so a context: start afresh.
+    token = STARTED.set(None)
     try:
         return await handler(request)
-    except ProxyError as exc:
+    except Exception as exc:
+        started = STARTED.get()
+        if started is not None and started.prepared:
+            return cut_off(request, started, exc)
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        return failure_response(request, exc)
+    finally:
+        STARTED.reset(token)
+
+
+def cut_off(
+    request: web.Request, started: web.StreamResponse, exc: Exception
+) -> web.StreamResponse:
+    """A failure after a stream's headers have left: no error response can follow them, and
+    ending the body cleanly would pass a cut answer off as whole. Close the connection instead."""
+    if isinstance(exc, ConnectionError):
+        log.info("client disconnected during %s %s", request.method, request.path)
+    else:
+        log.error(
+            "failed during the stream of %s %s; connection closed: %s",
+            request.method,
+            request.path,
+            exc,
+            exc_info=not isinstance(exc, (ProxyError, StoreError, FormatError)),
+        )
+    if request.transport is not None:
+        request.transport.close()
+    return started
+
+
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """The OpenAI-shaped error response for a failure before any response was sent."""
+    if isinstance(exc, ProxyError):
         return error_response(exc)
-    except StoreError as exc:
+    if isinstance(exc, StoreError):
         log.error("store failure on %s %s: %s", request.method, request.path, exc)
         return error_response(
             ProxyError(
@@ -204,7 +239,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 retry=True,
             )
         )
-    except FormatError as exc:
+    if isinstance(exc, FormatError):
         log.error("unreadable recording for %s %s: %s", request.method, request.path, exc)
         return error_response(
             ProxyError(
@@ -214,13 +249,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 code="recording_unreadable",
             )
         )
-    except ConnectionError:
+    if isinstance(exc, ConnectionError):
         # The client went away mid-response; aiohttp drops the connection quietly.
         log.info("client disconnected during %s %s", request.method, request.path)
         return web.Response(status=499)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    if isinstance(exc, web.HTTPException):
         code = "body_too_large" if exc.status == 413 else "http_error"
         message = exc.text or exc.reason
         if exc.status == 413:
@@ -230,16 +263,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "bytes; raise it with --max-body or SEEDCACHE_MAX_BODY."
             )
         return error_response(ProxyError(exc.status, message, code=code))
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(
-            ProxyError(
-                500,
-                "seedcache hit an internal error; the log has the details.",
-                type="server_error",
-                code="internal_error",
-            )
+    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(
+        ProxyError(
+            500,
+            "seedcache hit an internal error; the log has the details.",
+            type="server_error",
+            code="internal_error",
         )
+    )
 
 
 class AccessLog(AbstractAccessLogger):

@@ -13,7 +13,8 @@ import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -76,6 +77,9 @@ STATEFUL = ("previous_response_id", "conversation", "background")
 STATUS = "X-Seedcache-Status"
 KEY = "X-Seedcache-Key"
 FINGERPRINT = "X-Seedcache-Fingerprint"
+# The response of the request being handled whose headers have left, if any (`begin`). A
+# context variable, not request storage: aiohttp before 3.14 has no typed request keys.
+STARTED: ContextVar[web.StreamResponse | None] = ContextVar("started", default=None)
 RECORDED_AT = "X-Seedcache-Recorded-At"
 VERDICT = "X-Seedcache-Verdict"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -413,9 +417,11 @@ class Handlers:
         if decoded is None:
             return None
         recording = decoded.recording
+        if not recording.samples:
+            return None  # emptied by hand or by a merge: as if it were not there
         if self.config.repeat is Repeat.SEQUENCE:
             return await self._lookup_sequence(request, incoming, decoded, ordinal)
-        pinned = request.headers.get(FINGERPRINT)
+        pinned = request.headers.get(FINGERPRINT, "").strip() or None  # empty: no pin
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
         if sample is None:
@@ -502,11 +508,15 @@ class Handlers:
         assert canon is not None
         if self.used is not None:
             self.used.add(canon.key)
-        if incoming.stream and self.config.replay_timing:
-            return await self._replay_paced(request, incoming, sample, status)
-        body, base, echoes = decoded.render(
-            sample, canon.key, incoming.stream, incoming.include_usage
-        )
+        try:
+            if incoming.stream and self.config.replay_timing:
+                events = replay_events(sample, include_usage=incoming.include_usage)
+                return await self._replay_paced(request, incoming, sample, events, status)
+            body, base, echoes = decoded.render(
+                sample, canon.key, incoming.stream, incoming.include_usage
+            )
+        except FormatError as exc:
+            raise unreadable(exc, canon.key, self._store_shown) from None
         asked = echoed(incoming.body)
         if asked or echoes:
             body = echo(body, asked, stream=incoming.stream)
@@ -515,23 +525,28 @@ class Handlers:
             return web.Response(status=sample.status, body=body, headers=headers)
         response = web.StreamResponse(status=sample.status, headers=headers)
         response.enable_chunked_encoding()
-        await response.prepare(request)
+        await begin(request, response)
         await response.write(body)
         # aiohttp ends the body (write_eof) and handles a client that has already gone.
         return response
 
     async def _replay_paced(
-        self, request: web.Request, incoming: Incoming, sample: Sample, status: str
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        sample: Sample,
+        events: list[sse.Event],
+        status: str,
     ) -> web.StreamResponse:
         """--replay-timing: each event at its recorded offset from the start."""
         assert incoming.canon is not None
         headers = {**replay_headers(sample, incoming.canon.key, stream=True), STATUS: status}
         response = web.StreamResponse(status=sample.status, headers=headers)
         response.enable_chunked_encoding()
-        await response.prepare(request)
+        await begin(request, response)
         start = time.monotonic()
         asked = echoed(incoming.body)
-        for event in replay_events(sample, include_usage=incoming.include_usage):
+        for event in events:
             delay = event.t_ms / 1000 - (time.monotonic() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -542,7 +557,7 @@ class Handlers:
         """The 404 of a miss in replay, naming the nearest recording and what differs (§6)."""
         model = incoming.model
         self.metrics.count("miss", model)
-        what = f"{incoming.method} {incoming.path}"
+        what = f"{incoming.method} {redact(incoming.path)}"  # ?api_key=sk-… stays out of it
         details = []
         if model:
             details.append(f"model={model}")
@@ -573,6 +588,7 @@ class Handlers:
     async def _nearest(self, canon: CanonicalRequest) -> str:
         index = await self._recording_index()
         body = redact(canon.body)
+        canon = replace(canon, path=redact(canon.path))  # as the index holds it
         # Across namespaces only when they are not tenants that must not learn of each other.
         others = [] if self.config.isolate_by_key else index.elsewhere(canon, body)
         if others:
@@ -809,7 +825,7 @@ class Handlers:
         response.enable_chunked_encoding()
         buffered = incoming.mode is Mode.AUDIT
         if not buffered:
-            await response.prepare(request)
+            await begin(request, response)
         decoder = sse.Decoder()
         events: list[sse.Event] = []
         received: list[bytes] = []
@@ -867,7 +883,7 @@ class Handlers:
             if buffered:  # not sent yet: the header can still say so
                 response.headers[STATUS] = outcome
         if buffered:
-            await response.prepare(request)
+            await begin(request, response)
             await response.write(b"".join(received))
         self.metrics.count(outcome, incoming.model, sample.system_fingerprint)
         return response
@@ -896,12 +912,17 @@ class Handlers:
     @staticmethod
     async def _recorded(recording: Awaitable[None], path: str) -> bool:
         """Whether `recording` (a `_record`) could store: a store that fails now (Redis went away
-        during the upstream call) must not cost the client the answer it waited, and paid, for.
-        A 503 would also make the SDK retry: another paid call."""
+        during the upstream call), or a recording under the key that cannot be read, must not
+        cost the client the answer it waited, and paid, for. A 503 would also make the SDK
+        retry: another paid call."""
         try:
             await recording
         except StoreError as exc:
             log.error("not recording %s: the store failed: %s", path, exc)
+            return False
+        except FormatError as exc:
+            # The recording already stored under the key cannot be read (a hand edit, a merge).
+            log.error("not recording %s: %s", path, exc)
             return False
         return True
 
@@ -939,9 +960,17 @@ class Handlers:
         await self.store.update(canon.namespace, canon.key, add)
         old = seen[0]
         if old is not None:
-            verdict = await self._audit(request, Recording.loads(old), sample)
-            if incoming.mode is Mode.AUDIT:
-                headers[VERDICT] = verdict
+            try:
+                verdict = await self._audit(request, Recording.loads(old), sample)
+            except FormatError as exc:
+                if not incoming.write or keep_existing:
+                    raise  # nothing was stored, and nothing could be compared
+                # Stored: the store's updater read the recording, but a sample of it will not
+                # assemble for the comparison (a hand edit).
+                log.error("not auditing %s against its recording: %s", canon.key[:12], exc)
+            else:
+                if incoming.mode is Mode.AUDIT:
+                    headers[VERDICT] = verdict
         elif incoming.mode is Mode.AUDIT:
             headers[VERDICT] = "new"
         if not incoming.write or (keep_existing and old is not None):
@@ -1004,16 +1033,28 @@ def failure_from(posted: bytes, key: str) -> ProxyError:
     return error
 
 
+async def begin(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a streamed response's status and headers. From here on a failure cannot become an
+    error response: `error_middleware` finds the response in STARTED and cuts it off."""
+    STARTED.set(response)
+    await response.prepare(request)
+
+
 def load(raw: bytes, key: str, store: str) -> Recording:
     """The recording stored under `key` in `store` (a --store value as shown); one that cannot be
     read says how to get past it."""
     try:
         return Recording.loads(raw)
     except FormatError as exc:
-        remove = f"seedcache rm --store {shlex.quote(store)} {key[:12]}"
-        raise FormatError(
-            f"recording {key[:12]}: {exc}. Fix it, or delete it ({remove}) to record it again"
-        ) from None
+        raise unreadable(exc, key, store) from None
+
+
+def unreadable(exc: FormatError, key: str, store: str) -> FormatError:
+    """The error of a recording that cannot be read or replayed, saying how to get past it."""
+    remove = f"seedcache rm --store {shlex.quote(store)} {key[:12]}"
+    return FormatError(
+        f"recording {key[:12]}: {exc}. Fix it, or delete it ({remove}) to record it again"
+    )
 
 
 def remember(cache: dict[K, V], key: K, value: V, size: int) -> V:
@@ -1156,8 +1197,10 @@ def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
             or is_responses(sample.events)
         ):
             return list(sample.events)
-        return sse.synthesise(sse.assemble(sample.events), include_usage=include_usage)
-    return sse.synthesise(sample.body, include_usage=include_usage)
+    try:
+        return sse.synthesise(sample.response(), include_usage=include_usage)
+    except ValueError as exc:
+        raise FormatError(f"no stream can be built from the recorded answer: {exc}") from None
 
 
 def lacks_usage(sample: Sample, incoming: Incoming) -> bool:

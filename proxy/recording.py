@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 import orjson
 
@@ -55,7 +55,12 @@ class Sample:
 
     def response(self) -> Any:
         """The response in its non-streaming shape: a stream is assembled."""
-        return self.body if self.events is None else sse.assemble(self.events)
+        if self.events is None:
+            return self.body
+        try:
+            return sse.assemble(self.events)
+        except ValueError as exc:
+            raise FormatError(f"the recorded stream cannot be assembled: {exc}") from None
 
     @property
     def streamed(self) -> bool:
@@ -80,23 +85,61 @@ class Sample:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Sample:
-        """A sample from its stored JSON."""
-        events = data.get("events")
+        """A sample from its stored JSON. What a replay sends as a header must be a one-line
+        string; headers outside the allowlist (a hand edit) are not replayed."""
+        body, events = data.get("body"), data.get("events")
+        if events is None and not isinstance(body, (dict, list)):
+            raise FormatError("a sample needs a JSON object or array `body`, or `events`")
+        if events is not None and (
+            body is not None or not any(str(e["data"]).startswith("{") for e in events)
+        ):
+            raise FormatError(
+                "a streamed sample has `events`, a JSON one among them, and no `body`"
+            )
+        headers = data.get("headers") or {}
         return cls(
-            recorded_at=str(data["recorded_at"]),
+            recorded_at=_header_value(data["recorded_at"], "recorded_at"),
             upstream=str(data.get("upstream", "")),
-            model=data.get("model"),
-            system_fingerprint=data.get("system_fingerprint"),
+            model=_optional_text(data.get("model"), "model"),
+            system_fingerprint=_header_value(
+                data.get("system_fingerprint"), "system_fingerprint", optional=True
+            ),
             status=int(data.get("status", 200)),
-            headers={str(k): str(v) for k, v in (data.get("headers") or {}).items()},
+            headers={
+                name.lower(): _header_value(value, f"header {name}")
+                for name, value in headers.items()
+                if name.lower() in STORED_RESPONSE_HEADERS
+            },
             elapsed_ms=int(data.get("elapsed_ms", 0)),
-            body=data.get("body"),
+            body=body,
             events=None
             if events is None
             else tuple(
-                Event(str(e["data"]), e.get("event"), int(e.get("t_ms", 0))) for e in events
+                Event(
+                    str(e["data"]), _optional_text(e.get("event"), "event"), int(e.get("t_ms", 0))
+                )
+                for e in events
             ),
         )
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise FormatError(f"`{name}` is {type(value).__name__}, not a string or null")
+    return value
+
+
+@overload
+def _header_value(value: Any, name: str) -> str: ...
+@overload
+def _header_value(value: Any, name: str, *, optional: bool) -> str | None: ...
+def _header_value(value: Any, name: str, *, optional: bool = False) -> str | None:
+    """A stored value a replay sends as a header: a string on one line."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or "\r" in value or "\n" in value:
+        raise FormatError(f"`{name}` must be a string on one line, got {value!r:.60}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

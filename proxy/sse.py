@@ -142,6 +142,7 @@ def is_complete(events: Sequence[Event], path: str) -> bool:
     return (
         bool(events)
         and events[-1].data == DONE
+        and any(event.data.startswith("{") for event in events)  # [DONE] alone said nothing
         and not any(
             event.event == "error"
             or ('"error"' in event.data and _has_error(_json_object(event.data)))

@@ -196,6 +196,17 @@ def test_a_pinned_fingerprint_selects_its_sample_and_misses_when_none_has_it(
     assert upstream.count() == calls
 
 
+def test_an_empty_fingerprint_header_pins_nothing(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # A template whose variable is unset sends the header empty: no pin, a plain hit.
+    proxy.request("POST", CHAT, chat_request())
+    again = proxy.request("POST", CHAT, chat_request(), headers={"X-Seedcache-Fingerprint": ""})
+
+    assert (again.status, again.headers["x-seedcache-status"]) == (200, "hit")
+    assert upstream.count() == 1
+
+
 # -- --on-fingerprint-change ---------------------------------------------------------------------
 
 

@@ -139,3 +139,21 @@ def test_an_answer_repeating_the_client_key_keeps_a_placeholder_and_loses_a_real
         expected = "You can ask me <redacted> about Mars." if key == SECRET else said
         assert replayed.parse().choices[0].message.content == expected
     assert SECRET.encode() not in stored_bytes(tmp_path / "rec")
+
+
+def test_a_miss_never_repeats_a_key_in_the_query_string(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = f"files:{tmp_path / 'rec'}"
+    start_proxy(store=store).request(
+        "POST", f"/v1/chat/completions?api_key={SECRET}", chat_request()
+    )
+    replay = start_proxy(store=store, mode="replay")
+
+    missed = replay.request("POST", f"/v1/chat/completions?api_key={SECRET}", chat_request(seed=7))
+
+    message = missed.json()["error"]["message"]
+    assert missed.status == 404
+    assert SECRET not in message
+    assert "?api_key=<redacted>" in message
+    assert "differs at" in message and "seed" in message  # the nearest one is found

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import shlex
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
+from proxy import handlers as handlers_module
 from proxy import metrics
 from proxy.keys import make_key
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
@@ -722,3 +724,142 @@ def test_an_embeddings_request_asking_to_stream_replays_its_json(
     assert again.headers["content-type"].startswith("application/json")
     assert again.json()["data"] == live.json()["data"]
     assert upstream.count() == 1
+
+
+def recorded_file(start_proxy: StartProxy, store: Path, body: dict[str, Any], **opts: Any) -> Path:
+    """Record `body` into a files store and return the recording's file."""
+    recorder = start_proxy(store=f"files:{store}")
+    if opts.get("stream"):
+        recorder.request("POST", CHAT, {**body, "stream": True})
+    else:
+        recorder.request("POST", CHAT, body)
+    key = make_key("POST", CHAT, body).key
+    [path] = [p for p in store.rglob("*.json") if p.stem == key]
+    return path
+
+
+def edit_sample(path: Path, **members: Any) -> None:
+    data = json.loads(path.read_text())
+    data["samples"][0].update(members)
+    path.write_text(json.dumps(data))
+
+
+DAMAGED_SAMPLES = [
+    ({"system_fingerprint": 123}, False),
+    ({"recorded_at": "2026-01-01T00:00:00Z\r\nX-Evil: 1"}, False),
+    ({"headers": {"x-request-id": "req_1\r\nX-Evil: 1"}}, False),
+    ({"body": "hello"}, False),
+    ({"body": None}, False),
+    ({"events": []}, True),
+    ({"events": [{"data": "[DONE]", "event": None, "t_ms": 0}]}, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("members", "streamed"), DAMAGED_SAMPLES, ids=[str(m)[:40] for m, _ in DAMAGED_SAMPLES]
+)
+@pytest.mark.parametrize("asked_stream", [False, True], ids=["plain", "stream"])
+def test_a_damaged_sample_is_an_explained_unreadable_recording(
+    members: dict[str, Any],
+    streamed: bool,
+    asked_stream: bool,
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "rec"
+    path = recorded_file(start_proxy, store, chat_request(), stream=streamed)
+    edit_sample(path, **members)
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    broken = replay.request("POST", CHAT, {**chat_request(), "stream": asked_stream})
+
+    assert broken.status == 500
+    error = broken.json()["error"]
+    assert error["code"] == "recording_unreadable"
+    assert "Fix it, or delete it (seedcache rm" in error["message"]
+    assert "x-evil" not in broken.headers
+    assert replay.request("GET", "/_seedcache/health").status == 200
+
+
+def test_headers_outside_the_allowlist_in_a_hand_edited_sample_are_not_replayed(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "rec"
+    path = recorded_file(start_proxy, store, chat_request())
+    edit_sample(path, headers={"set-cookie": "a=b", "content-length": "3", "x-request-id": "r1"})
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    for asked_stream in (False, True):
+        answer = replay.request("POST", CHAT, {**chat_request(), "stream": asked_stream})
+        assert answer.status == 200
+        assert answer.headers["x-request-id"] == "r1"
+        assert "set-cookie" not in answer.headers
+
+
+def test_a_recording_with_no_samples_is_recorded_again_in_auto(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "rec"
+    path = recorded_file(start_proxy, store, chat_request())
+    data = json.loads(path.read_text())
+    data["samples"] = []
+    path.write_text(json.dumps(data))
+    proxy = start_proxy(store=f"files:{store}")
+
+    first = proxy.request("POST", CHAT, chat_request())
+    again = proxy.request("POST", CHAT, chat_request())
+
+    assert (status(first), status(again)) == ("recorded", "hit")
+    assert upstream.count() == 2
+    assert len(proxy.recordings()[0].samples) == 1
+
+
+@pytest.mark.parametrize("asked_stream", [False, True], ids=["plain", "stream"])
+def test_recording_over_an_unreadable_recording_still_delivers_the_answer(
+    asked_stream: bool, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # The upstream call is made and paid for: its answer reaches the client, whole and alone.
+    store = tmp_path / "rec"
+    path = recorded_file(start_proxy, store, chat_request())
+    path.write_text("{ not json")
+    proxy = start_proxy(store=f"files:{store}", mode="record")
+
+    live = proxy.request("POST", CHAT, {**chat_request(), "stream": asked_stream})
+
+    assert live.status == 200
+    assert b"HTTP/1.1" not in live.body
+    if asked_stream:
+        assert live.body.endswith(b"data: [DONE]\n\n")
+    else:
+        assert status(live) == "miss"
+        assert live.json()["choices"][0]["message"]["content"]
+    assert path.read_text() == "{ not json"  # left for the user to fix or delete
+    assert proxy.stats()["misses"] == 1
+
+
+def test_a_failure_after_a_stream_started_cuts_the_stream_off(
+    proxy: RunningProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Headers gone: no error response can follow them, and a clean end would pass a cut answer
+    # off as whole. The connection is closed with the chunked body unterminated.
+    async def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(handlers_module.Handlers, "_record", fail)
+    payload = json.dumps({**chat_request(), "stream": True}).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
+        sock.sendall(head.encode() + payload)
+        while data := sock.recv(65536):
+            received += data
+
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.count(b"HTTP/1.1") == 1
+    assert b"data: [DONE]" in received
+    assert not received.endswith(b"0\r\n\r\n")  # no terminating chunk
+    assert proxy.request("GET", "/_seedcache/health").status == 200

@@ -825,3 +825,14 @@ def test_a_live_stream_reaches_the_client_as_the_upstream_sent_it(
         assert b"keep-alive" not in replayed.body
         assert replayed.body == live.body.replace(b": keep-alive\n\n", b"")
     assert len(data_lines(live.body)) == len(upstream.chat_chunks({**body, "stream": True})) + 1
+
+
+def test_a_stream_of_nothing_but_done_is_not_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.fail_next(200, "data: [DONE]\n\n", {"Content-Type": "text/event-stream"})
+    empty = stream(proxy, chat_request(seed=45))
+
+    assert data_lines(empty.body) == ["[DONE]"]
+    assert status(proxy.request("POST", CHAT, chat_request(seed=45))) == "recorded"
+    assert upstream.count() == 2
