@@ -82,7 +82,7 @@ async def health(request: web.Request) -> web.Response:
         "upstream": config.upstream_base,
     }
     try:
-        await store.get_meta("health")
+        await store.check()
     except StoreError as exc:
         return json_response({"status": "store_unavailable", "error": str(exc), **facts}, 503)
     return json_response({"status": "ok", **facts})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tests.conftest import StartProxy
+import shutil
+from pathlib import Path
+
+from tests.conftest import StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, embedding_request
 
 
@@ -56,3 +59,24 @@ def test_audit_summarises_the_events_in_the_store(
     assert proxy.request("GET", "/_seedcache/audit?since=1h").json()["events"] == 2
     assert proxy.request("GET", "/_seedcache/audit?since=yesterday").status == 400
     assert proxy.stats()["divergences"] == 1
+
+
+def test_a_disk_store_removed_while_serving_is_created_again(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # rm -rf .seedcache while serving: recording goes on into a new store at the same path,
+    # instead of into the removed file (lost at the next start).
+    proxy = start_proxy()
+    client = proxy.client()
+    client.chat.completions.create(**chat_request(seed=1))
+    shutil.rmtree(tmp_path / "store")
+    (tmp_path / "store").write_text("not a directory")
+    health = proxy.request("GET", "/_seedcache/health")
+    assert health.status == 503 and health.json()["status"] == "store_unavailable"
+    assert "cannot be created again" in health.json()["error"]
+
+    (tmp_path / "store").unlink()
+    assert proxy.request("GET", "/_seedcache/health").json()["status"] == "ok"
+    raw = client.chat.completions.with_raw_response.create(**chat_request(seed=2))
+    assert status(raw) == "recorded"
+    assert [r.body["seed"] for r in proxy.recordings()] == [2]

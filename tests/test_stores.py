@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import logging
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -222,6 +224,9 @@ class TestStoreContract:
         assert await store.get_meta("isolation-salt") == "first"
         won = await asyncio.gather(*(store.add_meta("race", f"v{n}") for n in range(20)))
         assert len(set(won)) == 1 and await store.get_meta("race") == won[0]
+
+    async def test_check(self, store: Store) -> None:
+        await store.check()  # the health check: no error when the store can be used
 
     async def test_events_in_order(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         # Small pages, so reading crosses page boundaries.
@@ -450,6 +455,57 @@ class TestDiskStore:
             assert await reopened.get("", key(599)) == value
         finally:
             await reopened.close()
+
+    @pytest.mark.parametrize("removed", ["directory", "database"])
+    async def test_a_removed_store_is_created_again_and_keeps_recording(
+        self, tmp_path: Path, removed: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # rm -rf .seedcache (or git clean -fdx) while serving: the open connections would write
+        # into the removed file, and every later recording would be lost.
+        directory = tmp_path / "disk"
+        store = DiskStore(str(directory), timeout=LOCK_TIMEOUT)
+        try:
+            await store.update("", key(1), lambda old: b"before")
+            await store.get_meta("x")  # the loop's read connection is open too
+            if removed == "directory":
+                shutil.rmtree(directory)
+            else:
+                (directory / "cache.db").unlink()
+            with caplog.at_level(logging.WARNING, logger="seedcache"):
+                assert await store.update("", key(2), lambda old: b"after") == b"after"
+            assert "was removed or replaced while in use" in caplog.text
+            assert (directory / "cache.db").is_file()
+            assert await store.get("", key(2)) == b"after"
+            assert await store.get("", key(1)) is None  # removed, as the user asked
+            await store.put("", key(3), b"put")
+            await store.set_meta("m", "v")
+            await store.check()
+        finally:
+            await store.close()
+        reopened = DiskStore(str(directory))
+        try:
+            assert await collect(reopened) == {("", key(2)): b"after", ("", key(3)): b"put"}
+            assert await reopened.get_meta("m") == "v"
+        finally:
+            await reopened.close()
+
+    async def test_a_removed_store_is_noticed_by_the_health_check(self, tmp_path: Path) -> None:
+        directory = tmp_path / "disk"
+        store = DiskStore(str(directory), timeout=LOCK_TIMEOUT)
+        try:
+            await store.put("", key(1), b"v")
+            shutil.rmtree(directory)
+            directory.write_text("a file where the store was")  # it cannot be created again
+            with pytest.raises(StoreError, match="was removed while in use, and cannot be"):
+                await store.check()
+            with pytest.raises(StoreError, match="was removed while in use, and cannot be"):
+                await store.update("", key(2), lambda old: b"lost")
+            directory.unlink()
+            await store.check()  # created again
+            assert await store.update("", key(2), lambda old: b"kept") == b"kept"
+        finally:
+            await store.close()
+        assert (directory / "cache.db").is_file()
 
     def test_a_file_that_is_not_a_database_is_a_store_error(self, tmp_path: Path) -> None:
         (tmp_path / "disk").mkdir()

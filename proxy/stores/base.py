@@ -52,6 +52,9 @@ class Store(Protocol):
         """Set a shared state value unless one is set, atomically across processes; return the
         value that holds (the one-time isolation salt: every proxy on a store must agree)."""
 
+    async def check(self) -> None:
+        """Raise StoreError when the store cannot be used (the health check)."""
+
     async def append_event(self, event: bytes) -> None:
         """Append one audit event (JSON bytes)."""
 

@@ -15,6 +15,11 @@ while the loop goes on:
 - checkpoints (copying the write-ahead log into the database, with fsyncs): the loop's connection
   never checkpoints, and every so many transactions one batch goes to the writer thread, which
   checkpoints after it.
+
+The directory can be removed while the store is open (`rm -rf .seedcache`, `git clean -fdx`): the
+open connections would go on writing into the removed file, and every recording would be lost.
+Before each batch of writes the database file is looked up again (one stat); when it is gone or
+replaced, the connections are closed and the store is opened again at its path, created afresh.
 """
 
 from __future__ import annotations
@@ -84,6 +89,10 @@ class DiskStore:
         self._loop_thread: int | None = None
         self._since_checkpoint = 0
         self._checkpointer: sqlite3.Connection | None = None
+        # Counts the times the writer thread opened the store again (its database was removed);
+        # the loop's connections follow when they see it change.
+        self._generation = 0
+        self._followed = 0
         try:
             # Recordings are an archive: eviction off, and cull_limit=0 so that writes never look
             # for entries to cull.
@@ -96,10 +105,12 @@ class DiskStore:
                 directory, eviction_policy="none", cull_limit=0, timeout=0
             )
             self._path = os.path.join(self._cache.directory, diskcache.core.DBNAME)
+            self._opened = self._identity()
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise StoreError(f"cannot open the disk store at {directory!r}: {exc}") from None
 
     async def get(self, namespace: str, key: str) -> bytes | None:
+        self._follow()
         return self._call(self._cache.get, _RECORDING + key)  # type: ignore[no-any-return]
 
     async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
@@ -127,6 +138,7 @@ class DiskStore:
                     yield "", name[len(_RECORDING) :], value
 
     async def get_meta(self, name: str) -> str | None:
+        self._follow()
         return self._call(self._cache.get, _META + name)  # type: ignore[no-any-return]
 
     async def set_meta(self, name: str, value: str) -> None:
@@ -139,6 +151,10 @@ class DiskStore:
         self._cache.add(name, value)  # one transaction: add only if absent
         held: str = self._cache.get(name)
         return held
+
+    async def check(self) -> None:
+        # Off the loop: it opens the store again if its database was removed.
+        await self._off_loop(self._cache.get, _META + "health")
 
     async def append_event(self, event: bytes) -> None:
         await self._off_loop(self._cache.push, event, prefix=_EVENTS)
@@ -167,7 +183,11 @@ class DiskStore:
                 await asyncio.sleep(0)
             batch, self._pending = self._pending[:_LOOP_BATCH], self._pending[_LOOP_BATCH:]
             try:
-                if self._since_checkpoint >= _CHECKPOINT_EVERY:
+                self._follow()
+                if self._removed():
+                    # The writer thread opens the store again before it applies the batch.
+                    results = await self._off_loop(self._apply, batch, self._cache)
+                elif self._since_checkpoint >= _CHECKPOINT_EVERY:
                     # No other write of ours starts until this returns: the checkpoint copies
                     # the whole log, and the next transaction starts the log from the top.
                     self._since_checkpoint = 0
@@ -247,6 +267,56 @@ class DiskStore:
         cache.set(name, new)
         return new
 
+    def _identity(self) -> tuple[int, int]:
+        found = os.stat(self._path)
+        return found.st_dev, found.st_ino
+
+    def _removed(self) -> bool:
+        """True when the database file at the path is not the one the connections opened."""
+        try:
+            return self._identity() != self._opened
+        except OSError:
+            return True
+
+    def _reopen_if_removed(self) -> None:
+        """In the writer thread: open the store again at its path if its database was removed
+        or replaced, creating it afresh; the loop's connections follow (`_follow`)."""
+        if not self._removed():
+            return
+        # This thread's connections still write into the removed file: closed, the next use
+        # connects to the database at the path.
+        self._cache.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+        try:
+            diskcache.Cache(
+                self._cache.directory, eviction_policy="none", cull_limit=0, timeout=self._timeout
+            ).close()
+            self._opened = self._identity()
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            raise StoreError(
+                f"the disk store at {self.description!r} was removed while in use, and cannot "
+                f"be created again: {exc}"
+            ) from None
+        self._generation += 1
+        log.warning(
+            "the disk store at %r was removed or replaced while in use: recording into the "
+            "database now at %s (created afresh if it was missing); what was recorded into the "
+            "removed one is gone",
+            self.description,
+            self._path,
+        )
+
+    def _follow(self) -> None:
+        """On the loop: after the writer thread opened the store again, close the loop's
+        connections to the removed database, so that the next use connects to the new one."""
+        if self._followed != self._generation:
+            self._followed = self._generation
+            self._cache.close()
+            self._nowait.close()
+            self._loop_thread = None  # the new connection needs its pragma set again
+
     def _names(self, prefix: str) -> list[str]:
         # iterkeys() walks the index in key order: events ("audit-<n>") come out oldest first.
         return [n for n in self._cache.iterkeys() if isinstance(n, str) and n.startswith(prefix)]
@@ -261,5 +331,12 @@ class DiskStore:
             raise StoreError(f"the disk store at {self.description!r} failed: {exc}") from None
 
     async def _off_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        call = functools.partial(self._call, method, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._writer, call)
+        call = functools.partial(self._call, self._in_thread, method, *args, **kwargs)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, call)
+        finally:
+            self._follow()
+
+    def _in_thread(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self._reopen_if_removed()  # a stat: writes here are few, or large and slow anyway
+        return method(*args, **kwargs)

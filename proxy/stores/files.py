@@ -138,6 +138,9 @@ class FilesStore:
         value = (await self._off_loop(self._read_meta)).get(name)
         return value if isinstance(value, str) else None
 
+    async def check(self) -> None:
+        await self.get_meta("health")
+
     async def set_meta(self, name: str, value: str) -> None:
         await self._locked("meta", functools.partial(self._set_meta, name, value))
 

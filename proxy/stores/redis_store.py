@@ -165,6 +165,9 @@ class RedisStore:
             value = await self._redis.hget(META, name)
         return None if value is None else _bytes(value).decode()
 
+    async def check(self) -> None:
+        await self.get_meta("health")
+
     async def set_meta(self, name: str, value: str) -> None:
         with self._errors():
             await self._redis.hset(META, name, value)
