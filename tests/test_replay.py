@@ -863,3 +863,24 @@ def test_a_failure_after_a_stream_started_cuts_the_stream_off(
     assert b"data: [DONE]" in received
     assert not received.endswith(b"0\r\n\r\n")  # no terminating chunk
     assert proxy.request("GET", "/_seedcache/health").status == 200
+
+
+def test_recordings_replay_when_the_meta_file_has_merge_conflict_markers(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # A files store committed to git; two branches recorded different fingerprints.
+    store = tmp_path / "rec"
+    start_proxy(store=f"files:{store}").request("POST", CHAT, chat_request())
+    meta = store / ".seedcache-meta.json"
+    text = meta.read_text()
+    damaged = f"<<<<<<< HEAD\n{text}=======\n{text.replace('fp_fake', 'fp_other')}>>>>>>> b\n"
+    meta.write_text(damaged)
+
+    replayed = start_proxy(store=f"files:{store}", mode="replay").request(
+        "POST", CHAT, chat_request()
+    )
+    recorded = start_proxy(store=f"files:{store}").request("POST", CHAT, chat_request(seed=2))
+
+    assert (replayed.status, status(replayed)) == (200, "hit")
+    assert (recorded.status, status(recorded)) == (200, "recorded")
+    assert meta.read_text() == damaged  # the conflict is the user's to resolve

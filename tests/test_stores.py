@@ -640,10 +640,33 @@ class TestFilesStore:
         text = (tmp_path / "rec" / ".seedcache-meta.json").read_text()
         assert text == '{\n  "fingerprint:a": "fp_1",\n  "fingerprint:b": "fp_2"\n}\n'
 
-    async def test_broken_meta_file_is_explained(self, files: FilesStore, tmp_path: Path) -> None:
-        (tmp_path / "rec" / ".seedcache-meta.json").write_text("[1, 2")
-        with pytest.raises(StoreError, match="not a JSON object"):
-            await files.get_meta("x")
+    async def test_a_damaged_meta_file_means_unknown_fingerprints(
+        self, files: FilesStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Two branches recorded different fingerprints: git leaves conflict markers.
+        await files.set_meta("fingerprint:a", "fp_1")
+        await files.set_meta("isolation-salt", "salt")
+        meta = tmp_path / "rec" / ".seedcache-meta.json"
+        text = meta.read_text()
+        damaged = f"<<<<<<< HEAD\n{text}=======\n{text.replace('fp_1', 'fp_2')}>>>>>>> b\n"
+        meta.write_text(damaged)
+        with caplog.at_level(logging.WARNING, logger="seedcache"):
+            assert await files.get_meta("fingerprint:a") is None
+            assert await files.get_meta("fingerprint:b") is None
+            await files.set_meta("fingerprint:a", "fp_3")
+            await files.check()
+        assert meta.read_text() == damaged  # left for the user to resolve
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert warning.startswith(f"{meta} is not a JSON object (a merge conflict?)")
+        assert "delete it to forget the current fingerprints" in warning
+        # The isolation salt may be in the damaged file: a new one would orphan recordings.
+        with pytest.raises(StoreError, match="not a JSON object: Fix it"):
+            await files.add_meta("isolation-salt", "other")
+        meta.write_text(text)
+        assert await files.get_meta("fingerprint:a") == "fp_1"
+        meta.write_text("[1, 2")  # damaged again, after it was fixed: warned again
+        assert await files.get_meta("fingerprint:a") is None
+        assert len(caplog.records) == 2
 
     async def test_audit_file_one_line_per_event(self, files: FilesStore, tmp_path: Path) -> None:
         await files.append_event(b'{"a": 1}')

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from proxy.keys import NAMESPACE
 from proxy.stores.base import Updater
 
 T = TypeVar("T")
+log = logging.getLogger("seedcache")
 
 # No leading dot: "." and ".." would leave DIR, and hidden names (.locks, .audit.jsonl) are ours.
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -33,6 +35,10 @@ _KEY_FILE = re.compile(r"([0-9a-f]{64})\.json")
 _META_FILE = ".seedcache-meta.json"
 _AUDIT_FILE = ".audit.jsonl"
 _LOCKS = ".locks"
+_META_FIX = (
+    'Fix it (its members are "fingerprint:<upstream>|<model>": "<fingerprint>"), or delete '
+    "it to forget the current fingerprints."
+)
 # Audit lines read per worker-thread call while iterating `events()`.
 _EVENTS_PAGE = 1000
 # Longest pause between two attempts to take a lock another process holds.
@@ -107,6 +113,8 @@ class FilesStore:
         # Same-process writers to one lock queue here instead of each holding a worker thread
         # while it polls the file lock; the file lock is what excludes other processes.
         self._queues: dict[str, asyncio.Lock] = {}
+        # The meta file was found damaged and that was logged: once, until it reads again.
+        self._meta_damaged = False
         try:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -135,7 +143,7 @@ class FilesStore:
                 yield namespace, key, value
 
     async def get_meta(self, name: str) -> str | None:
-        value = (await self._off_loop(self._read_meta)).get(name)
+        value = (await self._off_loop(self._read_meta) or {}).get(name)
         return value if isinstance(value, str) else None
 
     async def check(self) -> None:
@@ -148,7 +156,12 @@ class FilesStore:
         return await self._locked("meta", functools.partial(self._add_meta, name, value))
 
     def _add_meta(self, name: str, value: str) -> str:
-        held = self._read_meta().get(name)
+        data = self._read_meta()
+        if data is None:
+            # The value may be in the damaged file (the isolation salt): one made up here would
+            # orphan every recording made with it.
+            raise StoreError(f"{self._root / _META_FILE} is not a JSON object: {_META_FIX}")
+        held = data.get(name)
         if isinstance(held, str):
             return held
         self._set_meta(name, value)
@@ -217,8 +230,12 @@ class FilesStore:
         _write(path, new)
         return new
 
-    def _read_meta(self) -> dict[str, Any]:
-        raw = _read(self._root / _META_FILE)
+    def _read_meta(self) -> dict[str, Any] | None:
+        """The meta file's members ({} when there is none), or None when it is damaged (a
+        merge conflict): the current fingerprints are then unknown, which matches any sample,
+        so every recording still replays."""
+        path = self._root / _META_FILE
+        raw = _read(path)
         if raw is None:
             return {}
         try:
@@ -226,14 +243,23 @@ class FilesStore:
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict):
-            raise StoreError(
-                f"{self._root / _META_FILE} is not a JSON object: fix it, or delete it to "
-                "forget the current fingerprints"
-            )
+            if not self._meta_damaged:
+                self._meta_damaged = True
+                log.warning(
+                    "%s is not a JSON object (a merge conflict?): the current fingerprints are "
+                    "unknown, so recordings of any fingerprint replay, and new ones are not "
+                    "saved to it until it is fixed. %s",
+                    path,
+                    _META_FIX,
+                )
+            return None
+        self._meta_damaged = False
         return data
 
     def _set_meta(self, name: str, value: str) -> None:
         data = self._read_meta()
+        if data is None:
+            return  # damaged: left for the user to resolve, not overwritten (logged)
         if data.get(name) == value:
             return
         data[name] = value
