@@ -56,13 +56,39 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
                 await opened.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/_seedcache/health", health)
-    app.router.add_get("/_seedcache/stats", stats)
-    app.router.add_get("/_seedcache/recordings", recordings)
-    app.router.add_get("/_seedcache/audit", audit)
-    app.router.add_get("/metrics", metrics)
+    admin = {
+        "/_seedcache/health": health,
+        "/_seedcache/stats": stats,
+        "/_seedcache/recordings": recordings,
+        "/_seedcache/audit": audit,
+        "/metrics": metrics,
+    }
+    for path, handler in admin.items():
+        app.router.add_get(path, handler)
+        app.router.add_route("*", path, wrong_method)
+    # A typo under /_seedcache/ is answered here: forwarded, it would carry the client's key.
+    app.router.add_route("*", "/_seedcache{tail:(/.*)?}", no_such_endpoint)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
+
+
+async def wrong_method(request: web.Request) -> web.StreamResponse:
+    """An admin endpoint asked with another method than GET."""
+    error = ProxyError(
+        405, f"{request.path} answers GET, not {request.method}.", code="method_not_allowed"
+    )
+    error.headers["Allow"] = "GET, HEAD"
+    raise error
+
+
+async def no_such_endpoint(request: web.Request) -> web.StreamResponse:
+    """A path under /_seedcache/ that is no admin endpoint (never forwarded upstream)."""
+    raise ProxyError(
+        404,
+        f"seedcache has no endpoint {request.path}: there are /_seedcache/health, "
+        "/_seedcache/stats, /_seedcache/recordings, /_seedcache/audit and /metrics.",
+        code="unknown_url",
+    )
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:

@@ -80,3 +80,26 @@ def test_a_disk_store_removed_while_serving_is_created_again(
     raw = client.chat.completions.with_raw_response.create(**chat_request(seed=2))
     assert status(raw) == "recorded"
     assert [r.body["seed"] for r in proxy.recordings()] == [2]
+
+
+def test_a_mistyped_admin_request_is_answered_here_not_forwarded(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy()
+    wrong = {
+        ("POST", "/_seedcache/health"): 405,
+        ("DELETE", "/_seedcache/recordings"): 405,
+        ("POST", "/metrics"): 405,
+        ("GET", "/_seedcache/stat"): 404,
+        ("GET", "/_seedcache/"): 404,
+        ("POST", "/_seedcache"): 404,
+        ("GET", "/_seedcache/health/extra"): 404,
+    }
+    for (method, path), expected in wrong.items():
+        result = proxy.request(method, path, b"{}")
+        assert result.status == expected, (method, path)
+        assert result.json()["error"]["message"].startswith(("seedcache has no", path))
+        assert result.headers["x-seedcache-status"] == "error"
+    assert proxy.request("POST", "/metrics").headers["allow"] == "GET, HEAD"
+    assert proxy.request("HEAD", "/_seedcache/health").status == 200
+    assert upstream.count() == 0  # the client's Authorization never went upstream
