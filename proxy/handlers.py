@@ -39,6 +39,7 @@ from proxy.keys import (
     make_key,
     normalise_path,
     parse_json,
+    too_large_to_compare,
 )
 from proxy.metrics import Metrics
 from proxy.recording import (
@@ -586,6 +587,8 @@ class Handlers:
         return error
 
     async def _nearest(self, canon: CanonicalRequest) -> str:
+        if skipped := too_large_to_compare(canon):
+            return skipped
         index = await self._recording_index()
         body = redact(canon.body)
         canon = replace(canon, path=redact(canon.path))  # as the index holds it

@@ -162,6 +162,44 @@ def make_key(method: str, path: str, body: Any, namespace: str = "") -> Canonica
     return CanonicalRequest(namespace, method, path, canonical, material, key)
 
 
+# A request body with more JSON leaves than this is not compared with the recordings when it
+# misses: the comparison walks every leaf on the event loop, a few microseconds each (a million
+# token ids took seconds, and stalled every other request meanwhile).
+COMPARE_LEAVES = 10_000
+# Nor one whose canonical JSON is longer than this (characters): redacting and walking it first
+# copies it, tens of milliseconds per MB.
+COMPARE_SIZE = 4_000_000
+
+
+def too_large_to_compare(canon: CanonicalRequest) -> str | None:
+    """Why the miss of `canon` is not compared with the recordings (its body is too large to walk
+    on the event loop), to append to the miss message; None when it is compared."""
+    size = len(canon.material)
+    if size <= COMPARE_SIZE and not _more_leaves(canon.body, COMPARE_LEAVES):
+        return None
+    return (
+        f". Its body ({size / 1e6:.1f} MB of JSON) is too large to compare with the recordings, "
+        "so none is named as the nearest"
+    )
+
+
+def _more_leaves(value: Any, most: int) -> bool:
+    """Whether `value` has more than `most` leaves; counts at most that many."""
+    pending = [value]
+    count = 0
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict) and item:
+            pending.extend(item.values())
+        elif isinstance(item, list) and item:
+            pending.extend(item)
+        else:
+            count += 1
+            if count > most:
+                return True
+    return False
+
+
 class RequestIndex:
     """The canonical requests of many recordings, grouped by (namespace, method, path, model), to
     find the nearest one to a request that missed (DESIGN §6) quickly among thousands."""

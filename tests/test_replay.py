@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from proxy import handlers as handlers_module
-from proxy import metrics
+from proxy import keys, metrics
 from proxy.keys import make_key
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
 from tests.fake_upstream import (
@@ -884,3 +884,36 @@ def test_recordings_replay_when_the_meta_file_has_merge_conflict_markers(
     assert (replayed.status, status(replayed)) == (200, "hit")
     assert (recorded.status, status(recorded)) == (200, "recorded")
     assert meta.read_text() == damaged  # the conflict is the user's to resolve
+
+
+def test_a_miss_on_a_huge_body_is_not_walked_to_find_the_nearest_recording(
+    start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 700k token ids (~5 MB of JSON): comparing them with the recordings walked every one on the
+    # event loop for seconds, and every other request waited.
+    recorder = start_proxy()
+    recorder.request("POST", "/v1/embeddings", embedding_request(input=[1, 2, 3]))
+    recorder.stop()
+    replayer = start_proxy(mode="replay")
+    walked = 0
+    leaves = keys._leaves
+
+    def counted(value: Any, path: str) -> Any:
+        nonlocal walked
+        walked += 1
+        return leaves(value, path)
+
+    monkeypatch.setattr(keys, "_leaves", counted)
+
+    huge = replayer.request("POST", "/v1/embeddings", embedding_request(input=list(range(700_000))))
+    walked_for_huge = walked
+    near = replayer.request("POST", "/v1/embeddings", embedding_request(input=[1, 2, 4]))
+
+    assert huge.status == 404
+    message = huge.json()["error"]["message"]
+    assert "MB of JSON) is too large to compare with the recordings" in message
+    assert "nearest recording" not in message
+    assert walked_for_huge < 100  # the recordings' bodies only, for the index
+    assert "The nearest recording" in near.json()["error"]["message"]
+    assert walked > walked_for_huge  # a body of normal size is still compared
+    assert replayer.request("GET", "/_seedcache/health").status == 200
