@@ -26,7 +26,7 @@ def store_option(func: F) -> F:
         "--store",
         envvar=env("store"),
         help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
-        "or redis://host:port/db.",
+        "or redis://host:port/db (rediss:// for TLS).",
     )(func)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -194,10 +195,20 @@ class StoreSpec:
     @classmethod
     def parse(cls, spec: str) -> StoreSpec:
         """The one reading of the --store grammar."""
-        if spec.startswith(REDIS_SCHEMES):
-            return cls("redis", spec)
-        scheme = spec.partition(":")[0]
-        if scheme in ("redis", "rediss", "unix"):
+        url = _URL.match(spec)
+        if url:
+            # URL schemes are case-insensitive (RFC 3986): REDIS:// is redis://.
+            scheme = url[1].lower()
+            if scheme not in REDIS_SCHEMES:
+                # `mysql://x`, `reddis://…` would otherwise become a directory of that name.
+                raise ConfigError(
+                    f"--store {_public(spec)!r} is not a store seedcache knows: {STORE_FORMS}"
+                )
+            location = scheme + spec[len(url[1]) :]
+            _check_redis_url(location)
+            return cls("redis", location)
+        scheme = spec.partition(":")[0].lower()
+        if scheme in REDIS_SCHEMES:
             # `redis:/host` would otherwise become a directory of that name.
             raise ConfigError(f"--store {spec!r} is not a Redis URL: write {scheme}://host:port/db")
         if spec.startswith(FILES_PREFIX):
@@ -223,12 +234,42 @@ class StoreSpec:
         """The spec as messages print it: a Redis URL without its credentials or options."""
         if self.kind != "redis":
             return str(self)
-        parts = urlsplit(self.location)
-        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+        return _public(self.location)
 
 
 FILES_PREFIX = "files:"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+STORE_FORMS = (
+    "use a directory, files:DIR, redis://host:port/db, rediss://host:port/db (TLS) or "
+    "unix:///path/to/redis.sock?db=N"
+)
+# Anything that starts like a URL (`scheme://`) names a server, never a directory.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _public(url: str) -> str:
+    """A URL without its credentials or options, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [IPv6 address
+        return url.partition("://")[0] + "://…"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def _check_redis_url(url: str) -> None:
+    """ConfigError for a Redis URL whose port or database is not a number: redis-py would
+    quietly use its default instead (database 0 for `redis://host/abc`)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- reading it parses it
+    except ValueError as exc:
+        raise ConfigError(f"--store {_public(url)!r} is not a usable Redis URL: {exc}") from None
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
+        raise ConfigError(
+            f"--store {_public(url)!r}: the database {db!r} is not a number: write "
+            f"{parts.scheme}://host:port/N, for example {parts.scheme}://host:6379/0"
+        )
 
 
 def _choice(kind: type[enum.StrEnum], value: Any, option: str) -> Any:

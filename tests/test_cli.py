@@ -232,8 +232,11 @@ def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     [
         (("--mode", "replay", "--store", "no-such-store"), "replay on a store that does not exist"),
         (("--store", "redis:/127.0.0.1:6379"), "is not a Redis URL: write redis://"),
+        (("--store", "reddis://127.0.0.1:6379/0"), "is not a store seedcache knows"),
+        (("--store", "mysql://x"), "'mysql://x' is not a store seedcache knows"),
+        (("--store", "redis://127.0.0.1:6379/abc"), "the database 'abc' is not a number"),
     ],
-    ids=["replay-on-nothing", "redis-typo"],
+    ids=["replay-on-nothing", "redis-typo", "scheme-typo", "other-scheme", "redis-db"],
 )
 def test_a_mistyped_store_is_refused_not_created(
     args: tuple[str, ...],

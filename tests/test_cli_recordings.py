@@ -226,8 +226,10 @@ def test_ls_of_an_empty_store_is_friendly_and_creates_nothing(tmp_path: Path) ->
         ("files:", "--store files: needs a directory"),
         ("a-file", "a-file is a file, not a directory"),
         ("files:a-file", "a-file is a file, not a directory"),
+        ("mysql://x", "'mysql://x' is not a store seedcache knows"),
+        ("redis://127.0.0.1:1/abc", "the database 'abc' is not a number"),
     ],
-    ids=["empty", "files-without-directory", "a-file", "files-a-file"],
+    ids=["empty", "files-without-directory", "a-file", "files-a-file", "url", "redis-db"],
 )
 @pytest.mark.parametrize(
     "command",
@@ -529,6 +531,21 @@ def test_import_from_a_missing_store_is_an_error(tmp_path: Path) -> None:
 
     failed(result, "there is no store at")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_redis_url_in_capitals_is_the_same_store(
+    recorded: Recorded, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shouting = redis_url.replace("redis://", "REDIS://")
+
+    imported = run("import", "--store", shouting, recorded.store)
+
+    assert imported.exit_code == 0, imported.output
+    assert not (tmp_path / "REDIS:").exists()  # not a directory named after the URL
+    keys = sorted(recorded.keys.values())
+    assert sorted(row["key"] for row in ls_json(redis_url)) == keys
+    assert sorted(row["key"] for row in ls_json(shouting)) == keys
 
 
 # -- unreachable stores -------------------------------------------------------------------------

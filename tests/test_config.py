@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from proxy.config import Config, Mode, OnFingerprintChange, Repeat, StoreSpec
@@ -84,6 +86,50 @@ def test_store_specs_are_read_one_way(
     parsed = StoreSpec.parse(spec)
     assert (parsed.kind, parsed.directory, str(parsed)) == (kind, directory, spec)
     assert parsed.resolved("/root") == resolved
+
+
+@pytest.mark.parametrize(
+    ("spec", "read_as"),
+    [
+        ("REDIS://h:6379/0", "redis://h:6379/0"),
+        ("Rediss://h/1", "rediss://h/1"),
+        ("UNIX:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+    ],
+)
+def test_url_schemes_are_case_insensitive(spec: str, read_as: str) -> None:
+    parsed = StoreSpec.parse(spec)
+    assert (parsed.kind, parsed.directory, str(parsed)) == ("redis", None, read_as)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("reddis://127.0.0.1:6379/0", "'reddis://127.0.0.1:6379/0' is not a store seedcache knows"),
+        ("mysql://x", "'mysql://x' is not a store seedcache knows"),
+        ("s3://bucket/recordings", "is not a store seedcache knows"),
+        ("http://h/recordings", "is not a store seedcache knows"),
+        ("redis://h:6379/abc", "the database 'abc' is not a number"),
+        ("REDIS://h/-1", "the database '-1' is not a number"),
+        ("redis://h:port/0", "'redis://h:port/0' is not a usable Redis URL"),
+        ("redis:/h:6379/0", "is not a Redis URL: write redis://"),
+        ("REDIS:/h:6379/0", "is not a Redis URL: write redis://"),
+    ],
+)
+def test_a_store_that_looks_like_a_url_but_names_no_store_is_refused(
+    spec: str, message: str
+) -> None:
+    # Never a directory named after the typo: every proxy would keep a private cache.
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        StoreSpec.parse(spec)
+    if "seedcache knows" in message:
+        assert "files:DIR, redis://host:port/db, rediss://" in str(refused.value)
+
+
+def test_a_refused_redis_url_is_shown_without_its_password() -> None:
+    for spec in ("redis://:hunter2@h:6379/abc", "reddis://:hunter2@h/0"):
+        with pytest.raises(ConfigError) as refused:
+            StoreSpec.parse(spec)
+        assert "hunter2" not in str(refused.value)
 
 
 def test_the_default_audit_log_lives_in_a_disk_store_only() -> None:

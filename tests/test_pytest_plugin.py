@@ -214,8 +214,13 @@ def test_the_example_passes_offline_without_an_api_key() -> None:
         ([], "seedcache_upstream = api.openai.com", "seedcache: upstream must be an http(s) URL*"),
         (["--seedcache-store=redis:/cache"], "", "seedcache: --seedcache-store 'redis:/c* is not*"),
         (["--seedcache-store=files:"], "", "seedcache: --seedcache-store files: needs a dir*"),
+        (
+            ["--seedcache-store=reddis://cache/0"],
+            "",
+            "seedcache: --seedcache-store 'reddis://cache/0' is not a store seedcache knows*",
+        ),
     ],
-    ids=["mode", "upstream", "redis-store", "files-store"],
+    ids=["mode", "upstream", "redis-store", "files-store", "url-store"],
 )
 def test_invalid_settings_stop_the_run_with_one_usage_error(
     pytester: pytest.Pytester, args: list[str], ini: str, message: str
