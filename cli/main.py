@@ -27,7 +27,7 @@ from cli.options import env, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
-from proxy.stores.base import check_store
+from proxy.stores.base import check_store, open_store
 
 
 class Group(click.Group):
@@ -134,7 +134,11 @@ def serve(**options: Any) -> None:
             raise ConfigError(f"{exc} (set in the environment: {', '.join(from_env)})") from None
         raise
     # A files store's directory given without files: (or the reverse) is refused before binding.
-    directory = check_store(config.store).directory
+    spec = check_store(config.store)
+    if spec.kind == "redis":
+        # Every request would fail with a 503: most likely a mistyped URL or a server not up.
+        asyncio.run(reach(config.store))
+    directory = spec.directory
     if config.mode is Mode.REPLAY and directory is not None and not os.path.isdir(directory):
         # Every request would miss: most likely a mistyped --store.
         raise ConfigError(
@@ -151,6 +155,15 @@ def serve(**options: Any) -> None:
     code = run_workers(config)
     if code:
         sys.exit(code)
+
+
+async def reach(spec: str) -> None:
+    """Read the store once, as the health check does: StoreError when it cannot be reached."""
+    store = open_store(spec)
+    try:
+        await store.get_meta("health")
+    finally:
+        await store.close()
 
 
 # What a worker of `serve --workers N` sends its parent once it serves; otherwise it sends why it

@@ -22,6 +22,7 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 from aiohttp import web
 from click.testing import CliRunner
 
@@ -30,6 +31,7 @@ from proxy.app import CONFIG
 from proxy.config import Mode
 from tests.conftest import API_KEY, RunningProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
+from tests.redis_server import RedisServer
 from tests.servers import free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "trip_planner"
@@ -271,19 +273,66 @@ def test_serve_refuses_a_files_store_given_without_files(
 
 
 def test_the_start_up_line_shows_a_redis_store_without_its_password(
-    captured_run_app: dict[str, Any],
+    captured_run_app: dict[str, Any], own_redis_server: RedisServer
 ) -> None:
-    result = run(
-        "serve",
-        "--port",
-        "0",
-        "--store",
-        "redis://:hunter2-password@127.0.0.1:1/0?ssl_cert_reqs=none",
-    )
+    with redis.Redis(port=own_redis_server.port) as client:
+        client.config_set("requirepass", "hunter2-password")
+    url = f"redis://:hunter2-password@127.0.0.1:{own_redis_server.port}/0?client_name=ci"
+
+    result = run("serve", "--port", "0", "--store", url)
 
     assert result.exit_code == 0, result.output
-    assert "store redis://127.0.0.1:1/0, upstream" in result.stdout
+    assert f"store redis://127.0.0.1:{own_redis_server.port}/0, upstream" in result.stdout
     assert "hunter2" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ("redis://127.0.0.1:1/0", "cannot reach Redis at redis://127.0.0.1:1/0: "),
+        (
+            "redis://:hunter2@127.0.0.1:1/0?ssl_cert_reqs=none",
+            "redis://127.0.0.1:1/0 is not a usable Redis URL: ",
+        ),
+    ],
+    ids=["unreachable", "option-of-rediss"],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_redis_it_cannot_use_exits_at_start_with_one_line(
+    store: str, says: str, workers: str, captured_run_app: dict[str, Any]
+) -> None:
+    # Every request would get a 503 (`ls` and the other commands refuse it the same way).
+    result = run(
+        "serve",
+        "--mode",
+        "replay",
+        "--store",
+        store,
+        "--workers",
+        workers,
+        "--port",
+        str(free_port()),
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"seedcache: {says}")
+    assert result.stderr.count("\n") == 1
+    assert "hunter2" not in result.stderr
+    assert result.stdout == ""
+    assert "app" not in captured_run_app
+
+
+def test_serve_on_a_redis_that_refuses_the_password_exits_at_start(
+    captured_run_app: dict[str, Any], own_redis_server: RedisServer
+) -> None:
+    with redis.Redis(port=own_redis_server.port) as client:
+        client.config_set("requirepass", "right-password")
+
+    result = run("serve", "--store", f"redis://:wrong@127.0.0.1:{own_redis_server.port}/0")
+
+    assert result.exit_code == 2
+    assert "refused the credentials" in result.stderr
+    assert "app" not in captured_run_app
 
 
 def test_serve_on_a_port_in_use_is_a_one_line_error(

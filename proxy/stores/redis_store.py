@@ -92,7 +92,11 @@ class RedisStore:
                 # with a restarted server is replaced; a server that is down fails fast.
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             )
-        except ValueError as exc:
+            # redis-py passes the URL's options to each connection it makes: one that does not
+            # apply (ssl_cert_reqs on redis://) would fail every request, not this line.
+            pool = self._redis.connection_pool
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, TypeError) as exc:
             raise ConfigError(f"{self.description} is not a usable Redis URL: {exc}") from None
         if self._redis.connection_pool.connection_kwargs.get("decode_responses"):
             # Values are bytes (recordings need not be UTF-8); decoded replies would corrupt them.
