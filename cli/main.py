@@ -110,7 +110,11 @@ def main() -> None:
     help="Keep each client API key's recordings in its own namespace.",
 )
 @click.option("--workers", type=int, envvar=env("workers"), help="Processes on one port.")
-@click.option("--log-level", envvar=env("log_level"), help="debug, info (default), warning.")
+@click.option(
+    "--log-level",
+    envvar=env("log_level"),
+    help="debug, info (default), warning, error or critical.",
+)
 @click.option(
     "--access-log/--no-access-log",
     default=None,

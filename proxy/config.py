@@ -82,6 +82,7 @@ DEFAULT_PROBE_SEED = 123
 DEFAULT_PROBE_TEMPERATURE = 0.7
 DEFAULT_PROBE_MAX_TOKENS = 200
 DEFAULT_STORE = ".seedcache"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MiB = 1024 * 1024
 
 
@@ -131,6 +132,8 @@ class Config:
             )
         if "repeat" in values:
             values["repeat"] = _choice(Repeat, values["repeat"], "repeat")
+        if "log_level" in values:
+            values["log_level"] = str(values["log_level"]).strip().lower()
         if "access_tokens" in values:
             values["access_tokens"] = tuple(values["access_tokens"])
         config = cls(**values)
@@ -158,6 +161,10 @@ class Config:
             raise ConfigError("workers must be at least 1")
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0:
             raise ConfigError("timeouts must be positive")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"unknown log-level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}"
+            )
         if self.upstream_api_key_env and not os.environ.get(self.upstream_api_key_env):
             raise ConfigError(
                 f"--upstream-api-key-env names {self.upstream_api_key_env}, which is not set"

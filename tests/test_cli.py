@@ -215,8 +215,9 @@ def test_serve_reads_every_option_from_seedcache_environment_variables(
         ({"SEEDCACHE_UPSTREAM": "ftp://example.com"}, "upstream must be an http(s) URL"),
         ({"SEEDCACHE_MAX_BODY": "0"}, "max-body must be positive"),
         ({"SEEDCACHE_ON_FINGERPRINT_CHANGE": "maybe"}, "unknown on-fingerprint-change"),
+        ({"SEEDCACHE_LOG_LEVEL": "loud"}, "unknown log-level 'loud'"),
     ],
-    ids=["mode", "upstream", "max-body", "on-fingerprint-change"],
+    ids=["mode", "upstream", "max-body", "on-fingerprint-change", "log-level"],
 )
 def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     env: dict[str, str], says: str, captured_run_app: dict[str, Any]
@@ -227,6 +228,29 @@ def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     assert says in result.stderr
     assert f"(set in the environment: {next(iter(env))})" in result.stderr  # not on the line
     assert "app" not in captured_run_app  # nothing was started
+
+
+def test_serve_refuses_an_unknown_log_level_with_one_line_naming_the_levels(
+    captured_run_app: dict[str, Any],
+) -> None:
+    result = run("serve", "--log-level", "loud")
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "seedcache: unknown log-level 'loud'; choose one of debug, info, warning, error, critical\n"
+    )
+    assert "app" not in captured_run_app
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error", "critical"])
+def test_serve_takes_every_log_level_its_help_lists(
+    level: str, captured_run_app: dict[str, Any], tmp_path: Path
+) -> None:
+    result = run("serve", "--port", "0", "--log-level", level, "--store", str(tmp_path / "s"))
+
+    assert result.exit_code == 0, result.output
+    assert captured_run_app["app"][CONFIG].log_level == level.lower()
+    assert level.lower() in run("serve", "--help").stdout
 
 
 @pytest.mark.parametrize(
