@@ -575,9 +575,15 @@ class Handlers:
             message += f": {reason}"
         elif incoming.canon is not None:
             message += await self._nearest(incoming.canon)
+        if incoming.canon is None:
+            # Never recorded (an endpoint seedcache does not record, a stateful Responses call):
+            # advice to record it could not work.
+            hint = "seedcache only forwards it, and only outside replay mode"
+        else:
+            hint = f"Record it with: {self.config.record_hint}"
         error = ProxyError(
             404,
-            f"{message}. Record it with: {self.config.record_hint}",
+            f"{message}. {hint}",
             type="seedcache_miss",
             code="recording_not_found",
         )

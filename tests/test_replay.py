@@ -377,7 +377,10 @@ def test_other_paths_are_a_miss_in_replay_mode(
     assert result.status == 404
     assert result.json()["error"]["type"] == "seedcache_miss"
     assert result.headers["x-should-retry"] == "false"
-    assert "GET /v1/files" in result.json()["error"]["message"]
+    assert result.json()["error"]["message"] == (
+        "No recording for GET /v1/files: this endpoint is not recorded. seedcache only "
+        "forwards it, and only outside replay mode"
+    )
     assert upstream.count() == 0
 
 
@@ -501,6 +504,8 @@ def test_stateful_responses_requests_miss_in_replay_mode(
     assert upstream.count() == 0
     assert "depends on state held upstream" in str(caught.value)
     assert "never recorded" in str(caught.value)
+    assert "only outside replay mode" in str(caught.value)
+    assert "Record it with" not in str(caught.value)  # recording it could not work
 
 
 def test_the_model_list_is_recorded_and_replayed(
