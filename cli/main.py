@@ -19,6 +19,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
+from urllib.parse import unquote
 
 import click
 
@@ -27,6 +28,17 @@ from cli.options import env, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
+from proxy.keys import (
+    NAMESPACE,
+    NAMESPACE_RULE,
+    RECORDED,
+    CanonicalRequest,
+    check_body,
+    make_key,
+    normalise_path,
+    parse_json,
+)
+from proxy.recording import check_storable
 from proxy.stores.base import check_store, open_store
 
 
@@ -420,18 +432,41 @@ def read_tokens(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--namespace", default="", help="Namespace the key is made in.")
 def key(request_file: Any, method: str, path: str, namespace: str) -> None:
     """Print the key material and the key of a request body (a file, or - for stdin)."""
-    from proxy.keys import check_body, make_key, normalise_path, parse_json
-
-    raw = request_file.read()
-    path, _, query = path.partition("?")
-    try:
-        body = parse_json(raw)
-        check_body(body)
-    except SeedcacheError as exc:
-        raise click.ClickException(str(exc)) from None
-    canon = make_key(method, normalise_path(path, query), body, namespace)
+    canon = request_key(method, path, request_file.read(), namespace)
     click.echo(canon.material)
     click.echo(f"key: {canon.key}")
+
+
+def request_key(method: str, path: str, raw: bytes, namespace: str) -> CanonicalRequest:
+    """The key the proxy gives this request, after the checks it makes on its way in; an error
+    for a request the proxy refuses (400) or never keys (forwarded only)."""
+    from proxy.handlers import STATEFUL  # aiohttp: imported by the commands that need it
+
+    method = method.upper()
+    path, _, query = path.partition("?")
+    if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+        raise SeedcacheError(f"the path {path!r} has '.' or '..' segments; the proxy refuses it")
+    if not NAMESPACE.fullmatch(namespace):
+        raise SeedcacheError(f"namespace {namespace!r} is not valid: use {NAMESPACE_RULE}")
+    path = normalise_path(path, query)
+    route = path.partition("?")[0]
+    if (method, route) not in RECORDED:
+        recorded = ", ".join(f"{m} {p}" for m, p in sorted(RECORDED, key=lambda r: r[1]))
+        raise SeedcacheError(
+            f"{method} {route} is never recorded (seedcache only forwards it), so it has no "
+            f"key; recorded: {recorded}"
+        )
+    body: Any = None
+    if method == "POST":  # the proxy keys a GET without its body
+        body = parse_json(raw)
+        check_body(body)
+        check_storable(body)
+    if route == "/v1/responses" and any(body.get(m) for m in STATEFUL):
+        raise SeedcacheError(
+            f"this request depends on state held upstream ({', '.join(STATEFUL)}), so it is "
+            "never recorded and has no key"
+        )
+    return make_key(method, path, body, namespace)
 
 
 for command in (audit, verify, probe, ls, show, rm, prune, export, import_):

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from cli.main import main, worker_signals
 from proxy.app import CONFIG
 from proxy.config import Mode
-from tests.conftest import API_KEY, RunningProxy
+from tests.conftest import API_KEY, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
 from tests.redis_server import RedisServer
 from tests.servers import free_port
@@ -108,29 +108,92 @@ def test_keys_of_different_requests_differ() -> None:
     assert len(keys) == 3
 
 
+BIG_SEED = '{"model": "m", "messages": [], "seed": 123456789012345678901234567890}'
+DEEP = '{"model": "m", "messages": ' + "[" * 300 + "]" * 300 + "}"
+
+
 @pytest.mark.parametrize(
-    ("text", "says"),
+    "text",
     [
-        ("{oops", "not valid JSON"),
-        ("", "empty"),
-        ("[1, 2]", "JSON object"),
-        ('{"model": 5, "messages": []}', "'model'"),
+        "{oops",
+        "",
+        "[1, 2]",
+        '{"model": 5, "messages": []}',
+        '{"model": "m", "messages": [], "temperature": NaN}',
+        BIG_SEED,
+        '{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        DEEP,
     ],
-    ids=["malformed", "empty", "not-an-object", "wrong-type"],
+    ids=[
+        "malformed",
+        "empty",
+        "not-an-object",
+        "wrong-type",
+        "nan",
+        "beyond-64-bits",
+        "lone-surrogate",
+        "too-deep",
+    ],
 )
-def test_key_of_a_bad_body_fails_with_a_clear_message(text: str, says: str) -> None:
+def test_key_refuses_what_the_proxy_refuses_with_the_same_message(
+    text: str, proxy: RunningProxy
+) -> None:
+    refused = proxy.request("POST", "/v1/chat/completions", text)
+
     result = run("key", "-", input=text)
 
-    assert result.exit_code != 0
-    assert says in result.stderr
-    assert "Traceback" not in result.output
-    assert "key:" not in result.stdout
+    assert refused.status == 400
+    assert result.exit_code == 2
+    assert result.stderr == f"seedcache: {refused.json()['error']['message']}\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "body", "says"),
+    [
+        (["--path", "/v1/files"], "{}", "POST /v1/files is never recorded"),
+        (["--method", "GET", "--path", "/v1/files"], "", "GET /v1/files is never recorded"),
+        (["--path", "/v1/../v1/chat/completions"], "{}", "has '.' or '..' segments"),
+        (["--namespace", ".hidden"], "{}", "namespace '.hidden' is not valid"),
+        (
+            ["--path", "/v1/responses"],
+            '{"model": "m", "input": "hi", "previous_response_id": "resp_1"}',
+            "depends on state held upstream",
+        ),
+    ],
+    ids=["other-endpoint", "other-get", "dot-segments", "namespace", "stateful"],
+)
+def test_key_refuses_a_request_the_proxy_never_keys(
+    args: list[str], body: str, says: str, start_proxy: StartProxy
+) -> None:
+    replaying = start_proxy(mode="replay")
+    method = args[args.index("--method") + 1] if "--method" in args else "POST"
+    path = args[args.index("--path") + 1] if "--path" in args else "/v1/chat/completions"
+    namespace = args[args.index("--namespace") + 1] if "--namespace" in args else ""
+    answered = replaying.request(method, path, body, {"X-Seedcache-Namespace": namespace})
+
+    result = run("key", "-", *args, input=body)
+
+    assert "x-seedcache-key" not in answered.headers  # the proxy gives it no key either
+    assert result.exit_code == 2
+    assert result.stderr.startswith("seedcache: ") and says in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_key_of_the_model_list_ignores_a_body_as_the_proxy_does(proxy: RunningProxy) -> None:
+    listed = proxy.request("GET", "/v1/models")
+
+    result = run("key", "-", "--method", "get", "--path", "/models", input="")
+
+    assert result.exit_code == 0, result.output
+    assert printed_key(result.stdout) == listed.headers["x-seedcache-key"]
 
 
 def test_key_of_a_missing_file_fails(tmp_path: Path) -> None:
     result = run("key", str(tmp_path / "absent.json"))
 
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert "absent.json" in result.stderr
 
 
