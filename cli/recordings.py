@@ -19,7 +19,7 @@ import click
 from cli.options import require_store, store_option, store_spec
 from proxy.audit import parse_since
 from proxy.config import StoreSpec
-from proxy.errors import FormatError, SeedcacheError
+from proxy.errors import ConfigError, FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import EARLIEST, Recording, Sample, recorded_at
 from proxy.stores.base import Store, open_store, store_exists
@@ -447,7 +447,7 @@ _COPY_NOTE = (
 @store_option
 @click.argument("dest")
 def export(store: str | None, dest: str) -> None:
-    asyncio.run(_copy(store_spec(store), store_spec(dest), "exported", "exporting"))
+    asyncio.run(_copy(store_spec(store), _argument_spec(dest, "DEST"), "exported", "exporting"))
 
 
 @click.command(
@@ -459,7 +459,16 @@ def export(store: str | None, dest: str) -> None:
 @store_option
 @click.argument("src")
 def import_(store: str | None, src: str) -> None:
-    asyncio.run(_copy(store_spec(src), store_spec(store), "imported", "importing"))
+    asyncio.run(_copy(_argument_spec(src, "SRC"), store_spec(store), "imported", "importing"))
+
+
+def _argument_spec(value: str, name: str) -> str:
+    """`store_spec` of a store given as the argument `name`: its errors name it, not --store."""
+    try:
+        return store_spec(value)
+    except ConfigError as exc:
+        message = str(exc).replace("use --store ", "use ").replace("--store", name)
+        raise ConfigError(message) from None
 
 
 @dataclass(slots=True)

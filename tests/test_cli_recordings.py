@@ -629,9 +629,30 @@ def test_import_from_a_files_store_given_as_a_directory_is_refused(
 
     result = run("import", "--store", str(tmp_path / "dest"), str(committed))
 
-    failed(result, f"use --store files:{committed}")
+    failed(result, f"holds recording files (<key>.json): use files:{committed}")
+    assert "--store" not in result.output  # SRC is an argument
     assert tree(committed) == before
     assert not (tmp_path / "dest").exists()
+
+
+def test_export_to_a_files_store_given_as_a_directory_names_the_argument(
+    recorded: Recorded, committed: Path
+) -> None:
+    before = tree(committed)
+
+    result = run("export", "--store", recorded.store, str(committed))
+
+    failed(result, f"holds recording files (<key>.json): use files:{committed}")
+    assert "--store" not in result.output  # DEST is an argument
+    assert tree(committed) == before
+
+
+@pytest.mark.parametrize(
+    ("dest", "says"),
+    [("", "DEST must not be empty"), ("mysql://x", "DEST 'mysql://x' is not a store")],
+)
+def test_export_to_no_store_names_the_argument(recorded: Recorded, dest: str, says: str) -> None:
+    failed(run("export", "--store", recorded.store, dest), says)
 
 
 def test_recordings_only_in_a_namespace_folder_are_recognised(
