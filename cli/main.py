@@ -33,12 +33,8 @@ from proxy.keys import (
     NAMESPACE_RULE,
     RECORDED,
     CanonicalRequest,
-    check_body,
-    make_key,
     normalise_path,
-    parse_json,
 )
-from proxy.recording import check_storable
 from proxy.stores.base import check_store, open_store
 
 
@@ -440,7 +436,10 @@ def key(request_file: Any, method: str, path: str, namespace: str) -> None:
 def request_key(method: str, path: str, raw: bytes, namespace: str) -> CanonicalRequest:
     """The key the proxy gives this request, after the checks it makes on its way in; an error
     for a request the proxy refuses (400) or never keys (forwarded only)."""
-    from proxy.handlers import STATEFUL  # aiohttp: imported by the commands that need it
+    from proxy.handlers import (  # aiohttp: imported by the commands that need it
+        STATEFUL,
+        parse_request,
+    )
 
     method = method.upper()
     path, _, query = path.partition("?")
@@ -456,17 +455,13 @@ def request_key(method: str, path: str, raw: bytes, namespace: str) -> Canonical
             f"{method} {route} is never recorded (seedcache only forwards it), so it has no "
             f"key; recorded: {recorded}"
         )
-    body: Any = None
-    if method == "POST":  # the proxy keys a GET without its body
-        body = parse_json(raw)
-        check_body(body)
-        check_storable(body)
-    if route == "/v1/responses" and any(body.get(m) for m in STATEFUL):
+    _, canon = parse_request(method, path, namespace, raw, route)
+    if canon is None:
         raise SeedcacheError(
             f"this request depends on state held upstream ({', '.join(STATEFUL)}), so it is "
             "never recorded and has no key"
         )
-    return make_key(method, path, body, namespace)
+    return canon
 
 
 for command in (audit, verify, probe, ls, show, rm, prune, export, import_):

@@ -347,7 +347,7 @@ class Handlers:
                 # The same bytes asked again (a test suite, a retry): parsed and keyed already.
                 body, canon = known
             else:
-                body, canon = self._parse(method, path, namespace, raw, route[1])
+                body, canon = parse_request(method, path, namespace, raw, route[1])
                 if len(raw) <= PARSED_BODY_LIMIT:
                     remember(self._parsed, parsed, (body, canon), PARSED_CACHE_SIZE)
         # Embeddings and models do not stream: a stray `stream` is answered, and replayed, as JSON.
@@ -355,20 +355,6 @@ class Handlers:
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return Incoming(method, path, raw, body, mode, read, write, stream, include_usage, canon)
-
-    @staticmethod
-    def _parse(
-        method: str, path: str, namespace: str, raw: bytes, route: str
-    ) -> tuple[Any, CanonicalRequest | None]:
-        """The parsed body and the key of a recorded endpoint's request (None: never replayed)."""
-        body: Any = None
-        if method == "POST":
-            body = parse_json(raw)
-            check_body(body)
-            check_storable(body)
-        if route == "/v1/responses" and any(body.get(m) for m in STATEFUL):
-            return body, None
-        return body, make_key(method, path, body, namespace)
 
     async def _isolated(self, namespace: str, request: web.Request) -> str:
         """`--isolate-by-key`: the namespace plus a salted hash of the client's API key, so that
@@ -1040,6 +1026,21 @@ def failure_from(posted: bytes, key: str) -> ProxyError:
     error = ProxyError.from_fields(orjson.loads(posted))
     error.headers[KEY] = key
     return error
+
+
+def parse_request(
+    method: str, path: str, namespace: str, raw: bytes, route: str
+) -> tuple[Any, CanonicalRequest | None]:
+    """The parsed body and the key of a recorded endpoint's request (None: never replayed, as it
+    depends on state held upstream); a 400 for a body the proxy refuses."""
+    body: Any = None
+    if method == "POST":  # a GET is keyed without its body
+        body = parse_json(raw)
+        check_body(body)
+        check_storable(body)
+    if route == "/v1/responses" and any(body.get(m) for m in STATEFUL):
+        return body, None
+    return body, make_key(method, path, body, namespace)
 
 
 async def begin(request: web.Request, response: web.StreamResponse) -> None:
