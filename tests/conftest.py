@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,26 @@ def upstream(loop: BackgroundLoop) -> Iterator[FakeUpstream]:
 
 
 StartProxy = Callable[..., RunningProxy]
+
+
+def raw_stream(port: int, body: dict[str, Any], *, until: bytes | None = None) -> bytes:
+    """A streaming chat request on a raw socket: what arrives until `until` is seen (then the
+    client hangs up) or, without it, until the server closes the connection."""
+    payload = json.dumps({**body, "stream": True}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + payload)
+        while until is None or until not in received:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    return received
 
 
 def status(raw: Any) -> str:

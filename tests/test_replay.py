@@ -7,7 +7,6 @@ import base64
 import json
 import re
 import shlex
-import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from cli.main import main
 from proxy import handlers as handlers_module
 from proxy import keys, metrics
 from proxy.keys import make_key
-from tests.conftest import API_KEY, RunningProxy, StartProxy, status
+from tests.conftest import API_KEY, RunningProxy, StartProxy, raw_stream, status
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
     FakeUpstream,
@@ -852,16 +851,7 @@ def test_a_failure_after_a_stream_started_cuts_the_stream_off(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(handlers_module.Handlers, "_record", fail)
-    payload = json.dumps({**chat_request(), "stream": True}).encode()
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    received = b""
-    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
-        sock.sendall(head.encode() + payload)
-        while data := sock.recv(65536):
-            received += data
+    received = raw_stream(proxy.running.port, chat_request())
 
     assert received.startswith(b"HTTP/1.1 200")
     assert received.count(b"HTTP/1.1") == 1

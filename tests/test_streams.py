@@ -15,7 +15,7 @@ import pytest
 
 from proxy import handlers
 from proxy.recording import Sample
-from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy, status
+from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy, raw_stream, status
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
     FakeUpstream,
@@ -545,20 +545,7 @@ def test_a_responses_stream_that_fails_is_not_recorded(
 
 def leave_mid_stream(proxy: RunningProxy, body: dict[str, Any]) -> bytes:
     """Start a streaming request on a raw socket, read until the first event, then hang up."""
-    payload = json.dumps({**body, "stream": True}).encode()
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    received = b""
-    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
-        sock.sendall(head.encode() + payload)
-        while b"data: " not in received:
-            data = sock.recv(65536)
-            if not data:
-                break
-            received += data
-    return received
+    return raw_stream(proxy.running.port, body, until=b"data: ")
 
 
 def test_a_client_that_leaves_mid_stream_leaves_no_recording(
