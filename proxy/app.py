@@ -67,7 +67,8 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
         app.router.add_get(path, handler)
         app.router.add_route("*", path, wrong_method)
     # A typo under /_seedcache/ is answered here: forwarded, it would carry the client's key.
-    app.router.add_route("*", "/_seedcache{tail:(/.*)?}", no_such_endpoint)
+    # /_seedcache/ns/<name>/v1 is a namespaced base URL (NAMESPACE_PREFIX), for the proxy.
+    app.router.add_route("*", "/_seedcache{tail:(/(?!ns/).*)?}", no_such_endpoint)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
 

@@ -54,7 +54,8 @@ class RunningProxy:
     def client(self, **options: Any) -> openai.OpenAI:
         options.setdefault("max_retries", 0)
         options.setdefault("api_key", API_KEY)
-        client = openai.OpenAI(base_url=self.base_url, **options)
+        options.setdefault("base_url", self.base_url)
+        client = openai.OpenAI(**options)
         self.clients.append(client)
         return client
 

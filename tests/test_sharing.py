@@ -136,6 +136,23 @@ def test_namespaces_keep_recordings_apart(start_proxy: StartProxy, upstream: Fak
     assert bad.json()["error"]["code"] == "invalid_namespace"
 
 
+def test_a_namespaced_base_url_selects_the_namespace(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # For clients that cannot send headers: /_seedcache/ns/<name>/v1 as the base URL.
+    proxy = start_proxy()
+    body = chat_request()
+    statuses = []
+    for namespace in ("team-a", "team-b", "team-a"):
+        client = proxy.client(base_url=f"{proxy.running.url}/_seedcache/ns/{namespace}/v1")
+        raw = client.chat.completions.with_raw_response.create(**body)
+        statuses.append(raw.headers["x-seedcache-status"])
+
+    assert statuses == ["recorded", "recorded", "hit"]
+    assert upstream.count() == 2
+    assert sorted(r.namespace for r in proxy.recordings()) == ["team-a", "team-b"]
+
+
 def test_tenants_isolated_by_key_never_see_each_others_recordings(
     start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
