@@ -125,7 +125,11 @@ def test_an_answer_repeating_the_client_key_keeps_a_placeholder_and_loses_a_real
 ) -> None:
     # Local servers take any key: `anything` is a word the model may say, SECRET is a key.
     proxy = start_proxy(store=f"files:{tmp_path / 'rec'}")
-    for key, seed in (("anything", 1), ("lm-studio", 2), (SECRET, 3)):
+    hf_like = "hf_" + "AbCdEfGhIj" * 4  # letters only, long
+    short = "k3y" + "x9" * 3  # 9 characters, a digit
+    secrets = (SECRET, hf_like, short)
+    cases = [("anything", 1), ("lm-studio", 2), ("sk-no-key-required", 4), (SECRET, 3)]
+    for key, seed in [*cases, (hf_like, 5), (short, 6)]:
         said = f"You can ask me {key} about Mars."
         upstream.fail_next(200, completion(said))
         with proxy.client(api_key=key) as client:
@@ -136,9 +140,10 @@ def test_an_answer_repeating_the_client_key_keeps_a_placeholder_and_loses_a_real
             "hit",
         )
         assert live.parse().choices[0].message.content == said
-        expected = "You can ask me <redacted> about Mars." if key == SECRET else said
+        expected = "You can ask me <redacted> about Mars." if key in secrets else said
         assert replayed.parse().choices[0].message.content == expected
-    assert SECRET.encode() not in stored_bytes(tmp_path / "rec")
+    stored = stored_bytes(tmp_path / "rec")
+    assert not any(secret.encode() in stored for secret in secrets)
 
 
 def test_a_miss_never_repeats_a_key_in_the_query_string(

@@ -749,13 +749,12 @@ def edit_sample(path: Path, **members: Any) -> None:
 
 
 DAMAGED_SAMPLES = [
-    ({"system_fingerprint": 123}, False),
+    ({"system_fingerprint": {"fp": 1}}, False),
     ({"recorded_at": "2026-01-01T00:00:00Z\r\nX-Evil: 1"}, False),
     ({"headers": {"x-request-id": "req_1\r\nX-Evil: 1"}}, False),
     ({"body": "hello"}, False),
     ({"body": None}, False),
     ({"events": []}, True),
-    ({"events": [{"data": "[DONE]", "event": None, "t_ms": 0}]}, True),
 ]
 
 
@@ -912,3 +911,27 @@ def test_a_miss_on_a_huge_body_is_not_walked_to_find_the_nearest_recording(
     assert "The nearest recording" in near.json()["error"]["message"]
     assert walked > walked_for_huge  # a body of normal size is still compared
     assert replayer.request("GET", "/_seedcache/health").status == 200
+
+
+def test_lenient_shapes_of_a_hand_written_or_older_sample_still_replay(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Numbers where a header wants text; a stream of nothing but [DONE] (older versions recorded
+    # one) replays as it was, and only a plain request, which needs a chunk, cannot have it.
+    store = tmp_path / "rec"
+    plain = recorded_file(start_proxy, store, chat_request())
+    edit_sample(plain, headers={"openai-processing-ms": 312}, system_fingerprint=7)
+    done_only = recorded_file(start_proxy, store, chat_request(seed=2), stream=True)
+    edit_sample(done_only, events=[{"data": "[DONE]", "event": None, "t_ms": 0}])
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    answer = replay.request("POST", CHAT, chat_request())
+    streamed = replay.request("POST", CHAT, {**chat_request(seed=2), "stream": True})
+    assembled = replay.request("POST", CHAT, chat_request(seed=2))
+
+    assert answer.status == 200
+    assert answer.headers["openai-processing-ms"] == "312"
+    assert answer.headers["x-seedcache-fingerprint"] == "7"
+    assert (streamed.status, streamed.body) == (200, b"data: [DONE]\n\n")
+    assert assembled.status == 500
+    assert assembled.json()["error"]["code"] == "recording_unreadable"
