@@ -122,7 +122,7 @@ def audit(
         overall = report.totals(groups)
         click.echo(report.text_table(groups))
         click.echo(
-            f"\n{len(events)} events: {overall['identical']} identical, "
+            f"\n{len(events)} events: {report.same_output(overall)}, "
             f"{overall['divergences']} diverged "
             f"({overall['divergence_rate'] * 100:.1f}%), "
             f"{overall['fingerprint_changes']} with a fingerprint change."
@@ -206,7 +206,7 @@ def verify(
     rate = outcome.divergence_rate
     click.echo(
         f"\nverified {len(outcome.events)} of {len(selection.recordings)} recordings against "
-        f"{config.upstream_base}: {len(outcome.events) - outcome.divergences} identical, "
+        f"{config.upstream_base}: {report.same_output(outcome.counts())}, "
         f"{outcome.divergences} diverged ({rate * 100:.1f}%), {len(outcome.failures)} failed."
     )
     if config.audit_log_path:

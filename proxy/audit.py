@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from proxy.divergence import Comparison, compare, output_text
+from proxy.divergence import Comparison, compare, is_divergence, output_text
 from proxy.recording import Recording, Sample, parse_time, utc_now
 from proxy.stores.base import Store
 
@@ -81,7 +81,7 @@ class AuditLog:
     async def write(self, event: Mapping[str, Any]) -> None:
         """Append one event; a divergence is also one WARNING line."""
         line = orjson.dumps(event)
-        if event.get("verdict") != "identical":
+        if is_divergence(str(event.get("verdict"))):
             log.warning(
                 "divergence on key %s: model %s, verdict %s, fingerprint %s -> %s",
                 str(event.get("key", ""))[:12],
@@ -172,6 +172,7 @@ class Group:
     fingerprint: str | None
     comparisons: int = 0
     identical: int = 0
+    divergences: int = 0
     fingerprint_changes: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
     _ratios: list[float] = field(default_factory=list)
@@ -183,6 +184,7 @@ class Group:
         verdict = str(event.get("verdict"))
         self.verdicts[verdict] = self.verdicts.get(verdict, 0) + 1
         self.identical += verdict == "identical"
+        self.divergences += is_divergence(verdict)
         self.fingerprint_changes += bool(event.get("fingerprint_changed"))
         similarity = event.get("similarity")
         if not isinstance(similarity, dict):
@@ -197,12 +199,14 @@ class Group:
                 values.append(float(value))
 
     def to_json(self) -> dict[str, Any]:
-        divergences = self.comparisons - self.identical
+        divergences = self.divergences
         return {
             "model": self.model,
             "fingerprint": self.fingerprint,
             "comparisons": self.comparisons,
             "identical": self.identical,
+            # `identical` and `usage_only` verdicts: the comparisons that are no divergence.
+            "same_output": self.comparisons - divergences,
             "divergences": divergences,
             "divergence_rate": round(divergences / self.comparisons, 4) if self.comparisons else 0,
             "mean_text_ratio": _mean(self._ratios),
@@ -214,8 +218,8 @@ class Group:
 
 
 def summarise(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per model and live fingerprint: comparisons, identical, divergence rate, mean distances,
-    fingerprint changes."""
+    """Per model and live fingerprint: comparisons, identical, same output, divergences and their
+    rate, mean distances, fingerprint changes."""
     groups: dict[tuple[str, str], Group] = {}
     for event in events:
         model = str(event.get("model") or event.get("response_model") or "")

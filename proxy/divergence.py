@@ -157,8 +157,8 @@ class Comparison:
 
     @property
     def diverged(self) -> bool:
-        """True when the live response differs from the recorded one in anything but volatiles."""
-        return self.verdict is not Verdict.IDENTICAL
+        """True when the live output differs from the recorded one (see `is_divergence`)."""
+        return is_divergence(self.verdict)
 
     def to_json(self) -> dict[str, Any]:
         """The comparison part of an audit event, JSON-serialisable, floats to 4 places."""
@@ -178,6 +178,12 @@ class Comparison:
                 "embedding_distance": _round(sim.embedding_distance),
             },
         }
+
+
+def is_divergence(verdict: str) -> bool:
+    """True for a verdict whose outputs differ (DESIGN §1): neither `identical` nor `usage_only`,
+    whose outputs are the same and only the token counts moved (usage is left out, §7)."""
+    return verdict not in (Verdict.IDENTICAL, Verdict.USAGE_ONLY)
 
 
 def compare(recorded: Mapping[str, Any], live: Mapping[str, Any]) -> Comparison:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from proxy.audit import event_time
+from proxy.divergence import is_divergence
 
 # Spans up to this long are charted by hour, longer ones by day.
 HOURLY_SPAN = timedelta(days=2)
@@ -23,7 +24,7 @@ _COLUMNS = (
     ("model", "model"),
     ("fingerprint", "fingerprint"),
     ("comparisons", "comparisons"),
-    ("identical", "identical"),
+    ("same output", "same_output"),
     ("divergence", "divergence_rate"),
     ("text ratio", "mean_text_ratio"),
     ("ngram dist", "mean_ngram_distance"),
@@ -36,20 +37,33 @@ _COLUMNS = (
 
 
 def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The groups of `audit.summarise` added up: comparisons, identical, divergences, rate."""
-    comparisons = identical = changes = 0
+    """The groups of `audit.summarise` added up: comparisons, identical, same output,
+    divergences, rate."""
+    comparisons = identical = divergences = changes = 0
     for group in groups:
         comparisons += int(group["comparisons"])
         identical += int(group["identical"])
+        divergences += int(group["divergences"])
         changes += int(group["fingerprint_changes"])
-    divergences = comparisons - identical
     return {
         "comparisons": comparisons,
         "identical": identical,
+        "same_output": comparisons - divergences,
         "divergences": divergences,
         "divergence_rate": round(divergences / comparisons, 4) if comparisons else 0.0,
         "fingerprint_changes": changes,
     }
+
+
+def same_output(overall: Mapping[str, Any]) -> str:
+    """ "3 identical", or "3 identical, 1 usage only" when some outputs differ only in usage."""
+    identical = int(overall["identical"])
+    usage_only = int(overall["same_output"]) - identical
+    return (
+        f"{identical} identical, {usage_only} usage only"
+        if usage_only
+        else f"{identical} identical"
+    )
 
 
 def text_table(groups: Sequence[Mapping[str, Any]]) -> str:
@@ -93,7 +107,7 @@ def html_page(
     overall = totals(groups)
     if events:
         summary = (
-            f"{overall['comparisons']} comparisons, {overall['identical']} identical, "
+            f"{overall['comparisons']} comparisons, {same_output(overall)}, "
             f"divergence rate {overall['divergence_rate'] * 100:.1f}%, "
             f"{overall['fingerprint_changes']} fingerprint changes."
         )
@@ -130,7 +144,7 @@ def rate_chart(events: Sequence[Mapping[str, Any]]) -> str:
         bucket = _bucket(moment, hourly)
         counts = series.setdefault(_model(event), {}).setdefault(bucket, [0, 0])
         counts[0] += 1
-        counts[1] += event.get("verdict") != "identical"
+        counts[1] += is_divergence(str(event.get("verdict")))
     first = min(b for buckets in series.values() for b in buckets)
     last = max(b for buckets in series.values() for b in buckets)
     width, height, left, right, top, bottom = 720, 260, 48, 16, 16, 40
@@ -228,7 +242,7 @@ def worst_divergences(
 ) -> list[Mapping[str, Any]]:
     """The diverged events with the lowest text ratio (those without a ratio last), at most
     `limit`."""
-    diverged = [event for event in events if event.get("verdict") != "identical"]
+    diverged = [event for event in events if is_divergence(str(event.get("verdict")))]
 
     def order(event: Mapping[str, Any]) -> tuple[float, str]:
         ratio = _similarity(event, "text_ratio")

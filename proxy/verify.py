@@ -23,6 +23,7 @@ from proxy.config import (
     REPLAYED_STATUSES,
     not_live,
 )
+from proxy.divergence import Verdict, is_divergence
 from proxy.errors import FormatError
 from proxy.keys import RECORDED
 from proxy.recording import REDACTED, Recording, Sample, utc_now
@@ -57,7 +58,18 @@ class Outcome:
 
     @property
     def divergences(self) -> int:
-        return sum(event["verdict"] != "identical" for event in self.events)
+        """Comparisons whose outputs differ (`usage_only` is none: the output is the same)."""
+        return sum(is_divergence(str(event["verdict"])) for event in self.events)
+
+    def counts(self) -> dict[str, int]:
+        """Comparisons, identical, same output (identical or usage only) and divergences."""
+        divergences = self.divergences
+        return {
+            "comparisons": len(self.events),
+            "identical": sum(event["verdict"] == Verdict.IDENTICAL for event in self.events),
+            "same_output": len(self.events) - divergences,
+            "divergences": divergences,
+        }
 
     @property
     def divergence_rate(self) -> float:

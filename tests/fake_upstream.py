@@ -232,10 +232,10 @@ def _prompt_tokens(body: JSON) -> int:
     return 3 + sum(4 + _count_tokens(m) for m in messages if isinstance(m, dict))
 
 
-def _token_logprob(piece: str, digest: bytes, position: int) -> JSON:
+def _token_logprob(piece: str, digest: bytes, position: int, shift: float = 0.0) -> JSON:
     return {
         "token": piece,
-        "logprob": -round(digest[position % 32] / 97, 6),
+        "logprob": -round(digest[position % 32] / 97 + shift, 6),
         "bytes": list(piece.encode()),
         "top_logprobs": [],
     }
@@ -391,6 +391,8 @@ class FakeUpstream:
     keepalive_comments: bool = True
     padding: int = 0  # characters added to every stream chunk's `obfuscation`: streams of many MB
     usage_on_finish: bool = False  # include_usage: usage on the last finishing chunk (llama.cpp)
+    usage_delta: int = 0  # added to chat completions' completion_tokens: same output, other usage
+    logprob_shift: float = 0.0  # subtracted from every logprob: the jitter of a real upstream
     filter_chunk: bool = False  # chat streams open with Azure's content-filter chunk
     extra_headers: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -490,7 +492,7 @@ class FakeUpstream:
             "created": _created(digest),
             "model": self._model(body),
             "choices": [self._chat_choice(body, c) for c in choices],
-            "usage": _usage(_prompt_tokens(body), sum(c.completion_tokens for c in choices)),
+            "usage": self._chat_usage(body, choices),
             "service_tier": "default",
             "system_fingerprint": self.fingerprint,
             # OpenAI echoes the request's metadata since 2026-08.
@@ -499,6 +501,10 @@ class FakeUpstream:
 
     def _model(self, body: JSON) -> str:
         return f"{body.get('model')}{self.model_suffix}"
+
+    def _chat_usage(self, body: JSON, choices: list[_Choice]) -> JSON:
+        completion_tokens = sum(c.completion_tokens for c in choices) + self.usage_delta
+        return _usage(_prompt_tokens(body), completion_tokens)
 
     def _chat_choice(self, body: JSON, choice: _Choice) -> JSON:
         message: JSON = {
@@ -513,7 +519,8 @@ class FakeUpstream:
         if body.get("logprobs") is True:
             logprobs = {
                 "content": [
-                    _token_logprob(p, choice.digest, i) for i, p in enumerate(choice.pieces)
+                    _token_logprob(p, choice.digest, i, self.logprob_shift)
+                    for i, p in enumerate(choice.pieces)
                 ],
                 "refusal": None,
             }
@@ -587,13 +594,13 @@ class FakeUpstream:
                     piece = c.pieces[position]
                     logprobs = None
                     if want_logprobs:
-                        entry = _token_logprob(piece, c.digest, position)
+                        entry = _token_logprob(piece, c.digest, position, self.logprob_shift)
                         logprobs = {"content": [entry], "refusal": None}
                     chunks.append(chunk(c.index, {"content": piece}, logprobs=logprobs))
         for c in choices:
             chunks.append(chunk(c.index, {}, c.finish_reason))
         if include_usage:
-            usage = _usage(_prompt_tokens(body), sum(c.completion_tokens for c in choices))
+            usage = self._chat_usage(body, choices)
             if self.usage_on_finish:
                 chunks[-1]["usage"] = usage
             else:
@@ -629,7 +636,10 @@ class FakeUpstream:
                     text = prompt + text
                 logprobs = None
                 if isinstance(body.get("logprobs"), int) and body.get("logprobs") is not False:
-                    entries = [_token_logprob(x, c.digest, i) for i, x in enumerate(c.pieces)]
+                    entries = [
+                        _token_logprob(x, c.digest, i, self.logprob_shift)
+                        for i, x in enumerate(c.pieces)
+                    ]
                     offsets, offset = [], 0
                     for piece in c.pieces:
                         offsets.append(offset)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.audit import TEXT_LIMIT, audit_event, baseline
+from proxy.divergence import is_divergence
 from proxy.recording import Recording, Sample
 from proxy.sse import Event
 from tests.conftest import RunningProxy, StartProxy
@@ -113,6 +114,7 @@ class Pair:
     live: dict[str, Any] = field(default_factory=dict)  # upstream switches when auditing
     record_stream: bool = False
     live_stream: bool = False
+    request: dict[str, Any] = field(default_factory=dict)  # request members for both sends
 
     def fingerprints(self) -> tuple[str | None, str | None]:
         # Only chat and legacy completions carry a system_fingerprint.
@@ -165,6 +167,17 @@ PAIRS = [
         live=NEW_BACKEND,
         record_stream=True,
     ),
+    # Same output, other token counts: no divergence, but the verdict says what moved.
+    Pair("usage differs only", "usage_only", False, live={"usage_delta": 3}),
+    Pair(
+        "stream and stream, usage differs only",
+        "usage_only",
+        False,
+        live={"usage_delta": 3},
+        record_stream=True,
+        live_stream=True,
+        request={"stream_options": {"include_usage": True}},
+    ),
     Pair("completions identical", "identical", False, endpoint="completions"),
     Pair(
         "completions content",
@@ -202,9 +215,9 @@ def test_every_labelled_pair_gets_its_verdict(
 ) -> None:
     proxy = start_proxy(mode="audit")
     switch(upstream, **pair.recorded)
-    first = send(proxy, pair.endpoint, stream=pair.record_stream)
+    first = send(proxy, pair.endpoint, stream=pair.record_stream, **pair.request)
     switch(upstream, **pair.live)
-    second = send(proxy, pair.endpoint, stream=pair.live_stream)
+    second = send(proxy, pair.endpoint, stream=pair.live_stream, **pair.request)
 
     assert first.headers["x-seedcache-status"] == "audited"
     assert first.headers["x-seedcache-verdict"] == "new"
@@ -216,7 +229,7 @@ def test_every_labelled_pair_gets_its_verdict(
     assert event["fingerprint_changed"] is pair.fingerprint_changed
     assert (event["recorded_fingerprint"], event["live_fingerprint"]) == pair.fingerprints()
     assert event["key"] == second.headers["x-seedcache-key"]
-    assert (second.output == first.output) is (pair.verdict == "identical")
+    assert (second.output == first.output) is not is_divergence(pair.verdict)
 
 
 # -- audit mode ----------------------------------------------------------------------------------
@@ -323,6 +336,8 @@ def test_a_divergence_is_one_warning_line(
     send(proxy, "chat")
     with caplog.at_level(logging.WARNING, logger="seedcache"):
         send(proxy, "chat")
+        upstream.usage_delta = 3  # the same output: no divergence
+        assert send(proxy, "chat").headers["x-seedcache-verdict"] == "usage_only"
         upstream.nondeterministic = True
         answer = send(proxy, "chat")
 
@@ -330,6 +345,7 @@ def test_a_divergence_is_one_warning_line(
     assert answer.headers["x-seedcache-key"][:12] in line.message
     assert "gpt-4o-mini" in line.message
     assert "content" in line.message
+    assert proxy.stats()["divergences"] == 1
 
 
 # -- other modes that audit ----------------------------------------------------------------------
@@ -490,7 +506,7 @@ def test_audit_event_verdicts_from_samples(
     event, comparison = audit_event(RECORDING, sample(recorded), sample(live))
 
     assert event["verdict"] == verdict == comparison.verdict.value
-    assert ("texts" in event) is (verdict != "identical")
+    assert ("texts" in event) is is_divergence(verdict)
 
 
 @pytest.mark.parametrize(

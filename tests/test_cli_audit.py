@@ -191,6 +191,28 @@ def test_verify_exits_1_when_the_divergence_rate_is_over_the_limit(
     assert under.exit_code == 0, under.output
 
 
+def test_verify_counts_a_change_of_usage_alone_as_no_divergence(
+    recorded_store: Path, upstream: FakeUpstream
+) -> None:
+    upstream.usage_delta = 3  # chat completions: the same output, other token counts
+
+    result = seedcache(
+        "verify",
+        "--store",
+        str(recorded_store),
+        "--upstream",
+        upstream.base_url,
+        "--max-divergence",
+        "0",
+    )
+
+    assert result.exit_code == 0, result.output
+    verdicts = [e["verdict"] for e in jsonl(recorded_store / "audit.jsonl")]
+    # Three chat recordings, one of them streamed without include_usage: no usage to compare.
+    assert sorted(verdicts) == ["identical"] * 5 + ["usage_only"] * 2
+    assert "5 identical, 2 usage only, 0 diverged (0.0%), 0 failed" in result.stdout
+
+
 def test_verify_separates_a_fingerprint_change_from_a_divergence(
     recorded_store: Path, upstream: FakeUpstream
 ) -> None:
@@ -483,6 +505,7 @@ def test_audit_json_numbers_match_a_known_sequence(audit_log: Path) -> None:
         "fingerprint": "fp_a",
         "comparisons": 3,
         "identical": 2,
+        "same_output": 2,
         "divergences": 1,
         "divergence_rate": 0.3333,
         "mean_text_ratio": 0.8333,
@@ -499,10 +522,39 @@ def test_audit_json_numbers_match_a_known_sequence(audit_log: Path) -> None:
     assert document["totals"] == {
         "comparisons": 6,
         "identical": 3,
+        "same_output": 3,
         "divergences": 3,
         "divergence_rate": 0.5,
         "fingerprint_changes": 2,
     }
+
+
+def test_audit_counts_usage_only_as_the_same_output(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    events = [
+        event("gpt-4o-mini", "fp_a", "identical", ago=HOUR, ratio=1.0, distance=0.0),
+        event("gpt-4o-mini", "fp_a", "usage_only", ago=HOUR, ratio=1.0, distance=0.0),
+        event("gpt-4o-mini", "fp_a", "usage_only", ago=HOUR, ratio=1.0, distance=0.0),
+        event("gpt-4o-mini", "fp_a", "content", ago=HOUR, ratio=0.5, distance=0.3),
+    ]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    document = json.loads(seedcache("audit", "--audit-log", str(log), "--json").stdout)
+    table = seedcache("audit", "--audit-log", str(log)).stdout
+    page = report.html_page(events, summarise(events), source="log")
+
+    [group] = document["groups"]
+    assert (group["comparisons"], group["identical"], group["same_output"]) == (4, 1, 3)
+    assert (group["divergences"], group["divergence_rate"]) == (1, 0.25)
+    assert group["verdicts"] == {"content": 1, "identical": 1, "usage_only": 2}
+    totals = document["totals"]
+    assert (totals["identical"], totals["same_output"], totals["divergences"]) == (1, 3, 1)
+    assert totals["divergence_rate"] == 0.25
+    assert "4 events: 1 identical, 2 usage only, 1 diverged (25.0%)" in table
+    assert table.splitlines()[1].split()[2:5] == ["4", "3", "25.0%"]
+    assert "4 comparisons, 1 identical, 2 usage only, divergence rate 25.0%" in page
+    assert "1/4 diverged" in report.rate_chart(events)
+    assert [w["verdict"] for w in report.worst_divergences(events)] == ["content"]
 
 
 def test_audit_since_filters_by_time(audit_log: Path) -> None:
@@ -549,7 +601,7 @@ def test_audit_prints_a_table(audit_log: Path) -> None:
 
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.split("\n\n")[0].splitlines()
-    assert header.split()[:4] == ["model", "fingerprint", "comparisons", "identical"]
+    assert header.split()[:5] == ["model", "fingerprint", "comparisons", "same", "output"]
     [fp_a] = [row for row in rows if "fp_a" in row]
     assert fp_a.split()[:5] == ["gpt-4o-mini", "fp_a", "3", "2", "33.3%"]
     assert "6 events: 3 identical, 3 diverged (50.0%), 2 with a fingerprint change." in (

@@ -22,6 +22,7 @@ from proxy.divergence import (
     Verdict,
     compare,
     cosine_distance,
+    is_divergence,
     json_paths_diff,
     ngram_cosine_distance,
     output_text,
@@ -501,7 +502,7 @@ def test_verdict(
     result = compare(recorded, live)
     assert result.verdict is verdict
     assert result.fingerprint_changed is changed
-    assert result.diverged is (verdict is not Verdict.IDENTICAL)
+    assert result.diverged is (verdict not in (IDENTICAL, USAGE))
     # The verdict does not depend on which side is the recording.
     assert compare(live, recorded).verdict is verdict
 
@@ -530,6 +531,20 @@ def test_echoed_bookkeeping_members_are_ignored(member: str) -> None:
     # Requests differing only in these share a key, so their echoes must not split the verdict.
     recorded, live = _apply(response(), {member: "a"}), _apply(response(), {member: "b"})
     assert compare(recorded, live).verdict is IDENTICAL
+
+
+@pytest.mark.parametrize("verdict", list(Verdict))
+def test_only_a_different_output_is_a_divergence(verdict: Verdict) -> None:
+    # DESIGN §1: a divergence is a live response whose output differs; usage is not output.
+    diverged = verdict not in (IDENTICAL, USAGE)
+    assert is_divergence(verdict) is is_divergence(verdict.value) is diverged
+
+
+def test_usage_only_is_no_divergence() -> None:
+    result = compare(chat(), chat(usage=token_usage(completion_tokens=9)))
+    assert result.verdict is USAGE
+    assert not result.diverged
+    assert compare(chat(), chat(n=2)).diverged
 
 
 def test_identical_has_no_differences_but_keeps_fingerprints() -> None:
