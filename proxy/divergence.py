@@ -75,6 +75,22 @@ _LOGPROBS = re.compile(
     r"(?:[.\[].*)?",
     re.DOTALL,
 )
+# Logprob values are no output: their floats move a little on every call, and the alternatives in
+# `top_logprobs` with them. Chat and Responses entries, legacy completions' parallel lists, and
+# vLLM's `prompt_logprobs` (about the prompt, not the output).
+_LOGPROB_VALUES = re.compile(
+    r"(?:choices\[\d+\]\.logprobs\.(?:content|refusal)\[\d+\]"
+    r"|output\[\d+\]\.content\[\d+\]\.logprobs\[\d+\])\.(?:logprob|top_logprobs)"
+    r"|choices\[\d+\]\.logprobs\.(?:token_logprobs|top_logprobs)"
+    r"|(?:choices\[\d+\]\.)?prompt_logprobs"
+)
+# The tokens themselves are the output, piece by piece: a token more, another token or its bytes,
+# or (legacy completions) its offset in the text.
+_LOGPROB_TOKENS = re.compile(
+    r"(?:choices\[\d+\]\.logprobs\.(?:content|refusal)"
+    r"|output\[\d+\]\.content\[\d+\]\.logprobs)\[\d+\](?:\.(?:token|bytes)(?:\[\d+\])?)?"
+    r"|choices\[\d+\]\.logprobs\.(?:tokens|text_offset)(?:\[\d+\])?"
+)
 _EMBEDDING = re.compile(r"data\[\d+\]\.embedding")
 _OUTPUT_ITEM = re.compile(r"output\[(\d+)\](.*)", re.DOTALL)
 _OUTPUT_TEXT = re.compile(r"\.(?:content|summary)(?:\[\d+\](?:\.(?:text|refusal|transcript))?)?")
@@ -192,15 +208,16 @@ def compare(recorded: Mapping[str, Any], live: Mapping[str, Any]) -> Comparison:
     _walk(recorded, live, "", collector)
 
     verdict = Verdict.IDENTICAL
-    for candidate in (Verdict.CONTENT, Verdict.TOOL_CALLS, Verdict.FINISH_REASON, Verdict.SHAPE):
-        if collector.found[candidate]:
-            verdict = candidate
-            break
+    if collector.tokens:
+        verdict = Verdict.CONTENT
     else:
-        if collector.found[Verdict.USAGE_ONLY]:
-            verdict = Verdict.USAGE_ONLY
+        # USAGE_ONLY is last: usage decides only when nothing else differs.
+        for candidate in _LISTING_ORDER:
+            if collector.found[candidate]:
+                verdict = candidate
+                break
 
-    listed = [d for category in _LISTING_ORDER for d in collector.found[category]]
+    listed = collector.listed()
     similarity = _text_similarity(output_text(recorded), output_text(live))
     if _has_embeddings(recorded) and _has_embeddings(live):
         similarity = Similarity(
@@ -471,16 +488,32 @@ class _ListSink:
 class _Collector:
     """Sorts each difference of a comparison into the verdict category it supports."""
 
-    __slots__ = ("_live_items", "_recorded_items", "embedding_pairs", "found")
+    __slots__ = ("_live_items", "_recorded_items", "embedding_pairs", "found", "tokens")
 
     def __init__(self, recorded_items: dict[int, str], live_items: dict[int, str]) -> None:
         self._recorded_items = recorded_items
         self._live_items = live_items
         self.found: dict[Verdict, list[Difference]] = {v: [] for v in _LISTING_ORDER}
+        # Differing logprobs tokens: CONTENT, but listed after the text they repeat piece by piece.
+        self.tokens: list[Difference] = []
         self.embedding_pairs: list[tuple[Any, Any]] = []
+
+    def listed(self) -> list[Difference]:
+        """The differences in listing order: what decided the verdict first, usage last."""
+        return [
+            d
+            for category in _LISTING_ORDER
+            for d in (
+                [*self.found[category], *self.tokens]
+                if category is Verdict.CONTENT
+                else self.found[category]
+            )
+        ]
 
     def ignore(self, path: str) -> bool:
         if path in _IGNORED_TOP_LEVEL:
+            return True
+        if path.endswith(("logprob", "logprobs")) and _LOGPROB_VALUES.fullmatch(path):
             return True
         return (
             path.endswith(_NESTED_VOLATILE_ENDINGS) and _NESTED_VOLATILE.fullmatch(path) is not None
@@ -490,12 +523,9 @@ class _Collector:
         return path.endswith(".embedding") and _EMBEDDING.fullmatch(path) is not None
 
     def settled(self, path: str) -> bool:
-        # Two logprobs lists that part ways differ at thousands of leaves, all of them SHAPE: once
-        # SHAPE has all the entries it can list, walking the rest would change nothing.
-        return (
-            len(self.found[Verdict.SHAPE]) >= _DIFFERENCE_LIMIT
-            and _LOGPROBS.fullmatch(path) is not None
-        )
+        # Two logprobs lists that part ways differ at thousands of tokens: once as many as can be
+        # listed are found, walking the rest would change nothing (the verdict is CONTENT).
+        return len(self.tokens) >= _DIFFERENCE_LIMIT and _LOGPROBS.fullmatch(path) is not None
 
     def add(self, path: str, recorded: Any, live: Any) -> None:
         # A member that is null/empty on one side and absent or empty on the other (`refusal:
@@ -506,10 +536,13 @@ class _Collector:
             return
         if path == "usage" and (_absent(recorded) or _absent(live)):
             return
-        category = self._category(path, recorded, live)
-        if category is Verdict.CONTENT and _EMBEDDING.fullmatch(path):
-            self.embedding_pairs.append((recorded, live))
-        bucket = self.found[category]
+        if "logprobs" in path and _LOGPROB_TOKENS.fullmatch(path):
+            bucket = self.tokens
+        else:
+            category = self._category(path, recorded, live)
+            if category is Verdict.CONTENT and _EMBEDDING.fullmatch(path):
+                self.embedding_pairs.append((recorded, live))
+            bucket = self.found[category]
         # Only the first ones of each category can make the final list; the rest just count.
         if len(bucket) < _DIFFERENCE_LIMIT:
             bucket.append(_difference(path, recorded, live))

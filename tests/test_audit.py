@@ -178,6 +178,37 @@ PAIRS = [
         live_stream=True,
         request={"stream_options": {"include_usage": True}},
     ),
+    # Logprob values move a little on every call upstream; the tokens are the output.
+    Pair(
+        "logprobs jitter",
+        "identical",
+        False,
+        live={"logprob_shift": 1e-6},
+        request={"logprobs": True, "top_logprobs": 2},
+    ),
+    Pair(
+        "stream and body, logprobs jitter",
+        "identical",
+        False,
+        live={"logprob_shift": 1e-6},
+        record_stream=True,
+        request={"logprobs": True},
+    ),
+    Pair(
+        "logprobs jitter and content",
+        "content",
+        False,
+        live={"logprob_shift": 1e-6, "nondeterministic": True},
+        request={"logprobs": True},
+    ),
+    Pair(
+        "completions logprobs jitter",
+        "identical",
+        False,
+        endpoint="completions",
+        live={"logprob_shift": 0.01},
+        request={"logprobs": 2},
+    ),
     Pair("completions identical", "identical", False, endpoint="completions"),
     Pair(
         "completions content",

@@ -177,14 +177,38 @@ def b64(*floats: float) -> str:
     return base64.b64encode(struct.pack(f"<{len(floats)}f", *floats)).decode()
 
 
-def logprobs(tokens: list[str]) -> dict[str, Any]:
-    return {
-        "content": [
-            {"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []}
-            for t in tokens
-        ],
-        "refusal": None,
-    }
+def token_logprobs(tokens: list[str], jitter: float = 0.0) -> list[dict[str, Any]]:
+    """Logprob entries as chat and Responses give them; `jitter` moves every value."""
+    return [
+        {
+            "token": t,
+            "logprob": -0.5 - jitter,
+            "bytes": list(t.encode()),
+            "top_logprobs": [
+                {"token": t, "logprob": -0.5 - jitter, "bytes": list(t.encode())},
+                {"token": "x", "logprob": -1.5 + jitter, "bytes": [120]},
+            ],
+        }
+        for t in tokens
+    ]
+
+
+def logprobs(tokens: list[str], jitter: float = 0.0) -> dict[str, Any]:
+    return {"content": token_logprobs(tokens, jitter), "refusal": None}
+
+
+def legacy_logprobs(tokens: list[str], jitter: float = 0.0) -> dict[str, Any]:
+    """A legacy completion's parallel lists; with jitter, the top alternatives swap places."""
+    values = [-0.5 - jitter for _ in tokens]
+    top = [{t: -0.5, "x": -1.5} if not jitter else {"x": -0.6, t: -0.5 - jitter} for t in tokens]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
+
+
+def with_output_logprobs(body: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Responses `response` whose first output text carries `logprobs`."""
+    body["output"][0]["content"][0]["logprobs"] = entries
+    return body
 
 
 def with_choice(body: dict[str, Any], **members: Any) -> dict[str, Any]:
@@ -385,10 +409,82 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], Verdict, bool]] = [
         False,
     ),
     (
-        "logprobs differ only",
+        "logprob values jitter, same tokens",
+        with_choice(chat(), logprobs=logprobs(["Paris", "."])),
+        with_choice(chat(), logprobs=logprobs(["Paris", "."], jitter=1e-6)),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "logprobs of a refusal jitter",
+        with_choice(chat(None), logprobs={"content": None, "refusal": token_logprobs(["No"])}),
+        with_choice(
+            chat(None), logprobs={"content": None, "refusal": token_logprobs(["No"], 0.01)}
+        ),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "a logprobs token differs",
         with_choice(chat(), logprobs=logprobs(["Paris", "."])),
         with_choice(chat(), logprobs=logprobs(["Paris", "!"])),
+        CONTENT,
+        False,
+    ),
+    (
+        "a logprobs token more",
+        with_choice(chat(), logprobs=logprobs(["Paris", "."])),
+        with_choice(chat(), logprobs=logprobs(["Paris", ".", "!"], jitter=0.1)),
+        CONTENT,
+        False,
+    ),
+    (
+        "logprobs entries gain a member",
+        with_choice(chat(), logprobs=logprobs(["Paris"])),
+        with_choice(chat(), logprobs={"content": [{**token_logprobs(["Paris"])[0], "rank": 1}]}),
         SHAPE,
+        False,
+    ),
+    (
+        "vLLM prompt_logprobs jitter",
+        chat(prompt_logprobs=[None, {"791": {"logprob": -7.1, "rank": 1}}]),
+        chat(prompt_logprobs=[None, {"791": {"logprob": -7.2, "rank": 2}}]),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "vLLM completion prompt_logprobs jitter",
+        with_choice(completion(), prompt_logprobs=[None, {"791": {"logprob": -7.1}}]),
+        with_choice(completion(), prompt_logprobs=[None, {"791": {"logprob": -7.2}}]),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "completion logprobs jitter, top alternatives reordered",
+        with_choice(completion(), logprobs=legacy_logprobs(["\n\n", "This"])),
+        with_choice(completion(), logprobs=legacy_logprobs(["\n\n", "This"], jitter=0.2)),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "completion logprobs token differs",
+        with_choice(completion(), logprobs=legacy_logprobs(["\n\n", "This"])),
+        with_choice(completion(), logprobs=legacy_logprobs(["\n", "This"])),
+        CONTENT,
+        False,
+    ),
+    (
+        "response logprobs jitter",
+        with_output_logprobs(response(), token_logprobs(["Hello", "!"])),
+        with_output_logprobs(response(), token_logprobs(["Hello", "!"], jitter=0.3)),
+        IDENTICAL,
+        False,
+    ),
+    (
+        "response logprobs token differs",
+        with_output_logprobs(response(), token_logprobs(["Hello", "!"])),
+        with_output_logprobs(response(), token_logprobs(["Hello", "?"])),
+        CONTENT,
         False,
     ),
     ("n=1 vs n=2", chat(), chat(n=2), SHAPE, False),
@@ -552,6 +648,28 @@ def test_identical_has_no_differences_but_keeps_fingerprints() -> None:
     assert result.differences == ()
     assert (result.recorded_fingerprint, result.live_fingerprint) == ("fp_fc9f1d7035", "fp_new")
     assert result.to_json()["fingerprint_changed"] is True
+
+
+def test_a_changed_logprobs_token_is_listed_and_the_values_are_not() -> None:
+    recorded = with_choice(chat(), logprobs=logprobs(["Paris", "."]))
+    live = with_choice(chat(), logprobs=logprobs(["Paris", "!"], jitter=0.1))
+    result = compare(recorded, live)
+    assert result.verdict is CONTENT
+    assert [d.path for d in result.differences] == [
+        "choices[0].logprobs.content[1].bytes[0]",
+        "choices[0].logprobs.content[1].token",
+    ]
+
+
+def test_long_jittered_logprobs_are_identical_and_diverged_ones_stop_at_the_limit() -> None:
+    tokens = [f"w{i}" for i in range(5_000)]
+    recorded = with_choice(chat(), logprobs=logprobs(tokens))
+    jittered = with_choice(chat(), logprobs=logprobs(tokens, jitter=1e-6))
+    assert compare(recorded, jittered).verdict is IDENTICAL
+    shifted = with_choice(chat(), logprobs=logprobs(["w", *tokens], jitter=1e-6))
+    result = compare(recorded, shifted)
+    assert result.verdict is CONTENT
+    assert len(result.differences) == 50
 
 
 def test_differences_name_paths_and_values() -> None:
