@@ -52,6 +52,7 @@ def audit_event(
         "path": recording.path,
         "model": recording.model,
         "response_model": live.model,
+        "recorded_response_model": recorded.model,
         "seed": seed if isinstance(seed, int) else None,
         "namespace": recording.namespace,
         "upstream": live.upstream,

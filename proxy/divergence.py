@@ -46,8 +46,10 @@ ABSENT = "<absent>"
 
 # Responses objects (and vLLM, for `kv_transfer_params`) echo request members; the bookkeeping ones
 # are not in the key (DESIGN §3), so two requests differing only in `metadata` or `user` share a
-# sample and must not look diverged.
-_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | BOOKKEEPING
+# sample and must not look diverged. The response `model` names the snapshot that answered
+# (gpt-4o-mini-2024-07-18): like the fingerprint it explains a divergence and is no output (the
+# audit event carries both sides).
+_IGNORED_TOP_LEVEL = (VOLATILE - {"usage"}) | BOOKKEEPING | {"model"}
 
 # Random per call upstream: tool call ids (`call_…`), Responses item ids (`msg_…`, `fc_…`, `rs_…`)
 # and call ids, audio ids and their expiry, and reasoning encrypted with a fresh nonce each time.

@@ -281,9 +281,9 @@ def is_responses(events: tuple[Event, ...]) -> bool:
 
 
 def _same_output(a: Sample, b: Sample) -> bool:
-    """Same fingerprint and the same output: a stream's random `obfuscation` padding, ids and
+    """Same fingerprint, model and output: a stream's random `obfuscation` padding, ids and
     usage do not make a new sample."""
-    if a.system_fingerprint != b.system_fingerprint:
+    if a.system_fingerprint != b.system_fingerprint or a.model != b.model:
         return False
     if a.events is None and b.events is None and a.body == b.body:
         return True

@@ -178,6 +178,22 @@ PAIRS = [
         live_stream=True,
         request={"stream_options": {"include_usage": True}},
     ),
+    Pair("new model snapshot, same output", "identical", False, live={"model_suffix": "-2025"}),
+    Pair(
+        "stream and stream, new model snapshot",
+        "identical",
+        False,
+        live={"model_suffix": "-2025"},
+        record_stream=True,
+        live_stream=True,
+    ),
+    Pair(
+        "responses new model snapshot",
+        "identical",
+        False,
+        endpoint="responses",
+        live={"model_suffix": "-2025"},
+    ),
     # Logprob values move a little on every call upstream; the tokens are the output.
     Pair(
         "logprobs jitter",
@@ -315,7 +331,7 @@ def test_an_event_describes_the_request_and_both_samples(
     [event] = proxy.events()
     assert event["path"] == "/v1/chat/completions"
     assert event["model"] == "gpt-4o-mini"
-    assert event["response_model"] == "gpt-4o-mini-2024-07-18"
+    assert event["response_model"] == event["recorded_response_model"] == "gpt-4o-mini-2024-07-18"
     assert event["seed"] == 7
     assert event["namespace"] == ""
     assert event["upstream"] == upstream.base_url
@@ -377,6 +393,37 @@ def test_a_divergence_is_one_warning_line(
     assert "gpt-4o-mini" in line.message
     assert "content" in line.message
     assert proxy.stats()["divergences"] == 1
+
+
+def test_an_event_names_both_model_snapshots(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="audit")
+    send(proxy, "chat")
+    upstream.model_suffix = "-2025-01-01"
+    answer = send(proxy, "chat")
+
+    assert answer.headers["x-seedcache-verdict"] == "identical"
+    [event] = proxy.events()
+    assert event["recorded_response_model"] == "gpt-4o-mini-2024-07-18"
+    assert event["response_model"] == "gpt-4o-mini-2025-01-01"
+    assert (event["verdict"], event["differences"]) == ("identical", [])
+
+
+def test_record_mode_keeps_a_new_model_snapshot_as_its_own_sample(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="record")
+    send(proxy, "chat")
+    upstream.model_suffix = "-2025-01-01"
+    send(proxy, "chat")
+
+    [recording] = proxy.recordings()
+    assert [s.model for s in recording.samples] == [
+        "gpt-4o-mini-2024-07-18",
+        "gpt-4o-mini-2025-01-01",
+    ]
+    assert [e["verdict"] for e in proxy.events()] == ["identical"]
 
 
 # -- other modes that audit ----------------------------------------------------------------------

@@ -195,6 +195,13 @@ def test_with_sample_keeps_the_same_output_under_another_fingerprint() -> None:
     assert recording(old).with_sample(new).samples == (old, new)
 
 
+def test_with_sample_keeps_the_same_output_of_another_model_snapshot() -> None:
+    old = sample(model="gpt-4o-mini-2024-07-18", body=completion())
+    new = sample(model="gpt-4o-mini-2025-01-01", body=completion(model="gpt-4o-mini-2025-01-01"))
+
+    assert recording(old).with_sample(new).samples == (old, new)
+
+
 def test_with_sample_compares_streams_by_their_payloads_not_their_timing() -> None:
     old = streamed('{"a":1}', '{"b":2}', t0=10)
     same_payloads = streamed('{"a":1}', '{"b":2}', t0=500)
