@@ -240,9 +240,13 @@ def compare(recorded: Mapping[str, Any], live: Mapping[str, Any]) -> Comparison:
 def output_text(body: Mapping[str, Any]) -> str:
     """The text a human reads in a response, parts joined with newlines; "" when there is none.
 
-    Chat: per choice in index order, the message content, audio transcript, refusal and tool calls
-    as `name(arguments)`. Legacy completions: each choice's text. Responses: output text, refusals
-    and function calls. Embeddings and anything else: "".
+    The parts the verdict counts as content or tool calls, so that the similarity measures what
+    the verdict found. Chat: per choice in index order, the reasoning (`reasoning_content`,
+    `reasoning`, `reasoning_details`), the message content, audio transcript, refusal and tool
+    calls as `name(arguments)`. Legacy completions: each choice's text. Responses: reasoning
+    summaries and text, output text, refusals and function calls. Embeddings and anything else:
+    "". Arguments that are JSON are written canonically (sorted members, no spaces), as the
+    verdict compares them parsed.
     """
     if not isinstance(body, Mapping):
         return ""
@@ -654,6 +658,18 @@ def _in_index_order(choices: list[Any]) -> list[Mapping[str, Any]]:
 
 
 def _message_texts(message: Mapping[str, Any]) -> Iterator[str]:
+    # Vendor reasoning (DeepSeek and vLLM `reasoning_content`, OpenRouter and Ollama `reasoning`
+    # and `reasoning_details`): the model's output before the answer.
+    for name in ("reasoning_content", "reasoning"):
+        if isinstance(message.get(name), str):
+            yield message[name]
+    details = message.get("reasoning_details")
+    if isinstance(details, list):
+        for detail in details:
+            if isinstance(detail, Mapping):
+                yield from (
+                    detail[k] for k in ("summary", "text") if isinstance(detail.get(k), str)
+                )
     content = message.get("content")
     if isinstance(content, str):
         yield content
@@ -685,7 +701,14 @@ def _output_item_texts(item: Mapping[str, Any]) -> Iterator[str]:
     kind = item.get("type")
     if not isinstance(kind, str):
         return
-    if kind == "message" and isinstance(item.get("content"), list):
+    if kind == "reasoning":
+        for name in ("summary", "content"):
+            parts = item.get(name)
+            if isinstance(parts, list):
+                for part in parts:
+                    if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                        yield part["text"]
+    elif kind == "message" and isinstance(item.get("content"), list):
         for part in item["content"]:
             if not isinstance(part, Mapping):
                 continue
@@ -698,8 +721,24 @@ def _output_item_texts(item: Mapping[str, Any]) -> Iterator[str]:
 
 
 def _call_text(name: Any, arguments: Any) -> str:
-    args = arguments if isinstance(arguments, str) else ""
+    args = _canonical_arguments(arguments) if isinstance(arguments, str) else ""
     return f"{name if isinstance(name, str) else ''}({args})"
+
+
+def _canonical_arguments(arguments: str) -> str:
+    """JSON arguments as compact JSON with sorted members, 1.0 written 1 (as `_same_arguments`
+    compares them); anything else (a custom tool's free text) as it is."""
+    try:
+        parsed = json.loads(arguments, parse_float=_json_number)
+        return json.dumps(parsed, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python walks
+        return arguments
+
+
+def _json_number(text: str) -> float | int:
+    value = float(text)
+    # Within float's exact integers only: 1e300 stays a float rather than a 301-digit int.
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
 
 
 # --- similarity -------------------------------------------------------------------------------

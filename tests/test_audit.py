@@ -627,6 +627,19 @@ def test_a_streamed_sample_is_assembled_before_comparing() -> None:
     )
 
 
+def test_a_reasoning_divergence_carries_both_reasonings() -> None:
+    recorded = sample(with_message(reasoning_content="Paris is the capital."))
+    live = sample(with_message(reasoning_content="The user wants a city."))
+
+    event, _ = audit_event(RECORDING, recorded, live)
+
+    assert event["verdict"] == "content"
+    assert event["texts"]["recorded"].startswith("Paris is the capital.\n")
+    assert event["texts"]["live"].startswith("The user wants a city.\n")
+    assert event["similarity"]["text_ratio"] < 1
+    assert event["similarity"]["first_difference_at"] == 0
+
+
 def test_texts_of_a_divergence_are_capped() -> None:
     recorded = sample(completion("a" * 5_000))
     live = sample(completion("b" * 3_000))

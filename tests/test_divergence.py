@@ -1009,6 +1009,80 @@ def test_output_text_chat() -> None:
     assert output_text(parts) == "a\nb"
 
 
+def test_output_text_includes_reasoning_first() -> None:
+    for name in ("reasoning_content", "reasoning"):
+        assert output_text(chat("Paris.", message={name: "The user asks."})) == (
+            "The user asks.\nParis."
+        )
+    details = [{"type": "reasoning.summary", "summary": "Asked"}, {"type": "x", "text": "Look"}]
+    assert output_text(chat("Paris.", message={"reasoning_details": details})) == (
+        "Asked\nLook\nParis."
+    )
+    item = {**reasoning_item("Compute."), "content": [{"type": "reasoning_text", "text": "2+2"}]}
+    assert output_text(response("4", output=[item, *response("4")["output"]])) == (
+        "Compute.\n2+2\n4"
+    )
+
+
+def test_output_text_writes_json_arguments_canonically() -> None:
+    spaced = chat(
+        None, tool_calls=[tool_call(arguments='{ "unit" : "c", "city" : "Reykjav\\u00edk" }')]
+    )
+    assert output_text(spaced) == 'get_weather({"city":"Reykjavík","unit":"c"})'
+    assert output_text(response(output=[function_call_item(arguments='{"days": 2.0}')])) == (
+        'get_weather({"days":2})'
+    )
+    free_text = chat(None, tool_calls=[tool_call(arguments="not { json")])
+    assert output_text(free_text) == "get_weather(not { json)"
+    assert output_text(chat(None, tool_calls=[tool_call(arguments='{"x": 1e300}')])) == (
+        'get_weather({"x":1e+300})'
+    )
+
+
+@pytest.mark.parametrize(
+    ("recorded", "live"),
+    [
+        (
+            chat(None, tool_calls=[tool_call(arguments='{"city":"Paris","unit":"c"}')]),
+            chat(None, tool_calls=[tool_call(arguments='{ "unit": "c",\n "city": "Paris" }')]),
+        ),
+        (
+            chat(None, tool_calls=[tool_call(arguments='{"days":1}')]),
+            chat(None, tool_calls=[tool_call(arguments='{"days":1.0}')]),
+        ),
+        (
+            response(output=[function_call_item(arguments='{"city":"Paris"}')]),
+            response(output=[function_call_item(arguments='{"city": "Paris"}', id="fc_2")]),
+        ),
+    ],
+)
+def test_equivalent_tool_arguments_measure_no_distance(
+    recorded: dict[str, Any], live: dict[str, Any]
+) -> None:
+    result = compare(recorded, live)
+    assert result.verdict is IDENTICAL
+    assert result.similarity == Similarity(1.0, 0.0, None)
+
+
+def test_a_reasoning_divergence_is_measured() -> None:
+    result = compare(
+        chat(message={"reasoning_content": "France's capital..."}),
+        chat(message={"reasoning_content": "The user asks..."}),
+    )
+    assert result.verdict is CONTENT
+    assert result.similarity.text_ratio is not None and result.similarity.text_ratio < 1
+    assert result.similarity.ngram_cosine_distance is not None
+    assert result.similarity.ngram_cosine_distance > 0
+    assert result.similarity.first_difference_at == 0
+
+    summaries = compare(
+        response(output=[reasoning_item("Compute.")]),
+        response(output=[reasoning_item("Look it up.")]),
+    )
+    assert summaries.verdict is CONTENT
+    assert summaries.similarity.first_difference_at == 0
+
+
 def test_output_text_other_shapes() -> None:
     assert output_text(completion("once upon")) == "once upon"
     assert output_text(response("Hi there")) == "Hi there"
