@@ -125,7 +125,8 @@ def audit(
             f"\n{len(events)} events: {report.same_output(overall)}, "
             f"{overall['divergences']} diverged "
             f"({overall['divergence_rate'] * 100:.1f}%), "
-            f"{overall['fingerprint_changes']} with a fingerprint change."
+            f"{overall['fingerprint_changes']} with a fingerprint change.\n"
+            f"{report.fingerprint_summary(overall)}"
         )
     if html_file:
         click.echo(f"HTML report written to {html_file}", err=True)

@@ -20,6 +20,7 @@ from proxy.config import Config
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import KEY, STARTED, STATUS, Handlers, client_key
 from proxy.recording import Recording, redact
+from proxy.report import totals
 from proxy.stores.base import Store, open_store
 from proxy.upstream import Upstream
 
@@ -154,13 +155,14 @@ async def audit(request: web.Request) -> web.Response:
     try:
         since = parse_since(request.query["since"]) if "since" in request.query else None
     except ValueError as exc:
-        raise bad_request(str(exc), param="since") from None
+        raise bad_request(f"?since= {exc}", param="since") from None
     events = select(
         await read_events(request.app[HANDLERS].store),
         since=since,
         model=request.query.get("model"),
     )
-    return json_response({"events": len(events), "groups": summarise(events)})
+    groups = summarise(events)
+    return json_response({"events": len(events), "totals": totals(groups), "groups": groups})
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:

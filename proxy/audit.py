@@ -126,7 +126,8 @@ def _event(line: bytes) -> dict[str, Any] | None:
 
 
 def parse_since(value: str, *, now: datetime | None = None) -> datetime:
-    """`--since`: an ISO date/time, or a duration back from now like 30m, 24h, 7d."""
+    """An ISO date/time, or a duration back from now like 30m, 24h, 7d (`--since`, `?since=`);
+    the ValueError names no option, each caller says which."""
     now = now or datetime.now(UTC)
     units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
     text = value.strip()
@@ -134,12 +135,12 @@ def parse_since(value: str, *, now: datetime | None = None) -> datetime:
         try:
             return now - timedelta(**{units[text[-1]]: float(text[:-1])})
         except OverflowError:
-            raise ValueError(f"--since {value!r} reaches back before the year 1") from None
+            raise ValueError(f"{value!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
-            f"--since takes an ISO date (2026-11-01) or a duration (30m, 24h, 7d), got {value!r}"
+            f"takes an ISO date (2026-11-01) or a duration (30m, 24h, 7d), got {value!r}"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
@@ -174,7 +175,8 @@ class Group:
     comparisons: int = 0
     identical: int = 0
     divergences: int = 0
-    fingerprint_changes: int = 0
+    fingerprint_changes: int = 0  # comparisons whose fingerprint changed
+    fingerprint_changed_divergences: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
     _ratios: list[float] = field(default_factory=list)
     _distances: list[float] = field(default_factory=list)
@@ -184,9 +186,12 @@ class Group:
         self.comparisons += 1
         verdict = str(event.get("verdict"))
         self.verdicts[verdict] = self.verdicts.get(verdict, 0) + 1
+        diverged = is_divergence(verdict)
+        changed = event.get("fingerprint_changed") is True
         self.identical += verdict == "identical"
-        self.divergences += is_divergence(verdict)
-        self.fingerprint_changes += bool(event.get("fingerprint_changed"))
+        self.divergences += diverged
+        self.fingerprint_changes += changed
+        self.fingerprint_changed_divergences += diverged and changed
         similarity = event.get("similarity")
         if not isinstance(similarity, dict):
             similarity = {}  # a foreign line: counted, without numbers
@@ -214,13 +219,38 @@ class Group:
             "mean_ngram_distance": _mean(self._distances),
             "mean_embedding_distance": _mean(self._embeddings),
             "fingerprint_changes": self.fingerprint_changes,
+            **fingerprint_split(
+                self.comparisons,
+                self.divergences,
+                self.fingerprint_changes,
+                self.fingerprint_changed_divergences,
+            ),
             "verdicts": dict(sorted(self.verdicts.items())),
         }
 
 
+def fingerprint_split(
+    comparisons: int, divergences: int, changed: int, changed_divergences: int
+) -> dict[str, Any]:
+    """The divergences of the comparisons whose fingerprint changed ("the backend changed") and
+    their rate, beside the rate of the others ("same backend, different output"; an unknown
+    fingerprint is no change, DESIGN §4). A rate is null when its side has no comparisons."""
+    return {
+        "fingerprint_changed_divergences": changed_divergences,
+        "divergence_rate_fingerprint_changed": _rate(changed_divergences, changed),
+        "divergence_rate_same_fingerprint": _rate(
+            divergences - changed_divergences, comparisons - changed
+        ),
+    }
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
 def summarise(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per model and live fingerprint: comparisons, identical, same output, divergences and their
-    rate, mean distances, fingerprint changes."""
+    rate, mean distances, fingerprint changes, and the divergence rates with and without one."""
     groups: dict[tuple[str, str], Group] = {}
     for event in events:
         model = str(event.get("model") or event.get("response_model") or "")

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from proxy.audit import event_time
+from proxy.audit import event_time, fingerprint_split
 from proxy.divergence import is_divergence
 
 # Spans up to this long are charted by hour, longer ones by day.
@@ -30,6 +30,12 @@ _COLUMNS = (
     ("ngram dist", "mean_ngram_distance"),
     ("embedding dist", "mean_embedding_distance"),
     ("fp changes", "fingerprint_changes"),
+    # The divergence rate split: where the fingerprint changed, and where it did not (or is null).
+    ("div fp changed", "divergence_rate_fingerprint_changed"),
+    ("div same fp", "divergence_rate_same_fingerprint"),
+)
+_RATES = frozenset(
+    {"divergence_rate", "divergence_rate_fingerprint_changed", "divergence_rate_same_fingerprint"}
 )
 
 
@@ -39,12 +45,13 @@ _COLUMNS = (
 def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The groups of `audit.summarise` added up: comparisons, identical, same output,
     divergences, rate."""
-    comparisons = identical = divergences = changes = 0
+    comparisons = identical = divergences = changes = changed_divergences = 0
     for group in groups:
         comparisons += int(group["comparisons"])
         identical += int(group["identical"])
         divergences += int(group["divergences"])
         changes += int(group["fingerprint_changes"])
+        changed_divergences += int(group["fingerprint_changed_divergences"])
     return {
         "comparisons": comparisons,
         "identical": identical,
@@ -52,6 +59,7 @@ def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "divergences": divergences,
         "divergence_rate": round(divergences / comparisons, 4) if comparisons else 0.0,
         "fingerprint_changes": changes,
+        **fingerprint_split(comparisons, divergences, changes, changed_divergences),
     }
 
 
@@ -63,6 +71,25 @@ def same_output(overall: Mapping[str, Any]) -> str:
         f"{identical} identical, {usage_only} usage only"
         if usage_only
         else f"{identical} identical"
+    )
+
+
+def fingerprint_summary(overall: Mapping[str, Any]) -> str:
+    """The divergences split by whether the fingerprint changed, as one sentence."""
+    changed = int(overall["fingerprint_changes"])
+    changed_divergences = int(overall["fingerprint_changed_divergences"])
+    same = int(overall["comparisons"]) - changed
+    same_divergences = int(overall["divergences"]) - changed_divergences
+
+    def part(divergences: int, comparisons: int, rate: Any) -> str:
+        percent = "-" if rate is None else f"{float(rate) * 100:.1f}%"
+        return f"{divergences} of {comparisons} diverged ({percent})"
+
+    return (
+        f"Fingerprint changed: "
+        f"{part(changed_divergences, changed, overall['divergence_rate_fingerprint_changed'])}; "
+        f"same or unknown fingerprint: "
+        f"{part(same_divergences, same, overall['divergence_rate_same_fingerprint'])}."
     )
 
 
@@ -85,7 +112,7 @@ def text_table(groups: Sequence[Mapping[str, Any]]) -> str:
 def _cell(name: str, value: Any) -> str:
     if value is None or value == "":
         return "null" if name == "fingerprint" else "-"
-    if name == "divergence_rate":
+    if name in _RATES:
         return f"{float(value) * 100:.1f}%"
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -109,7 +136,7 @@ def html_page(
         summary = (
             f"{overall['comparisons']} comparisons, {same_output(overall)}, "
             f"divergence rate {overall['divergence_rate'] * 100:.1f}%, "
-            f"{overall['fingerprint_changes']} fingerprint changes."
+            f"{overall['fingerprint_changes']} fingerprint changes. {fingerprint_summary(overall)}"
         )
         body = "\n".join(
             (

@@ -57,8 +57,48 @@ def test_audit_summarises_the_events_in_the_store(
     assert group["verdicts"] == {"content": 1, "identical": 1}
     assert proxy.request("GET", "/_seedcache/audit?model=other").json()["events"] == 0
     assert proxy.request("GET", "/_seedcache/audit?since=1h").json()["events"] == 2
-    assert proxy.request("GET", "/_seedcache/audit?since=yesterday").status == 400
+    bad = proxy.request("GET", "/_seedcache/audit?since=yesterday")
+    assert bad.status == 400 and bad.json()["error"]["param"] == "since"
+    assert "--since" not in bad.json()["error"]["message"]
+    assert "?since=" in bad.json()["error"]["message"]
     assert proxy.stats()["divergences"] == 1
+    assert summary["totals"] == {
+        "comparisons": 2,
+        "identical": 1,
+        "same_output": 1,
+        "divergences": 1,
+        "divergence_rate": 0.5,
+        "fingerprint_changes": 0,
+        "fingerprint_changed_divergences": 0,
+        "divergence_rate_fingerprint_changed": None,
+        "divergence_rate_same_fingerprint": 0.5,
+    }
+
+
+def test_audit_splits_the_divergences_by_fingerprint_change(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="audit")
+    client = proxy.client()
+    for seed in (1, 3):
+        client.chat.completions.create(**chat_request(seed=seed))  # recorded at fp_fake0001
+    upstream.fingerprint = "fp_fake0002"
+    client.chat.completions.create(**chat_request(seed=2))  # recorded at fp_fake0002
+    client.chat.completions.create(**chat_request(seed=3))  # changed, identical
+    upstream.nondeterministic = True
+    client.chat.completions.create(**chat_request(seed=1))  # changed, content
+    client.chat.completions.create(**chat_request(seed=2))  # same, content
+
+    summary = proxy.request("GET", "/_seedcache/audit").json()
+
+    [group] = summary["groups"]
+    assert group["fingerprint"] == "fp_fake0002"
+    assert (group["comparisons"], group["divergences"], group["fingerprint_changes"]) == (3, 2, 2)
+    assert group["fingerprint_changed_divergences"] == 1
+    assert group["divergence_rate_fingerprint_changed"] == 0.5
+    assert group["divergence_rate_same_fingerprint"] == 1.0
+    assert summary["totals"]["divergence_rate_fingerprint_changed"] == 0.5
+    assert summary["totals"]["divergence_rate_same_fingerprint"] == 1.0
 
 
 def test_a_disk_store_removed_while_serving_is_created_again(

@@ -512,6 +512,9 @@ def test_audit_json_numbers_match_a_known_sequence(audit_log: Path) -> None:
         "mean_ngram_distance": 0.1,
         "mean_embedding_distance": None,
         "fingerprint_changes": 1,
+        "fingerprint_changed_divergences": 0,
+        "divergence_rate_fingerprint_changed": 0.0,
+        "divergence_rate_same_fingerprint": 0.5,
         "verdicts": {"content": 1, "identical": 2},
     }
     fp_b = groups[("gpt-4o-mini", "fp_b")]
@@ -526,7 +529,14 @@ def test_audit_json_numbers_match_a_known_sequence(audit_log: Path) -> None:
         "divergences": 3,
         "divergence_rate": 0.5,
         "fingerprint_changes": 2,
+        "fingerprint_changed_divergences": 1,
+        "divergence_rate_fingerprint_changed": 0.5,
+        "divergence_rate_same_fingerprint": 0.5,
     }
+    assert (embedding["divergence_rate_fingerprint_changed"], embedding["fingerprint_changes"]) == (
+        None,
+        0,
+    )
 
 
 def test_audit_counts_usage_only_as_the_same_output(tmp_path: Path) -> None:
@@ -555,6 +565,66 @@ def test_audit_counts_usage_only_as_the_same_output(tmp_path: Path) -> None:
     assert "4 comparisons, 1 identical, 2 usage only, divergence rate 25.0%" in page
     assert "1/4 diverged" in report.rate_chart(events)
     assert [w["verdict"] for w in report.worst_divergences(events)] == ["content"]
+
+
+def split_events(changed_verdict: str, same_verdict: str) -> list[dict[str, Any]]:
+    """Four comparisons at one live fingerprint: two with the fingerprint changed, two not."""
+    return [
+        event("gpt-4o-mini", "fp_b", verdict, ago=HOUR, changed=changed)
+        for verdict, changed in (
+            (changed_verdict, True),
+            (changed_verdict, True),
+            (same_verdict, False),
+            (same_verdict, False),
+        )
+    ]
+
+
+def test_audit_tells_a_changed_backend_from_a_different_output(tmp_path: Path) -> None:
+    outputs = {}
+    for name, events in (
+        ("backend changed", split_events("content", "identical")),
+        ("same backend", split_events("identical", "content")),
+    ):
+        log = tmp_path / f"{name}.jsonl"
+        log.write_text("".join(json.dumps(e) + "\n" for e in events))
+        page = tmp_path / f"{name}.html"
+        table = seedcache("audit", "--audit-log", str(log), "--html", str(page))
+        document = json.loads(seedcache("audit", "--audit-log", str(log), "--json").stdout)
+        outputs[name] = (document, table.stdout, page.read_text())
+
+    changed_doc, changed_table, changed_page = outputs["backend changed"]
+    same_doc, same_table, same_page = outputs["same backend"]
+    [changed], [same] = changed_doc["groups"], same_doc["groups"]
+    assert changed["divergence_rate"] == same["divergence_rate"] == 0.5
+    assert (
+        changed["fingerprint_changed_divergences"],
+        same["fingerprint_changed_divergences"],
+    ) == (
+        2,
+        0,
+    )
+    assert (
+        changed["divergence_rate_fingerprint_changed"],
+        changed["divergence_rate_same_fingerprint"],
+    ) == (1.0, 0.0)
+    assert (
+        same["divergence_rate_fingerprint_changed"],
+        same["divergence_rate_same_fingerprint"],
+    ) == (0.0, 1.0)
+    assert changed_doc["totals"]["divergence_rate_fingerprint_changed"] == 1.0
+    assert same_doc["totals"]["divergence_rate_same_fingerprint"] == 1.0
+
+    header, row = changed_table.splitlines()[:2]
+    assert header.split()[-8:] == ["fp", "changes", "div", "fp", "changed", "div", "same", "fp"]
+    assert row.split()[-3:] == ["2", "100.0%", "0.0%"]
+    assert same_table.splitlines()[1].split()[-3:] == ["2", "0.0%", "100.0%"]
+    assert "Fingerprint changed: 2 of 2 diverged (100.0%); same or unknown fingerprint: 0 of 2" in (
+        changed_table
+    )
+    assert "<th>div fp changed</th><th>div same fp</th>" in changed_page
+    assert "<td>100.0%</td><td>0.0%</td>" in changed_page
+    assert "<td>0.0%</td><td>100.0%</td>" in same_page
 
 
 def test_audit_since_filters_by_time(audit_log: Path) -> None:
@@ -756,7 +826,9 @@ def test_the_text_table_aligns_columns() -> None:
     assert [line[end - 1] for line in lines[1:]] == ["1", "3", "1", "1"]
     assert {line[end] for line in lines[1:]} == {" "}
     assert "null" in table  # an unknown fingerprint is named, not left blank
-    assert lines[2].split()[-1] == "1"  # fp_a: one fingerprint change
+    # fp_a: one fingerprint change, with no divergence; one of the other two diverged.
+    assert lines[2].split()[-3:] == ["1", "0.0%", "50.0%"]
+    assert lines[1].split()[-3:] == ["0", "-", "0.0%"]  # gpt-4o: no fingerprint change
 
 
 def test_an_html_page_without_events_says_so() -> None:
