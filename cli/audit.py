@@ -210,8 +210,9 @@ def verify(
         f"{config.upstream_base}: {report.same_output(outcome.counts())}, "
         f"{outcome.divergences} diverged ({rate * 100:.1f}%), {len(outcome.failures)} failed."
     )
-    if config.audit_log_path:
-        click.echo(f"audit events appended to {config.audit_log_path} and the store")
+    if outcome.events:
+        where = f"{config.audit_log_path} and the store" if config.audit_log_path else "the store"
+        click.echo(f"{len(outcome.events)} audit events appended to {where}")
     if rate > max_divergence:
         click.echo(
             f"divergence rate {rate * 100:.1f}% is above --max-divergence "

@@ -117,6 +117,8 @@ def test_verify_against_an_unchanged_upstream_finds_everything_identical(
     assert sorted(disk_events(recorded_store), key=str) == sorted(events, key=str)
     assert disk_recordings(recorded_store) == before  # verify never modifies recordings
     assert f"{ENDPOINTS} identical, 0 diverged (0.0%), 0 failed" in result.stdout
+    audit_log = recorded_store / "audit.jsonl"
+    assert f"{ENDPOINTS} audit events appended to {audit_log} and the store" in result.stdout
     assert "gpt-4o-mini" in result.stdout and DEFAULT_FINGERPRINT in result.stdout
     # Live calls, each the stored canonical request, marked so a seedcache upstream passes it on.
     assert upstream.count() == ENDPOINTS
@@ -145,6 +147,7 @@ def test_verify_through_a_replaying_proxy_fails_instead_of_finding_replays_ident
         )
     assert f"verified 0 of {ENDPOINTS} recordings" in result.stdout
     assert f"{ENDPOINTS} failed" in result.stdout
+    assert "audit events appended" not in result.stdout
     assert not (recorded_store / "audit.jsonl").exists()  # nothing written as identical
     assert disk_events(recorded_store) == []
     assert upstream.count() == 0
