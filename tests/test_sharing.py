@@ -121,6 +121,25 @@ def test_a_call_longer_than_the_lock_and_the_read_timeout_is_still_made_once(
     assert len({a.split()[1] for a in answers}) == 1
 
 
+def test_more_concurrent_requests_than_redis_connections_wait_for_one(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    # Past the pool's connections a request waits for one to come back, instead of a 503.
+    proxy = start_proxy(store=redis_url)
+    upstream.delay = 0.2
+
+    async def everyone() -> list[str]:
+        async with proxy.async_client() as client:
+            calls = [
+                client.chat.completions.with_raw_response.create(**chat_request(seed=seed))
+                for seed in range(1000, 1250)
+            ]
+            return [raw.headers["x-seedcache-status"] for raw in await asyncio.gather(*calls)]
+
+    assert asyncio.run(everyone()) == ["recorded"] * 250
+    assert upstream.count("/chat/completions") == 250
+
+
 def test_namespaces_keep_recordings_apart(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
     proxy = start_proxy()
     body = chat_request()

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -33,6 +33,8 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 
 CONNECT_TIMEOUT = 2.0
 TIMEOUT = 5.0
+# Connections per proxy; a command holds one only while it runs (no blocking commands here).
+MAX_CONNECTIONS = 64
 # An idle pooled connection is PINGed before use after this many seconds, so one that died with
 # a restarted server is replaced instead of failing a request.
 HEALTH_CHECK_INTERVAL = 15
@@ -83,8 +85,13 @@ class RedisStore:
     ) -> None:
         self.description = StoreSpec("redis", url).shown  # no credentials, no options
         try:
-            self._redis: Redis = Redis.from_url(
+            # A blocking pool: past its connections a request waits for one to come back
+            # instead of failing (redis-py's default pool raises "Too many connections" past
+            # 100 at once, a 503 for every request over it). ?max_connections= in the URL wins.
+            pool = BlockingConnectionPool.from_url(
                 url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=timeout,
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=timeout,
                 health_check_interval=HEALTH_CHECK_INTERVAL,
@@ -92,9 +99,9 @@ class RedisStore:
                 # with a restarted server is replaced; a server that is down fails fast.
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             )
+            self._redis: Redis = Redis.from_pool(pool)  # closed with the client
             # redis-py passes the URL's options to each connection it makes: one that does not
             # apply (ssl_cert_reqs on redis://) would fail every request, not this line.
-            pool = self._redis.connection_pool
             pool.connection_class(**pool.connection_kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{self.description} is not a usable Redis URL: {exc}") from None
