@@ -48,10 +48,11 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
         )
         upstream = Upstream(config)
         await upstream.start()
-        app[HANDLERS] = Handlers(config, opened, upstream)
+        app[HANDLERS] = handlers = Handlers(config, opened, upstream)
         try:
             yield
         finally:
+            await handlers.close()
             await upstream.close()
             if store is None:
                 await opened.close()

@@ -87,8 +87,10 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 # How long a remembered current fingerprint is trusted before the store is asked again, so that
 # proxies sharing a store see each other's fingerprint changes without a store read per replay.
 FINGERPRINT_TTL = 1.0
+FINGERPRINT_CACHE_SIZE = 1024  # models whose current fingerprint is kept in memory
 # How long the index of recordings used to explain misses is reused before a new store scan.
 INDEX_TTL = 5.0
+INDEX_BATCH = 200  # recordings read into the index between two turns of the event loop
 # How long a decoded recording is replayed from memory before the store is read again (a hot key
 # then costs no store read and no decoding), and how many are kept. Recordings written by this
 # proxy replace theirs at once; those of other proxies on a shared store show within the TTL.
@@ -209,6 +211,7 @@ class Handlers:
         self._fingerprints: dict[str, tuple[str | None, float]] = {}
         self._index: RequestIndex | None = None
         self._index_at = 0.0
+        self._index_build: asyncio.Task[RequestIndex] | None = None
         # Keys replayed or recorded by this run, when asked for (an embedded proxy: the pytest
         # plugin lists recordings no test used); a long-running server would grow it for ever.
         self.used: set[str] | None = None
@@ -599,11 +602,28 @@ class Handlers:
 
     async def _recording_index(self) -> RequestIndex:
         """Every recording's request, for explaining misses; rebuilt when older than a few
-        seconds so that recordings made by other proxies on a shared store are seen."""
-        now = time.monotonic()
-        if self._index is None or now - self._index_at > INDEX_TTL:
+        seconds so that recordings made by other proxies on a shared store are seen.
+
+        A large store takes seconds to scan: one scan runs at a time, shared by every miss
+        that waits for it, and once there is an index, misses use it while the next one is
+        built in the background."""
+        stale = self._index is None or time.monotonic() - self._index_at > INDEX_TTL
+        if stale and self._index_build is None:
+            self._index_build = asyncio.create_task(self._build_index())
+            self._index_build.add_done_callback(_log_failure)
+        if self._index is not None:
+            return self._index
+        assert self._index_build is not None
+        return await asyncio.shield(self._index_build)
+
+    async def _build_index(self) -> RequestIndex:
+        try:
             index = RequestIndex()
+            read = 0
             async for _, key, raw in self.store.scan():
+                read += 1
+                if read % INDEX_BATCH == 0:
+                    await asyncio.sleep(0)  # let the requests meanwhile be served
                 try:
                     recording = Recording.loads(raw)
                 except FormatError:
@@ -612,7 +632,16 @@ class Handlers:
                     key, recording.namespace, recording.method, recording.path, recording.body
                 )
             self._index, self._index_at = index, time.monotonic()
-        return self._index
+            return index
+        finally:
+            self._index_build = None
+
+    async def close(self) -> None:
+        """Stop the work this object started in the background."""
+        if self._index_build is not None:
+            self._index_build.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._index_build
 
     async def _current_fingerprint(self, model: str | None) -> str | None:
         name = self._fingerprint_name(model)
@@ -621,7 +650,8 @@ class Handlers:
         if cached is not None and now - cached[1] < FINGERPRINT_TTL:
             return cached[0]
         value = await self.store.get_meta(name)
-        self._fingerprints[name] = (value, now)
+        # Bounded: the model comes from the client, any number of names.
+        remember(self._fingerprints, name, (value, now), FINGERPRINT_CACHE_SIZE)
         return value
 
     async def _remember_fingerprint(self, model: str | None, fingerprint: str | None) -> None:
@@ -630,7 +660,7 @@ class Handlers:
         name = self._fingerprint_name(model)
         if await self._current_fingerprint(model) != fingerprint:
             await self.store.set_meta(name, fingerprint)
-        self._fingerprints[name] = (fingerprint, time.monotonic())
+        remember(self._fingerprints, name, (fingerprint, time.monotonic()), FINGERPRINT_CACHE_SIZE)
 
     def _fingerprint_name(self, model: str | None) -> str:
         return f"fingerprint:{self.config.upstream_base}|{model or ''}"
@@ -1065,6 +1095,12 @@ def unreadable(exc: FormatError, key: str, store: str) -> FormatError:
     return FormatError(
         f"recording {key[:12]}: {exc}. Fix it, or delete it ({remove}) to record it again"
     )
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A background task's failure, logged (and so retrieved) rather than left to a warning."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("could not build the index that explains misses: %s", exc)
 
 
 def remember(cache: dict[K, V], key: K, value: V, size: int) -> V:

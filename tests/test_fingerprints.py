@@ -9,6 +9,8 @@ from typing import Any
 import openai
 import pytest
 
+from proxy import handlers
+from proxy.app import HANDLERS
 from proxy.recording import Recording
 from proxy.stores.disk import DiskStore
 from tests.conftest import RunningProxy, StartProxy, status
@@ -205,6 +207,22 @@ def test_an_empty_fingerprint_header_pins_nothing(
 
     assert (again.status, again.headers["x-seedcache-status"]) == (200, "hit")
     assert upstream.count() == 1
+
+
+def test_the_current_fingerprints_kept_in_memory_are_bounded(
+    proxy: RunningProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model is the client's to choose: ever new names must not grow memory for ever.
+    monkeypatch.setattr(handlers, "FINGERPRINT_CACHE_SIZE", 5)
+    models = [f"model-{i}" for i in range(12)]
+    for model in models:
+        proxy.request("POST", CHAT, chat_request(model=model))
+    replayed = [proxy.request("POST", CHAT, chat_request(model=model)) for model in models]
+
+    kept = proxy.running.app[HANDLERS]._fingerprints
+    assert 0 < len(kept) <= 5
+    assert [r.headers["x-seedcache-status"] for r in replayed] == ["hit"] * len(models)
+    assert upstream.count() == len(models)
 
 
 # -- --on-fingerprint-change ---------------------------------------------------------------------

@@ -3,6 +3,7 @@ the recorded endpoints, and the admin endpoints (DESIGN §2, §5, §6, §11)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -19,6 +20,7 @@ from cli.main import main
 from proxy import handlers as handlers_module
 from proxy import keys, metrics
 from proxy.keys import make_key
+from proxy.stores.files import FilesStore
 from tests.conftest import API_KEY, RunningProxy, StartProxy, raw_stream, status
 from tests.fake_upstream import (
     DEFAULT_FINGERPRINT,
@@ -935,3 +937,40 @@ def test_lenient_shapes_of_a_hand_written_or_older_sample_still_replay(
     assert (streamed.status, streamed.body) == (200, b"data: [DONE]\n\n")
     assert assembled.status == 500
     assert assembled.json()["error"]["code"] == "recording_unreadable"
+
+
+def test_concurrent_misses_share_one_scan_of_the_store(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Explaining a miss reads every recording: on a large store that takes seconds, so the
+    # misses arriving together wait for one scan, not one each.
+    store = f"files:{tmp_path / 'rec'}"
+    recorder = start_proxy(store=store)
+    for seed in range(20):
+        recorder.request("POST", CHAT, chat_request(seed=seed))
+    scans: list[int] = []
+    scan = FilesStore.scan
+
+    def counted(self: FilesStore, *args: Any, **kwargs: Any) -> Any:
+        scans.append(1)
+        return scan(self, *args, **kwargs)
+
+    monkeypatch.setattr(FilesStore, "scan", counted)
+    replay = start_proxy(store=store, mode="replay")
+
+    async def miss(client: openai.AsyncOpenAI, seed: int) -> str:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(**chat_request(seed=seed))
+        return str(caught.value)
+
+    async def everyone() -> list[str]:
+        async with replay.async_client() as client:
+            return await asyncio.gather(*(miss(client, seed) for seed in range(100, 120)))
+
+    messages = asyncio.run(everyone())
+
+    assert all("The nearest recording" in message for message in messages)
+    assert len(scans) == 1
