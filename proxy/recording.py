@@ -290,10 +290,27 @@ def _same_output(a: Sample, b: Sample) -> bool:
     from proxy.divergence import Verdict, compare
 
     try:
-        verdict = compare(a.response(), b.response()).verdict
+        first, second = a.response(), b.response()
     except ValueError:  # a stream with no JSON chunk: compare what was sent
         return [e.data for e in a.events or ()] == [e.data for e in b.events or ()]
-    return verdict in (Verdict.IDENTICAL, Verdict.USAGE_ONLY)
+    # The audit leaves logprob values out of its verdict (they jitter on every call), but a
+    # sample replays them: answers that differ in them are different samples (--repeat sequence
+    # serves each).
+    if _logprobs(first) != _logprobs(second):
+        return False
+    return compare(first, second).verdict in (Verdict.IDENTICAL, Verdict.USAGE_ONLY)
+
+
+def _logprobs(response: Any) -> list[Any]:
+    """The logprobs of a response's choices, or of the texts of a Responses object's output."""
+    if not isinstance(response, dict):
+        return []
+    found = [c.get("logprobs") for c in response.get("choices") or () if isinstance(c, dict)]
+    for item in response.get("output") or ():
+        if isinstance(item, dict):
+            parts = item.get("content")
+            found += [p.get("logprobs") for p in parts or () if isinstance(p, dict)]
+    return found
 
 
 def pick_sample(

@@ -91,3 +91,26 @@ def test_reuse_is_the_default_and_serves_one_sample(
     proxy = start_proxy()
     assert len(set(answers(proxy.client(), 3))) == 1
     assert upstream.count() == 1
+
+
+def test_sequence_keeps_answers_that_differ_only_in_their_logprobs(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The same text with other logprobs (an upstream's jitter): still a sample of its own.
+    asked = {**UNSEEDED, "logprobs": True}
+    recorder = start_proxy(repeat="sequence")
+    recorded = []
+    for shift in (0.0, 0.25, 0.5):
+        upstream.logprob_shift = shift
+        answer = recorder.client().chat.completions.create(**asked)
+        assert answer.choices[0].logprobs is not None and answer.choices[0].logprobs.content
+        recorded.append(answer.choices[0].logprobs.content[0].logprob)
+    assert len(recorder.recordings()[0].samples) == 3
+    recorder.stop()
+
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    replayed = [
+        replayer.client().chat.completions.create(**asked).choices[0].logprobs for _ in range(3)
+    ]
+    assert [lp.content[0].logprob for lp in replayed if lp and lp.content] == recorded
+    assert upstream.count() == 3
