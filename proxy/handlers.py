@@ -90,6 +90,7 @@ FINGERPRINT_TTL = 1.0
 FINGERPRINT_CACHE_SIZE = 1024  # models whose current fingerprint is kept in memory
 # How long the index of recordings used to explain misses is reused before a new store scan.
 INDEX_TTL = 5.0
+INDEX_STALE_LIMIT = 30.0  # older than this, a miss waits for the new index (after a quiet spell)
 INDEX_BATCH = 200  # recordings read into the index between two turns of the event loop
 # How long a decoded recording is replayed from memory before the store is read again (a hot key
 # then costs no store read and no decoding), and how many are kept. Recordings written by this
@@ -605,15 +606,16 @@ class Handlers:
         seconds so that recordings made by other proxies on a shared store are seen.
 
         A large store takes seconds to scan: one scan runs at a time, shared by every miss
-        that waits for it, and once there is an index, misses use it while the next one is
-        built in the background."""
-        stale = self._index is None or time.monotonic() - self._index_at > INDEX_TTL
-        if stale and self._index_build is None:
+        that waits for it, and misses use an index up to INDEX_STALE_LIMIT old while the next
+        one is built in the background."""
+        age = time.monotonic() - self._index_at
+        if self._index is not None and age <= INDEX_TTL:
+            return self._index
+        if self._index_build is None:
             self._index_build = asyncio.create_task(self._build_index())
             self._index_build.add_done_callback(_log_failure)
-        if self._index is not None:
-            return self._index
-        assert self._index_build is not None
+        if self._index is not None and age <= INDEX_STALE_LIMIT:
+            return self._index  # a few seconds old; the next one is on its way
         return await asyncio.shield(self._index_build)
 
     async def _build_index(self) -> RequestIndex:

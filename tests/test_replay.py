@@ -974,3 +974,22 @@ def test_concurrent_misses_share_one_scan_of_the_store(
 
     assert all("The nearest recording" in message for message in messages)
     assert len(scans) == 1
+
+
+def test_a_miss_after_a_quiet_spell_sees_what_other_proxies_recorded_meanwhile(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An index older than INDEX_STALE_LIMIT is not used while a new one is built: the miss waits.
+    store = f"files:{tmp_path / 'rec'}"
+    replay = start_proxy(store=store, mode="replay")
+    first = replay.request("POST", CHAT, chat_request(seed=100))
+    start_proxy(store=store).request("POST", CHAT, chat_request(seed=5))
+    monkeypatch.setattr(handlers_module, "INDEX_TTL", 0.0)
+    monkeypatch.setattr(handlers_module, "INDEX_STALE_LIMIT", 0.0)
+    again = replay.request("POST", CHAT, chat_request(seed=100))
+
+    assert "No recording has the same method, path and model" in first.json()["error"]["message"]
+    assert "The nearest recording" in again.json()["error"]["message"]
