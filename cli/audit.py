@@ -125,7 +125,8 @@ def audit(
             f"\n{len(events)} events: {report.same_output(overall)}, "
             f"{overall['divergences']} diverged "
             f"({overall['divergence_rate'] * 100:.1f}%), "
-            f"{overall['fingerprint_changes']} with a fingerprint change.\n"
+            f"{overall['fingerprint_changes']} with a fingerprint change"
+            f"{model_note(overall)}.\n"
             f"{report.fingerprint_summary(overall)}"
         )
     if html_file:
@@ -350,3 +351,9 @@ def _api_key(upstream: str) -> str:
         raise click.UsageError(f"set OPENAI_API_KEY to send requests to {upstream}")
     # Local servers (vLLM, llama.cpp, Ollama) usually take any key; the SDK insists on one.
     return "seedcache-no-key"
+
+
+def model_note(overall: dict[str, Any]) -> str:
+    """ ", 2 answered by another model snapshot", when some were."""
+    changes = int(overall.get("model_changes", 0))
+    return f", {changes} answered by another model snapshot" if changes else ""

@@ -91,9 +91,25 @@ class AuditLog:
                 event.get("recorded_fingerprint"),
                 event.get("live_fingerprint"),
             )
+        elif model_changed(event):
+            # The same output from another snapshot: no divergence, but the backend changed.
+            log.warning(
+                "model snapshot changed on key %s: %s -> %s, same output",
+                str(event.get("key", ""))[:12],
+                event.get("recorded_response_model"),
+                event.get("response_model"),
+            )
         if self.path:
             await asyncio.get_running_loop().run_in_executor(None, _append_line, self.path, line)
         await self.store.append_event(line)
+
+
+def model_changed(event: Mapping[str, Any]) -> bool:
+    """Whether the live answer came from another model snapshot than the recording (both known),
+    e.g. gpt-4o-mini-2024-07-18 then gpt-4o-mini-2025-01-01: the response model is left out of
+    the verdict, like the fingerprint, and counted on its own."""
+    recorded, live = event.get("recorded_response_model"), event.get("response_model")
+    return isinstance(recorded, str) and isinstance(live, str) and recorded != live
 
 
 def _append_line(path: str, line: bytes) -> None:
@@ -177,6 +193,7 @@ class Group:
     divergences: int = 0
     fingerprint_changes: int = 0  # comparisons whose fingerprint changed
     fingerprint_changed_divergences: int = 0
+    model_changes: int = 0  # comparisons answered by another model snapshot than recorded
     verdicts: dict[str, int] = field(default_factory=dict)
     _ratios: list[float] = field(default_factory=list)
     _distances: list[float] = field(default_factory=list)
@@ -192,6 +209,7 @@ class Group:
         self.divergences += diverged
         self.fingerprint_changes += changed
         self.fingerprint_changed_divergences += diverged and changed
+        self.model_changes += model_changed(event)
         similarity = event.get("similarity")
         if not isinstance(similarity, dict):
             similarity = {}  # a foreign line: counted, without numbers
@@ -219,6 +237,7 @@ class Group:
             "mean_ngram_distance": _mean(self._distances),
             "mean_embedding_distance": _mean(self._embeddings),
             "fingerprint_changes": self.fingerprint_changes,
+            "model_changes": self.model_changes,
             **fingerprint_split(
                 self.comparisons,
                 self.divergences,

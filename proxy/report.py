@@ -45,8 +45,9 @@ _RATES = frozenset(
 def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The groups of `audit.summarise` added up: comparisons, identical, same output,
     divergences, rate."""
-    comparisons = identical = divergences = changes = changed_divergences = 0
+    comparisons = identical = divergences = changes = changed_divergences = models = 0
     for group in groups:
+        models += int(group.get("model_changes", 0))
         comparisons += int(group["comparisons"])
         identical += int(group["identical"])
         divergences += int(group["divergences"])
@@ -59,6 +60,7 @@ def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "divergences": divergences,
         "divergence_rate": round(divergences / comparisons, 4) if comparisons else 0.0,
         "fingerprint_changes": changes,
+        "model_changes": models,
         **fingerprint_split(comparisons, divergences, changes, changed_divergences),
     }
 

@@ -69,6 +69,7 @@ def test_audit_summarises_the_events_in_the_store(
         "divergences": 1,
         "divergence_rate": 0.5,
         "fingerprint_changes": 0,
+        "model_changes": 0,
         "fingerprint_changed_divergences": 0,
         "divergence_rate_fingerprint_changed": None,
         "divergence_rate_same_fingerprint": 0.5,

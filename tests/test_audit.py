@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import TEXT_LIMIT, audit_event, baseline
+from proxy.audit import TEXT_LIMIT, audit_event, baseline, summarise
 from proxy.divergence import is_divergence
 from proxy.recording import Recording, Sample
 from proxy.sse import Event
@@ -396,18 +396,24 @@ def test_a_divergence_is_one_warning_line(
 
 
 def test_an_event_names_both_model_snapshots(
-    start_proxy: StartProxy, upstream: FakeUpstream
+    start_proxy: StartProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = start_proxy(mode="audit")
     send(proxy, "chat")
     upstream.model_suffix = "-2025-01-01"
-    answer = send(proxy, "chat")
+    with caplog.at_level(logging.WARNING, logger="seedcache"):
+        answer = send(proxy, "chat")
 
     assert answer.headers["x-seedcache-verdict"] == "identical"
     [event] = proxy.events()
     assert event["recorded_response_model"] == "gpt-4o-mini-2024-07-18"
     assert event["response_model"] == "gpt-4o-mini-2025-01-01"
     assert (event["verdict"], event["differences"]) == ("identical", [])
+    # No divergence, but the backend changed: said in the log and counted in the summary.
+    [line] = [r.message for r in caplog.records if "model snapshot changed" in r.message]
+    assert "gpt-4o-mini-2024-07-18 -> gpt-4o-mini-2025-01-01" in line
+    [group] = summarise([event])
+    assert (group["model_changes"], group["divergences"]) == (1, 0)
 
 
 def test_record_mode_keeps_a_new_model_snapshot_as_its_own_sample(

@@ -515,6 +515,7 @@ def test_audit_json_numbers_match_a_known_sequence(audit_log: Path) -> None:
         "mean_ngram_distance": 0.1,
         "mean_embedding_distance": None,
         "fingerprint_changes": 1,
+        "model_changes": 0,
         "fingerprint_changed_divergences": 0,
         "divergence_rate_fingerprint_changed": 0.0,
         "divergence_rate_same_fingerprint": 0.5,
@@ -532,6 +533,7 @@ def test_audit_json_numbers_match_a_known_sequence(audit_log: Path) -> None:
         "divergences": 3,
         "divergence_rate": 0.5,
         "fingerprint_changes": 2,
+        "model_changes": 0,
         "fingerprint_changed_divergences": 1,
         "divergence_rate_fingerprint_changed": 0.5,
         "divergence_rate_same_fingerprint": 0.5,
@@ -1039,3 +1041,22 @@ def test_probe_names_the_url_it_could_not_reach() -> None:
     assert result.exit_code == 2
     assert "seeded run 1 failed: Connection error." in result.output
     assert closed in result.output
+
+
+def test_audit_counts_answers_from_another_model_snapshot(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    snapshots = {"recorded_response_model": "gpt-4o-mini-2024-07-18"}
+    lines = [
+        {**KNOWN[0], **snapshots, "response_model": "gpt-4o-mini-2025-01-01"},
+        {**KNOWN[0], **snapshots, "response_model": "gpt-4o-mini-2024-07-18"},
+        KNOWN[0],  # an event of an older seedcache: no snapshots named
+    ]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    table = seedcache("audit", "--audit-log", str(log))
+    document = json.loads(seedcache("audit", "--audit-log", str(log), "--json").stdout)
+
+    assert table.exit_code == 0, table.output
+    assert ", 1 answered by another model snapshot." in table.stdout
+    assert document["totals"]["model_changes"] == 1
+    assert sum(group["model_changes"] for group in document["groups"]) == 1
