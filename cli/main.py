@@ -19,7 +19,6 @@ from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
-from urllib.parse import unquote
 
 import click
 
@@ -29,10 +28,10 @@ from cli.recordings import export, import_, ls, prune, rm, show
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
 from proxy.keys import (
-    NAMESPACE,
-    NAMESPACE_RULE,
     RECORDED,
     CanonicalRequest,
+    has_dot_segments,
+    namespace_problem,
     normalise_path,
 )
 from proxy.stores.base import check_store, open_store
@@ -443,10 +442,10 @@ def request_key(method: str, path: str, raw: bytes, namespace: str) -> Canonical
 
     method = method.upper()
     path, _, query = path.partition("?")
-    if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+    if has_dot_segments(path):
         raise SeedcacheError(f"the path {path!r} has '.' or '..' segments; the proxy refuses it")
-    if not NAMESPACE.fullmatch(namespace):
-        raise SeedcacheError(f"namespace {namespace!r} is not valid: use {NAMESPACE_RULE}")
+    if problem := namespace_problem(namespace):
+        raise SeedcacheError(problem)
     path = normalise_path(path, query)
     route = path.partition("?")[0]
     if (method, route) not in RECORDED:

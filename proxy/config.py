@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.errors import ConfigError
-from proxy.keys import NAMESPACE, NAMESPACE_RULE
+from proxy.keys import namespace_problem
 
 
 class Mode(enum.StrEnum):
@@ -155,8 +155,8 @@ class Config:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
         if self.max_body <= 0:
             raise ConfigError("max-body must be positive")
-        if not NAMESPACE.fullmatch(self.namespace):
-            raise ConfigError(f"namespace {self.namespace!r} is not valid: use {NAMESPACE_RULE}")
+        if problem := namespace_problem(self.namespace):
+            raise ConfigError(problem)
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0:

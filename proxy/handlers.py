@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import orjson
 from aiohttp import ClientResponse, web
@@ -28,15 +27,15 @@ from proxy.config import Config, Mode, OnFingerprintChange, Repeat, StoreSpec
 from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.keys import (
-    NAMESPACE,
-    NAMESPACE_RULE,
     RECORDED,
     STREAMED,
     CanonicalRequest,
     RequestIndex,
     check_body,
     describe_differences,
+    has_dot_segments,
     make_key,
+    namespace_problem,
     normalise_path,
     parse_json,
     too_large_to_compare,
@@ -292,11 +291,9 @@ class Handlers:
         # The path as sent, still percent-encoded: forwarded and keyed as it is, so that an
         # encoded `/` or `?` inside an id stays part of the id.
         path = request.rel_url.raw_path
-        if ("." in path or "%2" in path) and any(
-            unquote(segment) in (".", "..") for segment in path.split("/")
-        ):
+        if has_dot_segments(path):
             # Resolved, they would step out of the upstream's /v1 (with the proxy's own key, if
-            # it sends one); no client of the API sends them.
+            # it sends one).
             raise bad_request(
                 f"The path {path[:200]!r} has '.' or '..' segments; send it without them.",
                 code="invalid_path",
@@ -309,11 +306,8 @@ class Handlers:
         path = normalise_path(path, request.rel_url.raw_query_string)
         if self.config.isolate_by_key:
             namespace = await self._isolated(namespace, request)
-        if not NAMESPACE.fullmatch(namespace):
-            raise bad_request(
-                f"Namespace {namespace[:140]!r} is not valid: use {NAMESPACE_RULE}.",
-                code="invalid_namespace",
-            )
+        if problem := namespace_problem(namespace):
+            raise bad_request(f"{problem[0].upper()}{problem[1:]}.", code="invalid_namespace")
         mode = self._mode(request)
         try:
             if request.content.is_eof():

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -26,6 +27,22 @@ KEY_SCHEME = "seedcache-key/1"
 # Namespace names: they become Redis key parts and folder names, so no separators, no leading dot.
 NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?")
 NAMESPACE_RULE = "up to 128 letters, digits, '.', '_' or '-', not starting with '.'"
+
+
+def namespace_problem(namespace: str) -> str | None:
+    """Why `namespace` cannot be one (every command and the proxy say it alike); None if it can."""
+    if NAMESPACE.fullmatch(namespace):
+        return None
+    return f"namespace {namespace[:140]!r} is not valid: use {NAMESPACE_RULE}"
+
+
+def has_dot_segments(path: str) -> bool:
+    """Whether a path, percent-encoded or not, has `.` or `..` segments: resolved, they would
+    step out of the upstream's /v1. No client of the API sends them."""
+    return ("." in path or "%2" in path) and any(
+        unquote(segment) in (".", "..") for segment in path.split("/")
+    )
+
 
 # Endpoints whose responses are recorded and replayed (DESIGN §5); every other path is forwarded.
 RECORDED = frozenset(

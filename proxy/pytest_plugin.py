@@ -20,7 +20,7 @@ import pytest
 from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
 from proxy.errors import ConfigError, FormatError, SeedcacheError
-from proxy.keys import NAMESPACE, NAMESPACE_RULE
+from proxy.keys import NAMESPACE_RULE, namespace_problem
 from proxy.recording import Recording
 
 # The plugin's own defaults, where they differ from `seedcache serve`'s (Config's).
@@ -271,9 +271,9 @@ class SeedcacheSession:
 
     def namespaced_url(self, namespace: str) -> str:
         """A base URL whose requests are recorded in `namespace`."""
-        if not NAMESPACE.fullmatch(namespace):
+        if problem := namespace_problem(namespace):
             # A '/' would make it part of the request path: a different endpoint, not recorded.
-            raise ConfigError(f"namespace {namespace!r} is not valid: use {NAMESPACE_RULE}")
+            raise ConfigError(problem)
         return f"{self.proxy.url}/_seedcache/ns/{namespace}/v1" if namespace else self.base_url
 
     def stats(self) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def _seedcache_per_test(request: pytest.FixtureRequest) -> Iterator[None]:
     namespace = None
     if marker is not None:
         namespace = str(marker.kwargs.get("namespace", marker.args[0] if marker.args else ""))
-        if not NAMESPACE.fullmatch(namespace):
+        if namespace_problem(namespace):
             # Checked before the test runs: a request would fail in the SDK, or go elsewhere.
             pytest.fail(
                 f"@pytest.mark.seedcache(namespace={namespace!r}): not a valid namespace; use "
