@@ -48,6 +48,11 @@ def seedcache(*args: str, env: dict[str, str | None] | None = None) -> Result:
     return CliRunner().invoke(main, list(args), env=environment, catch_exceptions=False)
 
 
+def verify(store: Path, upstream: str, *args: str) -> Result:
+    """`seedcache verify` of `store` against the upstream at base URL `upstream`."""
+    return seedcache("verify", "--store", str(store), "--upstream", upstream, *args)
+
+
 def disk_events(store: Path) -> list[dict[str, Any]]:
     async def read() -> list[dict[str, Any]]:
         disk = DiskStore(str(store))
@@ -106,7 +111,7 @@ def test_verify_against_an_unchanged_upstream_finds_everything_identical(
 ) -> None:
     before = disk_recordings(recorded_store)
 
-    result = seedcache("verify", "--store", str(recorded_store), "--upstream", upstream.base_url)
+    result = verify(recorded_store, upstream.base_url)
 
     assert result.exit_code == 0, result.output
     events = jsonl(recorded_store / "audit.jsonl")
@@ -135,7 +140,7 @@ def test_verify_through_a_replaying_proxy_fails_instead_of_finding_replays_ident
     shutil.copytree(recorded_store, served)
     proxy = start_proxy(mode="replay", store=str(served))  # ignores X-Seedcache-Mode: passthrough
 
-    result = seedcache("verify", "--store", str(recorded_store), "--upstream", proxy.base_url)
+    result = verify(recorded_store, proxy.base_url)
 
     assert result.exit_code == 1, result.output
     failures = [line for line in result.stderr.splitlines() if line.startswith("failed ")]
@@ -160,7 +165,7 @@ def test_verify_through_a_proxy_in_auto_mode_is_live(
     shutil.copytree(recorded_store, served)
     proxy = start_proxy(store=str(served))  # auto: passthrough requests go upstream
 
-    result = seedcache("verify", "--store", str(recorded_store), "--upstream", proxy.base_url)
+    result = verify(recorded_store, proxy.base_url)
 
     assert result.exit_code == 0, result.output
     assert f"{ENDPOINTS} identical, 0 diverged (0.0%), 0 failed" in result.stdout
@@ -199,15 +204,7 @@ def test_verify_counts_a_change_of_usage_alone_as_no_divergence(
 ) -> None:
     upstream.usage_delta = 3  # chat completions: the same output, other token counts
 
-    result = seedcache(
-        "verify",
-        "--store",
-        str(recorded_store),
-        "--upstream",
-        upstream.base_url,
-        "--max-divergence",
-        "0",
-    )
+    result = verify(recorded_store, upstream.base_url, "--max-divergence", "0")
 
     assert result.exit_code == 0, result.output
     verdicts = [e["verdict"] for e in jsonl(recorded_store / "audit.jsonl")]
@@ -221,7 +218,7 @@ def test_verify_separates_a_fingerprint_change_from_a_divergence(
 ) -> None:
     upstream.fingerprint = "fp_fake0002"
 
-    result = seedcache("verify", "--store", str(recorded_store), "--upstream", upstream.base_url)
+    result = verify(recorded_store, upstream.base_url)
 
     assert result.exit_code == 0, result.output
     events = jsonl(recorded_store / "audit.jsonl")
@@ -273,7 +270,7 @@ def test_verify_skips_recordings_it_cannot_reissue_with_a_count(
 
     asyncio.run(put())
 
-    result = seedcache("verify", "--store", str(recorded_store), "--upstream", upstream.base_url)
+    result = verify(recorded_store, upstream.base_url)
 
     assert result.exit_code == 0, result.output
     assert "skipped 2 recordings (1 not a re-issuable endpoint, 1 unreadable)" in result.stdout
@@ -298,7 +295,7 @@ def test_verify_skips_a_recording_whose_request_had_a_secret_redacted(
     proxy.stop()
     upstream.reset()
 
-    result = seedcache("verify", "--store", str(store), "--upstream", upstream.base_url)
+    result = verify(store, upstream.base_url)
 
     assert result.exit_code == 0, result.output
     assert "skipped 1 recordings (1 a secret redacted from the request)" in result.stdout
@@ -312,7 +309,7 @@ def test_verify_reports_upstream_failures_and_exits_1(
     # 400 is not retried by the SDK: one failure per recording of that endpoint.
     upstream.fail_next(400, times=100, path="/v1/embeddings")
 
-    result = seedcache("verify", "--store", str(recorded_store), "--upstream", upstream.base_url)
+    result = verify(recorded_store, upstream.base_url)
 
     assert result.exit_code == 1
     assert "failed" in result.stderr and "/v1/embeddings" in result.stderr
@@ -344,9 +341,7 @@ def test_verify_with_an_empty_store_has_nothing_to_do(
 ) -> None:
     asyncio.run(DiskStore(str(tmp_path / "empty")).close())  # a store, with nothing in it
 
-    result = seedcache(
-        "verify", "--store", str(tmp_path / "empty"), "--upstream", upstream.base_url
-    )
+    result = verify(tmp_path / "empty", upstream.base_url)
 
     assert result.exit_code == 0, result.output
     assert "No recordings to verify" in result.stdout
@@ -361,7 +356,7 @@ def test_verify_refuses_a_store_that_does_not_exist_and_creates_none(
     if made:
         typo.mkdir()
 
-    result = seedcache("verify", "--store", str(typo), "--upstream", upstream.base_url)
+    result = verify(typo, upstream.base_url)
 
     assert result.exit_code == 2, result.output
     assert f"there is no store at '{typo}'" in result.stderr
@@ -373,15 +368,7 @@ def test_verify_refuses_a_store_that_does_not_exist_and_creates_none(
 def test_verify_says_when_the_model_filter_leaves_nothing(
     recorded_store: Path, upstream: FakeUpstream
 ) -> None:
-    result = seedcache(
-        "verify",
-        "--store",
-        str(recorded_store),
-        "--upstream",
-        upstream.base_url,
-        "--model",
-        "gpt-4o-mni",
-    )
+    result = verify(recorded_store, upstream.base_url, "--model", "gpt-4o-mni")
 
     assert result.exit_code == 0, result.output
     assert f"No recordings of model gpt-4o-mni to verify in {recorded_store} (" in result.stdout
@@ -393,7 +380,7 @@ def test_audit_summarises_what_verify_wrote_to_the_store(
     recorded_store: Path, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
-    seedcache("verify", "--store", str(recorded_store), "--upstream", upstream.base_url)
+    verify(recorded_store, upstream.base_url)
 
     result = seedcache("audit", "--store", str(recorded_store), "--json")
 
