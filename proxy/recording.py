@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any
 
 import orjson
 
@@ -97,9 +97,9 @@ class Sample:
             recorded_at=_header_value(data["recorded_at"], "recorded_at"),
             upstream=str(data.get("upstream", "")),
             model=None if data.get("model") is None else str(data["model"]),
-            system_fingerprint=_header_value(
-                data.get("system_fingerprint"), "system_fingerprint", optional=True
-            ),
+            system_fingerprint=None
+            if data.get("system_fingerprint") is None
+            else _header_value(data["system_fingerprint"], "system_fingerprint"),
             status=int(data.get("status", 200)),
             headers={
                 name.lower(): _header_value(value, f"header {name}")
@@ -125,14 +125,8 @@ def _optional_text(value: Any, name: str) -> str | None:
     return value
 
 
-@overload
-def _header_value(value: Any, name: str) -> str: ...
-@overload
-def _header_value(value: Any, name: str, *, optional: bool) -> str | None: ...
-def _header_value(value: Any, name: str, *, optional: bool = False) -> str | None:
+def _header_value(value: Any, name: str) -> str:
     """A stored value a replay sends as a header: a string on one line."""
-    if value is None and optional:
-        return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a hand-written fixture's `"openai-processing-ms": 312`
     if not isinstance(value, str) or "\r" in value or "\n" in value:
@@ -253,7 +247,7 @@ def stream_lacks_usage(sample: Sample) -> bool:
     """A chat or completions stream recorded without include_usage: it never learnt its usage."""
     if sample.events is None or is_responses(sample.events):
         return False
-    return not any(True for _ in _usage_chunks(sample.events))
+    return next(_usage_chunks(sample.events), None) is None
 
 
 def has_usage_chunk(events: tuple[Event, ...]) -> bool:
