@@ -938,11 +938,7 @@ class Handlers:
         retry: another paid call."""
         try:
             await recording
-        except StoreError as exc:
-            log.error("not recording %s: the store failed: %s", path, exc)
-            return False
-        except FormatError as exc:
-            # The recording already stored under the key cannot be read (a hand edit, a merge).
+        except (StoreError, FormatError) as exc:  # a FormatError: a hand edit, a merge
             log.error("not recording %s: %s", path, exc)
             return False
         return True
