@@ -146,7 +146,7 @@ def serve(**options: Any) -> None:
         raise
     # A files store's directory given without files: (or the reverse) is refused before binding.
     spec = check_store(config.store)
-    if spec.kind == "redis":
+    if spec.kind == "redis" and config.mode is not Mode.PASSTHROUGH:  # DESIGN §2: not touched
         # Every request would fail with a 503: most likely a mistyped URL or a server not up.
         asyncio.run(reach(config.store))
     directory = spec.directory

@@ -409,6 +409,17 @@ def test_serve_on_a_redis_it_cannot_use_exits_at_start_with_one_line(
     assert "app" not in captured_run_app
 
 
+def test_serve_in_passthrough_does_not_touch_its_redis_at_start(
+    captured_run_app: dict[str, Any],
+) -> None:
+    # Passthrough never uses the store (DESIGN §2): a Redis that is down is no reason to stop.
+    store = "redis://127.0.0.1:1/0"
+    result = run("serve", "--mode", "passthrough", "--store", store, "--port", str(free_port()))
+
+    assert result.exit_code == 0, result.output
+    assert "app" in captured_run_app
+
+
 def test_serve_on_a_redis_that_refuses_the_password_exits_at_start(
     captured_run_app: dict[str, Any], own_redis_server: RedisServer
 ) -> None:
