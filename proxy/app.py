@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpProcessingError
 
 from proxy import __version__
 from proxy.audit import parse_since, read_events, select, summarise
@@ -34,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     """The seedcache application for `config`; a given `store` is used instead of opening one."""
+    quiet_bad_http(logging.getLogger("aiohttp.server"))
     # Bodies over max_body are refused by aiohttp itself while reading (413).
     # The access check only when there are tokens: a middleware costs every request.
     middlewares = (
@@ -197,6 +200,35 @@ def error_response(error: ProxyError) -> web.Response:
         # RFC 9110 §15.5.9: the connection closes; the rest of the body is not waited for.
         response.force_close()
     return response
+
+
+class BadHttpLine(logging.Filter):
+    """aiohttp answers a request it cannot parse (a malformed request line, header or chunk size,
+    a header line over 8190 bytes) with a 400 itself, before any handler, and logs it as an ERROR
+    with a traceback that quotes the offending bytes: an over-long Authorization header, say.
+    Nothing failed here, and a client can send such requests at will: one WARNING line instead,
+    without the client's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = (str(exc.message).strip().splitlines() or [""])[0]
+            what = _QUOTED_BYTES.split(first, maxsplit=1)[0] or type(exc).__name__
+            record.msg = "bad HTTP request from %s: %s (answered 400)"
+            record.args = (record.args[0] if isinstance(record.args, tuple) else "-", what)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+# Where aiohttp's description of a parse error starts quoting the request: `…reading: b'…'`.
+_QUOTED_BYTES = re.compile(r":?\s*b['\"]|:\s*$")
+
+
+def quiet_bad_http(logger: logging.Logger) -> None:
+    """Install `BadHttpLine` on aiohttp's server logger, once."""
+    if not any(isinstance(f, BadHttpLine) for f in logger.filters):
+        logger.addFilter(BadHttpLine())
 
 
 @web.middleware

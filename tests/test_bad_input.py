@@ -315,3 +315,36 @@ def test_an_integral_float_seed_is_that_integer(
     )
     assert again.headers["x-seedcache-key"] == first.headers["x-seedcache-key"]
     assert upstream.count() == 1
+
+
+NOT_HTTP = [
+    ("content-length", b"Content-Length: abc\r\n"),
+    ("header name", b"Bad Header: y\r\n"),
+    # aiohttp quotes the start of a header line over 8190 bytes: here, a bearer token.
+    ("header too long", b"Authorization: Bearer " + b"x1" * 4500 + b"\r\n"),
+]
+
+
+@pytest.mark.parametrize("header", [h[1] for h in NOT_HTTP], ids=[h[0] for h in NOT_HTTP])
+def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line_without_traceback(
+    header: bytes,
+    proxy: RunningProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\n".encode() + header + b"\r\n")
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        answer.read()
+
+    assert answer.status == 400
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 1
+    assert records[0].levelname == "WARNING"
+    assert records[0].exc_info is None
+    line = records[0].getMessage()
+    assert line.startswith("bad HTTP request from 127.0.0.1: ") and "\n" not in line
+    assert "x1x1" not in line
+    assert upstream.count() == 0
+    assert_still_serving(proxy, upstream)
