@@ -18,12 +18,12 @@ from aiohttp.http import HttpProcessingError
 
 from proxy import __version__
 from proxy.audit import parse_since, read_events, select, summarise
-from proxy.config import Config
+from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import KEY, STARTED, STATUS, Handlers, client_key
 from proxy.recording import Recording, redact
 from proxy.report import totals
-from proxy.stores.base import Store, open_store
+from proxy.stores.base import Deferred, Store, open_store
 from proxy.upstream import Upstream
 
 log = logging.getLogger("seedcache")
@@ -46,9 +46,7 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app[CONFIG] = config
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        opened = (
-            store if store is not None else open_store(config.store, timeout=config.store_timeout)
-        )
+        opened = store if store is not None else _open_store(config)
         upstream = Upstream(config)
         await upstream.start()
         app[HANDLERS] = handlers = Handlers(config, opened, upstream)
@@ -76,6 +74,13 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.router.add_route("*", "/_seedcache{tail:(/(?!ns/).*)?}", no_such_endpoint)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
+
+
+def _open_store(config: Config) -> Store:
+    """The configured store; in passthrough mode, a local one only once a request needs it."""
+    if config.mode is Mode.PASSTHROUGH and StoreSpec.parse(config.store).directory is not None:
+        return Deferred(config.store, timeout=config.store_timeout)
+    return open_store(config.store, timeout=config.store_timeout)
 
 
 async def wrong_method(request: web.Request) -> web.StreamResponse:

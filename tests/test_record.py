@@ -119,6 +119,35 @@ def test_passthrough_forwards_everything_and_leaves_the_store_untouched(
     assert proxy.stats()["bypassed"] == 4
 
 
+@pytest.mark.parametrize("kind", ["disk", "files"])
+def test_a_passthrough_server_creates_no_store_until_a_request_asks_to_record(
+    kind: str, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    directory = tmp_path / "never-made"
+    proxy = start_proxy(
+        mode="passthrough", store=str(directory) if kind == "disk" else f"files:{directory}"
+    )
+    with proxy.client() as client:
+        client.chat.completions.create(**chat_request())
+    health = proxy.request("GET", "/_seedcache/health")
+    listed = proxy.request("GET", "/_seedcache/recordings")
+
+    assert health.status == 200 and health.json()["status"] == "ok"
+    assert listed.status == 200 and listed.json()["total"] == 0
+    assert not directory.exists()
+
+    # A request may still ask for another mode (DESIGN §2): then the store is made, and used.
+    with proxy.client(default_headers={"X-Seedcache-Mode": "auto"}) as client:
+        raws = [
+            client.chat.completions.with_raw_response.create(**chat_request()) for _ in range(2)
+        ]
+
+    assert [status(r) for r in raws] == ["recorded", "hit"]
+    assert directory.is_dir()
+    assert len(proxy.recordings()) == 1
+    assert upstream.count() == 2
+
+
 @pytest.mark.parametrize(
     ("alias", "mode"), [("once", "auto"), ("new_episodes", "auto"), ("all", "record")]
 )

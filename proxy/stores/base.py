@@ -86,6 +86,78 @@ class Locking(Protocol):
         """What was left under `name` and has not expired yet."""
 
 
+class Deferred:
+    """A local store opened when first needed, for a server in passthrough mode, which never
+    touches its store (DESIGN §2): no directory is created unless a request asks for another mode
+    (`X-Seedcache-Mode`) and writes. Reads of a store that does not exist yet find nothing."""
+
+    def __init__(self, spec: str, *, timeout: float = 2.0) -> None:
+        self._spec = spec
+        self._timeout = timeout
+        self._store: Store | None = None
+        parsed = StoreSpec.parse(spec)
+        self.description = parsed.shown
+        self.pretty = parsed.kind == "files"  # as FilesStore.pretty
+
+    def _open(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self._spec, timeout=self._timeout)
+        return self._store
+
+    def _existing(self) -> Store | None:
+        if self._store is None and store_exists(self._spec):
+            self._open()
+        return self._store
+
+    async def get(self, namespace: str, key: str) -> bytes | None:
+        store = self._existing()
+        return None if store is None else await store.get(namespace, key)
+
+    async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
+        return await self._open().update(namespace, key, fn)
+
+    async def put(self, namespace: str, key: str, value: bytes) -> None:
+        await self._open().put(namespace, key, value)
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        store = self._existing()
+        return store is not None and await store.delete(namespace, key)
+
+    async def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
+        store = self._existing()
+        if store is not None:
+            async for item in store.scan():
+                yield item
+
+    async def get_meta(self, name: str) -> str | None:
+        store = self._existing()
+        return None if store is None else await store.get_meta(name)
+
+    async def set_meta(self, name: str, value: str) -> None:
+        await self._open().set_meta(name, value)
+
+    async def add_meta(self, name: str, value: str) -> str:
+        return await self._open().add_meta(name, value)
+
+    async def check(self) -> None:
+        store = self._existing()
+        if store is not None:
+            await store.check()
+
+    async def append_event(self, event: bytes) -> None:
+        await self._open().append_event(event)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        store = self._existing()
+        if store is not None:
+            async for event in store.events():
+                yield event
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
 def check_store(spec: str) -> StoreSpec:
     """`spec` taken apart; ConfigError when it names no store, or a directory that holds the
     other kind of local store (every request would miss, and opening it would write into it)."""
