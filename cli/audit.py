@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.options import require_store, store_option, store_spec
+from cli.options import require_store, shown, store_option, store_spec
 from proxy import report
 from proxy.audit import AuditLog, parse_since, read_events, read_jsonl, select, summarise
 from proxy.config import (
@@ -85,13 +85,15 @@ def audit(
         moment = parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    source = audit_log or store_spec(store)
+    spec = store_spec(store) if not audit_log else ""
+    # What the output names: the report may be shared, so a Redis URL without its credentials.
+    source = audit_log or shown(spec)
     if audit_log:
         raw = read_jsonl(audit_log)
-    elif not store_exists(source):
+    elif not store_exists(spec):
         raw = []  # nothing recorded yet; opening the store would create it
     else:
-        raw = asyncio.run(_store_events(source))
+        raw = asyncio.run(_store_events(spec))
     events = select(raw, since=moment, model=model)
     groups = summarise(events)
     if html_file:
@@ -195,11 +197,11 @@ def verify(
     if not selection.recordings:
         if selection.other_models:
             click.echo(
-                f"No recordings of model {model} to verify in {config.store} "
+                f"No recordings of model {model} to verify in {shown(config.store)} "
                 f"({selection.other_models} of other models)."
             )
         else:
-            click.echo(f"No recordings to verify in {config.store}.")
+            click.echo(f"No recordings to verify in {shown(config.store)}.")
         return
     for failure in outcome.failures:
         click.echo(f"failed {failure.key[:12]} {failure.path}: {failure.message}", err=True)

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from proxy.config import DEFAULT_STORE, Config
+from proxy.config import DEFAULT_STORE, Config, StoreSpec
 from proxy.errors import SeedcacheError
 from proxy.stores.base import check_store, store_exists
 
@@ -38,8 +38,16 @@ def store_spec(store: str | None) -> str:
     return spec
 
 
+def shown(spec: str) -> str:
+    """A store as output names it: a Redis URL without its credentials (output lands in CI
+    logs)."""
+    return StoreSpec.parse(spec).shown
+
+
 def require_store(spec: str) -> None:
     """Refuse a store that does not exist, instead of creating it by opening it: the commands
     that only read recordings must not leave an empty store behind a mistyped --store."""
     if not store_exists(spec):
-        raise SeedcacheError(f"there is no store at {spec!r}: nothing has been recorded there")
+        raise SeedcacheError(
+            f"there is no store at {shown(spec)!r}: nothing has been recorded there"
+        )

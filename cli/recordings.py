@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cli.options import require_store, store_option, store_spec
+from cli.options import require_store, shown, store_option, store_spec
 from proxy.audit import parse_since
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError, FormatError, SeedcacheError
@@ -209,10 +209,10 @@ def ls(
         return
     if not rows:
         if found:
-            click.echo(f"No recordings in {spec} match the filters ({len(found)} in all).")
+            click.echo(f"No recordings in {shown(spec)} match the filters ({len(found)} in all).")
         else:
             click.echo(
-                f"No recordings in {spec} yet. Record some with `seedcache serve` "
+                f"No recordings in {shown(spec)} yet. Record some with `seedcache serve` "
                 "(mode auto or record) and point OPENAI_BASE_URL at it."
             )
         return
@@ -264,7 +264,7 @@ def show(store: str | None, key: str) -> None:
     """Print the recording KEY (a unique prefix is enough) as pretty JSON."""
     spec = store_spec(store)
     require_store(spec)
-    found = resolve(key, asyncio.run(_scan_spec(spec)), spec)
+    found = resolve(key, asyncio.run(_scan_spec(spec)), shown(spec))
     try:
         recording = Recording.loads(found.raw)
     except FormatError as exc:
@@ -300,7 +300,7 @@ def rm(store: str | None, keys: tuple[str, ...]) -> None:
 async def _rm(spec: str, keys: tuple[str, ...]) -> None:
     async with _opened(spec) as store:
         found = await _scan(store)
-        chosen = {item.key: item for item in (resolve(key, found, spec) for key in keys)}
+        chosen = {item.key: item for item in (resolve(key, found, shown(spec)) for key in keys)}
         for item in chosen.values():
             if await store.delete(item.namespace, item.key):
                 # An unreadable recording is often why it is removed: no warning about it.
@@ -350,7 +350,7 @@ def prune(
         ) from None
     spec = store_spec(store)
     if not store_exists(spec):
-        click.echo(f"No recordings in {spec}: nothing to prune.")
+        click.echo(f"No recordings in {shown(spec)}: nothing to prune.")
         return
     filters = _Filters(before, model, fingerprint)
     samples, recordings, deleted = asyncio.run(_prune(spec, filters, dry_run))
@@ -493,7 +493,7 @@ async def _copy(source_spec: str, dest_spec: str, verb: str, label: str) -> None
     skipped = f"; skipped {tally.skipped} unreadable" if tally.skipped else ""
     click.echo(
         f"{verb} {copied} recordings ({tally.new} new, {tally.merged} merged) "
-        f"from {source_spec} to {dest_spec}{skipped}"
+        f"from {shown(source_spec)} to {shown(dest_spec)}{skipped}"
     )
 
 

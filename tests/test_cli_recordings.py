@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner, Result
 
 from cli.main import main
@@ -22,6 +23,7 @@ from proxy.stores.base import open_store
 from proxy.stores.disk import DiskStore
 from tests.conftest import RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
+from tests.redis_server import RedisServer
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
@@ -782,3 +784,28 @@ def test_rm_of_an_unreadable_recording_removes_it_without_a_warning(
     assert result.output == "removed e254fd01bb08 (unreadable)\n"  # no "skipping …" warning
     assert not conflicted.exists()
     assert len(ls_json(f"files:{committed}")) == 3
+
+
+def test_no_command_prints_the_password_of_a_redis_store(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # CLI output lands in CI logs: a Redis store is named without its credentials, as serve does.
+    with redis.Redis(port=own_redis_server.port) as client:
+        client.config_set("requirepass", "S3cr3t-pw")
+    url = f"redis://:S3cr3t-pw@127.0.0.1:{own_redis_server.port}/3"
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    commands = [
+        ("ls", "--store", url),
+        ("show", "--store", url, "abcd"),
+        ("rm", "--store", url, "abcd"),
+        ("prune", "--store", url, "--older-than", "1d"),
+        ("audit", "--store", url),
+        ("export", "--store", url, str(tmp_path / "out")),
+        ("import", "--store", url, f"files:{empty_dir}"),
+    ]
+    outputs = [run(*command).output for command in commands]
+
+    assert all(output.strip() for output in outputs)
+    leaked = [c[0] for c, output in zip(commands, outputs, strict=True) if "S3cr3t" in output]
+    assert leaked == []
