@@ -256,11 +256,14 @@ _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 def _public(url: str) -> str:
     """A URL without its credentials or options, for messages."""
+    scheme, _, rest = url.partition("://")
+    # Everything up to the last @ is credentials, also where a raw #, / or ? in a password ends
+    # the authority for a URL parser.
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
     except ValueError:  # an unclosed [IPv6 address
-        return url.partition("://")[0] + "://…"
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+        return scheme + "://…"
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _check_redis_url(url: str) -> None:
@@ -270,7 +273,11 @@ def _check_redis_url(url: str) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- reading it parses it
     except ValueError as exc:
-        raise ConfigError(f"--store {_public(url)!r} is not a usable Redis URL: {exc}") from None
+        # The parser's reason would quote what it took for the port: part of such a password.
+        reason = (
+            "percent-encode the password's # / ? @ (as %23 %2F %3F %40)" if "@" in url else str(exc)
+        )
+        raise ConfigError(f"--store {_public(url)!r} is not a usable Redis URL: {reason}") from None
     db = parts.path.strip("/")
     if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
         raise ConfigError(
