@@ -169,12 +169,25 @@ def serve(**options: Any) -> None:
 
 
 async def reach(spec: str) -> None:
-    """Read the store once, as the health check does: StoreError when it cannot be reached."""
+    """Read the store once, as the health check does: StoreError when it cannot be reached.
+    Warn when the server may evict recordings."""
+    from proxy.stores.redis_store import RedisStore
+
     store = open_store(spec)
     try:
         await store.get_meta("health")
+        policy = await store.eviction_policy() if isinstance(store, RedisStore) else None
     finally:
         await store.close()
+    if policy is not None and policy.startswith("allkeys-"):
+        # Recordings carry no TTL: volatile-* policies never evict them, allkeys-* ones do,
+        # silently, and each evicted recording is a paid upstream call again.
+        click.echo(
+            f"seedcache: warning: Redis at {StoreSpec.parse(spec).shown} has maxmemory-policy "
+            f"{policy}: when it fills up it deletes recordings, and their requests go upstream "
+            "again; use noeviction (or a volatile-* policy) for a store of recordings",
+            err=True,
+        )
 
 
 # What a worker of `serve --workers N` sends its parent once it serves; otherwise it sends why it

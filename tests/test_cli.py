@@ -374,6 +374,33 @@ def test_the_start_up_line_shows_a_redis_store_without_its_password(
 
 
 @pytest.mark.parametrize(
+    ("policy", "warned"),
+    [
+        ("allkeys-lru", True),
+        ("allkeys-random", True),
+        ("volatile-lru", False),
+        ("noeviction", False),
+    ],
+)
+def test_serve_warns_of_a_redis_that_evicts_recordings(
+    policy: str, warned: bool, captured_run_app: dict[str, Any], own_redis_server: RedisServer
+) -> None:
+    with redis.Redis(port=own_redis_server.port) as client:
+        client.config_set("maxmemory-policy", policy)
+
+    result = run("serve", "--port", "0", "--store", f"redis://127.0.0.1:{own_redis_server.port}/0")
+
+    assert result.exit_code == 0, result.output
+    assert "app" in captured_run_app
+    if warned:
+        assert f"has maxmemory-policy {policy}: when it fills up it deletes recordings" in (
+            result.stderr
+        )
+    else:
+        assert "maxmemory-policy" not in result.stderr
+
+
+@pytest.mark.parametrize(
     ("store", "says"),
     [
         ("redis://127.0.0.1:1/0", "cannot reach Redis at redis://127.0.0.1:1/0: "),

@@ -246,6 +246,16 @@ class RedisStore:
             value = await self._redis.get(POST_PREFIX + name)
         return None if value is None else _bytes(value)
 
+    async def eviction_policy(self) -> str | None:
+        """The server's maxmemory-policy, or None when it will not say (managed Redis services
+        often disable CONFIG)."""
+        try:
+            found = await self._redis.config_get("maxmemory-policy")
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        policy = found.get("maxmemory-policy")  # redis-py decodes CONFIG GET's reply
+        return str(policy) if policy else None
+
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Map redis-py's exceptions to StoreError at the store's boundary."""
