@@ -598,11 +598,34 @@ class _Collector:
 
 
 def _difference(path: str, recorded: Any, live: Any) -> Difference:
+    if isinstance(recorded, str) and isinstance(live, str):
+        return Difference(path, *_short_texts(recorded, live))
     return Difference(
         path,
         ABSENT if recorded is _MISSING else short(recorded),
         ABSENT if live is _MISSING else short(live),
     )
+
+
+def _short_texts(a: str, b: str, limit: int = 60) -> tuple[str, str]:
+    """Two differing texts cut down for a log line. When they part past what `short` shows (a
+    long system prompt with one word changed), both are shown from a little before that point:
+    two identical beginnings would say nothing."""
+    parted = _common_prefix_length(a, b)
+    if parted < limit - 1:
+        return short(a, limit), short(b, limit)
+    start = parted - _LEAD_IN
+    return _window(a, start, limit), _window(b, start, limit)
+
+
+# Characters shown before the point where two long texts part.
+_LEAD_IN = 20
+
+
+def _window(text: str, start: int, limit: int) -> str:
+    """`limit` characters of `text` from `start`, marked "…" where cut."""
+    shown = text[start : start + limit - 2]
+    return "…" + shown + ("…" if start + limit - 2 < len(text) else "")
 
 
 def _absent(value: Any) -> bool:

@@ -240,6 +240,22 @@ def test_a_miss_message_names_the_nearest_recording_and_what_differs(
     assert key_of(recorded)[:12] not in other_model.json()["error"]["message"]
 
 
+def test_a_miss_in_a_long_prompt_shows_where_the_texts_part(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    prompt = "You are a careful travel agent. " * 60 + "Answer in {}. " + "Be brief. " * 10
+    recorded = chat_request(seed=9)
+    recorded["messages"] = [{"role": "system", "content": prompt.format("French")}]
+    asked = {**recorded, "messages": [{"role": "system", "content": prompt.format("German")}]}
+    replayer = record_then_replay(start_proxy, recorded)
+
+    message = replayer.request("POST", CHAT, asked).json()["error"]["message"]
+
+    # Not two copies of the same first 60 characters: the point where one word changed.
+    assert "messages[0].content: '…" in message
+    assert "Answer in French." in message and "Answer in German." in message
+
+
 def test_a_miss_says_which_other_namespace_holds_the_same_request(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
