@@ -113,8 +113,10 @@ class Config:
     access_log: bool = True
     # Seconds a disk store call may wait on SQLite's lock before failing (diskcache default is 60).
     store_timeout: float = 2.0
-    # What a miss in replay tells the user to run to record (the pytest plugin names its option).
+    # What a miss in replay tells the user to run to record, and a recording refused for its
+    # fingerprint to record again (the pytest plugin names its option).
     record_hint: str = "seedcache serve --mode auto"
+    rerecord_hint: str = "X-Seedcache-Mode: record (or seedcache serve --mode record)"
 
     @classmethod
     def build(cls, **given: Any) -> Config:

@@ -424,15 +424,20 @@ class Handlers:
             if policy is OnFingerprintChange.REFRESH and incoming.mode is not Mode.REPLAY:
                 return None
             if policy is OnFingerprintChange.FAIL:
-                raise ProxyError(
+                # Counted as stale: a stale recording, refused rather than replayed.
+                self.metrics.count("stale", canon.model, sample.system_fingerprint)
+                refused = ProxyError(
                     409,
                     f"The recording {canon.key[:12]} has no sample for the current fingerprint "
                     f"{current} of {canon.model} (newest: {sample.system_fingerprint}). Re-record "
-                    "it with X-Seedcache-Mode: record, or pin a fingerprint with "
+                    f"it with: {self.config.rerecord_hint}; or pin a fingerprint with "
                     "X-Seedcache-Fingerprint.",
                     type="seedcache_stale",
                     code="fingerprint_changed",
                 )
+                refused.headers[STATUS] = "stale"
+                refused.headers[KEY] = canon.key
+                raise refused
         status = "stale" if stale else "hit"
         self.metrics.count(status, canon.model, sample.system_fingerprint)
         return await self._replay(request, incoming, decoded, sample, status)

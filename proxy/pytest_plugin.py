@@ -32,6 +32,7 @@ SETTINGS = ("mode", "store", "upstream", "repeat", "on_fingerprint_change")
 # The variables the plugin sets, and restores when pytest is done.
 ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY")
 RECORD_HINT = "pytest --seedcache-mode auto"
+RERECORD_HINT = "pytest --seedcache-mode record"
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
 # The totals of the summary line (/_seedcache/stats names).
 COUNTED = ("hits", "misses", "recorded", "stale", "upstream_errors")
@@ -238,7 +239,13 @@ def _settings(config: pytest.Config) -> _Plugin:
             raise ConfigError("--seedcache-store files: needs a directory: files:tests/recordings")
         # Relative directories are taken from the rootdir, so `pytest` works from any folder.
         options["store"] = spec.resolved(str(config.rootpath))
-        built = Config.build(port=0, access_log=False, record_hint=RECORD_HINT, **options)
+        built = Config.build(
+            port=0,
+            access_log=False,
+            record_hint=RECORD_HINT,
+            rerecord_hint=RERECORD_HINT,
+            **options,
+        )
     except ConfigError as exc:
         raise pytest.UsageError(_problem(exc)) from None
     return _Plugin(built, bool(given["fail_on_miss"]), str(config.rootpath), _opted_in(given))

@@ -290,6 +290,12 @@ def test_fail_answers_an_error_the_sdk_does_not_retry(
     assert error["type"] == "seedcache_stale"
     assert error["code"] == "fingerprint_changed"
     assert FP_B in error["message"]
+    assert (
+        "Re-record it with: X-Seedcache-Mode: record (or seedcache serve --mode record)"
+        in (error["message"])
+    )
+    assert caught.value.response.headers["x-seedcache-status"] == "stale"
+    assert proxy.stats()["stale"] == 1
     assert upstream.count() == calls
 
 

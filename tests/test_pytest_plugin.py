@@ -325,8 +325,9 @@ def test_a_new_question_sees_the_new_fingerprint():
     assert ask("Tell me about Venus").system_fingerprint == "fp_moved"
 
 def test_the_old_recording_is_refused():
-    with pytest.raises(openai.ConflictError, match="fingerprint"):
+    with pytest.raises(openai.ConflictError, match="fingerprint") as refused:
         ask("Tell me about Mars")
+    assert "Re-record it with: pytest --seedcache-mode record;" in str(refused.value)
 """,
     )
     result = run(
@@ -338,6 +339,7 @@ def test_the_old_recording_is_refused():
         "new_question or old_recording",
     )
     result.assert_outcomes(passed=2, deselected=2)
+    result.stdout.fnmatch_lines(["*1 recorded, 1 stale*"])
 
     kept = run(
         pytester,
