@@ -12,7 +12,7 @@ import logging
 import secrets
 import shlex
 import time
-from collections.abc import Awaitable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -619,23 +619,35 @@ class Handlers:
 
     async def _build_index(self) -> RequestIndex:
         try:
-            index = RequestIndex()
-            read = 0
-            async for _, key, raw in self.store.scan():
-                read += 1
-                if read % INDEX_BATCH == 0:
-                    await asyncio.sleep(0)  # let the requests meanwhile be served
-                try:
-                    recording = Recording.loads(raw)
-                except FormatError:
-                    continue
-                index.add(
-                    key, recording.namespace, recording.method, recording.path, recording.body
-                )
+            previous = self._index
+            if previous is None:
+                index = RequestIndex()
+                await _index_all(index, self.store.scan())
+            else:
+                # What a recording asks never changes (its key is made of it): only the keys
+                # that came or went since are read, not the whole store again (a shared Redis
+                # of gigabytes, every few seconds while misses come).
+                present: dict[str, str] = {}
+                async for namespace, key in self.store.names():
+                    present[key] = namespace
+                    if len(present) % INDEX_BATCH == 0:
+                        await asyncio.sleep(0)
+                known = previous.keys()
+                index = previous.without(known - present.keys())
+                await _index_all(index, self._values(present, present.keys() - known))
             self._index, self._index_at = index, time.monotonic()
             return index
         finally:
             self._index_build = None
+
+    async def _values(
+        self, namespaces: Mapping[str, str], keys: Iterable[str]
+    ) -> AsyncIterator[tuple[str, str, bytes]]:
+        """(namespace, key, value) of the recordings under `keys`, as `Store.scan` yields them."""
+        for key in keys:
+            raw = await self.store.get(namespaces[key], key)
+            if raw is not None:  # deleted since it was listed
+                yield namespaces[key], key, raw
 
     async def close(self) -> None:
         """Stop the work this object started in the background."""
@@ -1046,6 +1058,20 @@ class Handlers:
         except (ProxyError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("audit embeddings with %s failed: %s", body["model"], exc)
         return None
+
+
+async def _index_all(index: RequestIndex, found: AsyncIterator[tuple[str, str, bytes]]) -> None:
+    """Add every readable recording `found` (as `Store.scan` yields them) to `index`."""
+    read = 0
+    async for _, key, raw in found:
+        read += 1
+        if read % INDEX_BATCH == 0:
+            await asyncio.sleep(0)  # let the requests meanwhile be served
+        try:
+            recording = Recording.loads(raw)
+        except FormatError:
+            continue
+        index.add(key, recording.namespace, recording.method, recording.path, recording.body)
 
 
 def failure_from(posted: bytes, key: str) -> ProxyError:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -226,6 +226,18 @@ class RequestIndex:
 
     def __len__(self) -> int:
         return sum(len(group) for group in self._groups.values())
+
+    def keys(self) -> set[str]:
+        """The keys of the recordings indexed."""
+        return {key for group in self._groups.values() for key in group}
+
+    def without(self, gone: Container[str]) -> RequestIndex:
+        """A copy without the recordings under the keys `gone`."""
+        kept = RequestIndex()
+        for where, group in self._groups.items():
+            if left := {key: item for key, item in group.items() if key not in gone}:
+                kept._groups[where] = left
+        return kept
 
     def add(self, key: str, namespace: str, method: str, path: str, body: Any) -> None:
         """Index (or re-index) one recording's canonical request."""

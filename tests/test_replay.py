@@ -1009,3 +1009,53 @@ def test_a_miss_after_a_quiet_spell_sees_what_other_proxies_recorded_meanwhile(
 
     assert "No recording has the same method, path and model" in first.json()["error"]["message"]
     assert "The nearest recording" in again.json()["error"]["message"]
+
+
+def test_a_rebuilt_miss_index_reads_only_the_recordings_that_came_since(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A shared store of gigabytes must not be read whole every few seconds while misses come:
+    # what a recording asks never changes, so only new keys are read, and gone ones dropped.
+    directory = tmp_path / "rec"
+    store = f"files:{directory}"
+    recorder = start_proxy(store=store)
+    for seed in range(10):
+        recorder.request("POST", CHAT, chat_request(seed=seed))
+    replay = start_proxy(store=store, mode="replay")
+    replay.request("POST", CHAT, chat_request(seed=100))  # the first index: the whole store
+    added = chat_request(seed=50, temperature=0.3)
+    recorder.request("POST", CHAT, added)
+    (directory / f"{key_of(chat_request(seed=3))}.json").unlink()
+    read: list[str] = []
+    get, scan = FilesStore.get, FilesStore.scan
+
+    async def counted_get(self: FilesStore, namespace: str, key: str) -> bytes | None:
+        read.append(key)
+        return await get(self, namespace, key)
+
+    def counted_scan(self: FilesStore) -> Any:
+        read.append("scan")
+        return scan(self)
+
+    monkeypatch.setattr(FilesStore, "get", counted_get)
+    monkeypatch.setattr(FilesStore, "scan", counted_scan)
+    monkeypatch.setattr(handlers_module, "INDEX_TTL", 0.0)
+    monkeypatch.setattr(handlers_module, "INDEX_STALE_LIMIT", 0.0)
+
+    near_added = replay.request("POST", CHAT, chat_request(seed=50, temperature=0.4))
+    near_deleted = replay.request("POST", CHAT, chat_request(seed=3, temperature=0.9))
+
+    assert (
+        f"nearest recording, {key_of(added)[:12]}, differs at: temperature"
+        in (near_added.json()["error"]["message"])
+    )
+    assert key_of(chat_request(seed=3))[:12] not in near_deleted.json()["error"]["message"]
+    # Each miss looks its own key up; the rebuilds read the one new recording, and no scan.
+    looked_up = {
+        key_of(chat_request(seed=50, temperature=0.4)),
+        key_of(chat_request(seed=3, temperature=0.9)),
+    }
+    assert [key for key in read if key not in looked_up] == [key_of(added)]

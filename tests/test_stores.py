@@ -196,6 +196,18 @@ class TestStoreContract:
             (ns, key("other")): b"other",
         }
 
+    async def test_names_are_what_scan_finds_without_the_values(self, store: Store) -> None:
+        assert [name async for name in store.names()] == []
+        for i in range(120):
+            await store.put("", key(i), b"v%d" % i)
+        await store.put("team-a", key("other"), b"other")
+        await store.delete("", key(7))
+
+        names = [name async for name in store.names()]
+
+        assert len(names) == len(set(names)) == 120
+        assert set(names) == set(await collect(store))
+
     async def test_namespaces_keep_keys_apart(self, store: Store) -> None:
         if not namespaced(store):
             pytest.skip("the disk store keys by key alone; the key already includes the namespace")

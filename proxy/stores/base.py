@@ -42,6 +42,9 @@ class Store(Protocol):
     def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
         """Every (namespace, key, value) stored, in no particular order."""
 
+    def names(self) -> AsyncIterator[tuple[str, str]]:
+        """Every (namespace, key) stored, as `scan` but without reading the values."""
+
     async def get_meta(self, name: str) -> str | None:
         """A small shared state value (the current fingerprint of a model, …)."""
 
@@ -128,6 +131,12 @@ class Deferred:
         if store is not None:
             async for item in store.scan():
                 yield item
+
+    async def names(self) -> AsyncIterator[tuple[str, str]]:
+        store = self._existing()
+        if store is not None:
+            async for name in store.names():
+                yield name
 
     async def get_meta(self, name: str) -> str | None:
         store = self._existing()

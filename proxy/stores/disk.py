@@ -137,6 +137,10 @@ class DiskStore:
                 if value is not None:
                     yield "", name[len(_RECORDING) :], value
 
+    async def names(self) -> AsyncIterator[tuple[str, str]]:
+        for name in await self._off_loop(self._names, _RECORDING):
+            yield "", name[len(_RECORDING) :]
+
     async def get_meta(self, name: str) -> str | None:
         self._follow()
         return self._call(self._cache.get, _META + name)  # type: ignore[no-any-return]

@@ -142,6 +142,10 @@ class FilesStore:
             if value is not None:  # deleted since it was listed
                 yield namespace, key, value
 
+    async def names(self) -> AsyncIterator[tuple[str, str]]:
+        for namespace, key, _ in await self._off_loop(self._list):
+            yield namespace, key
+
     async def get_meta(self, name: str) -> str | None:
         value = (await self._off_loop(self._read_meta) or {}).get(name)
         return value if isinstance(value, str) else None

@@ -152,7 +152,23 @@ class RedisStore:
         return removed > 0
 
     async def scan(self) -> AsyncIterator[tuple[str, str, bytes]]:
-        # SCAN may return a key twice (while Redis rehashes); yield each recording once.
+        async for batch in self._scanned():
+            with self._errors():
+                values = await self._redis.mget(batch)
+            for name, value in zip(batch, values, strict=True):
+                parsed = _parse_name(name)
+                if parsed is not None and value is not None:  # None: deleted since SCAN
+                    yield parsed[0], parsed[1], _bytes(value)
+
+    async def names(self) -> AsyncIterator[tuple[str, str]]:
+        async for batch in self._scanned():
+            for name in batch:
+                if (parsed := _parse_name(name)) is not None:
+                    yield parsed
+
+    async def _scanned(self) -> AsyncIterator[list[bytes]]:
+        """The Redis names of every recording, in batches of at most _MGET_BATCH."""
+        # SCAN may return a key twice (while Redis rehashes); each name comes once.
         seen: set[bytes] = set()
         cursor = 0
         while True:
@@ -161,13 +177,7 @@ class RedisStore:
             fresh = [name for name in map(_bytes, names) if name not in seen]
             seen.update(fresh)
             for start in range(0, len(fresh), _MGET_BATCH):
-                batch = fresh[start : start + _MGET_BATCH]
-                with self._errors():
-                    values = await self._redis.mget(batch)
-                for name, value in zip(batch, values, strict=True):
-                    parsed = _parse_name(name)
-                    if parsed is not None and value is not None:  # None: deleted since SCAN
-                        yield parsed[0], parsed[1], _bytes(value)
+                yield fresh[start : start + _MGET_BATCH]
             if cursor == 0:
                 return
 
