@@ -242,6 +242,27 @@ class Recording:
             return self
         return replace(self, samples=(*kept, sample))
 
+    def with_sample_at(self, sample: Sample, index: int, *, keep: int | None = None) -> Recording:
+        """This recording with `sample` as its sample number `index` (from 0), for
+        `--repeat sequence`, where a sample's place is the identical request it answers.
+
+        The sample there is replaced, or `sample` appended when the recording ends before
+        `index`. An output equal to another sample's is a sample of its own: a run that got the
+        same answer twice replays it twice. With `keep`, the samples from number `keep` on are
+        dropped (a record run that made fewer identical requests than there are samples).
+        """
+        samples = self.samples[:keep]
+        index = min(index, len(samples))
+        if index < len(samples):
+            old = samples[index]
+            if (
+                stream_lacks_usage(sample)
+                and not stream_lacks_usage(old)
+                and _same_output(old, sample)
+            ):
+                sample = old  # as in `with_sample`: the same output with its usage says more
+        return replace(self, samples=(*samples[:index], sample, *samples[index + 1 :]))
+
 
 def stream_lacks_usage(sample: Sample) -> bool:
     """A chat or completions stream recorded without include_usage: it never learnt its usage."""

@@ -218,6 +218,57 @@ def test_a_streamed_and_a_plain_sample_are_never_the_same_output() -> None:
     assert recording(plain).with_sample(stream).samples == (plain, stream)
 
 
+# -- with_sample_at (--repeat sequence) -----------------------------------------------------------
+
+FIRST, SECOND, THIRD = (sample(body=completion(text)) for text in ("Red.", "Blue.", "Green."))
+NEW = sample(body=completion("Amber."), recorded_at="2026-11-24T00:00:00.000Z")
+
+PLACES = [
+    # (name, samples, new sample, index, keep, expected samples)
+    ("replaces the sample at its index", (FIRST, SECOND, THIRD), NEW, 1, None, (FIRST, NEW, THIRD)),
+    ("appends after the last", (FIRST, SECOND), NEW, 2, None, (FIRST, SECOND, NEW)),
+    ("appends where the recording ends", (FIRST,), NEW, 3, None, (FIRST, NEW)),
+    ("the first of an empty recording", (), NEW, 0, None, (NEW,)),
+    ("drops the samples from keep on", (FIRST, SECOND, THIRD), NEW, 0, 1, (NEW,)),
+    ("keeps the samples before keep", (FIRST, SECOND, THIRD), NEW, 0, 2, (NEW, SECOND)),
+    ("appends after what keep leaves", (FIRST, SECOND, THIRD), NEW, 3, 2, (FIRST, SECOND, NEW)),
+    ("an equal output is a sample of its own", (FIRST,), FIRST, 1, None, (FIRST, FIRST)),
+]
+
+
+@pytest.mark.parametrize(
+    ("samples", "new", "index", "keep", "expected"),
+    [case[1:] for case in PLACES],
+    ids=[case[0] for case in PLACES],
+)
+def test_with_sample_at(
+    samples: tuple[Sample, ...],
+    new: Sample,
+    index: int,
+    keep: int | None,
+    expected: tuple[Sample, ...],
+) -> None:
+    assert recording(*samples).with_sample_at(new, index, keep=keep).samples == expected
+
+
+CHUNK = (
+    '{"object":"chat.completion.chunk","model":"gpt-4o-mini-2024-07-18","choices":'
+    '[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}'
+)
+USAGE_CHUNK = (
+    '{"object":"chat.completion.chunk","model":"gpt-4o-mini-2024-07-18","choices":[],'
+    '"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
+
+
+def test_with_sample_at_keeps_the_same_output_with_its_usage() -> None:
+    with_usage, without = streamed(CHUNK, USAGE_CHUNK), streamed(CHUNK, t0=50)
+
+    assert recording(with_usage).with_sample_at(without, 0).samples == (with_usage,)
+    assert recording(without).with_sample_at(with_usage, 0).samples == (with_usage,)
+    assert recording(with_usage).with_sample_at(without, 1).samples == (with_usage, without)
+
+
 # -- pick_sample (DESIGN §4) ----------------------------------------------------------------------
 
 A_OLD = sample(system_fingerprint="fp_a", recorded_at="1")
