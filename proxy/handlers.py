@@ -138,6 +138,13 @@ class Incoming:
     stream: bool
     include_usage: bool
     canon: CanonicalRequest | None
+    # --repeat sequence: how many identical requests of the run came before this one, so the
+    # number of the sample it replays or records (from 0); 0 under --repeat reuse.
+    ordinal: int = 0
+    # --repeat sequence: whether the recording had that sample when this request went upstream.
+    # Its answer then replaces it; else it is added after the last, since identical requests in
+    # flight together are answered in any order.
+    replaces: bool = False
 
     @property
     def model(self) -> str | None:
@@ -217,8 +224,11 @@ class Handlers:
         self.used: set[str] | None = None
         self._salt: str | None = None
         self._salt_lock = asyncio.Lock()
-        # --repeat sequence: how many identical requests per key this run has served.
+        # --repeat sequence: how many identical requests per key this run has served, and the
+        # most that any part of the run (a test, under the pytest plugin) has made: a record run
+        # keeps that many samples.
         self._sequence: dict[str, int] = {}
+        self._reached: dict[str, int] = {}
         # The namespace of requests that name none (no header, no /_seedcache/ns/ path): the
         # configured one, or the current test's under the pytest plugin.
         self.namespace = config.namespace
@@ -352,7 +362,16 @@ class Handlers:
         stream = isinstance(body, dict) and body.get("stream") is True and route in STREAMED
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return Incoming(method, path, raw, body, mode, read, write, stream, include_usage, canon)
+        ordinal = 0
+        if canon is not None and self.config.repeat is Repeat.SEQUENCE:
+            # Every identical request counts, in every mode that uses the store, so that the k-th
+            # one records sample k where a replay run will look for it.
+            ordinal = self._sequence.get(canon.key, 0)
+            self._sequence[canon.key] = ordinal + 1
+            self._reached[canon.key] = max(self._reached.get(canon.key, 0), ordinal + 1)
+        return Incoming(
+            method, path, raw, body, mode, read, write, stream, include_usage, canon, ordinal
+        )
 
     async def _isolated(self, namespace: str, request: web.Request) -> str:
         """`--isolate-by-key`: the namespace plus a salted hash of the client's API key, so that
@@ -393,11 +412,6 @@ class Handlers:
         """Replay the recording of this request if there is one fit to serve, else None."""
         canon = incoming.canon
         assert canon is not None
-        ordinal = 0
-        if self.config.repeat is Repeat.SEQUENCE:
-            # Every identical request counts, the first one (usually a miss) included.
-            ordinal = self._sequence.get(canon.key, 0)
-            self._sequence[canon.key] = ordinal + 1
         decoded = await self._decoded(canon)
         if decoded is None:
             return None
@@ -405,7 +419,7 @@ class Handlers:
         if not recording.samples:
             return None  # emptied by hand or by a merge: as if it were not there
         if self.config.repeat is Repeat.SEQUENCE:
-            return await self._lookup_sequence(request, incoming, decoded, ordinal)
+            return await self._lookup_sequence(request, incoming, decoded)
         pinned = request.headers.get(FINGERPRINT, "").strip() or None  # empty: no pin
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
@@ -458,11 +472,12 @@ class Handlers:
         return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
 
     async def _lookup_sequence(
-        self, request: web.Request, incoming: Incoming, decoded: Decoded, ordinal: int
+        self, request: web.Request, incoming: Incoming, decoded: Decoded
     ) -> web.StreamResponse | None:
         """`--repeat sequence`: the k-th identical request of this run gets the k-th sample; past
         the last sample, auto records a new one and replay misses."""
         recording = decoded.recording
+        ordinal = incoming.ordinal
         if ordinal >= len(recording.samples):
             if incoming.mode is Mode.REPLAY:
                 raise await self._miss(
@@ -686,6 +701,8 @@ class Handlers:
         """Forward this request and record it; identical concurrent misses wait for us."""
         canon = incoming.canon
         assert canon is not None
+        if self.config.repeat is Repeat.SEQUENCE and incoming.write:
+            incoming = replace(incoming, replaces=await self._has_sample(incoming))
         flight: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if coalesce:
             self._inflight[canon.key] = flight
@@ -705,6 +722,15 @@ class Handlers:
                 del self._inflight[canon.key]
             if not flight.done():
                 flight.set_result(None)
+
+    async def _has_sample(self, incoming: Incoming) -> bool:
+        """--repeat sequence: whether the recording has the sample this request would replay."""
+        assert incoming.canon is not None
+        try:
+            decoded = await self._decoded(incoming.canon)
+        except (StoreError, FormatError):
+            return False  # the answer is still given; recording it will say what is wrong
+        return decoded is not None and incoming.ordinal < len(decoded.recording.samples)
 
     async def _lead_shared(
         self, request: web.Request, incoming: Incoming, store: Locking
@@ -981,6 +1007,12 @@ class Handlers:
         )
         # Audit mode records only what is absent; Cache-Control: no-store records nothing.
         keep_existing = incoming.mode is Mode.AUDIT
+        sequence = self.config.repeat is Repeat.SEQUENCE
+        # --repeat sequence: a record run rewrites the recording, so that a replay run gets what
+        # it saw. The samples past the most identical requests the run has made so far are of an
+        # older run; the count of this request alone (each test counts from 1) would drop those
+        # of a test that asked more, and of the requests in flight with it.
+        keep = self._reached.get(canon.key) if incoming.mode is Mode.RECORD else None
         seen: list[bytes | None] = [None]
 
         def add(stored: bytes | None) -> bytes | None:
@@ -989,7 +1021,12 @@ class Handlers:
             if not incoming.write or (keep_existing and stored is not None):
                 return None
             recording = fresh if stored is None else load(stored, canon.key, self._store_shown)
-            return recording.with_sample(sample).dumps(pretty=self.store.pretty)
+            if sequence:
+                index = incoming.ordinal if incoming.replaces else len(recording.samples)
+                recording = recording.with_sample_at(sample, index, keep=keep)
+            else:
+                recording = recording.with_sample(sample)
+            return recording.dumps(pretty=self.store.pretty)
 
         await self.store.update(canon.namespace, canon.key, add)
         old = seen[0]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 
-from tests.conftest import StartProxy, status
+from proxy.recording import Recording
+from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
 
 UNSEEDED = chat_request(seed=None, temperature=1)
@@ -114,3 +117,133 @@ def test_sequence_keeps_answers_that_differ_only_in_their_logprobs(
     ]
     assert [lp.content[0].logprob for lp in replayed if lp and lp.content] == recorded
     assert upstream.count() == 3
+
+
+def contents(recording: Recording) -> list[str]:
+    """The answer each sample of a recording gives, in their order."""
+    return [sample.response()["choices"][0]["message"]["content"] for sample in recording.samples]
+
+
+def test_record_replaces_the_samples_so_that_a_replay_gets_what_the_run_saw(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    first_run = start_proxy(repeat="sequence")
+    old = answers(first_run.client(), 2)
+    first_run.stop()
+
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    new = answers(rerecord.client(), 2)
+    assert not set(new) & set(old), "the upstream answers otherwise now"
+    [recording] = rerecord.recordings()
+    assert contents(recording) == new
+    rerecord.stop()
+
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    assert answers(replayer.client(), 2) == new
+    assert upstream.count() == 4
+
+
+def test_record_with_fewer_requests_drops_the_samples_past_them(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    first_run = start_proxy(repeat="sequence")
+    answers(first_run.client(), 3)
+    first_run.stop()
+
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    new = answers(rerecord.client(), 2)
+    assert contents(rerecord.recordings()[0]) == new
+    rerecord.stop()
+
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    assert answers(replayer.client(), 2) == new
+    with pytest.raises(openai.NotFoundError) as past:
+        replayer.client().chat.completions.create(**UNSEEDED)
+    assert "identical request number 3" in str(past.value)
+    assert "only 2 sample(s)" in str(past.value)
+
+
+def ask_together(proxy: RunningProxy, upstream: FakeUpstream) -> list[str]:
+    """Two identical requests in flight together, the first answered last; their answers in the
+    order they were asked."""
+    upstream.hang_next(0.6)
+
+    async def ask(after: float) -> str:
+        await asyncio.sleep(after)
+        async with proxy.async_client() as client:
+            answer = await client.chat.completions.create(**UNSEEDED)
+        return answer.choices[0].message.content or ""
+
+    async def both() -> list[str]:
+        return list(await asyncio.gather(ask(0), ask(0.2)))
+
+    return asyncio.run(both())
+
+
+def test_record_replaces_each_sample_of_requests_in_flight_together(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    first_run = start_proxy(repeat="sequence")
+    old = answers(first_run.client(), 3)
+    first_run.stop()
+
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    new = ask_together(rerecord, upstream)
+    rerecord.stop()
+
+    assert not set(new) & set(old)
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    assert answers(replayer.client(), 2) == new
+
+
+def test_a_new_recording_keeps_every_answer_of_requests_in_flight_together(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The second answer is stored first: the first must not take its place.
+    upstream.nondeterministic = True
+    recorder = start_proxy(repeat="sequence", mode="record")
+    recorded = ask_together(recorder, upstream)
+    assert sorted(contents(recorder.recordings()[0])) == sorted(recorded)
+
+
+def test_auto_stores_the_same_answer_twice_so_that_a_replay_gets_both(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    recorder = start_proxy(repeat="sequence")
+    first, again = answers(recorder.client(), 2)
+    assert first == again, "a deterministic upstream"
+    assert len(recorder.recordings()[0].samples) == 2
+    recorder.stop()
+
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    assert answers(replayer.client(), 2) == [first, again]
+    assert upstream.count() == 2
+
+
+def test_auto_replaces_in_place_a_sample_it_cannot_serve_and_keeps_the_others(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    recorder = start_proxy(repeat="sequence")
+    for _ in range(2):  # streams without their usage
+        list(recorder.client().chat.completions.create(**UNSEEDED, stream=True))
+    [before] = recorder.recordings()
+    recorder.stop()
+
+    # The first sample cannot give the usage asked for: recorded again, in its place.
+    with_usage = {**UNSEEDED, "stream": True, "stream_options": {"include_usage": True}}
+    rerun = start_proxy(repeat="sequence")
+    raw = rerun.client().chat.completions.with_raw_response.create(**with_usage)
+    assert status(raw) == "recorded"
+    live = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    [after] = rerun.recordings()
+    assert contents(after) == [live, contents(before)[1]]
+    rerun.stop()
+
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    chunks = list(replayer.client().chat.completions.create(**with_usage))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == live
+    assert chunks[-1].usage is not None
