@@ -5,6 +5,7 @@ offline tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -310,6 +311,82 @@ def test_b(seedcache):
 
     first, again = (pytester.path / "answers-b.jsonl").read_text().splitlines()
     assert first == again == (pytester.path / "answers-a.jsonl").read_text().strip()
+
+
+def answers_of_each_run(pytester: pytest.Pytester, name: str) -> list[list[str]]:
+    """The answers a test wrote down, one list per run."""
+    return [json.loads(line) for line in (pytester.path / name).read_text().splitlines()]
+
+
+def recorded_samples(pytester: pytest.Pytester) -> int:
+    """How many samples the one recording of the suite holds."""
+    [path] = (pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json")
+    return len(json.loads(path.read_text())["samples"])
+
+
+def test_repeat_sequence_record_rewrites_the_samples_so_that_replay_gets_what_it_saw(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(
+        test_app=UNSEEDED
+        + """
+import json, os
+
+def test_answers(seedcache):
+    with open("answers.jsonl", "a") as out:
+        out.write(json.dumps(ask_unseeded(int(os.environ["TIMES"]))) + "\\n")
+"""
+    )
+    upstream.nondeterministic = True
+    live = ("--seedcache-repeat=sequence", f"--seedcache-upstream={upstream.base_url}")
+    run(pytester, "--seedcache-mode=auto", *live, env={"TIMES": "3"}).assert_outcomes(passed=1)
+    # The test now asks twice, and is recorded again.
+    twice = {"TIMES": "2"}
+    run(pytester, "--seedcache-mode=record", *live, env=twice).assert_outcomes(passed=1)
+    assert recorded_samples(pytester) == 2
+    replayed = run(pytester, "--seedcache-repeat=sequence", "--seedcache-fail-on-miss", env=twice)
+    replayed.assert_outcomes(passed=1)
+
+    _, rerecorded, again = (pytester.path / "answers.jsonl").read_text().splitlines()
+    assert again == rerecorded
+
+
+def test_repeat_sequence_record_keeps_the_samples_of_the_test_that_asked_most(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # test_b asks once what test_a asked twice: its answer is sample 1, test_a's second sample 2.
+    pytester.makepyfile(
+        test_app=UNSEEDED
+        + """
+import json
+
+def ask_and_keep(name, times):
+    with open(f"answers-{name}.jsonl", "a") as out:
+        out.write(json.dumps(ask_unseeded(times)) + "\\n")
+
+def test_a(seedcache):
+    ask_and_keep("a", 2)
+
+def test_b(seedcache):
+    ask_and_keep("b", 1)
+"""
+    )
+    upstream.nondeterministic = True
+    recorded = run(
+        pytester,
+        "--seedcache-mode=record",
+        "--seedcache-repeat=sequence",
+        f"--seedcache-upstream={upstream.base_url}",
+    )
+    recorded.assert_outcomes(passed=2)
+    assert recorded_samples(pytester) == 2
+    replayed = run(pytester, "--seedcache-repeat=sequence", "--seedcache-fail-on-miss")
+    replayed.assert_outcomes(passed=2)
+
+    a_recorded, a_replayed = answers_of_each_run(pytester, "answers-a.jsonl")
+    b_recorded, b_replayed = answers_of_each_run(pytester, "answers-b.jsonl")
+    assert b_replayed == b_recorded
+    assert a_replayed == [b_recorded[0], a_recorded[1]]
 
 
 def test_on_fingerprint_change_fail_refuses_a_sample_of_an_older_fingerprint(
