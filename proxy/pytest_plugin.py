@@ -104,6 +104,7 @@ class _Plugin:
     crashed: list[str] = field(default_factory=list)  # pytest-xdist workers that sent none
     summary: list[str] = field(default_factory=list)
     failed: bool = False
+    placeholder_key: bool = False  # OPENAI_API_KEY was not set: the plugin set a placeholder
 
     def missing_store(self) -> str | None:
         """Why replay cannot work: its store directory does not exist (recordings that were not
@@ -136,6 +137,7 @@ class Tally(TypedDict):
     unreadable: list[str]
     error: str | None  # why the store could not be scanned for unused recordings
     store: str
+    placeholder_key: bool
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -190,6 +192,7 @@ def _start(config: pytest.Config, plugin: _Plugin) -> SeedcacheSession:
     session = plugin.session = SeedcacheSession(proxy)
     # Cleanups run even when pytest stops before its session (a usage error found later).
     config.add_cleanup(proxy.stop)
+    plugin.placeholder_key = "OPENAI_API_KEY" not in os.environ
     _set_environment(config, session.base_url)
     return session
 
@@ -388,6 +391,7 @@ def _tally(plugin: _Plugin) -> Tally | None:
         unreadable=[],
         error=None,
         store=StoreSpec.parse(session.proxy.config.store).shown,
+        placeholder_key=plugin.placeholder_key,
     )
     try:
         unused, tally["unreadable"] = session.scan_unused()
@@ -421,6 +425,12 @@ def _summary(tallies: list[Tally], crashed: list[str]) -> tuple[list[str], int]:
                 "seedcache_* ini setting (seedcache_mode = replay) to have the environment set "
                 "before test modules are imported, or create clients inside functions"
             )
+        )
+    if any(tally["placeholder_key"] and tally["counts"]["upstream_errors"] for tally in tallies):
+        lines.append(
+            "seedcache: OPENAI_API_KEY is not set, so the requests that went upstream carried "
+            f"the placeholder key {PLACEHOLDER_KEY!r}: if the upstream refused it (401), set "
+            "OPENAI_API_KEY to record"
         )
     if crashed:
         lines.append(

@@ -63,6 +63,26 @@ def test_replay_is_the_default_and_fails_closed_with_an_explanation(
     assert upstream.count() == 0, "replay must never contact the upstream"
 
 
+@pytest.mark.parametrize("key", [None, "sk-from-the-shell"])
+def test_recording_without_an_api_key_says_the_placeholder_was_sent(
+    key: str | None, pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    upstream.fail_next(401, times=2)  # as OpenAI answers the placeholder
+    env = {"OPENAI_API_KEY": key} if key else None
+
+    result = run(
+        pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}", env=env
+    )
+
+    result.assert_outcomes(failed=2)
+    hint = "*OPENAI_API_KEY is not set, so the requests that went upstream carried the placeholder*"
+    if key is None:
+        result.stdout.fnmatch_lines([hint + "set OPENAI_API_KEY to record"])
+    else:
+        result.stdout.no_fnmatch_line(hint)
+
+
 def test_record_then_replay_offline(pytester: pytest.Pytester, upstream: FakeUpstream) -> None:
     pytester.makepyfile(test_app=APP_TESTS)
     recorded = run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
