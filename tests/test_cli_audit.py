@@ -768,6 +768,31 @@ def test_audit_after_an_audit_mode_proxy(
     assert json.loads(from_log.stdout)["groups"] == [group]
 
 
+def test_audit_of_a_files_store_reads_the_events_kept_where_earlier_versions_wrote_them(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "rec"
+    proxy = start_proxy(mode="audit", store=f"files:{store}")
+    with proxy.client() as client:
+        client.chat.completions.create(**chat_request())
+        client.chat.completions.create(**chat_request())
+        # Earlier versions kept the log beside the recordings, where git took it in.
+        (store / ".audit" / "events.jsonl").rename(store / ".audit.jsonl")
+        upstream.nondeterministic = True
+        client.chat.completions.create(**chat_request())
+    proxy.stop()
+    kept = (store / ".audit.jsonl").read_bytes()
+
+    result = seedcache("audit", "--store", f"files:{store}", "--json")
+
+    assert result.exit_code == 0, result.output
+    [group] = json.loads(result.stdout)["groups"]
+    assert (group["comparisons"], group["identical"], group["divergence_rate"]) == (2, 1, 0.5)
+    assert [event["verdict"] for event in proxy.events()] == ["identical", "content"]
+    assert (store / ".audit.jsonl").read_bytes() == kept  # read, not written to
+    assert (store / ".audit" / ".gitignore").read_text() == "*\n"
+
+
 # -- the report, directly ------------------------------------------------------------------------
 
 

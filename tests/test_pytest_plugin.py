@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,33 @@ def test_record_then_replay_offline(pytester: pytest.Pytester, upstream: FakeUps
     replayed.assert_outcomes(passed=2)
     replayed.stdout.fnmatch_lines(["*seedcache (replay): 2 hits, 0 misses, 0 recorded*"])
     assert upstream.count() == calls
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_audit_events_of_a_record_run_stay_out_of_git(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # README: commit tests/recordings/. Re-recording writes audit events; were they in that
+    # folder for git to take, they would grow with every run and conflict between branches.
+    pytester.makepyfile(test_app=APP_TESTS)
+    subprocess.run(["git", "init", "-q"], cwd=pytester.path, check=True)
+    upstream_option = f"--seedcache-upstream={upstream.base_url}"
+    run(pytester, "--seedcache-mode=auto", upstream_option).assert_outcomes(passed=2)
+    rerecorded = run(pytester, "--seedcache-mode=record", upstream_option)
+    rerecorded.assert_outcomes(passed=2)
+
+    recordings = pytester.path / "tests" / "recordings"
+    assert (recordings / ".audit" / "events.jsonl").read_text().count('"verdict"') == 2
+    listed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "tests"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert sorted(line.rpartition("/")[2] for line in listed) == sorted(
+        [".seedcache-meta.json", *(p.name for p in recordings.glob("[0-9a-f]*.json"))]
+    )
 
 
 def test_a_changed_prompt_names_the_nearest_recording(

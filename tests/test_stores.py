@@ -683,7 +683,10 @@ class TestFilesStore:
     async def test_audit_file_one_line_per_event(self, files: FilesStore, tmp_path: Path) -> None:
         await files.append_event(b'{"a": 1}')
         await files.append_event(b'{\n  "b": 2\n}\n')  # pretty JSON becomes one line
-        assert (tmp_path / "rec" / ".audit.jsonl").read_bytes() == b'{"a": 1}\n{"b":2}\n'
+        log = tmp_path / "rec" / ".audit" / "events.jsonl"
+        assert log.read_bytes() == b'{"a": 1}\n{"b":2}\n'
+        # Runtime state, kept out of the recordings' git history like the lock files.
+        assert (log.parent / ".gitignore").read_text() == "*\n"
         with pytest.raises(StoreError, match="must be JSON"):
             await files.append_event(b"not\njson")
         with pytest.raises(StoreError, match="must be JSON"):
@@ -691,11 +694,28 @@ class TestFilesStore:
 
     async def test_torn_audit_line_is_skipped(self, files: FilesStore, tmp_path: Path) -> None:
         await files.append_event(b'{"a": 1}')
-        with (tmp_path / "rec" / ".audit.jsonl").open("ab") as log:
+        with (tmp_path / "rec" / ".audit" / "events.jsonl").open("ab") as log:
             log.write(b'{"torn": ')  # a crash mid-append
         assert await all_events(files) == [b'{"a": 1}']  # an unfinished last line is not read
         await files.append_event(b'{"b": 2}')
         assert await all_events(files) == [b'{"a": 1}', b'{"b": 2}']
+
+    async def test_events_an_earlier_version_wrote_beside_the_recordings_are_read_first(
+        self, files: FilesStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        old = tmp_path / "rec" / ".audit.jsonl"
+        old.write_bytes(b'{"old": 1}\n{"old": 2}\n{"old": 3}\n')
+        monkeypatch.setattr(proxy.stores.files, "_EVENTS_PAGE", 2)  # pages end inside each file
+        await files.append_event(b'{"new": 1}')
+        await files.append_event(b'{"new": 2}')
+        assert await all_events(files) == [
+            b'{"old": 1}',
+            b'{"old": 2}',
+            b'{"old": 3}',
+            b'{"new": 1}',
+            b'{"new": 2}',
+        ]
+        assert old.read_bytes() == b'{"old": 1}\n{"old": 2}\n{"old": 3}\n'  # never written
 
 
 class TestRedisStore:

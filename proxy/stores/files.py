@@ -1,7 +1,8 @@
 """The files store (`files:DIR`): one pretty-printed JSON file per recording, for committing to git.
 
-Layout: `DIR/<key>.json`, or `DIR/<namespace>/<key>.json`; the current fingerprints in
-`DIR/.seedcache-meta.json`, audit events in `DIR/.audit.jsonl`, advisory locks in `DIR/.locks/`.
+Layout: `DIR/<key>.json`, or `DIR/<namespace>/<key>.json`, and the current fingerprints in
+`DIR/.seedcache-meta.json`, all committed; audit events in `DIR/.audit/events.jsonl` and advisory
+locks in `DIR/.locks/`, each folder ignoring itself in git (a `.gitignore` of `*`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ from proxy.stores.base import Updater
 T = TypeVar("T")
 log = logging.getLogger("seedcache")
 
-# No leading dot: "." and ".." would leave DIR, and hidden names (.locks, .audit.jsonl) are ours.
+# No leading dot: "." and ".." would leave DIR, and hidden names (.locks, .audit) are ours.
 _KEY = re.compile(r"[0-9a-f]{64}")
 _KEY_FILE = re.compile(r"([0-9a-f]{64})\.json")
 
 _META_FILE = ".seedcache-meta.json"
-_AUDIT_FILE = ".audit.jsonl"
+# Audit events are runtime state, like locks: every record or audit run appends to them, and a
+# committed log would conflict between branches, so they live in a folder that keeps itself out
+# of git. Earlier versions wrote them to DIR/.audit.jsonl: that file is still read, before the
+# folder, and never written. It is not moved either: git may track it, and a checkout bringing
+# the committed copy back would then count its events twice.
+_AUDIT = ".audit"
+_AUDIT_FILE = "events.jsonl"
+_OLD_AUDIT_FILE = ".audit.jsonl"
 _LOCKS = ".locks"
 _META_FIX = (
     'Fix it (its members are "fingerprint:<upstream>|<model>": "<fingerprint>"), or delete '
@@ -185,13 +193,13 @@ class FilesStore:
         await self._locked("audit", functools.partial(self._append_event, line + b"\n"))
 
     async def events(self) -> AsyncIterator[bytes]:
-        offset = 0
-        while True:
-            lines, offset, done = await self._off_loop(self._read_events, offset)
-            for line in lines:
-                yield line
-            if done:
-                return
+        # Those an earlier version wrote into DIR itself are older than any in .audit/.
+        for path in (self._root / _OLD_AUDIT_FILE, self._root / _AUDIT / _AUDIT_FILE):
+            offset, done = 0, False
+            while not done:
+                lines, offset, done = await self._off_loop(_read_events, path, offset)
+                for line in lines:
+                    yield line
 
     async def close(self) -> None:
         """Nothing to release: every call opens and closes its own files."""
@@ -271,7 +279,13 @@ class FilesStore:
         _write(self._root / _META_FILE, text)
 
     def _append_event(self, line: bytes) -> None:
-        fd = os.open(self._root / _AUDIT_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        path = self._root / _AUDIT / _AUDIT_FILE
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileNotFoundError:
+            _make_ignored_dir(path.parent)
+            fd = os.open(path, flags, 0o666)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -286,30 +300,12 @@ class FilesStore:
         finally:
             os.close(fd)
 
-    def _read_events(self, offset: int) -> tuple[list[bytes], int, bool]:
-        lines: list[bytes] = []
-        try:
-            with open(self._root / _AUDIT_FILE, "rb") as file:
-                file.seek(offset)
-                while len(lines) < _EVENTS_PAGE:
-                    line = file.readline()
-                    if not line.endswith(b"\n"):
-                        # End of file, or a line still being appended: stop before it.
-                        return lines, offset, True
-                    offset += len(line)
-                    line = line.strip()
-                    if line and _is_json(line):  # not a line torn by a crash
-                        lines.append(line)
-        except FileNotFoundError:
-            return lines, offset, True
-        return lines, offset, False
-
     def _with_file_lock(self, name: str, work: Callable[[], T]) -> T:
         path = self._root / _LOCKS / f"{name}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except FileNotFoundError:
-            _make_lock_dir(path.parent)
+            _make_ignored_dir(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             self._flock(fd, path)
@@ -362,12 +358,34 @@ def _record_lock(key: str) -> str:
     return f"rec-{key[:2]}"
 
 
-def _make_lock_dir(folder: Path) -> None:
+def _make_ignored_dir(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ignore = folder / ".gitignore"
     if not ignore.exists():
-        # Lock files are runtime state: keep them out of the recordings' git history.
+        # Lock files and audit events are runtime state: keep them out of the recordings' git
+        # history, whatever the project's own .gitignore says.
         ignore.write_text("*\n")
+
+
+def _read_events(path: Path, offset: int) -> tuple[list[bytes], int, bool]:
+    """Up to a page of the events in the log at `path` from `offset`: the events, the offset
+    after them, and whether the end was reached."""
+    lines: list[bytes] = []
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            while len(lines) < _EVENTS_PAGE:
+                line = file.readline()
+                if not line.endswith(b"\n"):
+                    # End of file, or a line still being appended: stop before it.
+                    return lines, offset, True
+                offset += len(line)
+                line = line.strip()
+                if line and _is_json(line):  # not a line torn by a crash
+                    lines.append(line)
+    except FileNotFoundError:
+        return lines, offset, True
+    return lines, offset, False
 
 
 def _entries(folder: Path) -> list[os.DirEntry[str]]:
