@@ -417,7 +417,13 @@ class Handlers:
             return None
         recording = decoded.recording
         if not recording.samples:
-            return None  # emptied by hand or by a merge: as if it were not there
+            # Emptied by hand or by a merge: recorded again outside replay. A replay says so; the
+            # nearest recording to name would be this very one, differing nowhere.
+            if incoming.mode is Mode.REPLAY:
+                raise await self._miss(
+                    incoming, reason="the recording under this key holds no samples"
+                )
+            return None
         if self.config.repeat is Repeat.SEQUENCE:
             return await self._lookup_sequence(request, incoming, decoded)
         pinned = request.headers.get(FINGERPRINT, "").strip() or None  # empty: no pin

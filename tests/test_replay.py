@@ -836,6 +836,25 @@ def test_a_recording_with_no_samples_is_recorded_again_in_auto(
     assert len(proxy.recordings()[0].samples) == 1
 
 
+def test_a_recording_with_no_samples_is_a_miss_in_replay_that_says_so(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "rec"
+    path = recorded_file(start_proxy, store, chat_request())
+    recorded_file(start_proxy, store, chat_request(seed=2))
+    data = json.loads(path.read_text())
+    data["samples"] = []
+    path.write_text(json.dumps(data))
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    with replay.client() as client, pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**chat_request())
+
+    message = str(caught.value)
+    assert f"key {path.stem[:12]}: the recording under this key holds no samples." in message
+    assert "nearest" not in message
+
+
 @pytest.mark.parametrize("asked_stream", [False, True], ids=["plain", "stream"])
 def test_recording_over_an_unreadable_recording_still_delivers_the_answer(
     asked_stream: bool, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
