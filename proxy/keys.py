@@ -248,17 +248,20 @@ class RequestIndex:
     def nearest(
         self, canon: CanonicalRequest, body: Any, *, shortlist: int = 8
     ) -> tuple[str, list[Difference]] | None:
-        """The recording of the same namespace, method, path and model whose body differs from
-        `body` in the fewest JSON paths, with those paths; None when there is none."""
+        """The other recording of the same namespace, method, path and model whose body differs
+        from `body` in the fewest JSON paths, with those paths; None when there is none."""
         from proxy.divergence import json_paths_diff
 
         group = self._groups.get((canon.namespace, canon.method, canon.path, canon.model))
-        if not group:
+        # Not the request's own key: a recording there that could not serve it (deleted since
+        # the index was built) differs nowhere, and naming it would explain nothing.
+        candidates = [item for item in (group or {}).items() if item[0] != canon.key]
+        if not candidates:
             return None
         # Rank every candidate by the size of the symmetric difference of (path, value) leaves,
         # a set operation, then walk only the shortlist for the exact differing paths.
         leaves = frozenset(_leaves(body, ""))
-        ranked = sorted(group.items(), key=lambda item: len(leaves ^ item[1].leaves))
+        ranked = sorted(candidates, key=lambda item: len(leaves ^ item[1].leaves))
         best: tuple[str, list[Difference]] | None = None
         for key, indexed in ranked[:shortlist]:
             bound = len(best[1]) if best is not None else 200

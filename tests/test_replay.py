@@ -855,6 +855,27 @@ def test_a_recording_with_no_samples_is_a_miss_in_replay_that_says_so(
     assert "nearest" not in message
 
 
+def test_a_miss_never_names_its_own_key_as_the_nearest_recording(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Deleted while the proxy's index of the recordings, which explains misses, still holds it.
+    store = tmp_path / "rec"
+    path = recorded_file(start_proxy, store, chat_request())
+    recorded_file(start_proxy, store, chat_request(seed=2))
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+    with replay.client() as client:
+        with pytest.raises(openai.NotFoundError, match="The nearest recording"):
+            client.chat.completions.create(**chat_request(seed=3))  # builds the index
+        path.unlink()
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(**chat_request())
+
+    message = str(caught.value)
+    assert f"key {path.stem[:12]}. The nearest recording, " in message
+    assert f"recording, {path.stem[:12]}" not in message
+    assert "differs at: seed: 123 != 2" in message
+
+
 @pytest.mark.parametrize("asked_stream", [False, True], ids=["plain", "stream"])
 def test_recording_over_an_unreadable_recording_still_delivers_the_answer(
     asked_stream: bool, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
