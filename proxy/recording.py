@@ -6,6 +6,7 @@ which sample to serve is here too, since it only reads a recording.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -86,7 +87,8 @@ class Sample:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Sample:
         """A sample from its stored JSON. What a replay sends as a header must be a one-line
-        string; headers outside the allowlist (a hand edit) are not replayed."""
+        string, and every stream event a JSON object but `[DONE]`; headers outside the allowlist
+        (a hand edit) are not replayed."""
         body, events = data.get("body"), data.get("events")
         if events is None and not isinstance(body, (dict, list)):
             raise FormatError("a sample needs a JSON object or array `body`, or `events`")
@@ -110,13 +112,33 @@ class Sample:
             body=body,
             events=None
             if events is None
-            else tuple(
-                Event(
-                    str(e["data"]), _optional_text(e.get("event"), "event"), int(e.get("t_ms", 0))
-                )
-                for e in events
-            ),
+            else tuple(_stored_event(e, index) for index, e in enumerate(events)),
         )
+
+
+def _stored_event(item: Mapping[str, Any], index: int) -> Event:
+    """One stored stream event. Its `data` is what a replay sends: a client parses every one as
+    JSON, but the `[DONE]` closing chat and completions streams (stored with them), so a hand
+    edit that broke one is refused here rather than replayed (the SDK fails on it) or left out
+    of an assembled answer without a word."""
+    text = item["data"]
+    if not isinstance(text, str):
+        raise FormatError(f"`events[{index}].data` is {type(text).__name__}, not a string")
+    if text != sse.DONE and not _is_json_object(text):
+        raise FormatError(f"`events[{index}].data` is not a JSON object: {text!r:.60}")
+    return Event(text, _optional_text(item.get("event"), "event"), int(item.get("t_ms", 0)))
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            # What the SDK parses with also reads NaN and Infinity, which orjson does not.
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return False
+    return isinstance(value, dict)
 
 
 def _optional_text(value: Any, name: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -157,6 +158,29 @@ def test_unknown_format_is_an_error_that_says_what_to_do(fmt: str | None) -> Non
 def test_unreadable_recordings_raise_format_error(raw: bytes) -> None:
     with pytest.raises(FormatError):
         Recording.loads(raw)
+
+
+STORED_EVENTS = [
+    ('{"choices": []}', None),
+    ("[DONE]", None),  # stored with chat and completions streams, and never parsed
+    ('{"logprob": -Infinity}', None),  # Python's json, which the SDK parses with, reads it
+    ('{"id": broken', "`events[0].data` is not a JSON object: '{\"id\": broken'"),
+    ("[1, 2]", "`events[0].data` is not a JSON object"),
+    ("", "`events[0].data` is not a JSON object"),
+    ({"id": 1}, "`events[0].data` is dict, not a string"),
+]
+
+
+@pytest.mark.parametrize(("data", "problem"), STORED_EVENTS, ids=[str(d) for d, _ in STORED_EVENTS])
+def test_a_stored_stream_event_is_a_json_object_or_done(data: Any, problem: str | None) -> None:
+    stored = sample(body=None, events=(Event("{}"),)).to_json()
+    stored["events"][0]["data"] = data
+
+    if problem is None:
+        assert Sample.from_json(stored).events == (Event(data),)
+    else:
+        with pytest.raises(FormatError, match=re.escape(problem)):
+            Sample.from_json(stored)
 
 
 # -- with_sample ----------------------------------------------------------------------------------

@@ -803,6 +803,30 @@ def test_a_damaged_sample_is_an_explained_unreadable_recording(
     assert replay.request("GET", "/_seedcache/health").status == 200
 
 
+@pytest.mark.parametrize("asked_stream", [False, True], ids=["plain", "stream"])
+def test_a_stream_event_that_is_not_json_makes_the_recording_unreadable(
+    asked_stream: bool, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Replayed, the SDK fails to parse it; assembled, it would be left out without a word.
+    store = tmp_path / "rec"
+    usage = {"stream_options": {"include_usage": True}}
+    path = recorded_file(start_proxy, store, {**chat_request(), **usage}, stream=True)
+    data = json.loads(path.read_text())
+    data["samples"][0]["events"][1]["data"] = '{"id": broken'
+    path.write_text(json.dumps(data))
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    with replay.client() as client, pytest.raises(openai.InternalServerError) as caught:
+        if asked_stream:
+            list(client.chat.completions.create(**chat_request(), stream=True, **usage))
+        else:
+            client.chat.completions.create(**chat_request())
+
+    assert caught.value.code == "recording_unreadable"
+    assert "`events[1].data` is not a JSON object: '{\"id\": broken'" in caught.value.message
+    assert "Fix it, or delete it (seedcache rm" in caught.value.message
+
+
 def test_headers_outside_the_allowlist_in_a_hand_edited_sample_are_not_replayed(
     start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
