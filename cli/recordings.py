@@ -141,12 +141,31 @@ async def _scan(store: Store) -> list[Found]:
 
 
 def _load(found: Found) -> Recording | None:
-    """The recording, or None (with a warning) when its bytes cannot be read."""
+    """The recording, under the key it is stored under, or None (with a warning) when its bytes
+    cannot be read."""
     try:
-        return Recording.loads(found.raw)
+        recording = Recording.loads(found.raw)
     except FormatError as exc:
         click.echo(f"seedcache: skipping {found.key[:KEY_SHOWN]}: {exc}", err=True)
         return None
+    if _misnamed(found, recording):
+        recording = replace(recording, key=found.key)
+    return recording
+
+
+def _misnamed(found: Found, recording: Recording) -> bool:
+    """Whether the recording's `key` member is not the key it is stored under (a files store's
+    file copied or renamed by hand), which is said on stderr. Requests find a recording by the
+    key it is stored under, so that is the key the commands show and act on."""
+    if recording.key == found.key:
+        return False
+    click.echo(
+        f"seedcache: {found.key[:KEY_SHOWN]} holds a recording whose `key` member is "
+        f"{recording.key[:KEY_SHOWN]} (a copy under another name?): requests find it as "
+        f"{found.key[:KEY_SHOWN]}, the key it is stored under, and so do these commands",
+        err=True,
+    )
+    return True
 
 
 def _namespace(found: Found, recording: Recording) -> str:
@@ -278,6 +297,7 @@ def show(store: str | None, key: str) -> None:
             f"recording {found.key} ({where}) cannot be read: {exc}. Fix it, or delete it "
             f"(seedcache rm --store {parsed.shown} {found.key[:KEY_SHOWN]}) to record it again"
         ) from None
+    _misnamed(found, recording)  # shown as stored, `key` member included
     click.echo(recording.dumps(pretty=True).decode(), nl=False)
 
 
@@ -305,7 +325,8 @@ async def _rm(spec: str, keys: tuple[str, ...]) -> None:
             if await store.delete(item.namespace, item.key):
                 # An unreadable recording is often why it is removed: no warning about it.
                 try:
-                    described = _describe(Recording.loads(item.raw))
+                    recording = replace(Recording.loads(item.raw), key=item.key)
+                    described = _describe(recording)
                 except FormatError:
                     described = f"{item.key[:KEY_SHOWN]} (unreadable)"
                 click.echo(f"removed {described}")

@@ -786,6 +786,34 @@ def test_rm_of_an_unreadable_recording_removes_it_without_a_warning(
     assert len(ls_json(f"files:{committed}")) == 3
 
 
+def test_a_recording_copied_under_another_name_is_listed_and_removed_by_its_file_name(
+    committed: Path,
+) -> None:
+    # Requests find a recording by its file name: the copy is the one no request uses.
+    original = committed / f"{CONFLICTED}.json"
+    copy = committed / f"{'f' * 64}.json"
+    shutil.copy(original, copy)
+    spec = f"files:{committed}"
+    files = sorted(path.stem for path in committed.rglob("[0-9a-f]*.json"))
+
+    listed = run("ls", "--store", spec)
+    keys = [row["key"] for row in ls_json(spec)]
+    removed = run("rm", "--store", spec, "ffff")
+
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.count("ffffffffffff") == 1
+    assert listed.stdout.count(CONFLICTED[:12]) == 1
+    assert listed.stderr == (
+        f"seedcache: ffffffffffff holds a recording whose `key` member is {CONFLICTED[:12]} (a "
+        "copy under another name?): requests find it as ffffffffffff, the key it is stored "
+        "under, and so do these commands\n"
+    )
+    assert sorted(keys) == files
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout == "removed ffffffffffff POST /v1/chat/completions gpt-4o-mini\n"
+    assert original.exists() and not copy.exists()
+
+
 def test_no_command_prints_the_password_of_a_redis_store(
     own_redis_server: RedisServer, tmp_path: Path
 ) -> None:
