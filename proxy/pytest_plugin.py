@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict
 
 import pytest
@@ -135,6 +135,9 @@ class Tally(TypedDict):
     # Recordings this proxy did not use: [key, method, path, model, namespace].
     unused: list[list[Any]]
     unreadable: list[str]
+    # Unused recordings whose `key` member is not the key they are stored under (a file copied
+    # under another name): [stored key, key member].
+    misnamed: list[list[str]]
     error: str | None  # why the store could not be scanned for unused recordings
     store: str
     placeholder_key: bool
@@ -295,23 +298,33 @@ class SeedcacheSession:
         """Recordings in the store that no request of this session replayed or recorded."""
         return self.scan_unused()[0]
 
-    def scan_unused(self) -> tuple[list[Recording], list[str]]:
-        """The recordings no request of this session used, and the keys of those that could
-        not be read (a merge conflict in a committed file): one bad file hides no others."""
+    def scan_unused(self) -> tuple[list[Recording], list[str], list[list[str]]]:
+        """The recordings no request of this session used, the keys of those that could not be
+        read (a merge conflict in a committed file): one bad file hides no others, and [stored
+        key, `key` member] of those whose member disagrees.
+
+        Requests find a recording by the key it is stored under (a files store's file name), so
+        each is returned under that key: a file copied under another name is the unused one,
+        not the recording it was copied from."""
         used = self.proxy.handlers.used or set()
 
-        async def scan() -> tuple[list[Recording], list[str]]:
-            found, unreadable = [], []
+        async def scan() -> tuple[list[Recording], list[str], list[list[str]]]:
+            found, unreadable, misnamed = [], [], []
             async for _, key, raw in self.proxy.handlers.store.scan():
                 if key in used:
                     continue
                 try:
-                    found.append(Recording.loads(raw))
+                    recording = Recording.loads(raw)
                 except FormatError:
                     unreadable.append(key)
-            return found, unreadable
+                    continue
+                if recording.key != key:
+                    misnamed.append([key, recording.key])
+                    recording = replace(recording, key=key)
+                found.append(recording)
+            return found, unreadable, misnamed
 
-        result: tuple[list[Recording], list[str]] = self.proxy.call(scan())
+        result: tuple[list[Recording], list[str], list[list[str]]] = self.proxy.call(scan())
         return result
 
 
@@ -389,12 +402,13 @@ def _tally(plugin: _Plugin) -> Tally | None:
         early=plugin.early,
         unused=[],
         unreadable=[],
+        misnamed=[],
         error=None,
         store=StoreSpec.parse(session.proxy.config.store).shown,
         placeholder_key=plugin.placeholder_key,
     )
     try:
-        unused, tally["unreadable"] = session.scan_unused()
+        unused, tally["unreadable"], tally["misnamed"] = session.scan_unused()
     except Exception as exc:  # the summary must never hide the session's own result
         tally["error"] = str(exc)
     else:
@@ -451,6 +465,16 @@ def _summary(tallies: list[Tally], crashed: list[str]) -> tuple[list[str], int]:
             lines.append(f"  {key[:12]} {method} {path} model={model} namespace={namespace or '-'}")
         if len(unused) > LISTED:
             lines.append(f"  … and {len(unused) - LISTED} more")
+    misnamed = sorted({(pair[0], pair[1]) for tally in tallies for pair in tally["misnamed"]})
+    if misnamed:
+        pairs = ", ".join(f"{stored[:12]} holds {member[:12]}" for stored, member in misnamed[:5])
+        more = ", …" if len(misnamed) > 5 else ""
+        lines.append(
+            f"seedcache: {len(misnamed)} recording(s) stored under another key than their `key` "
+            f"member ({pairs}{more}): requests find a recording by the key it is stored under "
+            f"(its file name), so that is the one listed; delete a stray copy with seedcache rm "
+            f"--store {tallies[0]['store']} KEY"
+        )
     unreadable = sorted({key for tally in tallies for key in tally["unreadable"]})
     if unreadable:
         keys = ", ".join(key[:12] for key in unreadable[:5])

@@ -544,6 +544,32 @@ def test_an_unreadable_recording_is_skipped_and_counted_in_the_unused_list(
     assert "could not list" not in result.stdout.str()
 
 
+def test_a_recording_copied_under_another_name_is_the_unused_one_in_the_summary(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    [used] = (pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json")
+    copy = used.with_name(f"{'f' * 64}.json")
+    shutil.copy(used, copy)
+
+    result = run(pytester)
+
+    result.assert_outcomes(passed=2)
+    # Listed by the name it is found by; `seedcache rm` of the key listed removes the copy.
+    result.stdout.fnmatch_lines(
+        [
+            "*1 recording(s) no test used:*",
+            "  ffffffffffff POST /v1/chat/completions model=gpt-4o-mini*",
+            f"seedcache: 1 recording(s) stored under another key than their `key` member "
+            f"(ffffffffffff holds {used.stem[:12]}): requests find a recording by the key it is "
+            f"stored under (its file name), so that is the one listed; delete a stray copy with "
+            f"seedcache rm --store files:{copy.parent} KEY",
+        ]
+    )
+    assert f"  {used.stem[:12]} POST" not in result.stdout.str()
+
+
 def test_replay_without_a_store_directory_names_the_path_and_creates_nothing(
     pytester: pytest.Pytester,
 ) -> None:
