@@ -10,6 +10,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import orjson
 from aiohttp import web
@@ -147,9 +148,10 @@ async def recordings(request: web.Request) -> web.Response:
     model = request.query.get("model")
     limit = _int_query(request, "limit", 1000)
     found = []
-    async for _, _, raw in request.app[HANDLERS].store.scan():
+    async for _, key, raw in request.app[HANDLERS].store.scan():
         try:
-            recording = Recording.loads(raw)
+            # Under the key requests find it by, whatever its `key` member says (a copied file).
+            recording = replace(Recording.loads(raw), key=key)
         except FormatError:
             continue
         if model is None or recording.model == model:

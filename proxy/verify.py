@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import openai
@@ -88,9 +88,10 @@ async def select_recordings(
     chosen: list[Recording] = []
     skipped: dict[str, int] = {}
     other_models = 0
-    async for _, _, raw in store.scan():
+    async for _, key, raw in store.scan():
         try:
-            recording = Recording.loads(raw)
+            # Under the key requests find it by, whatever its `key` member says (a copied file).
+            recording = replace(Recording.loads(raw), key=key)
         except FormatError:
             skipped["unreadable"] = skipped.get("unreadable", 0) + 1
             continue

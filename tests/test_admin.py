@@ -38,6 +38,21 @@ def test_recordings_lists_what_the_store_holds(
     assert bad.status == 400 and bad.json()["error"]["param"] == "limit"
 
 
+def test_recordings_lists_a_copied_file_by_its_name(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Requests find a recording by its file name, so that is the key listed.
+    directory = tmp_path / "rec"
+    proxy = start_proxy(store=f"files:{directory}")
+    proxy.request("POST", "/v1/chat/completions", chat_request(seed=1))
+    (original,) = directory.glob("[0-9a-f]*.json")
+    shutil.copy(original, directory / f"{'f' * 64}.json")
+
+    listing = proxy.request("GET", "/_seedcache/recordings").json()
+
+    assert sorted(row["key"] for row in listing["recordings"]) == sorted([original.stem, "f" * 64])
+
+
 def test_audit_summarises_the_events_in_the_store(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:

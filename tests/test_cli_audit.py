@@ -133,6 +133,21 @@ def test_verify_against_an_unchanged_upstream_finds_everything_identical(
         assert call.body is None or "stream" not in call.body
 
 
+def test_verify_names_a_copied_files_store_recording_by_its_file_name(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    directory = tmp_path / "rec"
+    start_proxy(store=f"files:{directory}").request("POST", CHAT, chat_request())
+    (original,) = directory.glob("[0-9a-f]*.json")
+    shutil.copy(original, directory / f"{'f' * 64}.json")
+
+    result = verify(Path(f"files:{directory}"), upstream.base_url)
+
+    assert result.exit_code == 0, result.output
+    events = jsonl(directory / ".audit" / "events.jsonl")
+    assert sorted(e["key"] for e in events) == sorted([original.stem, "f" * 64])
+
+
 def test_verify_through_a_replaying_proxy_fails_instead_of_finding_replays_identical(
     recorded_store: Path, upstream: FakeUpstream, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
