@@ -11,6 +11,7 @@ import collections
 import contextlib
 import difflib
 import enum
+import itertools
 import json
 import marshal
 import re
@@ -93,6 +94,22 @@ _LOGPROB_TOKENS = re.compile(
     r"|output\[\d+\]\.content\[\d+\]\.logprobs)\[\d+\](?:\.(?:token|bytes)(?:\[\d+\])?)?"
     r"|choices\[\d+\]\.logprobs\.(?:tokens|text_offset)(?:\[\d+\])?"
 )
+# The logprobs lists compared token by token (see _walk_tokens): chat and Responses entries, whose
+# value members are left out, and legacy completions' tokens and their offsets.
+_TOKEN_ENTRIES = re.compile(
+    r"choices\[\d+\]\.logprobs\.(?:content|refusal)|output\[\d+\]\.content\[\d+\]\.logprobs"
+)
+_TOKEN_LEAVES = re.compile(r"choices\[\d+\]\.logprobs\.(?:tokens|text_offset)")
+_ENTRY_VALUES = frozenset({"logprob", "top_logprobs"})  # the members _LOGPROB_VALUES leaves out
+# The containers holding those lists, walked member by member rather than first compared whole:
+# comparing them whole would compare (and marshal) every logprob value the verdict leaves out.
+_ABOVE_TOKENS = re.compile(
+    r"|choices(?:\[\d+\](?:\.logprobs)?)?|output(?:\[\d+\](?:\.content(?:\[\d+\])?)?)?"
+)
+_DICT: frozenset[type] = frozenset({dict})
+_TEXT: frozenset[type] = frozenset({str, type(None)})  # a token, or none
+# Token items compared a block at a time to find the few that differ; see _walk_tokens.
+_TOKEN_BLOCK = 64
 _EMBEDDING = re.compile(r"data\[\d+\]\.embedding")
 _OUTPUT_ITEM = re.compile(r"output\[(\d+)\](.*)", re.DOTALL)
 _OUTPUT_TEXT = re.compile(r"\.(?:content|summary)(?:\[\d+\](?:\.(?:text|refusal|transcript))?)?")
@@ -366,6 +383,8 @@ class _Full(Exception):
 class _Sink(Protocol):
     def ignore(self, path: str) -> bool: ...
     def atomic(self, path: str) -> bool: ...
+    def whole(self, path: str) -> bool: ...
+    def token_list(self, path: str) -> frozenset[str] | None: ...
     def settled(self, path: str) -> bool: ...
     def add(self, path: str, recorded: Any, live: Any) -> None: ...
 
@@ -374,7 +393,7 @@ def _walk(a: Any, b: Any, path: str, sink: _Sink) -> None:
     if a is _MISSING or b is _MISSING:
         sink.add(path, a, b)
     elif isinstance(a, Mapping) and isinstance(b, Mapping):
-        if _same(a, b) or sink.settled(path):
+        if (sink.whole(path) and _same(a, b)) or sink.settled(path):
             return
         names = a.keys() | b.keys()
         try:
@@ -392,15 +411,97 @@ def _walk(a: Any, b: Any, path: str, sink: _Sink) -> None:
             else:
                 _walk(x, y, child, sink)
     elif _is_array(a) and _is_array(b):
-        if _same(a, b) or sink.settled(path):
+        values = sink.token_list(path)
+        if values is not None:
+            _walk_tokens(a, b, path, sink, values)
+            return
+        if (sink.whole(path) and _same(a, b)) or sink.settled(path):
             return
         for i in range(max(len(a), len(b))):
-            child = f"{path}[{i}]"
-            if sink.ignore(child):
-                continue
-            _walk(a[i] if i < len(a) else _MISSING, b[i] if i < len(b) else _MISSING, child, sink)
+            _walk_item(a, b, i, path, sink)
     elif not _leaf_equal(a, b) and not _same_arguments(path, a, b):
         sink.add(path, a, b)
+
+
+def _walk_item(a: Sequence[Any], b: Sequence[Any], i: int, path: str, sink: _Sink) -> None:
+    child = f"{path}[{i}]"
+    if not sink.ignore(child):
+        _walk(a[i] if i < len(a) else _MISSING, b[i] if i < len(b) else _MISSING, child, sink)
+
+
+def _walk_tokens(
+    a: Sequence[Any], b: Sequence[Any], path: str, sink: _Sink, values: frozenset[str]
+) -> None:
+    """A logprobs list, with what the walk item by item would find, at C speed where items agree.
+
+    Thousands of tokens whose logprob values jitter on every call: what the walk compares of the
+    items is taken out in columns (`_token_columns`), compared whole, then a block of items at a
+    time, and only the items that differ are walked, in order, so that what is found, and when
+    the sink is settled, is unchanged. Columns rather than a tuple per item, as thousands of new
+    tuples would have the garbage collector go through them (and everything they hold).
+    """
+    if sink.settled(path):
+        return
+    columns = _token_columns(a, b, values)
+    if columns is None:  # items that are no plain entries: walked one by one
+        for i in range(max(len(a), len(b))):
+            if sink.settled(path):
+                return
+            _walk_item(a, b, i, path, sink)
+        return
+    columns_a, columns_b = columns
+    if len(a) == len(b) and all(map(_same_column, columns_a, columns_b)):
+        return
+    common = min(len(a), len(b))
+    for start in range(0, common, _TOKEN_BLOCK):
+        stop = min(start + _TOKEN_BLOCK, common)
+        block_a = [column[start:stop] for column in columns_a]
+        if _same(block_a, [column[start:stop] for column in columns_b]):
+            continue
+        for i in range(start, stop):
+            if _same([column[i] for column in columns_a], [column[i] for column in columns_b]):
+                continue
+            # Settled: every later item could only add a token difference to a full list.
+            if sink.settled(path):
+                return
+            _walk_item(a, b, i, path, sink)
+    for i in range(common, max(len(a), len(b))):  # items on one side only
+        if sink.settled(path):
+            return
+        _walk_item(a, b, i, path, sink)
+
+
+def _token_columns(
+    a: Sequence[Any], b: Sequence[Any], values: frozenset[str]
+) -> tuple[list[Sequence[Any]], list[Sequence[Any]]] | None:
+    """What the walk compares of each item, in columns: leaves as they are; for entries (dicts),
+    a column per member but `values`, None where a member is absent (the collector finds nothing
+    between an absent member and a null one). None when some entry is no dict."""
+    if not values:
+        return [a], [b]
+    if not _only(a, _DICT) or not _only(b, _DICT):
+        return None
+    names: set[str] = set()
+    names.update(*a, *b)  # a dict at a time, faster than a set of their chained keys
+    names -= values
+    columns_a: list[Sequence[Any]] = []
+    columns_b: list[Sequence[Any]] = []
+    for name in names:
+        columns_a.append(list(map(dict.get, a, itertools.repeat(name))))
+        columns_b.append(list(map(dict.get, b, itertools.repeat(name))))
+    return columns_a, columns_b
+
+
+def _same_column(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """`_same` for a column of token items; texts (the tokens) by == alone, which is exact between
+    strings, as marshal (which encodes each string anew) is needed only to tell numbers apart."""
+    if _only(a, _TEXT) and _only(b, _TEXT):
+        return a == b
+    return _same(a, b)
+
+
+def _only(items: Sequence[Any], types: frozenset[type]) -> bool:
+    return set(map(type, items)) <= types
 
 
 def _same_arguments(path: str, a: Any, b: Any) -> bool:
@@ -482,6 +583,12 @@ class _ListSink:
     def atomic(self, path: str) -> bool:
         return False
 
+    def whole(self, path: str) -> bool:
+        return True
+
+    def token_list(self, path: str) -> frozenset[str] | None:
+        return None
+
     def settled(self, path: str) -> bool:
         return False
 
@@ -527,6 +634,19 @@ class _Collector:
 
     def atomic(self, path: str) -> bool:
         return path.endswith(".embedding") and _EMBEDDING.fullmatch(path) is not None
+
+    def whole(self, path: str) -> bool:
+        # Whether a container is first compared whole: not those holding logprobs lists.
+        return _ABOVE_TOKENS.fullmatch(path) is None
+
+    def token_list(self, path: str) -> frozenset[str] | None:
+        # For a logprobs list, the members of its items left out (none for leaves); None for
+        # any other array.
+        if not path.endswith(("content", "refusal", "logprobs", "tokens", "text_offset")):
+            return None
+        if _TOKEN_ENTRIES.fullmatch(path):
+            return _ENTRY_VALUES
+        return frozenset() if _TOKEN_LEAVES.fullmatch(path) else None
 
     def settled(self, path: str) -> bool:
         # Two logprobs lists that part ways differ at thousands of tokens: once as many as can be

@@ -8,11 +8,13 @@ import difflib
 import json
 import math
 import random
+import re
 import struct
 from typing import Any
 
 import pytest
 
+from proxy import divergence
 from proxy.divergence import (
     ABSENT,
     VOLATILE,
@@ -728,6 +730,291 @@ def test_differences_capped_with_the_deciding_ones_first() -> None:
     # logprobs sort before message, but the content that decided the verdict is listed first.
     assert result.differences[0].path == "choices[0].message.content"
     assert result.differences[1].path.startswith("choices[0].logprobs.content[0]")
+
+
+# --- logprobs lists, token by token ----------------------------------------------------------
+#
+# compare() finds the entries that differ in a long logprobs list at C speed and walks only those;
+# these pairs check that it finds exactly what walking every entry finds.
+
+
+def walked_entry_by_entry(recorded: Any, live: Any) -> Comparison:
+    """What compare() finds when every container is first compared whole and every logprobs
+    list is walked entry by entry."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(divergence._Collector, "whole", lambda self, path: True)
+        patch.setattr(divergence._Collector, "token_list", lambda self, path: None)
+        return compare(recorded, live)
+
+
+def chat_logprobs(entries: Any, *, refusal: Any = None) -> dict[str, Any]:
+    return with_choice(chat("a b c"), logprobs={"content": entries, "refusal": refusal})
+
+
+def with_logprobs_choices(*lists: list[dict[str, Any]]) -> dict[str, Any]:
+    body = chat("a b c", n=len(lists))
+    for choice, entries in zip(body["choices"], lists, strict=True):
+        choice["logprobs"] = {"content": entries, "refusal": None}
+    return body
+
+
+def words(count: int, prefix: str = "t") -> list[str]:
+    return [f"{prefix}{i}" for i in range(count)]
+
+
+def changed(entries: list[Any], index: int, **members: Any) -> list[Any]:
+    """`entries` with members of one entry replaced (OMIT removes one)."""
+    entries = [dict(entry) if isinstance(entry, dict) else entry for entry in entries]
+    entries[index] = _apply(entries[index], members)
+    return entries
+
+
+def replaced(entries: list[Any], index: int, item: Any) -> list[Any]:
+    return [*entries[:index], item, *entries[index + 1 :]]
+
+
+def token_pairs() -> list[tuple[str, Any, Any]]:
+    base = token_logprobs(words(200))
+    jittered = token_logprobs(words(200), jitter=0.01)
+    other_top = [
+        {**e, "top_logprobs": [{"token": "y", "logprob": -2, "bytes": [121]}]} for e in base
+    ]
+    many_differ = token_logprobs(words(100) + words(100, "u"), jitter=0.01)
+    # Token differences past the limit, and entries with a member more before and after it.
+    late_members = [{**e, "rank": 1} if i >= 150 else e for i, e in enumerate(many_differ)]
+    early_members = [{**e, "rank": 1} if i < 10 else e for i, e in enumerate(many_differ)]
+    reordered = [{k: e[k] for k in reversed(list(e))} for e in jittered]
+    only_values = [{"logprob": e["logprob"]} for e in base]
+    legacy = legacy_logprobs(words(300))
+    return [
+        ("identical", chat_logprobs(base), chat_logprobs(token_logprobs(words(200)))),
+        ("the same list", chat_logprobs(base), chat_logprobs(base)),
+        ("values jitter", chat_logprobs(base), chat_logprobs(jittered)),
+        ("top alternatives differ", chat_logprobs(base), chat_logprobs(other_top)),
+        ("top absent", chat_logprobs(base), chat_logprobs(changed(jittered, 7, top_logprobs=OMIT))),
+        ("logprob absent", chat_logprobs(base), chat_logprobs(changed(jittered, 7, logprob=OMIT))),
+        (
+            "a token changed in the middle",
+            chat_logprobs(base),
+            chat_logprobs(changed(jittered, 100, token="x", bytes=[120])),
+        ),
+        (
+            "a token changed, not its bytes",
+            chat_logprobs(base),
+            chat_logprobs(changed(base, 99, token="x")),
+        ),
+        ("a token more", chat_logprobs(base), chat_logprobs(token_logprobs(words(201), 0.01))),
+        (
+            "a token inserted first",
+            chat_logprobs(base),
+            chat_logprobs(token_logprobs(["w", *words(200)])),
+        ),
+        ("bytes absent", chat_logprobs(base), chat_logprobs(changed(jittered, 50, bytes=OMIT))),
+        ("bytes null", chat_logprobs(base), chat_logprobs(changed(jittered, 50, bytes=None))),
+        (
+            "bytes null and absent",
+            chat_logprobs(changed(base, 50, bytes=None)),
+            chat_logprobs(changed(jittered, 50, bytes=OMIT)),
+        ),
+        (
+            "bytes empty and absent",
+            chat_logprobs(changed(base, 3, bytes=[])),
+            chat_logprobs(changed(jittered, 3, bytes=OMIT)),
+        ),
+        ("token absent", chat_logprobs(base), chat_logprobs(changed(jittered, 0, token=OMIT))),
+        ("a member more", chat_logprobs(base), chat_logprobs(changed(jittered, 120, rank=2))),
+        (
+            "a null member more",
+            chat_logprobs(base),
+            chat_logprobs(changed(jittered, 120, rank=None)),
+        ),
+        (
+            "a member on both sides",
+            chat_logprobs(changed(base, 120, rank=2)),
+            chat_logprobs(changed(jittered, 120, rank=2)),
+        ),
+        (
+            "a member differing",
+            chat_logprobs(changed(base, 120, rank=2)),
+            chat_logprobs(changed(jittered, 120, rank=3)),
+        ),
+        (
+            "a byte true, not 1",
+            chat_logprobs(changed(base, 5, bytes=[1])),
+            chat_logprobs(changed(jittered, 5, bytes=[True])),
+        ),
+        (
+            "a byte 1.0, not 1",
+            chat_logprobs(changed(base, 5, bytes=[1])),
+            chat_logprobs(changed(jittered, 5, bytes=[1.0])),
+        ),
+        (
+            "a member NaN on both sides",
+            chat_logprobs(changed(base, 9, rank=math.nan)),
+            chat_logprobs(changed(jittered, 9, rank=math.nan)),
+        ),
+        (
+            "a member 0.0 and -0.0",
+            chat_logprobs(changed(base, 9, rank=0.0)),
+            chat_logprobs(changed(jittered, 9, rank=-0.0)),
+        ),
+        ("members in another order", chat_logprobs(base), chat_logprobs(reordered)),
+        ("more token differences than listed", chat_logprobs(base), chat_logprobs(many_differ)),
+        ("members more after the limit", chat_logprobs(base), chat_logprobs(late_members)),
+        ("members more before the limit", chat_logprobs(base), chat_logprobs(early_members)),
+        ("entries of values only", chat_logprobs(only_values), chat_logprobs(only_values[:150])),
+        ("null and empty content", chat_logprobs(None), chat_logprobs([])),
+        ("empty content and entries", chat_logprobs([]), chat_logprobs(base)),
+        ("null content and entries", chat_logprobs(None), chat_logprobs(base)),
+        (
+            "null logprobs and entries",
+            with_choice(chat("a b c"), logprobs=None),
+            chat_logprobs(base),
+        ),
+        ("a null entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 10, None))),
+        ("a text entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 10, "t10"))),
+        ("a list entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 10, [1]))),
+        (
+            "refusal logprobs jitter",
+            chat_logprobs(None, refusal=token_logprobs(words(80))),
+            chat_logprobs(None, refusal=token_logprobs(words(80), 0.5)),
+        ),
+        (
+            "refusal logprobs differ",
+            chat_logprobs(None, refusal=token_logprobs(words(80))),
+            chat_logprobs(None, refusal=token_logprobs(words(79, "r"), 0.5)),
+        ),
+        (
+            "response logprobs jitter",
+            with_output_logprobs(response(), token_logprobs(words(120))),
+            with_output_logprobs(response(), token_logprobs(words(120), 0.3)),
+        ),
+        (
+            "response logprobs differ",
+            with_output_logprobs(response(), token_logprobs(words(120))),
+            with_output_logprobs(response(), changed(token_logprobs(words(121), 0.3), 60, rank=1)),
+        ),
+        (
+            "completion logprobs jitter",
+            with_choice(completion(), logprobs=legacy),
+            with_choice(completion(), logprobs=legacy_logprobs(words(300), 0.2)),
+        ),
+        (
+            "completion tokens differ past the limit",
+            with_choice(completion(), logprobs=legacy),
+            with_choice(completion(), logprobs=legacy_logprobs(["x", *words(300)], 0.2)),
+        ),
+        (
+            "completion offsets 2.0, not 2",
+            with_choice(completion(), logprobs={**legacy, "text_offset": [0, 2, 4]}),
+            with_choice(completion(), logprobs={**legacy, "text_offset": [0, 2.0, 4]}),
+        ),
+        (
+            "two choices, the first settling the walk",
+            with_logprobs_choices(base, base),
+            with_logprobs_choices(many_differ, late_members),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "live"), [pytest.param(r, lv, id=label) for label, r, lv in token_pairs()]
+)
+def test_logprobs_token_by_token_finds_what_the_walk_finds(recorded: Any, live: Any) -> None:
+    for a, b in ((recorded, live), (live, recorded)):
+        assert compare(a, b) == walked_entry_by_entry(a, b)
+
+
+def test_logprobs_entries_compare_tokens_bytes_and_other_members_only() -> None:
+    base = token_logprobs(words(200))
+    other_top = [{**e, "top_logprobs": [{"token": "y", "logprob": -2.0}]} for e in base]
+    assert compare(chat_logprobs(base), chat_logprobs(other_top)).differences == ()
+    null_bytes, no_bytes = changed(base, 50, bytes=None), changed(base, 50, bytes=OMIT)
+    assert compare(chat_logprobs(null_bytes), chat_logprobs(no_bytes)).differences == ()
+    expected = [
+        (no_bytes, CONTENT, "content[50].bytes", "[116,53,48]", ABSENT),
+        (changed(base, 5, bytes=[True, 53]), CONTENT, "content[5].bytes[0]", 116, True),
+        (changed(base, 120, rank=2), SHAPE, "content[120].rank", ABSENT, 2),
+    ]
+    for live, verdict, path, recorded_value, live_value in expected:
+        result = compare(chat_logprobs(base), chat_logprobs(live))
+        assert result.verdict is verdict
+        assert result.differences == (
+            Difference(f"choices[0].logprobs.{path}", recorded_value, live_value),
+        )
+
+
+def mutated(entries: list[Any], rnd: random.Random) -> list[Any]:
+    """`entries` with a few random changes of the kinds upstreams make, or none."""
+    entries = [dict(entry) for entry in entries]
+    for _ in range(rnd.choice((0, 1, 1, 2, 3, 8, 80))):
+        i = rnd.randrange(len(entries))
+        kind = rnd.randrange(9)
+        if kind == 0:
+            entries[i]["token"] = rnd.choice(("x", "t1", "", None))
+        elif kind == 1:
+            entries[i]["bytes"] = rnd.choice(([120], [True], [120.0], [], None))
+        elif kind == 2:
+            entries[i].pop(rnd.choice(("token", "bytes", "logprob", "top_logprobs")), None)
+        elif kind == 3:
+            entries[i][rnd.choice(("rank", "id"))] = rnd.choice((1, 1.0, True, None, [], "r"))
+        elif kind == 4:
+            entries[i]["logprob"] = rnd.random()
+        elif kind == 5:
+            entries[i]["top_logprobs"] = [{"token": "z", "logprob": -9.0, "bytes": [122]}]
+        elif kind == 6:
+            entries.insert(i, {"token": "w", "logprob": -1.0, "bytes": [119], "top_logprobs": []})
+        elif kind == 7 and len(entries) > 1:
+            del entries[i]
+        else:
+            entries[i] = dict(reversed(entries[i].items()))
+    return entries
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_logprobs_token_by_token_finds_what_the_walk_finds_after_random_changes(seed: int) -> None:
+    rnd = random.Random(seed)
+    base = token_logprobs(words(rnd.choice((1, 64, 65, 300))))
+    lists = [mutated(base, rnd), mutated(base, rnd)]
+    recorded = with_logprobs_choices(*lists)
+    live = with_logprobs_choices(*(mutated(entries, rnd) for entries in lists))
+    assert compare(recorded, live) == walked_entry_by_entry(recorded, live)
+
+
+def test_only_the_differing_logprobs_entries_are_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = re.compile(r"choices\[0\]\.logprobs\.content\[\d+\]")
+    walked: list[str] = []
+    walk = divergence._walk
+
+    def counted(a: Any, b: Any, path: str, sink: Any) -> None:
+        if entry.fullmatch(path):
+            walked.append(path)
+        walk(a, b, path, sink)
+
+    monkeypatch.setattr(divergence, "_walk", counted)
+    recorded = chat_logprobs(token_logprobs(words(1_000)))
+    assert compare(recorded, chat_logprobs(token_logprobs(words(1_000), 0.1))).verdict is IDENTICAL
+    assert walked == []
+    one = changed(token_logprobs(words(1_000), 0.1), 700, token="x")
+    assert compare(recorded, chat_logprobs(one)).verdict is CONTENT
+    assert walked == ["choices[0].logprobs.content[700]"]
+    walked.clear()
+    # A token more at the start: every entry differs, and the walk stops once the list is full.
+    result = compare(recorded, chat_logprobs(token_logprobs(["w", *words(1_000)])))
+    assert len(result.differences) == 50
+    assert 0 < len(walked) <= 50
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["choices[0].logprobs.content", "choices[2].logprobs.refusal", "output[1].content[0].logprobs"],
+)
+def test_token_entries_leave_out_exactly_their_value_members(path: str) -> None:
+    collector = divergence._Collector({}, {})
+    assert collector.token_list(path) == divergence._ENTRY_VALUES
+    for name in ("token", "bytes", "logprob", "top_logprobs", "rank", "id"):
+        ignored = name in divergence._ENTRY_VALUES
+        assert collector.ignore(f"{path}[3].{name}") is ignored
 
 
 def test_to_json_round_trips() -> None:
