@@ -12,10 +12,10 @@ import logging
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 from aiohttp import ClientResponse, web
@@ -70,6 +70,8 @@ from proxy.upstream import (
 log = logging.getLogger("seedcache")
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
+P = ParamSpec("P")
 
 # Responses API members that make the output depend on state held upstream: never replayed.
 STATEFUL = ("previous_response_id", "conversation", "background")
@@ -115,6 +117,12 @@ SHARED_LOCK_POLL = 0.05
 # How long a lock holder's upstream failure is left for the proxies that waited on it: enough for
 # every one of them to look (they look every SHARED_LOCK_POLL), short enough not to be a cache.
 SHARED_FAILURE_TTL_MS = 1_000
+# A live answer is compared with its recording in a worker thread when the two (the recording as
+# stored, the answer as received) are larger than this together, so that no comparison holds up
+# the other requests: two texts of a few hundred characters that differ already take milliseconds
+# (difflib is quadratic), a long stream is assembled first, and a long logprobs list is walked.
+# Smaller ones are compared at once, as the hop to a thread and back (~50 µs) would cost more.
+AUDIT_INLINE_LIMIT = 2 * 1024
 # How long a request body may take to arrive: a client that stops sending half way (or sends a
 # byte a minute) would otherwise hold its connection and handler for ever.
 BODY_TIMEOUT = 60.0
@@ -834,7 +842,8 @@ class Handlers:
                     known = self._secrets(request, incoming)
                     sample = self._body_sample(incoming, live, body, started, known)
                     recorded = sample is not None and await self._recorded(
-                        self._record(request, incoming, sample, flight, headers), incoming.path
+                        self._record(request, incoming, sample, flight, headers, len(body)),
+                        incoming.path,
                     )
                     if not recorded:
                         headers[STATUS] = status = "miss"  # forwarded, but not recorded
@@ -899,10 +908,12 @@ class Handlers:
         decoder = sse.Decoder()
         events: list[sse.Event] = []
         received: list[bytes] = []
+        size = 0
         try:
             async for chunk in iter_body(live):
                 t_ms = int((time.monotonic() - started) * 1000)
                 events.extend(decoder.decode(chunk, t_ms))
+                size += len(chunk)
                 if buffered:
                     received.append(chunk)
                 else:
@@ -941,7 +952,7 @@ class Handlers:
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
         outcome = status_of(headers)
         if flight is not None and sse.is_complete(events, incoming.path):
-            recording = self._record(request, incoming, sample, flight, response.headers)
+            recording = self._record(request, incoming, sample, flight, response.headers, size)
             if not await self._recorded(recording, incoming.path):
                 outcome = "miss"
                 if buffered:  # not sent yet: the header can still say so
@@ -999,8 +1010,10 @@ class Handlers:
         sample: Sample,
         flight: asyncio.Future[Outcome],
         headers: MutableMapping[str, str],
+        received: int,
     ) -> None:
-        """Store a live sample; when the key already had samples, audit it against them."""
+        """Store a live sample (`received` bytes from upstream); when the key already had
+        samples, audit it against them."""
         canon = incoming.canon
         assert canon is not None
         await self._remember_fingerprint(canon.model, sample.system_fingerprint)
@@ -1038,7 +1051,7 @@ class Handlers:
         old = seen[0]
         if old is not None:
             try:
-                verdict = await self._audit(request, Recording.loads(old), sample)
+                verdict = await self._audit(request, old, sample, len(old) + received)
             except FormatError as exc:
                 if not incoming.write or keep_existing:
                     raise  # nothing was stored, and nothing could be compared
@@ -1060,16 +1073,23 @@ class Handlers:
         if not flight.done():
             flight.set_result(True)
 
-    async def _audit(self, request: web.Request, recording: Recording, live: Sample) -> str:
-        """Compare a live sample with its recording, write the audit event, return the verdict."""
+    async def _audit(self, request: web.Request, stored: bytes, live: Sample, size: int) -> str:
+        """Compare a live sample with its recording (`stored`, as the store holds it), write the
+        audit event, return the verdict. Reading the recording and comparing are done in a worker
+        thread when `size` (both, in bytes) passes AUDIT_INLINE_LIMIT: they only read what they
+        are given, and this request, the only one holding the live sample, waits for them."""
+        large = size > AUDIT_INLINE_LIMIT
+        recording = await _off_loop_if(large, Recording.loads, stored)
         recorded = baseline(recording.samples, live.system_fingerprint)
         if recorded is None:
             return "new"
         distance = None
         # An embeddings response already carries its vectors: compare() measures those.
         if self.config.audit_embeddings and not recording.path.startswith("/v1/embeddings"):
-            distance = await self._embedding_distance(request, recorded, live)
-        event, comparison = audit_event(recording, recorded, live, embedding_distance=distance)
+            distance = await self._embedding_distance(request, recorded, live, large)
+        event, comparison = await _off_loop_if(
+            large, audit_event, recording, recorded, live, embedding_distance=distance
+        )
         await self.audit.write(event)
         if comparison.diverged:
             self.metrics.divergence(
@@ -1081,10 +1101,10 @@ class Handlers:
         return comparison.verdict.value
 
     async def _embedding_distance(
-        self, request: web.Request, recorded: Sample, live: Sample
+        self, request: web.Request, recorded: Sample, live: Sample, large: bool
     ) -> float | None:
         """Cosine distance of upstream embeddings of the two texts (the seed guide's measure)."""
-        texts = [output_text(recorded.response()), output_text(live.response())]
+        texts = await _off_loop_if(large, _output_texts, recorded, live)
         if not any(texts):
             return None  # nothing was said on either side: no meaning to compare
         if texts[0] == texts[1]:
@@ -1115,6 +1135,18 @@ async def _index_all(index: RequestIndex, found: AsyncIterator[tuple[str, str, b
         except FormatError:
             continue
         index.add(key, recording.namespace, recording.method, recording.path, recording.body)
+
+
+async def _off_loop_if(large: bool, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`work(*args, **kwargs)`, in a worker thread when it is `large`, so that the event loop
+    serves other requests meanwhile."""
+    if large:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)
+
+
+def _output_texts(recorded: Sample, live: Sample) -> list[str]:
+    return [output_text(recorded.response()), output_text(live.response())]
 
 
 def failure_from(posted: bytes, key: str) -> ProxyError:

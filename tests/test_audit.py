@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy import handlers
 from proxy.audit import TEXT_LIMIT, audit_event, baseline, summarise
 from proxy.divergence import is_divergence
 from proxy.recording import Recording, Sample
@@ -26,6 +28,7 @@ from tests.fake_upstream import (
     legacy_request,
     responses_request,
 )
+from tests.servers import BackgroundLoop
 
 FP_A = DEFAULT_FINGERPRINT
 FP_B = "fp_fake0002"
@@ -736,3 +739,85 @@ def test_audit_embeddings_leave_the_distance_null_when_there_is_no_text(
     assert event["verdict"] != "identical"
     assert event["similarity"]["text_ratio"] is None
     assert event["similarity"]["embedding_distance"] is None
+
+
+# -- off the event loop --------------------------------------------------------------------------
+
+
+@dataclass
+class Watched:
+    """Where the proxy compared live answers with their recordings: the thread of each call."""
+
+    loop_thread: threading.Thread
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def on_loop(self) -> list[bool]:
+        return [thread is self.loop_thread for thread in self.threads]
+
+
+@pytest.fixture
+def watched(loop: BackgroundLoop, monkeypatch: pytest.MonkeyPatch) -> Watched:
+    async def current() -> threading.Thread:
+        return threading.current_thread()
+
+    seen = Watched(loop.run(current()))
+
+    def watched_audit_event(*args: Any, **kwargs: Any) -> Any:
+        seen.threads.append(threading.current_thread())
+        return audit_event(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "audit_event", watched_audit_event)
+    return seen
+
+
+# A question long enough that its recording is compared in a worker thread.
+LONG_QUESTION = [{"role": "user", "content": "Summarise this. " + "Mars is red. " * 4_000}]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_a_large_recording_is_compared_off_the_event_loop(
+    start_proxy: StartProxy, upstream: FakeUpstream, watched: Watched, stream: bool
+) -> None:
+    proxy = start_proxy(mode="audit", audit_embeddings="text-embedding-3-small")
+    first = send(proxy, "chat", messages=LONG_QUESTION)
+    same = send(proxy, "chat", stream=stream, messages=LONG_QUESTION)
+    upstream.nondeterministic = True
+    other = send(proxy, "chat", stream=stream, messages=LONG_QUESTION)
+
+    assert watched.on_loop() == [False, False]
+    assert same.headers["x-seedcache-verdict"] == "identical"
+    assert other.headers["x-seedcache-verdict"] == "content"
+    identical, diverged = proxy.events()
+    assert identical["verdict"] == "identical"
+    assert diverged["texts"] == {"recorded": first.output, "live": other.output}
+    assert 0 < diverged["similarity"]["embedding_distance"] <= 2
+
+
+def test_a_small_recording_is_compared_at_once_on_the_event_loop(
+    start_proxy: StartProxy, upstream: FakeUpstream, watched: Watched
+) -> None:
+    proxy = start_proxy(mode="record")
+    send(proxy, "completions")
+    send(proxy, "completions")
+    upstream.nondeterministic = True
+    send(proxy, "completions")
+
+    assert watched.on_loop() == [True, True]
+    assert [e["verdict"] for e in proxy.events()] == ["identical", "content"]
+
+
+@pytest.mark.parametrize("padding", [0, 8_000], ids=["small", "large"])
+def test_an_unreadable_recording_is_not_audited_and_the_answer_still_delivered(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path, padding: int
+) -> None:
+    store = tmp_path / "rec"
+    proxy = start_proxy(store=f"files:{store}", mode="audit")
+    key = send(proxy, "chat").headers["x-seedcache-key"]
+    [path] = [p for p in store.rglob("*.json") if p.stem == key]
+    path.write_text("{ not json" + " " * padding)
+
+    answer = send(proxy, "chat")
+
+    assert answer.headers["x-seedcache-status"] == "miss"
+    assert answer.output
+    assert proxy.events() == []
