@@ -108,8 +108,8 @@ _ABOVE_TOKENS = re.compile(
 )
 _DICT: frozenset[type] = frozenset({dict})
 _TEXT: frozenset[type] = frozenset({str, type(None)})  # a token, or none
-# Token items compared a block at a time to find the few that differ; see _walk_tokens.
-_TOKEN_BLOCK = 64
+# Token items compared a block at a time; see _walk_tokens.
+_TOKEN_BLOCK = 256
 _EMBEDDING = re.compile(r"data\[\d+\]\.embedding")
 _OUTPUT_ITEM = re.compile(r"output\[(\d+)\](.*)", re.DOTALL)
 _OUTPUT_TEXT = re.compile(r"\.(?:content|summary)(?:\[\d+\](?:\.(?:text|refusal|transcript))?)?")
@@ -434,32 +434,26 @@ def _walk_tokens(
 ) -> None:
     """A logprobs list, with what the walk item by item would find, at C speed where items agree.
 
-    Thousands of tokens whose logprob values jitter on every call: what the walk compares of the
-    items is taken out in columns (`_token_columns`), compared whole, then a block of items at a
-    time, and only the items that differ are walked, in order, so that what is found, and when
-    the sink is settled, is unchanged. Columns rather than a tuple per item, as thousands of new
+    Thousands of tokens whose logprob values jitter on every call: a block of items at a time,
+    what the walk compares of them is taken out in columns (`_token_columns`) and compared whole,
+    and only the items of a block that differ are walked, in order, so that what is found, and
+    when the sink is settled, is unchanged. Block by block, the items are still in the processor's
+    cache from one column to the next; columns rather than a tuple per item, as thousands of new
     tuples would have the garbage collector go through them (and everything they hold).
     """
     if sink.settled(path):
         return
-    columns = _token_columns(a, b, values)
-    if columns is None:  # items that are no plain entries: walked one by one
-        for i in range(max(len(a), len(b))):
-            if sink.settled(path):
-                return
-            _walk_item(a, b, i, path, sink)
-        return
-    columns_a, columns_b = columns
-    if len(a) == len(b) and all(map(_same_column, columns_a, columns_b)):
-        return
     common = min(len(a), len(b))
     for start in range(0, common, _TOKEN_BLOCK):
         stop = min(start + _TOKEN_BLOCK, common)
-        block_a = [column[start:stop] for column in columns_a]
-        if _same(block_a, [column[start:stop] for column in columns_b]):
+        columns = _token_columns(a[start:stop], b[start:stop], values)
+        if columns is not None and all(map(_same_column, *columns)):
             continue
         for i in range(start, stop):
-            if _same([column[i] for column in columns_a], [column[i] for column in columns_b]):
+            if columns is not None and _same(
+                [column[i - start] for column in columns[0]],
+                [column[i - start] for column in columns[1]],
+            ):
                 continue
             # Settled: every later item could only add a token difference to a full list.
             if sink.settled(path):

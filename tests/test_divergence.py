@@ -774,20 +774,20 @@ def replaced(entries: list[Any], index: int, item: Any) -> list[Any]:
 
 
 def token_pairs() -> list[tuple[str, Any, Any]]:
-    base = token_logprobs(words(200))
-    jittered = token_logprobs(words(200), jitter=0.01)
+    base = token_logprobs(words(600))
+    jittered = token_logprobs(words(600), jitter=0.01)
     other_top = [
         {**e, "top_logprobs": [{"token": "y", "logprob": -2, "bytes": [121]}]} for e in base
     ]
-    many_differ = token_logprobs(words(100) + words(100, "u"), jitter=0.01)
+    many_differ = token_logprobs(words(300) + words(300, "u"), jitter=0.01)
     # Token differences past the limit, and entries with a member more before and after it.
-    late_members = [{**e, "rank": 1} if i >= 150 else e for i, e in enumerate(many_differ)]
+    late_members = [{**e, "rank": 1} if i >= 450 else e for i, e in enumerate(many_differ)]
     early_members = [{**e, "rank": 1} if i < 10 else e for i, e in enumerate(many_differ)]
     reordered = [{k: e[k] for k in reversed(list(e))} for e in jittered]
     only_values = [{"logprob": e["logprob"]} for e in base]
     legacy = legacy_logprobs(words(300))
     return [
-        ("identical", chat_logprobs(base), chat_logprobs(token_logprobs(words(200)))),
+        ("identical", chat_logprobs(base), chat_logprobs(token_logprobs(words(600)))),
         ("the same list", chat_logprobs(base), chat_logprobs(base)),
         ("values jitter", chat_logprobs(base), chat_logprobs(jittered)),
         ("top alternatives differ", chat_logprobs(base), chat_logprobs(other_top)),
@@ -803,11 +803,16 @@ def token_pairs() -> list[tuple[str, Any, Any]]:
             chat_logprobs(base),
             chat_logprobs(changed(base, 99, token="x")),
         ),
-        ("a token more", chat_logprobs(base), chat_logprobs(token_logprobs(words(201), 0.01))),
+        (
+            "a token changed in the last block",
+            chat_logprobs(base),
+            chat_logprobs(changed(jittered, 599, token="x")),
+        ),
+        ("a token more", chat_logprobs(base), chat_logprobs(token_logprobs(words(601), 0.01))),
         (
             "a token inserted first",
             chat_logprobs(base),
-            chat_logprobs(token_logprobs(["w", *words(200)])),
+            chat_logprobs(token_logprobs(["w", *words(600)])),
         ),
         ("bytes absent", chat_logprobs(base), chat_logprobs(changed(jittered, 50, bytes=OMIT))),
         ("bytes null", chat_logprobs(base), chat_logprobs(changed(jittered, 50, bytes=None))),
@@ -822,21 +827,21 @@ def token_pairs() -> list[tuple[str, Any, Any]]:
             chat_logprobs(changed(jittered, 3, bytes=OMIT)),
         ),
         ("token absent", chat_logprobs(base), chat_logprobs(changed(jittered, 0, token=OMIT))),
-        ("a member more", chat_logprobs(base), chat_logprobs(changed(jittered, 120, rank=2))),
+        ("a member more", chat_logprobs(base), chat_logprobs(changed(jittered, 520, rank=2))),
         (
             "a null member more",
             chat_logprobs(base),
-            chat_logprobs(changed(jittered, 120, rank=None)),
+            chat_logprobs(changed(jittered, 520, rank=None)),
         ),
         (
             "a member on both sides",
-            chat_logprobs(changed(base, 120, rank=2)),
-            chat_logprobs(changed(jittered, 120, rank=2)),
+            chat_logprobs(changed(base, 520, rank=2)),
+            chat_logprobs(changed(jittered, 520, rank=2)),
         ),
         (
             "a member differing",
-            chat_logprobs(changed(base, 120, rank=2)),
-            chat_logprobs(changed(jittered, 120, rank=3)),
+            chat_logprobs(changed(base, 520, rank=2)),
+            chat_logprobs(changed(jittered, 520, rank=3)),
         ),
         (
             "a byte true, not 1",
@@ -862,7 +867,7 @@ def token_pairs() -> list[tuple[str, Any, Any]]:
         ("more token differences than listed", chat_logprobs(base), chat_logprobs(many_differ)),
         ("members more after the limit", chat_logprobs(base), chat_logprobs(late_members)),
         ("members more before the limit", chat_logprobs(base), chat_logprobs(early_members)),
-        ("entries of values only", chat_logprobs(only_values), chat_logprobs(only_values[:150])),
+        ("entries of values only", chat_logprobs(only_values), chat_logprobs(only_values[:450])),
         ("null and empty content", chat_logprobs(None), chat_logprobs([])),
         ("empty content and entries", chat_logprobs([]), chat_logprobs(base)),
         ("null content and entries", chat_logprobs(None), chat_logprobs(base)),
@@ -871,9 +876,9 @@ def token_pairs() -> list[tuple[str, Any, Any]]:
             with_choice(chat("a b c"), logprobs=None),
             chat_logprobs(base),
         ),
-        ("a null entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 10, None))),
-        ("a text entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 10, "t10"))),
-        ("a list entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 10, [1]))),
+        ("a null entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 300, None))),
+        ("a text entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 300, "t300"))),
+        ("a list entry", chat_logprobs(base), chat_logprobs(replaced(jittered, 300, [1]))),
         (
             "refusal logprobs jitter",
             chat_logprobs(None, refusal=token_logprobs(words(80))),
@@ -974,7 +979,8 @@ def mutated(entries: list[Any], rnd: random.Random) -> list[Any]:
 @pytest.mark.parametrize("seed", range(60))
 def test_logprobs_token_by_token_finds_what_the_walk_finds_after_random_changes(seed: int) -> None:
     rnd = random.Random(seed)
-    base = token_logprobs(words(rnd.choice((1, 64, 65, 300))))
+    block = divergence._TOKEN_BLOCK
+    base = token_logprobs(words(rnd.choice((1, block - 1, block, block + 1, 2 * block + 50))))
     lists = [mutated(base, rnd), mutated(base, rnd)]
     recorded = with_logprobs_choices(*lists)
     live = with_logprobs_choices(*(mutated(entries, rnd) for entries in lists))
