@@ -237,6 +237,9 @@ class Handlers:
         # keeps that many samples.
         self._sequence: dict[str, int] = {}
         self._reached: dict[str, int] = {}
+        # The recordings a --repeat sequence record run rewrote (key -> namespace): trimmed to
+        # the samples it reached when it ends.
+        self._rerecorded: dict[str, str] = {}
         # The namespace of requests that name none (no header, no /_seedcache/ns/ path): the
         # configured one, or the current test's under the pytest plugin.
         self.namespace = config.namespace
@@ -679,11 +682,35 @@ class Handlers:
                 yield namespaces[key], key, raw
 
     async def close(self) -> None:
-        """Stop the work this object started in the background."""
+        """Stop the work this object started in the background; end a sequence record run."""
         if self._index_build is not None:
             self._index_build.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._index_build
+        await self._trim_sequences()
+
+    async def _trim_sequences(self) -> None:
+        """--repeat sequence, record mode: a recording the run rewrote keeps as many samples as
+        the most identical requests the run made (a test that now asks twice leaves two where
+        there were three); the others are of an older run. Dropped when the run ends, not as it
+        goes: until then, the k-th answer is compared with the sample k it replaces."""
+        for key, namespace in self._rerecorded.items():
+            keep = self._reached.get(key, 0)
+
+            def trim(stored: bytes | None, keep: int = keep, key: str = key) -> bytes | None:
+                if stored is None:
+                    return None
+                recording = load(stored, key, self._store_shown)
+                if len(recording.samples) <= keep:
+                    return None
+                trimmed = replace(recording, samples=recording.samples[:keep])
+                return trimmed.dumps(pretty=self.store.pretty)
+
+            try:
+                await self.store.update(namespace, key, trim)
+            except (StoreError, FormatError) as exc:
+                log.warning("could not drop the older samples of %s: %s", key[:12], exc)
+        self._rerecorded.clear()
 
     async def _current_fingerprint(self, model: str | None) -> str | None:
         name = self._fingerprint_name(model)
@@ -1027,11 +1054,10 @@ class Handlers:
         # Audit mode records only what is absent; Cache-Control: no-store records nothing.
         keep_existing = incoming.mode is Mode.AUDIT
         sequence = self.config.repeat is Repeat.SEQUENCE
-        # --repeat sequence: a record run rewrites the recording, so that a replay run gets what
-        # it saw. The samples past the most identical requests the run has made so far are of an
-        # older run; the count of this request alone (each test counts from 1) would drop those
-        # of a test that asked more, and of the requests in flight with it.
-        keep = self._reached.get(canon.key) if incoming.mode is Mode.RECORD else None
+        if sequence and incoming.mode is Mode.RECORD and incoming.write:
+            # A record run rewrites the recording, so that a replay run gets what it saw: the
+            # samples past the ones it reached go when it ends (`_trim_sequences`).
+            self._rerecorded[canon.key] = canon.namespace
         seen: list[bytes | None] = [None]
 
         def add(stored: bytes | None) -> bytes | None:
@@ -1042,7 +1068,7 @@ class Handlers:
             recording = fresh if stored is None else load(stored, canon.key, self._store_shown)
             if sequence:
                 index = incoming.ordinal if incoming.replaces else len(recording.samples)
-                recording = recording.with_sample_at(sample, index, keep=keep)
+                recording = recording.with_sample_at(sample, index)
             else:
                 recording = recording.with_sample(sample)
             return recording.dumps(pretty=self.store.pretty)
@@ -1051,7 +1077,10 @@ class Handlers:
         old = seen[0]
         if old is not None:
             try:
-                verdict = await self._audit(request, old, sample, len(old) + received)
+                # --repeat sequence: the k-th identical request's answer is compared with
+                # sample k, what a replay would have served it.
+                position = incoming.ordinal if sequence else None
+                verdict = await self._audit(request, old, sample, len(old) + received, position)
             except FormatError as exc:
                 if not incoming.write or keep_existing:
                     raise  # nothing was stored, and nothing could be compared
@@ -1073,14 +1102,27 @@ class Handlers:
         if not flight.done():
             flight.set_result(True)
 
-    async def _audit(self, request: web.Request, stored: bytes, live: Sample, size: int) -> str:
+    async def _audit(
+        self,
+        request: web.Request,
+        stored: bytes,
+        live: Sample,
+        size: int,
+        position: int | None = None,
+    ) -> str:
         """Compare a live sample with its recording (`stored`, as the store holds it), write the
-        audit event, return the verdict. Reading the recording and comparing are done in a worker
-        thread when `size` (both, in bytes) passes AUDIT_INLINE_LIMIT: they only read what they
-        are given, and this request, the only one holding the live sample, waits for them."""
+        audit event, return the verdict: with the sample of the same fingerprint, or the sample
+        at `position` (--repeat sequence; "new" past the last). Reading the recording and
+        comparing are done in a worker thread when `size` (both, in bytes) passes
+        AUDIT_INLINE_LIMIT: they only read what they are given, and this request, the only one
+        holding the live sample, waits for them."""
         large = size > AUDIT_INLINE_LIMIT
         recording = await _off_loop_if(large, Recording.loads, stored)
-        recorded = baseline(recording.samples, live.system_fingerprint)
+        if position is None:
+            recorded = baseline(recording.samples, live.system_fingerprint)
+        else:
+            samples = recording.samples
+            recorded = samples[position] if position < len(samples) else None
         if recorded is None:
             return "new"
         distance = None

@@ -264,16 +264,15 @@ class Recording:
             return self
         return replace(self, samples=(*kept, sample))
 
-    def with_sample_at(self, sample: Sample, index: int, *, keep: int | None = None) -> Recording:
+    def with_sample_at(self, sample: Sample, index: int) -> Recording:
         """This recording with `sample` as its sample number `index` (from 0), for
         `--repeat sequence`, where a sample's place is the identical request it answers.
 
         The sample there is replaced, or `sample` appended when the recording ends before
         `index`. An output equal to another sample's is a sample of its own: a run that got the
-        same answer twice replays it twice. With `keep`, the samples from number `keep` on are
-        dropped (a record run that made fewer identical requests than there are samples).
+        same answer twice replays it twice.
         """
-        samples = self.samples[:keep]
+        samples = self.samples
         index = min(index, len(samples))
         if index < len(samples):
             old = samples[index]

@@ -248,20 +248,18 @@ FIRST, SECOND, THIRD = (sample(body=completion(text)) for text in ("Red.", "Blue
 NEW = sample(body=completion("Amber."), recorded_at="2026-11-24T00:00:00.000Z")
 
 PLACES = [
-    # (name, samples, new sample, index, keep, expected samples)
-    ("replaces the sample at its index", (FIRST, SECOND, THIRD), NEW, 1, None, (FIRST, NEW, THIRD)),
-    ("appends after the last", (FIRST, SECOND), NEW, 2, None, (FIRST, SECOND, NEW)),
-    ("appends where the recording ends", (FIRST,), NEW, 3, None, (FIRST, NEW)),
-    ("the first of an empty recording", (), NEW, 0, None, (NEW,)),
-    ("drops the samples from keep on", (FIRST, SECOND, THIRD), NEW, 0, 1, (NEW,)),
-    ("keeps the samples before keep", (FIRST, SECOND, THIRD), NEW, 0, 2, (NEW, SECOND)),
-    ("appends after what keep leaves", (FIRST, SECOND, THIRD), NEW, 3, 2, (FIRST, SECOND, NEW)),
-    ("an equal output is a sample of its own", (FIRST,), FIRST, 1, None, (FIRST, FIRST)),
+    # (name, samples, new sample, index, expected samples)
+    ("replaces the sample at its index", (FIRST, SECOND, THIRD), NEW, 1, (FIRST, NEW, THIRD)),
+    ("replaces the first, keeps the rest", (FIRST, SECOND, THIRD), NEW, 0, (NEW, SECOND, THIRD)),
+    ("appends after the last", (FIRST, SECOND), NEW, 2, (FIRST, SECOND, NEW)),
+    ("appends where the recording ends", (FIRST,), NEW, 3, (FIRST, NEW)),
+    ("the first of an empty recording", (), NEW, 0, (NEW,)),
+    ("an equal output is a sample of its own", (FIRST,), FIRST, 1, (FIRST, FIRST)),
 ]
 
 
 @pytest.mark.parametrize(
-    ("samples", "new", "index", "keep", "expected"),
+    ("samples", "new", "index", "expected"),
     [case[1:] for case in PLACES],
     ids=[case[0] for case in PLACES],
 )
@@ -269,10 +267,9 @@ def test_with_sample_at(
     samples: tuple[Sample, ...],
     new: Sample,
     index: int,
-    keep: int | None,
     expected: tuple[Sample, ...],
 ) -> None:
-    assert recording(*samples).with_sample_at(new, index, keep=keep).samples == expected
+    assert recording(*samples).with_sample_at(new, index).samples == expected
 
 
 CHUNK = (

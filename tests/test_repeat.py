@@ -154,8 +154,11 @@ def test_record_with_fewer_requests_drops_the_samples_past_them(
 
     rerecord = start_proxy(repeat="sequence", mode="record")
     new = answers(rerecord.client(), 2)
-    assert contents(rerecord.recordings()[0]) == new
+    # The older third sample stays while the run goes on, and goes when it ends.
+    assert contents(rerecord.recordings()[0])[:2] == new
+    assert len(rerecord.recordings()[0].samples) == 3
     rerecord.stop()
+    assert contents(rerecord.recordings()[0]) == new
 
     replayer = start_proxy(repeat="sequence", mode="replay")
     assert answers(replayer.client(), 2) == new
@@ -247,3 +250,22 @@ def test_auto_replaces_in_place_a_sample_it_cannot_serve_and_keeps_the_others(
     chunks = list(replayer.client().chat.completions.create(**with_usage))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == live
     assert chunks[-1].usage is not None
+
+
+def test_a_sequence_rerecord_compares_each_answer_with_the_sample_at_its_place(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The upstream answers the 1st, 2nd, 3rd call of a run the same way each run: nothing
+    # diverged, though each answer differs from the newest sample.
+    upstream.nondeterministic = True
+    first_run = start_proxy(repeat="sequence")
+    old = answers(first_run.client(), 2)
+    first_run.stop()
+    upstream._generation = 0  # the next run starts the upstream's answers over
+
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    new = answers(rerecord.client(), 3)
+
+    assert new[:2] == old
+    assert [event["verdict"] for event in rerecord.events()] == ["identical", "identical"]
+    assert len(rerecord.recordings()[0].samples) == 3
