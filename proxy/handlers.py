@@ -288,6 +288,10 @@ class Handlers:
                     return await self._lead_shared(request, incoming, self._locking)
                 return await self._lead(request, incoming, coalesce=coalesce)
             outcome = await asyncio.shield(flight)
+            if not incoming.read:
+                # Cache-Control: no-cache asked for an answer of its own, not one from the store
+                # nor another request's: it makes its own call once that one has ended.
+                continue
             if isinstance(outcome, ProxyError):
                 error = outcome.again()
                 error.headers[KEY] = canon.key
@@ -792,11 +796,13 @@ class Handlers:
                 keeping = asyncio.create_task(self._keep_lock(store, name, token))
                 try:
                     # Another proxy may have recorded it between our miss and our lock, or
-                    # failed to: then so do we, as the requests waiting on a call do.
-                    replay = await self._lookup(request, incoming)
-                    if replay is not None:
-                        return replay
-                    posted = await store.read_post(failed) if waited else None
+                    # failed to: then so do we, as the requests waiting on a call do (not one
+                    # sent with Cache-Control: no-cache, which skips the read).
+                    if incoming.read:
+                        replay = await self._lookup(request, incoming)
+                        if replay is not None:
+                            return replay
+                    posted = await store.read_post(failed) if waited and incoming.read else None
                     if posted is None:
                         return await self._lead(request, incoming, coalesce=True)
                 except ProxyError as exc:
@@ -818,6 +824,8 @@ class Handlers:
             # again when it is released or its holder died).
             waited = True
             await asyncio.sleep(SHARED_LOCK_POLL)
+            if not incoming.read:
+                continue  # no-cache: its own call once the lock is free, as in `handle`
             replay = await self._lookup(request, incoming)
             if replay is not None:
                 return replay

@@ -668,6 +668,27 @@ async def test_a_leaders_client_error_is_not_served_to_a_follower_whose_request_
     assert len(proxy.recordings()) == 1
 
 
+async def test_a_no_cache_request_arriving_during_an_identical_call_makes_its_own(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # It waited for that call and was served its recording: a hit, though it skips the read.
+    upstream.delay = 0.3
+    upstream.nondeterministic = True
+    async with proxy.async_client() as client:
+        first = asyncio.create_task(client.chat.completions.create(**chat_request()))
+        await asyncio.sleep(0.1)
+        own = await client.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"Cache-Control": "no-cache"}
+        )
+        leader = await first
+        replayed = await client.chat.completions.create(**chat_request())
+
+    assert status(own) == "recorded"
+    assert own.parse().id != leader.id
+    assert upstream.count() == 2
+    assert replayed.id == own.parse().id  # the newest sample
+
+
 async def test_record_mode_does_not_coalesce(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:

@@ -121,6 +121,47 @@ def test_a_call_longer_than_the_lock_and_the_read_timeout_is_still_made_once(
     assert len({a.split()[1] for a in answers}) == 1
 
 
+@pytest.mark.parametrize("store", ["disk", "redis"])
+def test_no_cache_skips_the_read_on_every_store(
+    store: str, start_proxy: StartProxy, upstream: FakeUpstream, request: pytest.FixtureRequest
+) -> None:
+    # The Redis store used to replay it: its lock holder looked for the recording first.
+    options = {"store": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    upstream.nondeterministic = True
+    client = start_proxy(**options).client()
+    first = client.chat.completions.create(**chat_request())
+    live = client.chat.completions.with_raw_response.create(
+        **chat_request(), extra_headers={"Cache-Control": "no-cache"}
+    )
+
+    assert status(live) == "recorded"
+    assert live.parse().id != first.id
+    assert upstream.count() == 2
+
+
+@pytest.mark.parametrize("where", ["same proxy", "other proxy"])
+async def test_a_no_cache_request_waits_for_the_call_in_flight_then_makes_its_own(
+    where: str, start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    upstream.delay = 0.3
+    upstream.nondeterministic = True
+    first = start_proxy(store=redis_url)
+    second = first if where == "same proxy" else start_proxy(store=redis_url)
+    async with first.async_client() as one, second.async_client() as other:
+        leading = asyncio.create_task(one.chat.completions.create(**chat_request()))
+        await asyncio.sleep(0.1)
+        own = await other.chat.completions.with_raw_response.create(
+            **chat_request(), extra_headers={"Cache-Control": "no-cache"}
+        )
+        leader = await leading
+        replayed = await one.chat.completions.create(**chat_request())
+
+    assert status(own) == "recorded"
+    assert own.parse().id != leader.id
+    assert upstream.count("/chat/completions") == 2
+    assert replayed.id == own.parse().id  # the newest sample
+
+
 def test_more_concurrent_requests_than_redis_connections_wait_for_one(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
