@@ -116,7 +116,7 @@ SHARED_LOCK_TTL_MS = 30_000
 SHARED_LOCK_POLL = 0.05
 # How long a lock holder's upstream failure is left for the proxies that waited on it: enough for
 # every one of them to look (they look every SHARED_LOCK_POLL), short enough not to be a cache.
-SHARED_FAILURE_TTL_MS = 1_000
+SHARED_OUTCOME_TTL_MS = 1_000
 # A live answer is compared with its recording in a worker thread when the two (the recording as
 # stored, the answer as received) are larger than this together, so that no comparison holds up
 # the other requests: two texts of a few hundred characters that differ already take milliseconds
@@ -741,14 +741,21 @@ class Handlers:
     # -- live -------------------------------------------------------------------------------
 
     async def _lead(
-        self, request: web.Request, incoming: Incoming, *, coalesce: bool
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        *,
+        coalesce: bool,
+        flight: asyncio.Future[Outcome] | None = None,
     ) -> web.StreamResponse:
-        """Forward this request and record it; identical concurrent misses wait for us."""
+        """Forward this request and record it; identical concurrent misses wait for us. What
+        the call comes to is set on `flight` (a new one unless given)."""
         canon = incoming.canon
         assert canon is not None
         if self.config.repeat is Repeat.SEQUENCE and incoming.write:
             incoming = replace(incoming, replaces=await self._has_sample(incoming))
-        flight: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if flight is None:
+            flight = asyncio.get_running_loop().create_future()
         if coalesce:
             self._inflight[canon.key] = flight
         try:
@@ -781,57 +788,91 @@ class Handlers:
         self, request: web.Request, incoming: Incoming, store: Locking
     ) -> web.StreamResponse:
         """Coalesce across proxies on a shared store: one proxy holds a short-lived lock per key
-        and goes upstream; the others wait for its recording. A lock whose holder died expires."""
+        and goes upstream; the others wait for its recording, or for the failure it leaves
+        them. A lock whose holder died expires."""
         canon = incoming.canon
         assert canon is not None
-        # The key alone names them: the namespace is part of its material.
-        name, failed = f"fill:{canon.key}", f"failed:{canon.key}"
-        waited = False
+        # The key alone names it: the namespace is part of its material.
+        name = f"fill:{canon.key}"
+        waited_on: str | None = None  # the token of the holder whose call this one waits for
         while True:
-            token = await store.acquire(name, SHARED_LOCK_TTL_MS)
-            if token is not None:
-                posted = None
-                # The lock lives while the call does (a stream can run for minutes), and ends
-                # SHARED_LOCK_TTL_MS after a holder that died.
-                keeping = asyncio.create_task(self._keep_lock(store, name, token))
-                try:
-                    # Another proxy may have recorded it between our miss and our lock, or
-                    # failed to: then so do we, as the requests waiting on a call do (not one
-                    # sent with Cache-Control: no-cache, which skips the read).
-                    if incoming.read:
-                        replay = await self._lookup(request, incoming)
-                        if replay is not None:
-                            return replay
-                    posted = await store.read_post(failed) if waited and incoming.read else None
-                    if posted is None:
-                        return await self._lead(request, incoming, coalesce=True)
-                except ProxyError as exc:
-                    if exc.type == "upstream_error":
-                        # Unreachable, timed out: say so to the proxies waiting on this call,
-                        # which would otherwise each wait out the same timeout in turn.
-                        posted_failure = orjson.dumps(exc.fields())
-                        with contextlib.suppress(StoreError):
-                            await store.post(failed, posted_failure, SHARED_FAILURE_TTL_MS)
-                    raise
-                finally:
-                    keeping.cancel()
-                    # A release that fails is harmless (the lock expires), and must not turn the
-                    # answer just given into an error.
-                    with contextlib.suppress(StoreError):
-                        await store.release(name, token)
-                raise failure_from(posted, canon.key)
-            # Another proxy holds it: wait for its recording, its failure, or its lock (taken
-            # again when it is released or its holder died).
-            waited = True
+            holder = await store.acquire(name, SHARED_LOCK_TTL_MS)
+            if holder.ours:
+                return await self._fill(request, incoming, store, holder.token, waited_on)
+            # Another proxy holds it: wait for its recording, what it leaves us, or its lock
+            # (taken again when it is released or its holder died).
+            waited_on = holder.token
             await asyncio.sleep(SHARED_LOCK_POLL)
             if not incoming.read:
                 continue  # no-cache: its own call once the lock is free, as in `handle`
             replay = await self._lookup(request, incoming)
             if replay is not None:
                 return replay
-            posted = await store.read_post(failed)
-            if posted is not None:
-                raise failure_from(posted, canon.key)
+            await self._left_for(incoming, store, waited_on)
+
+    async def _fill(
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        store: Locking,
+        token: str,
+        waited_on: str | None,
+    ) -> web.StreamResponse:
+        """Holding the fill lock: go upstream, and leave what the call came to for the proxies
+        that wait on it (`_leave`), before the lock is released."""
+        canon = incoming.canon
+        assert canon is not None
+        name = f"fill:{canon.key}"
+        # The lock lives while the call does (a stream can run for minutes), and ends
+        # SHARED_LOCK_TTL_MS after a holder that died.
+        keeping = asyncio.create_task(self._keep_lock(store, name, token))
+        try:
+            if incoming.read:
+                # The call we waited on may have recorded, or failed, between our last look and
+                # our lock: then we are served as the requests waiting on a call are (not one
+                # sent with Cache-Control: no-cache, which skips the read).
+                replay = await self._lookup(request, incoming)
+                if replay is not None:
+                    return replay
+                if waited_on is not None:
+                    await self._left_for(incoming, store, waited_on)
+            flight: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            try:
+                return await self._lead(request, incoming, coalesce=True, flight=flight)
+            finally:
+                if flight.done():
+                    await self._leave(incoming, store, token, flight.result())
+        finally:
+            keeping.cancel()
+            # A release that fails is harmless (the lock expires), and must not turn the
+            # answer just given into an error.
+            with contextlib.suppress(StoreError):
+                await store.release(name, token)
+
+    async def _leave(
+        self, incoming: Incoming, store: Locking, token: str, outcome: Outcome
+    ) -> None:
+        """Post a lock holder's upstream failure (unreachable, timed out, broken off) for the
+        proxies waiting on its call, which would otherwise each wait out the same timeout in
+        turn. Posted under the holder's token: only the requests that waited on this very
+        call find it, never those of a later call made while it lasts."""
+        if not isinstance(outcome, ProxyError):
+            return
+        assert incoming.canon is not None
+        posted = orjson.dumps({"failure": outcome.fields()})
+        # A post that fails costs the waiters a call of their own, not this answer.
+        with contextlib.suppress(StoreError):
+            await store.post(outcome_name(incoming.canon.key, token), posted, SHARED_OUTCOME_TTL_MS)
+
+    @staticmethod
+    async def _left_for(incoming: Incoming, store: Locking, token: str) -> None:
+        """Raise the failure the holder `token` posted for the requests that waited on its
+        call, if it posted one."""
+        assert incoming.canon is not None
+        key = incoming.canon.key
+        posted = await store.read_post(outcome_name(key, token))
+        if posted is not None:
+            raise failure_from(orjson.loads(posted)["failure"], key)
 
     @staticmethod
     async def _keep_lock(store: Locking, name: str, token: str) -> None:
@@ -1199,9 +1240,14 @@ def _output_texts(recorded: Sample, live: Sample) -> list[str]:
     return [output_text(recorded.response()), output_text(live.response())]
 
 
-def failure_from(posted: bytes, key: str) -> ProxyError:
+def outcome_name(key: str, token: str) -> str:
+    """Where the holder of the fill lock `token` posts what its call for `key` came to."""
+    return f"outcome:{key}:{token}"
+
+
+def failure_from(fields: dict[str, Any], key: str) -> ProxyError:
     """The upstream failure another proxy posted for `key`, as this proxy answers it."""
-    error = ProxyError.from_fields(orjson.loads(posted))
+    error = ProxyError.from_fields(fields)
     error.headers[KEY] = key
     return error
 

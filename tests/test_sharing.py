@@ -91,6 +91,28 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_timeout(
     )
 
 
+def test_a_failure_is_left_only_for_the_requests_that_waited_on_its_call(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    # A call that timed out leaves its 504 for a second; a new call for the same key made
+    # meanwhile, the upstream healthy again, used to have its waiters answered the old 504.
+    proxies = [start_proxy(store=redis_url, upstream_timeout=0.5) for _ in range(3)]
+    upstream.hang_next(5)
+    assert proxies[0].request("POST", CHAT, chat_request()).status == 504
+    upstream.delay = 0.3
+
+    async def ask(proxy: RunningProxy, after: float) -> str:
+        await asyncio.sleep(after)
+        async with proxy.async_client() as client:
+            return status(await client.chat.completions.with_raw_response.create(**chat_request()))
+
+    async def everyone() -> list[str]:
+        return await asyncio.gather(*(ask(p, 0.05 * (n > 0)) for n, p in enumerate(proxies)))
+
+    assert sorted(asyncio.run(everyone())) == ["hit", "hit", "recorded"]
+    assert upstream.count("/chat/completions") == 2
+
+
 def test_a_call_longer_than_the_lock_and_the_read_timeout_is_still_made_once(
     start_proxy: StartProxy,
     upstream: FakeUpstream,

@@ -26,7 +26,7 @@ import redis
 import proxy.stores.files
 import proxy.stores.redis_store
 from proxy.errors import ConfigError, StoreError
-from proxy.stores.base import Store, Updater, open_store
+from proxy.stores.base import Holder, Store, Updater, open_store
 from proxy.stores.disk import DiskStore
 from proxy.stores.files import FilesStore
 from proxy.stores.redis_store import RedisStore
@@ -752,25 +752,27 @@ class TestRedisStore:
         assert await collect(rstore) == {("team-a", key(1)): b"a", ("", key(2)): b"b"}
 
     async def test_acquire_release(self, rstore: RedisStore) -> None:
-        token = await rstore.acquire(key(1), 10_000)
-        assert token is not None
-        assert await rstore.acquire(key(1), 10_000) is None
+        holder = await rstore.acquire(key(1), 10_000)
+        assert holder.ours
+        # The others are told who holds it: the same token until it is released.
+        assert await rstore.acquire(key(1), 10_000) == Holder(holder.token, ours=False)
         await rstore.release(key(1), "not-the-token")  # someone else's release does nothing
-        assert await rstore.acquire(key(1), 10_000) is None
-        await rstore.release(key(1), token)
+        assert await rstore.acquire(key(1), 10_000) == Holder(holder.token, ours=False)
+        await rstore.release(key(1), holder.token)
         again = await rstore.acquire(key(1), 10_000)
-        assert again is not None and again != token
-        await rstore.release(key(1), again)
+        assert again.ours and again.token != holder.token
+        await rstore.release(key(1), again.token)
 
     async def test_lock_expires(self, rstore: RedisStore) -> None:
         stale = await rstore.acquire(key(1), 50)
-        assert stale is not None
+        assert stale.ours
         await asyncio.sleep(0.15)
         fresh = await rstore.acquire(key(1), 10_000)
-        assert fresh is not None
-        await rstore.release(key(1), stale)  # the expired holder cannot free the new holder's lock
-        assert await rstore.acquire(key(1), 10_000) is None
-        await rstore.release(key(1), fresh)
+        assert fresh.ours
+        # The expired holder cannot free the new holder's lock.
+        await rstore.release(key(1), stale.token)
+        assert await rstore.acquire(key(1), 10_000) == Holder(fresh.token, ours=False)
+        await rstore.release(key(1), fresh.token)
 
     async def test_down_then_back(self, own_redis_server: RedisServer) -> None:
         store = RedisStore(own_redis_server.url())

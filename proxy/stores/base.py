@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from proxy.config import StoreSpec
@@ -68,13 +69,23 @@ class Store(Protocol):
         """Release connections and files."""
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a lock once `Locking.acquire` has tried it: the holder's token, and whether
+    that holder is the caller."""
+
+    token: str
+    ours: bool
+
+
 @runtime_checkable
 class Locking(Protocol):
     """A store shared by several proxies that can hold short-lived locks (Redis), so that
     identical concurrent misses on different proxies cause one upstream call."""
 
-    async def acquire(self, name: str, ttl_ms: int) -> str | None:
-        """Take the lock `name` for at most `ttl_ms`; a token if taken, None if held."""
+    async def acquire(self, name: str, ttl_ms: int) -> Holder:
+        """Take the lock `name` for at most `ttl_ms` if it is free; who holds it now (the token
+        tells one holder from the next, so that a waiter knows which call it waits on)."""
 
     async def release(self, name: str, token: str) -> None:
         """Give the lock back if `token` still holds it."""

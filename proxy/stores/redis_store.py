@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError, StoreError
-from proxy.stores.base import Updater
+from proxy.stores.base import Holder, Updater
 
 PREFIX = "seedcache:"
 META = "seedcache:meta"
@@ -46,6 +46,15 @@ _EVENTS_PAGE = 500
 # committed in between, so the store as a whole always makes progress.
 _MAX_ATTEMPTS = 200
 
+# Take a lock if free, else say who holds it: waiters tell the holders apart by their tokens.
+_ACQUIRE = """
+local held = redis.call("get", KEYS[1])
+if held then
+    return {0, held}
+end
+redis.call("set", KEYS[1], ARGV[1], "px", ARGV[2])
+return {1, ARGV[1]}
+"""
 # Compare-and-delete: release a lock only if it still holds our token (it may have expired and
 # been taken by another proxy since).
 _RELEASE = """
@@ -70,8 +79,8 @@ def recording_name(namespace: str, key: str) -> str:
 class RedisStore:
     """Recordings in Redis, for proxies on many machines sharing one store (DESIGN §8, §9).
 
-    Only RedisStore has `acquire`/`release`/`lock`: a short-lived lock per key, so identical
-    misses on different proxies make one upstream call.
+    Only RedisStore is `Locking`: a short-lived lock per key, so that identical misses on
+    different proxies make one upstream call.
     """
 
     pretty = False
@@ -108,6 +117,7 @@ class RedisStore:
         if self._redis.connection_pool.connection_kwargs.get("decode_responses"):
             # Values are bytes (recordings need not be UTF-8); decoded replies would corrupt them.
             raise ConfigError(f"{self.description}: remove decode_responses from the Redis URL")
+        self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._extend = self._redis.register_script(_EXTEND)
 
@@ -229,12 +239,12 @@ class RedisStore:
 
     # -- cross-process locks ----------------------------------------------------------------
 
-    async def acquire(self, name: str, ttl_ms: int) -> str | None:
-        """Take the lock `name` for `ttl_ms` ms if nobody holds it; the token to release it."""
+    async def acquire(self, name: str, ttl_ms: int) -> Holder:
+        """Take the lock `name` for `ttl_ms` ms if nobody holds it; who holds it now."""
         token = secrets.token_hex(16)
         with self._errors():
-            taken = await self._redis.set(LOCK_PREFIX + name, token, nx=True, px=ttl_ms)
-        return token if taken else None
+            taken, held = await self._acquire(keys=[LOCK_PREFIX + name], args=[token, ttl_ms])
+        return Holder(_bytes(held).decode(), ours=bool(taken))
 
     async def release(self, name: str, token: str) -> None:
         """Release the lock `name` if `token` still holds it (it may have expired meanwhile)."""
