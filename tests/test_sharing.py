@@ -4,6 +4,7 @@ access tokens and the proxy's own upstream key, Redis going away, and --workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -91,6 +92,32 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_timeout(
     )
 
 
+async def test_proxies_waiting_on_a_stream_that_breaks_off_get_its_502(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    upstream.chunk_delay = 0.1
+    upstream.drop_stream_after(6)
+    body = chat_request(seed=21)
+    leader, waiter = (start_proxy(store=redis_url) for _ in range(2))
+
+    async def lead(client: openai.AsyncOpenAI) -> None:
+        with pytest.raises(openai.APIConnectionError):  # it saw the stream break
+            async for _ in await client.chat.completions.create(**body, stream=True):
+                pass
+
+    async def wait(client: openai.AsyncOpenAI) -> tuple[int, str | None]:
+        await asyncio.sleep(0.15)  # the leader's stream is under way
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client.chat.completions.create(**body, stream=True)
+        return failed.value.status_code, failed.value.code
+
+    async with leader.async_client() as first, waiter.async_client() as other:
+        _, *waited = await asyncio.gather(lead(first), wait(other), wait(other))
+
+    assert waited == [(502, "upstream_broken")] * 2
+    assert upstream.count("/chat/completions") == 1  # they did not each go upstream in turn
+
+
 def test_a_failure_is_left_only_for_the_requests_that_waited_on_its_call(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
@@ -101,13 +128,14 @@ def test_a_failure_is_left_only_for_the_requests_that_waited_on_its_call(
     assert proxies[0].request("POST", CHAT, chat_request()).status == 504
     upstream.delay = 0.3
 
-    async def ask(proxy: RunningProxy, after: float) -> str:
+    async def ask(client: openai.AsyncOpenAI, after: float) -> str:
         await asyncio.sleep(after)
-        async with proxy.async_client() as client:
-            return status(await client.chat.completions.with_raw_response.create(**chat_request()))
+        return status(await client.chat.completions.with_raw_response.create(**chat_request()))
 
     async def everyone() -> list[str]:
-        return await asyncio.gather(*(ask(p, 0.05 * (n > 0)) for n, p in enumerate(proxies)))
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(p.async_client()) for p in proxies]
+            return await asyncio.gather(*(ask(c, 0.05 * (n > 0)) for n, c in enumerate(clients)))
 
     assert sorted(asyncio.run(everyone())) == ["hit", "hit", "recorded"]
     assert upstream.count("/chat/completions") == 2
