@@ -6,6 +6,7 @@ A request flows one way: parse and key it, look in the store, replay or forward,
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -114,8 +115,9 @@ NO_USAGE = (
 # how often the others look for the recording meanwhile.
 SHARED_LOCK_TTL_MS = 30_000
 SHARED_LOCK_POLL = 0.05
-# How long a lock holder's upstream failure is left for the proxies that waited on it: enough for
-# every one of them to look (they look every SHARED_LOCK_POLL), short enough not to be a cache.
+# How long what a lock holder's call came to, when it recorded nothing (an upstream failure or
+# error answer), is left for the proxies that waited on it: enough for every one of them to look
+# (they look every SHARED_LOCK_POLL), short enough not to be a cache.
 SHARED_OUTCOME_TTL_MS = 1_000
 # A live answer is compared with its recording in a worker thread when the two (the recording as
 # stored, the answer as received) are larger than this together, so that no comparison holds up
@@ -123,6 +125,8 @@ SHARED_OUTCOME_TTL_MS = 1_000
 # (difflib is quadratic), a long stream is assembled first, and a long logprobs list is walked.
 # Smaller ones are compared at once, as the hop to a thread and back (~50 µs) would cost more.
 AUDIT_INLINE_LIMIT = 2 * 1024
+# An upstream error answer larger than this is not posted: the waiters make their own call.
+SHARED_ANSWER_LIMIT = 64 * 1024
 # How long a request body may take to arrive: a client that stops sending half way (or sends a
 # byte a minute) would otherwise hold its connection and handler for ever.
 BODY_TIMEOUT = 60.0
@@ -166,10 +170,33 @@ class Relayed:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
-    # The leader's body bytes and API key: an error is the follower's answer too only when its
-    # request is the very same, since a 4xx can come from what the key leaves out (the API key,
-    # `stream_options` without `stream`).
-    origin: tuple[bytes, str]
+    # The leader's body bytes and API key (`origin_of`): an error is the follower's answer too
+    # only when its request is the very same, since a 4xx can come from what the key leaves out
+    # (the API key, `stream_options` without `stream`).
+    origin: str
+
+    def fields(self) -> dict[str, Any]:
+        """The answer in JSON types, for the proxies waiting on the same call to give it too."""
+        return {
+            "status": self.status,
+            "headers": [list(header) for header in self.headers],
+            "body": base64.b64encode(self.body).decode(),
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Relayed:
+        """The answer `fields()` describes."""
+        return cls(
+            int(fields["status"]),
+            tuple((str(name), str(value)) for name, value in fields["headers"]),
+            base64.b64decode(fields["body"]),
+            str(fields["origin"]),
+        )
+
+    def response(self) -> web.Response:
+        """The answer, for one more request that waited on the call."""
+        return web.Response(status=self.status, headers=self.headers, body=self.body)
 
 
 # What a leader's upstream call gives the identical requests that waited for it: True when it
@@ -297,10 +324,8 @@ class Handlers:
                 error.headers[KEY] = canon.key
                 raise error
             if isinstance(outcome, Relayed):
-                if outcome.origin == (incoming.raw, client_key(request.headers)):
-                    return web.Response(
-                        status=outcome.status, headers=outcome.headers, body=outcome.body
-                    )
+                if outcome.origin == origin_of(incoming.raw, client_key(request.headers)):
+                    return outcome.response()
             elif outcome:
                 replay = await self._lookup(request, incoming)
                 if replay is not None:
@@ -788,8 +813,8 @@ class Handlers:
         self, request: web.Request, incoming: Incoming, store: Locking
     ) -> web.StreamResponse:
         """Coalesce across proxies on a shared store: one proxy holds a short-lived lock per key
-        and goes upstream; the others wait for its recording, or for the failure it leaves
-        them. A lock whose holder died expires."""
+        and goes upstream; the others wait for its recording, or for what it leaves them when
+        its call records nothing (`_leave`). A lock whose holder died expires."""
         canon = incoming.canon
         assert canon is not None
         # The key alone names it: the namespace is part of its material.
@@ -806,9 +831,10 @@ class Handlers:
             if not incoming.read:
                 continue  # no-cache: its own call once the lock is free, as in `handle`
             replay = await self._lookup(request, incoming)
+            if replay is None:
+                replay = await self._left_for(request, incoming, store, waited_on)
             if replay is not None:
                 return replay
-            await self._left_for(incoming, store, waited_on)
 
     async def _fill(
         self,
@@ -832,16 +858,16 @@ class Handlers:
                 # our lock: then we are served as the requests waiting on a call are (not one
                 # sent with Cache-Control: no-cache, which skips the read).
                 replay = await self._lookup(request, incoming)
+                if replay is None and waited_on is not None:
+                    replay = await self._left_for(request, incoming, store, waited_on)
                 if replay is not None:
                     return replay
-                if waited_on is not None:
-                    await self._left_for(incoming, store, waited_on)
             flight: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             try:
                 return await self._lead(request, incoming, coalesce=True, flight=flight)
             finally:
                 if flight.done():
-                    await self._leave(incoming, store, token, flight.result())
+                    await self._leave(request, incoming, store, token, flight.result())
         finally:
             keeping.cancel()
             # A release that fails is harmless (the lock expires), and must not turn the
@@ -850,29 +876,63 @@ class Handlers:
                 await store.release(name, token)
 
     async def _leave(
-        self, incoming: Incoming, store: Locking, token: str, outcome: Outcome
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        store: Locking,
+        token: str,
+        outcome: Outcome,
     ) -> None:
-        """Post a lock holder's upstream failure (unreachable, timed out, broken off) for the
-        proxies waiting on its call, which would otherwise each wait out the same timeout in
-        turn. Posted under the holder's token: only the requests that waited on this very
-        call find it, never those of a later call made while it lasts."""
-        if not isinstance(outcome, ProxyError):
+        """Post what a lock holder's call came to, when it recorded nothing, for the proxies
+        waiting on it: they would otherwise each make the same call in turn, waiting out the
+        same timeout or paying for the same error. Posted under the holder's token, so that
+        only the requests that waited on this very call find it, never those of a later call
+        made while it lasts."""
+        if isinstance(outcome, ProxyError):
+            # Unreachable, timed out, broken off.
+            posted = {"failure": outcome.fields()}
+        elif isinstance(outcome, Relayed) and self._shareable(request, incoming, outcome):
+            # The upstream's error answer, for the waiters that sent the same (`origin`).
+            posted = {"relayed": outcome.fields()}
+        else:
             return
         assert incoming.canon is not None
-        posted = orjson.dumps({"failure": outcome.fields()})
+        name = outcome_name(incoming.canon.key, token)
         # A post that fails costs the waiters a call of their own, not this answer.
         with contextlib.suppress(StoreError):
-            await store.post(outcome_name(incoming.canon.key, token), posted, SHARED_OUTCOME_TTL_MS)
+            await store.post(name, orjson.dumps(posted), SHARED_OUTCOME_TTL_MS)
+
+    def _shareable(self, request: web.Request, incoming: Incoming, relayed: Relayed) -> bool:
+        """Whether an upstream error answer may be posted in the shared store: a small one that
+        repeats no secret of the request (an API key quoted back by a 401, say), since the
+        store keeps no secret of a request either."""
+        if len(relayed.body) > SHARED_ANSWER_LIMIT:
+            return False
+        values = [value for _, value in relayed.headers]
+        return not any(
+            secret.encode() in relayed.body or any(secret in value for value in values)
+            for secret in self._secrets(request, incoming)
+        )
 
     @staticmethod
-    async def _left_for(incoming: Incoming, store: Locking, token: str) -> None:
-        """Raise the failure the holder `token` posted for the requests that waited on its
-        call, if it posted one."""
+    async def _left_for(
+        request: web.Request, incoming: Incoming, store: Locking, token: str
+    ) -> web.Response | None:
+        """What the holder `token` left for the requests that waited on its call: its failure
+        (raised), or its upstream's error answer when this request is the very same as its
+        (`Relayed.origin`); None when it left nothing for this one."""
         assert incoming.canon is not None
         key = incoming.canon.key
         posted = await store.read_post(outcome_name(key, token))
-        if posted is not None:
-            raise failure_from(orjson.loads(posted)["failure"], key)
+        if posted is None:
+            return None
+        left = orjson.loads(posted)
+        if "failure" in left:
+            raise failure_from(left["failure"], key)
+        relayed = Relayed.from_fields(left["relayed"])
+        if relayed.origin != origin_of(incoming.raw, client_key(request.headers)):
+            return None  # its error may come from what the key leaves out: our own call
+        return relayed.response()
 
     @staticmethod
     async def _keep_lock(store: Locking, name: str, token: str) -> None:
@@ -905,7 +965,7 @@ class Handlers:
                     body = await read_body(live)
                     headers[STATUS] = "bypass" if flight is None else "miss"
                     if flight is not None:
-                        origin = (incoming.raw, client_key(request.headers))
+                        origin = origin_of(incoming.raw, client_key(request.headers))
                         relayed = Relayed(live.status, tuple(headers.items()), body, origin)
                         flight.set_result(relayed)
                     return web.Response(status=live.status, headers=headers, body=body)
@@ -1303,6 +1363,16 @@ def remember(cache: dict[K, V], key: K, value: V, size: int) -> V:
         cache.pop(next(iter(cache)))
     cache[key] = value
     return value
+
+
+def origin_of(raw: bytes, api_key: str) -> str:
+    """A digest of a request's body bytes and API key, which tells whether an upstream error is
+    another identical request's answer too (`Relayed`); posted for other proxies where the key
+    itself must not be."""
+    digest = hashlib.sha256(api_key.encode())
+    digest.update(b"\0")  # a header value holds no NUL: the key ends here
+    digest.update(raw)
+    return digest.hexdigest()
 
 
 def client_key(headers: Mapping[str, str]) -> str:

@@ -61,7 +61,8 @@ class RunningProxy:
 
     def async_client(self, **options: Any) -> openai.AsyncOpenAI:
         options.setdefault("max_retries", 0)
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=API_KEY, **options)
+        options.setdefault("api_key", API_KEY)
+        return openai.AsyncOpenAI(base_url=self.base_url, **options)
 
     def request(
         self,

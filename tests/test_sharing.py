@@ -23,7 +23,7 @@ from proxy import handlers
 from proxy.errors import ConfigError
 from proxy.recording import Recording
 from tests.conftest import RunningProxy, StartProxy, status
-from tests.fake_upstream import FakeUpstream, chat_request
+from tests.fake_upstream import FakeUpstream, chat_request, error_envelope
 from tests.redis_server import RedisServer
 from tests.servers import free_port
 
@@ -92,6 +92,36 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_timeout(
     )
 
 
+@pytest.mark.parametrize("code", [429, 500])
+def test_proxies_waiting_on_another_proxys_call_get_its_upstream_error(
+    code: int, start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    # Each waiting proxy used to make the same call in turn once the one before had its error.
+    upstream.delay = 0.5
+    upstream.fail_next(code, error_envelope(code), headers={"x-request-id": "req_err"}, times=10)
+    proxies = [start_proxy(store=redis_url) for _ in range(3)]
+
+    async def ask(client: openai.AsyncOpenAI, after: float) -> tuple[int, str, bytes]:
+        await asyncio.sleep(after)
+        try:
+            await client.chat.completions.create(**chat_request())
+        except openai.APIStatusError as exc:
+            return exc.status_code, exc.response.headers["x-request-id"], exc.response.content
+        raise AssertionError("answered 200")
+
+    async def everyone() -> list[tuple[int, str, bytes]]:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(p.async_client()) for p in proxies]
+            return await asyncio.gather(*(ask(c, 0.02 * n) for n, c in enumerate(clients * 2)))
+
+    answers = asyncio.run(everyone())
+
+    assert upstream.count("/chat/completions") == 1
+    assert set(answers) == {answers[0]}  # the same answer, verbatim, for every request
+    assert answers[0][:2] == (code, "req_err")
+    assert proxies[0].recordings() == []
+
+
 async def test_proxies_waiting_on_a_stream_that_breaks_off_get_its_502(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
@@ -116,6 +146,55 @@ async def test_proxies_waiting_on_a_stream_that_breaks_off_get_its_502(
 
     assert waited == [(502, "upstream_broken")] * 2
     assert upstream.count("/chat/completions") == 1  # they did not each go upstream in turn
+
+
+def test_an_upstream_error_is_not_shared_with_a_waiter_that_sends_another_api_key(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    # Same key, but a 401 comes from what the key leaves out: the waiter makes its own call.
+    upstream.delay = 0.3
+    upstream.fail_next(401, error_envelope(401, "Incorrect API key provided"))
+    leader, waiter = (start_proxy(store=redis_url) for _ in range(2))
+
+    async def ask(proxy: RunningProxy, api_key: str, after: float) -> int:
+        await asyncio.sleep(after)
+        async with proxy.async_client(api_key=api_key) as client:
+            try:
+                await client.chat.completions.create(**chat_request())
+            except openai.APIStatusError as exc:
+                return exc.status_code
+        return 200
+
+    async def both() -> list[int]:
+        return await asyncio.gather(ask(leader, "tenant-a", 0), ask(waiter, "tenant-b", 0.1))
+
+    assert asyncio.run(both()) == [401, 200]
+    assert upstream.count("/chat/completions") == 2
+
+
+def test_an_upstream_error_that_repeats_the_api_key_is_not_posted_in_the_store(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    secret = "sk-proj-0123456789abcdefghij"
+    upstream.delay = 0.3
+    upstream.fail_next(401, error_envelope(401, f"Incorrect API key provided: {secret}"), times=2)
+    proxies = [start_proxy(store=redis_url) for _ in range(2)]
+
+    async def ask(proxy: RunningProxy, after: float) -> int:
+        await asyncio.sleep(after)
+        async with proxy.async_client(api_key=secret) as client:
+            try:
+                await client.chat.completions.create(**chat_request())
+            except openai.APIStatusError as exc:
+                return exc.status_code
+        return 200
+
+    async def both() -> list[int]:
+        return await asyncio.gather(ask(proxies[0], 0), ask(proxies[1], 0.1))
+
+    assert asyncio.run(both()) == [401, 401]
+    # The waiter made a call of its own rather than read the answer from Redis.
+    assert upstream.count("/chat/completions") == 2
 
 
 def test_a_failure_is_left_only_for_the_requests_that_waited_on_its_call(
