@@ -90,6 +90,9 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 # proxies sharing a store see each other's fingerprint changes without a store read per replay.
 FINGERPRINT_TTL = 1.0
 FINGERPRINT_CACHE_SIZE = 1024  # models whose current fingerprint is kept in memory
+# How long the --isolate-by-key salt is used before a shared store is asked again: the proxies
+# on a store that lost its data (Redis restarted empty) agree on one salt again within it.
+SALT_TTL = 1.0
 # How long the index of recordings used to explain misses is reused before a new store scan.
 INDEX_TTL = 5.0
 INDEX_STALE_LIMIT = 30.0  # older than this, a miss waits for the new index (after a quiet spell)
@@ -258,6 +261,7 @@ class Handlers:
         # plugin lists recordings no test used); a long-running server would grow it for ever.
         self.used: set[str] | None = None
         self._salt: str | None = None
+        self._salt_at = 0.0
         self._salt_lock = asyncio.Lock()
         # --repeat sequence: how many identical requests per key this run has served, and the
         # most that any part of the run (a test, under the pytest plugin) has made: a record run
@@ -424,17 +428,39 @@ class Handlers:
                 "the Authorization header.",
                 code="missing_api_key",
             )
-        if self._salt is None:
-            async with self._salt_lock:  # the first requests arrive together: one salt for all
-                if self._salt is None:
-                    # One random salt per store, shared by every proxy on it: the first to
-                    # add one wins, also when several start at once.
-                    salt = await self.store.get_meta("isolation-salt")
-                    if salt is None:
-                        salt = await self.store.add_meta("isolation-salt", secrets.token_hex(16))
-                    self._salt = salt
-        tenant = hashlib.sha256(f"{self._salt}:{secret}".encode()).hexdigest()[:16]
+        salt = self._salt
+        if salt is None or self._salt_expired():
+            salt = await self._isolation_salt()
+        tenant = hashlib.sha256(f"{salt}:{secret}".encode()).hexdigest()[:16]
         return f"{namespace}.k{tenant}" if namespace else f"k{tenant}"
+
+    def _salt_expired(self) -> bool:
+        # Only a store shared by several proxies is read again: there another proxy may have
+        # set the salt since, after the store lost it (Redis restarted empty).
+        return self._locking is not None and time.monotonic() - self._salt_at >= SALT_TTL
+
+    async def _isolation_salt(self) -> str:
+        """The one random salt per store that every proxy on it hashes API keys with."""
+        async with self._salt_lock:  # the first requests arrive together: one salt for all
+            if self._salt is not None and not self._salt_expired():
+                return self._salt
+            try:
+                salt = await self.store.get_meta("isolation-salt")
+                if salt is None:
+                    # None yet, or lost with the store's data: the first to add one wins, also
+                    # when several start at once. The one we had, if any, so that the proxies
+                    # that knew it keep their namespaces and those started since adopt it.
+                    salt = await self.store.add_meta(
+                        "isolation-salt", self._salt or secrets.token_hex(16)
+                    )
+            except StoreError:
+                if self._salt is None:
+                    raise
+                # Asked again later. Meanwhile a request that uses the store meets its error
+                # there, and one that does not (passthrough) is served as before.
+                salt = self._salt
+            self._salt, self._salt_at = salt, time.monotonic()
+            return salt
 
     def _mode(self, request: web.Request) -> Mode:
         asked = request.headers.get("X-Seedcache-Mode")

@@ -368,6 +368,49 @@ def test_tenants_isolated_by_key_never_see_each_others_recordings(
     assert status(a.chat.completions.with_raw_response.create(**body)) == "hit"
 
 
+@pytest.mark.parametrize("first", ["old proxy", "new proxy"])
+def test_proxies_agree_on_the_isolation_salt_again_after_redis_lost_it(
+    first: str,
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    own_redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each proxy read the salt once: after Redis restarted empty, one started since added
+    # another, and the same tenant's request was keyed into two namespaces until a restart.
+    monkeypatch.setattr(handlers, "SALT_TTL", 0.2)
+    old = start_proxy(store=own_redis_server.url(), isolate_by_key=True)
+    old.client(api_key="tenant-a-key").chat.completions.create(**chat_request(seed=1))
+    own_redis_server.stop()
+    own_redis_server.start()  # empty: no persistence
+    new = start_proxy(store=own_redis_server.url(), isolate_by_key=True)
+    time.sleep(0.3)  # the old proxy's salt is due to be read again
+
+    asked = [old, new] if first == "old proxy" else [new, old]
+    raws = [
+        p.client(api_key="tenant-a-key").chat.completions.with_raw_response.create(**chat_request())
+        for p in asked
+    ]
+
+    assert [status(raw) for raw in raws] == ["recorded", "hit"]
+    assert raws[0].headers["x-seedcache-key"] == raws[1].headers["x-seedcache-key"]
+    assert upstream.count("/chat/completions") == 2  # seed 1 before the restart, and this once
+
+
+def test_a_local_stores_isolation_salt_is_read_once(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a store shared by several proxies is asked again (above): a local one keeps its data.
+    monkeypatch.setattr(handlers, "SALT_TTL", 0.0)
+    store = tmp_path / "rec"
+    client = start_proxy(store=f"files:{store}", isolate_by_key=True).client(api_key="tenant-a")
+    client.chat.completions.create(**chat_request())
+    (store / ".seedcache-meta.json").write_text('{"isolation-salt": "another"}')
+
+    assert status(client.chat.completions.with_raw_response.create(**chat_request())) == "hit"
+    assert upstream.count() == 1
+
+
 def test_access_tokens_and_the_proxys_own_upstream_key(
     start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
