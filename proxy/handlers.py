@@ -173,9 +173,9 @@ class Relayed:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
-    # The leader's body bytes and API key (`origin_of`): an error is the follower's answer too
-    # only when its request is the very same, since a 4xx can come from what the key leaves out
-    # (the API key, `stream_options` without `stream`).
+    # A digest of the leader's body bytes and API key (`origin_of`): an error is the follower's
+    # answer too only when its request is the very same, since a 4xx can come from what the key
+    # leaves out (the API key, `stream_options` without `stream`).
     origin: str
 
     def fields(self) -> dict[str, Any]:
@@ -849,7 +849,7 @@ class Handlers:
         while True:
             holder = await store.acquire(name, SHARED_LOCK_TTL_MS)
             if holder.ours:
-                return await self._fill(request, incoming, store, holder.token, waited_on)
+                return await self._fill(request, incoming, store, name, holder.token, waited_on)
             # Another proxy holds it: wait for its recording, what it leaves us, or its lock
             # (taken again when it is released or its holder died).
             waited_on = holder.token
@@ -867,14 +867,12 @@ class Handlers:
         request: web.Request,
         incoming: Incoming,
         store: Locking,
+        name: str,
         token: str,
         waited_on: str | None,
     ) -> web.StreamResponse:
-        """Holding the fill lock: go upstream, and leave what the call came to for the proxies
-        that wait on it (`_leave`), before the lock is released."""
-        canon = incoming.canon
-        assert canon is not None
-        name = f"fill:{canon.key}"
+        """Holding the fill lock `name`: go upstream, and leave what the call came to for the
+        proxies that wait on it (`_leave`), before the lock is released."""
         # The lock lives while the call does (a stream can run for minutes), and ends
         # SHARED_LOCK_TTL_MS after a holder that died.
         keeping = asyncio.create_task(self._keep_lock(store, name, token))
