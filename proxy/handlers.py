@@ -850,6 +850,12 @@ class Handlers:
             holder = await store.acquire(name, SHARED_LOCK_TTL_MS)
             if holder.ours:
                 return await self._fill(request, incoming, store, name, holder.token, waited_on)
+            if incoming.read and waited_on is not None and waited_on != holder.token:
+                # The call waited on has ended and the lock has changed hands, perhaps to a
+                # request that took it only to be served what that call left: so are we.
+                left = await self._left_for(request, incoming, store, waited_on)
+                if left is not None:
+                    return left
             # Another proxy holds it: wait for its recording, what it leaves us, or its lock
             # (taken again when it is released or its holder died).
             waited_on = holder.token

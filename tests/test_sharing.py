@@ -20,14 +20,22 @@ import pytest
 
 from cli.main import read_tokens
 from proxy import handlers
+from proxy.app import HANDLERS
 from proxy.errors import ConfigError
 from proxy.recording import Recording
+from proxy.stores.redis_store import LOCK_PREFIX, RedisStore
 from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, error_envelope
 from tests.redis_server import RedisServer
 from tests.servers import free_port
 
 CHAT = "/v1/chat/completions"
+# Gives a lock held by ARGV[1] to ARGV[2] for ARGV[3] ms, in one step.
+HAND_OVER = """
+if redis.call("get", KEYS[1]) == ARGV[1] then
+    return redis.call("set", KEYS[1], ARGV[2], "px", ARGV[3])
+end
+"""
 
 
 def test_a_recording_made_by_one_proxy_replays_on_another(
@@ -97,7 +105,7 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_error(
     code: int, start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
     # Each waiting proxy used to make the same call in turn once the one before had its error.
-    upstream.delay = 0.5
+    upstream.delay = 0.8
     upstream.fail_next(code, error_envelope(code), headers={"x-request-id": "req_err"}, times=10)
     proxies = [start_proxy(store=redis_url) for _ in range(3)]
 
@@ -120,6 +128,52 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_error(
     assert set(answers) == {answers[0]}  # the same answer, verbatim, for every request
     assert answers[0][:2] == (code, "req_err")
     assert proxies[0].recordings() == []
+
+
+def test_a_waiter_gets_what_the_call_it_waited_on_left_though_the_lock_changed_hands(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the call ends, a third waiting proxy may take the lock only to be served what the
+    # call left. A waiter that looked for that just before it was left, and then saw the lock
+    # in the third's hands, used to wait on the third and make a call of its own after it.
+    upstream.delay = 0.3
+    upstream.fail_next(500, error_envelope(500), times=2)
+    leader, waiter = (start_proxy(store=redis_url) for _ in range(2))
+    leading, waiting = (p.running.app[HANDLERS].store for p in (leader, waiter))
+    assert isinstance(leading, RedisStore) and isinstance(waiting, RedisStore)
+
+    async def hand_over(name: str, token: str) -> None:
+        # The lock goes straight from the leader to the third proxy, which holds it a while.
+        await leading._redis.eval(HAND_OVER, 1, LOCK_PREFIX + name, token, "third", 1000)
+
+    looked = waiting.read_post
+    late: list[str] = []
+
+    async def look_too_early(name: str) -> bytes | None:
+        posted = await looked(name)
+        if posted is None and not late:
+            late.append(name)
+            await asyncio.sleep(0.5)  # meanwhile the call ends and the lock changes hands
+        return posted
+
+    monkeypatch.setattr(leading, "release", hand_over)
+    monkeypatch.setattr(waiting, "read_post", look_too_early)
+
+    async def ask(proxy: RunningProxy, after: float) -> int:
+        await asyncio.sleep(after)
+        async with proxy.async_client() as client:
+            try:
+                await client.chat.completions.create(**chat_request())
+            except openai.APIStatusError as exc:
+                return exc.status_code
+        return 200
+
+    async def both() -> list[int]:
+        return await asyncio.gather(ask(leader, 0), ask(waiter, 0.1))
+
+    assert asyncio.run(both()) == [500, 500]
+    assert late  # the waiter did look too early
+    assert upstream.count("/chat/completions") == 1
 
 
 async def test_proxies_waiting_on_a_stream_that_breaks_off_get_its_502(
