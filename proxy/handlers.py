@@ -310,8 +310,11 @@ class Handlers:
             # Replay never goes upstream, not even for Cache-Control: no-cache.
             raise await self._miss(incoming)
         # Identical concurrent misses share one upstream call, unless each is meant to get its
-        # own sample (--repeat sequence).
-        coalesce = incoming.mode is Mode.AUTO and self.config.repeat is Repeat.REUSE
+        # own sample (--repeat sequence), or the request asked for an answer of its own, not one
+        # from the store nor another request's (Cache-Control: no-cache).
+        coalesce = (
+            incoming.mode is Mode.AUTO and self.config.repeat is Repeat.REUSE and incoming.read
+        )
         while True:
             flight = self._inflight.get(canon.key) if coalesce else None
             if flight is None:
@@ -319,10 +322,6 @@ class Handlers:
                     return await self._lead_shared(request, incoming, self._locking)
                 return await self._lead(request, incoming, coalesce=coalesce)
             outcome = await asyncio.shield(flight)
-            if not incoming.read:
-                # Cache-Control: no-cache asked for an answer of its own, not one from the store
-                # nor another request's: it makes its own call once that one has ended.
-                continue
             if isinstance(outcome, ProxyError):
                 error = outcome.again()
                 error.headers[KEY] = canon.key
@@ -850,7 +849,7 @@ class Handlers:
             holder = await store.acquire(name, SHARED_LOCK_TTL_MS)
             if holder.ours:
                 return await self._fill(request, incoming, store, name, holder.token, waited_on)
-            if incoming.read and waited_on is not None and waited_on != holder.token:
+            if waited_on is not None and waited_on != holder.token:
                 # The call waited on has ended and the lock has changed hands, perhaps to a
                 # request that took it only to be served what that call left: so are we.
                 left = await self._left_for(request, incoming, store, waited_on)
@@ -860,8 +859,6 @@ class Handlers:
             # (taken again when it is released or its holder died).
             waited_on = holder.token
             await asyncio.sleep(SHARED_LOCK_POLL)
-            if not incoming.read:
-                continue  # no-cache: its own call once the lock is free, as in `handle`
             replay = await self._lookup(request, incoming)
             if replay is None:
                 replay = await self._left_for(request, incoming, store, waited_on)
@@ -883,15 +880,13 @@ class Handlers:
         # SHARED_LOCK_TTL_MS after a holder that died.
         keeping = asyncio.create_task(self._keep_lock(store, name, token))
         try:
-            if incoming.read:
-                # The call we waited on may have recorded, or failed, between our last look and
-                # our lock: then we are served as the requests waiting on a call are (not one
-                # sent with Cache-Control: no-cache, which skips the read).
-                replay = await self._lookup(request, incoming)
-                if replay is None and waited_on is not None:
-                    replay = await self._left_for(request, incoming, store, waited_on)
-                if replay is not None:
-                    return replay
+            # The call we waited on may have recorded, or failed, between our last look and our
+            # lock: then we are served as the requests waiting on a call are.
+            replay = await self._lookup(request, incoming)
+            if replay is None and waited_on is not None:
+                replay = await self._left_for(request, incoming, store, waited_on)
+            if replay is not None:
+                return replay
             flight: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             try:
                 return await self._lead(request, incoming, coalesce=True, flight=flight)

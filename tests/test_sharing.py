@@ -323,7 +323,7 @@ def test_no_cache_skips_the_read_on_every_store(
 
 
 @pytest.mark.parametrize("where", ["same proxy", "other proxy"])
-async def test_a_no_cache_request_waits_for_the_call_in_flight_then_makes_its_own(
+async def test_a_no_cache_request_makes_its_own_call_beside_the_one_in_flight(
     where: str, start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
     upstream.delay = 0.3
