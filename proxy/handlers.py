@@ -357,11 +357,11 @@ class Handlers:
             namespace, _, rest = path[len(NAMESPACE_PREFIX) :].partition("/")
             path = "/" + rest
         path = normalise_path(path, request.rel_url.raw_query_string)
+        mode = self._mode(request)
         if self.config.isolate_by_key:
-            namespace = await self._isolated(namespace, request)
+            namespace = await self._isolated(namespace, request, mode)
         if problem := namespace_problem(namespace):
             raise bad_request(f"{problem[0].upper()}{problem[1:]}.", code="invalid_namespace")
-        mode = self._mode(request)
         try:
             if request.content.is_eof():
                 raw = await request.read()  # arrived with the headers, as small bodies do
@@ -416,7 +416,7 @@ class Handlers:
             method, path, raw, body, mode, read, write, stream, include_usage, canon, ordinal
         )
 
-    async def _isolated(self, namespace: str, request: web.Request) -> str:
+    async def _isolated(self, namespace: str, request: web.Request, mode: Mode) -> str:
         """`--isolate-by-key`: the namespace plus a salted hash of the client's API key, so that
         on a shared store one tenant is never served another tenant's recordings."""
         secret = client_key(request.headers)
@@ -427,6 +427,8 @@ class Handlers:
                 "the Authorization header.",
                 code="missing_api_key",
             )
+        if mode is Mode.PASSTHROUGH:
+            return namespace  # nothing is recorded or replayed: no salt read from the store
         salt = self._salt
         if salt is None or self._salt_expired():
             salt = await self._isolation_salt()

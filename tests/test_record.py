@@ -148,6 +148,20 @@ def test_a_passthrough_server_creates_no_store_until_a_request_asks_to_record(
     assert upstream.count() == 2
 
 
+def test_a_passthrough_server_isolating_by_key_reads_no_salt_from_its_store(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    directory = tmp_path / "never-made"
+    proxy = start_proxy(mode="passthrough", store=str(directory), isolate_by_key=True)
+    with proxy.client() as client:
+        raw = client.chat.completions.with_raw_response.create(**chat_request())
+
+    assert status(raw) == "bypass"
+    assert not directory.exists()
+    refused = proxy.request("POST", "/v1/chat/completions", chat_request(), {"Authorization": ""})
+    assert refused.status == 401 and refused.json()["error"]["code"] == "missing_api_key"
+
+
 @pytest.mark.parametrize(
     ("alias", "mode"), [("once", "auto"), ("new_episodes", "auto"), ("all", "record")]
 )
