@@ -6,7 +6,6 @@ which sample to serve is here too, since it only reads a recording.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -124,21 +123,9 @@ def _stored_event(item: Mapping[str, Any], index: int) -> Event:
     text = item["data"]
     if not isinstance(text, str):
         raise FormatError(f"`events[{index}].data` is {type(text).__name__}, not a string")
-    if text != sse.DONE and not _is_json_object(text):
+    if text != sse.DONE and not sse.is_object_text(text):
         raise FormatError(f"`events[{index}].data` is not a JSON object: {text!r:.60}")
     return Event(text, _optional_text(item.get("event"), "event"), int(item.get("t_ms", 0)))
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        try:
-            # What the SDK parses with also reads NaN and Infinity, which orjson does not.
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            return False
-    return isinstance(value, dict)
 
 
 def _optional_text(value: Any, name: str) -> str | None:

@@ -123,8 +123,19 @@ def encode(event: Event) -> bytes:
     return "".join(lines).encode()
 
 
+def is_object_text(data: str) -> bool:
+    """Whether an event's data is shaped as a JSON object, as every event of a stream is but the
+    closing [DONE]: what a recording may hold, checked on each load, so by its braces alone (a
+    parse of every event would double the cost of loading a long stream)."""
+    text = data.strip()
+    return text[:1] == "{" and text[-1:] == "}"
+
+
 def is_complete(events: Sequence[Event], path: str) -> bool:
-    """Whether a stream ended the way a successful one does on this path (DESIGN §5)."""
+    """Whether a stream ended the way a successful one does on this path (DESIGN §5), with every
+    event one a recording may hold (`is_object_text`), so that what is stored loads again."""
+    if not all(event.data == DONE or is_object_text(event.data) for event in events):
+        return False
     if path.partition("?")[0].rstrip("/").endswith("/responses"):
         # The Responses API sends no [DONE]; it ends with a terminal event.
         finished = False

@@ -288,6 +288,14 @@ ERROR_FRAME = Event(json.dumps({"error": {"message": "upstream died", "type": "s
         ([Event(json.dumps({"type": "response.completed"}))], "/v1/responses", True),
         ([Event(json.dumps({"type": "response.failed"}))], "/v1/responses", False),
         ([Event(DONE)], "/v1/responses", False),
+        # An event that is no JSON object would not load from a recording: not complete.
+        ([Event(""), *stream(chunk(delta(content="hi")))], "/v1/chat/completions", False),
+        (
+            [*stream(chunk(delta(content="hi")), done=False), Event("[1]"), Event(DONE)],
+            "/v1/chat/completions",
+            False,
+        ),
+        ([Event("ping"), named("response.completed")], "/v1/responses", False),
     ],
 )
 def test_is_complete(events: list[Event], path: str, expected: bool) -> None:
