@@ -269,8 +269,11 @@ class Handlers:
         self._sequence: dict[str, int] = {}
         self._reached: dict[str, int] = {}
         # The recordings a --repeat sequence record run rewrote (key -> namespace): trimmed to
-        # the samples it reached when it ends.
+        # the samples it reached when it ends, unless other processes record into the store too
+        # (--workers, proxies sharing a Redis, pytest-xdist workers): their runs may have reached
+        # further, and trimming to ours would drop samples they recorded.
         self._rerecorded: dict[str, str] = {}
+        self.trim_sequences = config.workers == 1 and self._locking is None
         # The namespace of requests that name none (no header, no /_seedcache/ns/ path): the
         # configured one, or the current test's under the pytest plugin.
         self.namespace = config.namespace
@@ -750,6 +753,8 @@ class Handlers:
         the most identical requests the run made (a test that now asks twice leaves two where
         there were three); the others are of an older run. Dropped when the run ends, not as it
         goes: until then, the k-th answer is compared with the sample k it replaces."""
+        if not self.trim_sequences:
+            return
         for key, namespace in self._rerecorded.items():
             keep = self._reached.get(key, 0)
 

@@ -193,9 +193,14 @@ def _start(config: pytest.Config, plugin: _Plugin) -> SeedcacheSession:
     """Start the proxy and point the environment at it until pytest is done."""
     proxy = EmbeddedProxy(plugin.config).start()
     session = plugin.session = SeedcacheSession(proxy)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # set before configure, unlike config.workerinput
+        # A pytest-xdist worker: the other workers record into the same store, and how many
+        # identical requests their tests made is theirs to know.
+        proxy.handlers.trim_sequences = False
     # Cleanups run even when pytest stops before its session (a usage error found later).
     config.add_cleanup(proxy.stop)
-    plugin.placeholder_key = "OPENAI_API_KEY" not in os.environ
+    # Set by the plugin: here, or by the pytest-xdist controller whose environment a worker has.
+    plugin.placeholder_key = os.environ.get("OPENAI_API_KEY", PLACEHOLDER_KEY) == PLACEHOLDER_KEY
     _set_environment(config, session.base_url)
     return session
 

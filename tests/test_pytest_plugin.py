@@ -64,16 +64,22 @@ def test_replay_is_the_default_and_fails_closed_with_an_explanation(
     assert upstream.count() == 0, "replay must never contact the upstream"
 
 
-@pytest.mark.parametrize("key", [None, "sk-from-the-shell"])
+@pytest.mark.parametrize(
+    ("key", "xdist"), [(None, ()), (None, ("-n", "2")), ("sk-from-the-shell", ())]
+)
 def test_recording_without_an_api_key_says_the_placeholder_was_sent(
-    key: str | None, pytester: pytest.Pytester, upstream: FakeUpstream
+    key: str | None, xdist: tuple[str, ...], pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
     pytester.makepyfile(test_app=APP_TESTS)
     upstream.fail_next(401, times=2)  # as OpenAI answers the placeholder
     env = {"OPENAI_API_KEY": key} if key else None
 
     result = run(
-        pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}", env=env
+        pytester,
+        "--seedcache-mode=auto",
+        f"--seedcache-upstream={upstream.base_url}",
+        *xdist,
+        env=env,
     )
 
     result.assert_outcomes(failed=2)
@@ -399,7 +405,7 @@ def test_answers(seedcache):
     assert again == rerecorded
 
 
-def test_repeat_sequence_record_keeps_the_samples_of_the_test_that_asked_most(
+def test_repeat_sequence_record_keeps_as_many_samples_as_the_test_that_asked_most(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
     # test_b asks once what test_a asked twice: its answer is sample 1, test_a's second sample 2.
@@ -435,6 +441,27 @@ def test_b(seedcache):
     b_recorded, b_replayed = answers_of_each_run(pytester, "answers-b.jsonl")
     assert b_replayed == b_recorded
     assert a_replayed == [b_recorded[0], a_recorded[1]]
+
+
+def test_repeat_sequence_record_under_xdist_keeps_what_every_worker_recorded(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # Each worker knows only its own tests' counts: trimming to them would cut the other's.
+    pytester.makepyfile(
+        helper=UNSEEDED,
+        test_a="from helper import ask_unseeded\ndef test_a(seedcache):\n    ask_unseeded(3)\n",
+        test_b="from helper import ask_unseeded\ndef test_b(seedcache):\n    ask_unseeded(2)\n",
+    )
+    upstream.nondeterministic = True
+    xdist = ("--seedcache-repeat=sequence", "-n", "2", "--dist", "loadfile")
+    recorded = run(
+        pytester, "--seedcache-mode=record", f"--seedcache-upstream={upstream.base_url}", *xdist
+    )
+    recorded.assert_outcomes(passed=2)
+
+    assert recorded_samples(pytester) >= 3
+    replayed = run(pytester, "--seedcache-fail-on-miss", *xdist)
+    replayed.assert_outcomes(passed=2)
 
 
 def test_on_fingerprint_change_fail_refuses_a_sample_of_an_older_fingerprint(
