@@ -220,7 +220,10 @@ class BadHttpLine(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             first = (str(exc.message).strip().splitlines() or [""])[0]
-            what = _QUOTED_BYTES.split(first, maxsplit=1)[0] or type(exc).__name__
+            # The words before any quote of the request ("Invalid header token"); with aiohttp's
+            # pure-Python parser a message may be the client's text alone: then the error's name.
+            words = _QUOTE.split(first, maxsplit=1)[0].strip()
+            what = words if _PHRASE.fullmatch(words) else type(exc).__name__
             record.msg = "bad HTTP request from %s: %s (answered 400)"
             record.args = (record.args[0] if isinstance(record.args, tuple) else "-", what)
             record.exc_info = record.exc_text = None
@@ -228,8 +231,10 @@ class BadHttpLine(logging.Filter):
         return True
 
 
-# Where aiohttp's description of a parse error starts quoting the request: `…reading: b'…'`.
-_QUOTED_BYTES = re.compile(r":?\s*b['\"]|:\s*$")
+# Where aiohttp's description of a parse error starts quoting the request: `…reading: b'…'`,
+# `Bad status line '…'`; and what a description says in words of its own.
+_QUOTE = re.compile(r"[:'\"]|\bb'")
+_PHRASE = re.compile(r"[A-Za-z]+(?: [A-Za-z][A-Za-z0-9-]*| [0-9]+){1,12}")
 
 
 def quiet_bad_http(logger: logging.Logger) -> None:

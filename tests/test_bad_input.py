@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 from typing import Any
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from proxy import handlers
+from proxy.app import BadHttpLine
 from tests.conftest import HTTPResult, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request
 
@@ -348,3 +351,27 @@ def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line_without_trac
     assert "x1x1" not in line
     assert upstream.count() == 0
     assert_still_serving(proxy, upstream)
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        # As aiohttp's pure-Python parser words them (no C extension: PyPy, AIOHTTP_NO_EXTENSIONS).
+        (BadStatusLine("GET /v1/models?api_key=SECRET-1234 HTTP/1.x"), "Bad status line"),
+        (BadHttpMessage("zzSECRET-1234"), "BadHttpMessage"),
+        (LineTooLong(b"Authorization: Bearer SECRET-1234", 8190), "Got more than 8190 bytes"),
+    ],
+)
+def test_a_parse_error_is_logged_without_what_the_client_sent(
+    error: Exception, logged: str
+) -> None:
+    record = logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+        ("127.0.0.1",), (type(error), error, None),
+    )  # fmt: skip
+
+    assert BadHttpLine().filter(record)
+
+    line = record.getMessage()
+    assert line.startswith(f"bad HTTP request from 127.0.0.1: {logged}")
+    assert "SECRET" not in line and record.exc_info is None
