@@ -43,6 +43,7 @@ from proxy.keys import (
 )
 from proxy.metrics import Metrics
 from proxy.recording import (
+    STORED_RESPONSE_HEADERS,
     Recording,
     Sample,
     check_storable,
@@ -130,6 +131,8 @@ SHARED_OUTCOME_TTL_MS = 1_000
 AUDIT_INLINE_LIMIT = 2 * 1024
 # An upstream error answer larger than this is not posted: the waiters make their own call.
 SHARED_ANSWER_LIMIT = 64 * 1024
+# The headers of an upstream error answer posted for them (and X-Seedcache-*).
+SHARED_HEADERS = STORED_RESPONSE_HEADERS | {"retry-after", "retry-after-ms", "x-should-retry"}
 # How long a request body may take to arrive: a client that stops sending half way (or sends a
 # byte a minute) would otherwise hold its connection and handler for ever.
 BODY_TIMEOUT = 60.0
@@ -179,10 +182,16 @@ class Relayed:
     origin: str
 
     def fields(self) -> dict[str, Any]:
-        """The answer in JSON types, for the proxies waiting on the same call to give it too."""
+        """The answer in JSON types, for the proxies waiting on the same call to give it too:
+        its headers those a recording keeps, and those that tell a client when to retry (not
+        the account's `openai-organization`, `openai-project`, rate-limit state, …)."""
         return {
             "status": self.status,
-            "headers": [list(header) for header in self.headers],
+            "headers": [
+                [name, value]
+                for name, value in self.headers
+                if name.lower() in SHARED_HEADERS or name.lower().startswith("x-seedcache-")
+            ],
             "body": base64.b64encode(self.body).decode(),
             "origin": self.origin,
         }
@@ -941,9 +950,11 @@ class Handlers:
         if len(relayed.body) > SHARED_ANSWER_LIMIT:
             return False
         values = [value for _, value in relayed.headers]
+        # The client's key whatever its shape (a local server's, Azure's): a 401 may quote it.
+        secrets = {*self._secrets(request, incoming), client_key(request.headers)} - {""}
         return not any(
             secret.encode() in relayed.body or any(secret in value for value in values)
-            for secret in self._secrets(request, incoming)
+            for secret in secrets
         )
 
     @staticmethod
@@ -1249,7 +1260,7 @@ class Handlers:
         stored: bytes,
         live: Sample,
         size: int,
-        position: int | None = None,
+        position: int | None,
     ) -> str:
         """Compare a live sample with its recording (`stored`, as the store holds it), write the
         audit event, return the verdict: with the sample of the same fingerprint, or the sample

@@ -141,6 +141,32 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_error(
     assert proxies[0].recordings() == []
 
 
+def test_an_upstream_error_is_posted_with_no_header_a_recording_would_not_keep(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    upstream.delay = 0.5
+    account = {"openai-organization": "org-private", "x-ratelimit-remaining-requests": "0"}
+    upstream.fail_next(429, headers={"x-request-id": "req_err", **account}, times=2)
+    leader, waiter = (start_proxy(store=redis_url) for _ in range(2))
+
+    async def ask(proxy: RunningProxy, after: float) -> dict[str, str]:
+        await asyncio.sleep(after)
+        async with proxy.async_client() as client:
+            with pytest.raises(openai.RateLimitError) as caught:
+                await client.chat.completions.create(**chat_request())
+        return dict(caught.value.response.headers)
+
+    async def both() -> list[dict[str, str]]:
+        return await asyncio.gather(ask(leader, 0), ask(waiter, 0.1))
+
+    live, posted = asyncio.run(both())
+
+    assert upstream.count("/chat/completions") == 1
+    assert live["openai-organization"] == "org-private"
+    assert (posted["x-request-id"], posted["retry-after"]) == ("req_err", "0")
+    assert not set(account) & set(posted)
+
+
 def test_a_waiter_gets_what_the_call_it_waited_on_left_though_the_lock_changed_hands(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
