@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from cli.audit import audit, probe, verify
-from cli.options import env, store_option
+from cli.options import env, shown, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import ConfigError, SeedcacheError
@@ -183,7 +183,7 @@ async def reach(spec: str) -> None:
         # Recordings carry no TTL: volatile-* policies never evict them, allkeys-* ones do,
         # silently, and each evicted recording is a paid upstream call again.
         click.echo(
-            f"seedcache: warning: Redis at {StoreSpec.parse(spec).shown} has maxmemory-policy "
+            f"seedcache: warning: Redis at {shown(spec)} has maxmemory-policy "
             f"{policy}: when it fills up it deletes recordings, and their requests go upstream "
             "again; use noeviction (or a volatile-* policy) for a store of recordings",
             err=True,

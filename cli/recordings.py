@@ -149,7 +149,7 @@ def _load(found: Found) -> Recording | None:
         click.echo(f"seedcache: skipping {found.key[:KEY_SHOWN]}: {exc}", err=True)
         return None
     if _misnamed(found, recording):
-        recording = replace(recording, key=found.key)
+        recording = recording.stored_under(found.key)
     return recording
 
 
@@ -325,7 +325,7 @@ async def _rm(spec: str, keys: tuple[str, ...]) -> None:
             if await store.delete(item.namespace, item.key):
                 # An unreadable recording is often why it is removed: no warning about it.
                 try:
-                    recording = replace(Recording.loads(item.raw), key=item.key)
+                    recording = Recording.loads(item.raw).stored_under(item.key)
                     described = _describe(recording)
                 except FormatError:
                     described = f"{item.key[:KEY_SHOWN]} (unreadable)"

@@ -10,7 +10,6 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 
 import orjson
 from aiohttp import web
@@ -150,8 +149,7 @@ async def recordings(request: web.Request) -> web.Response:
     found = []
     async for _, key, raw in request.app[HANDLERS].store.scan():
         try:
-            # Under the key requests find it by, whatever its `key` member says (a copied file).
-            recording = replace(Recording.loads(raw), key=key)
+            recording = Recording.loads(raw).stored_under(key)
         except FormatError:
             continue
         if model is None or recording.model == model:

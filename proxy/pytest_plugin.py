@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import pytest
@@ -325,7 +325,7 @@ class SeedcacheSession:
                     continue
                 if recording.key != key:
                     misnamed.append([key, recording.key])
-                    recording = replace(recording, key=key)
+                    recording = recording.stored_under(key)
                 found.append(recording)
             return found, unreadable, misnamed
 

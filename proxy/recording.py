@@ -251,6 +251,11 @@ class Recording:
             return self
         return replace(self, samples=(*kept, sample))
 
+    def stored_under(self, key: str) -> Recording:
+        """This recording under `key`, the key it is stored under: what requests find it by (a
+        files store's file name), whatever its `key` member says (a file copied by hand)."""
+        return self if self.key == key else replace(self, key=key)
+
     def with_sample_at(self, sample: Sample, index: int) -> Recording:
         """This recording with `sample` as its sample number `index` (from 0), for
         `--repeat sequence`, where a sample's place is the identical request it answers.

@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -90,8 +90,7 @@ async def select_recordings(
     other_models = 0
     async for _, key, raw in store.scan():
         try:
-            # Under the key requests find it by, whatever its `key` member says (a copied file).
-            recording = replace(Recording.loads(raw), key=key)
+            recording = Recording.loads(raw).stored_under(key)
         except FormatError:
             skipped["unreadable"] = skipped.get("unreadable", 0) + 1
             continue
