@@ -292,7 +292,11 @@ def test_an_unknown_mode_header_is_a_400(proxy: RunningProxy, upstream: FakeUpst
     assert_still_serving(proxy, upstream)
 
 
-@pytest.mark.parametrize("namespace", ["../etc", "a b", "x" * 129])
+# A trailing '.' and Windows' device names: a files store's folder so named could not be checked
+# out on Windows.
+@pytest.mark.parametrize(
+    "namespace", ["../etc", "a b", "x" * 129, "winter.", "aux", "CON", "nul.txt", "Lpt1", "com0.a.b"]
+)
 def test_an_invalid_namespace_header_is_a_400(
     namespace: str, proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
@@ -303,6 +307,18 @@ def test_an_invalid_namespace_header_is_a_400(
     assert_error(result, 400, code="invalid_namespace")
     assert upstream.count() == 0
     assert proxy.recordings() == []
+
+
+@pytest.mark.parametrize("namespace", ["auxiliary", "con-tests", "console", "com10", "a.b", "nul_"])
+def test_a_namespace_that_only_begins_like_a_device_name_is_one(
+    namespace: str, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    result = proxy.request(
+        "POST", CHAT, chat_request(), headers={"X-Seedcache-Namespace": namespace}
+    )
+
+    assert result.status == 200, result.body
+    assert [r.namespace for r in proxy.recordings()] == [namespace]
 
 
 def test_an_integral_float_seed_is_that_integer(
