@@ -614,7 +614,6 @@ class Handlers:
         if not incoming.stream:
             return web.Response(status=sample.status, body=body, headers=headers)
         response = web.StreamResponse(status=sample.status, headers=headers)
-        response.enable_chunked_encoding()
         await begin(request, response)
         await response.write(body)
         # aiohttp ends the body (write_eof) and handles a client that has already gone.
@@ -632,7 +631,6 @@ class Handlers:
         assert incoming.canon is not None
         headers = {**replay_headers(sample, incoming.canon.key, stream=True), STATUS: status}
         response = web.StreamResponse(status=sample.status, headers=headers)
-        response.enable_chunked_encoding()
         await begin(request, response)
         start = time.monotonic()
         asked = echoed(incoming.body)
@@ -1080,7 +1078,6 @@ class Handlers:
         started = time.monotonic()
         headers.update(SSE_HEADERS)
         response = web.StreamResponse(status=live.status, headers=headers)
-        response.enable_chunked_encoding()
         buffered = incoming.mode is Mode.AUDIT
         if not buffered:
             await begin(request, response)

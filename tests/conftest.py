@@ -146,12 +146,14 @@ def upstream(loop: BackgroundLoop) -> Iterator[FakeUpstream]:
 StartProxy = Callable[..., RunningProxy]
 
 
-def raw_stream(port: int, body: dict[str, Any], *, until: bytes | None = None) -> bytes:
+def raw_stream(
+    port: int, body: dict[str, Any], *, until: bytes | None = None, version: str = "1.1"
+) -> bytes:
     """A streaming chat request on a raw socket: what arrives until `until` is seen (then the
     client hangs up) or, without it, until the server closes the connection."""
     payload = json.dumps({**body, "stream": True}).encode()
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"POST /v1/chat/completions HTTP/{version}\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n"
     )

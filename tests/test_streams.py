@@ -823,3 +823,41 @@ def test_a_stream_of_nothing_but_done_is_not_recorded(
     assert data_lines(empty.body) == ["[DONE]"]
     assert status(proxy.request("POST", CHAT, chat_request(seed=45))) == "recorded"
     assert upstream.count() == 2
+
+
+def http_1_0_stream(proxy: RunningProxy, body: dict[str, Any], expected: str) -> list[str]:
+    """A stream asked for over HTTP/1.0: whole, unchunked, ended by the close; its payloads."""
+    head, _, payload = raw_stream(proxy.running.port, body, version="1.0").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    assert f"x-seedcache-status: {expected}".encode() in head.lower()
+    assert b"transfer-encoding" not in head.lower()
+    assert payload.endswith(b"data: [DONE]\n\n")
+    return data_lines(payload)
+
+
+@pytest.mark.parametrize("replay_timing", [False, True])
+def test_an_http_1_0_client_gets_live_and_replayed_streams(
+    replay_timing: bool, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # nginx's proxy_pass speaks HTTP/1.0 by default: no chunked encoding there, so the body of a
+    # stream ends when the connection closes.
+    proxy = start_proxy(replay_timing=replay_timing)
+
+    live = http_1_0_stream(proxy, chat_request(), "recorded")
+    replayed = http_1_0_stream(proxy, chat_request(), "hit")
+
+    assert live == replayed and len(live) > 2
+    assert upstream.count() == 1
+    assert len(only_sample(proxy).events or ()) == len(live)  # [DONE] included
+
+
+def test_an_http_1_0_client_gets_an_audited_stream(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="audit")
+
+    first = http_1_0_stream(proxy, chat_request(), "audited")
+    second = http_1_0_stream(proxy, chat_request(), "audited")
+
+    assert len(first) == len(second) > 2  # two live answers: their `obfuscation` differs
+    assert upstream.count() == 2
