@@ -174,9 +174,11 @@ class DiskStore:
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        # diskcache keeps a connection per thread and closes only the calling thread's: the
+        # writer thread's is closed there (left open, it is closed when collected, with a
+        # ResourceWarning on Python 3.13).
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._close_in_thread)
         self._writer.shutdown(wait=True)
-        if self._checkpointer is not None:
-            self._checkpointer.close()
         self._nowait.close()
         self._cache.close()
 
@@ -225,6 +227,12 @@ class DiskStore:
             return await self._off_loop(self._apply, batch, self._cache)
         self._since_checkpoint += 1
         return results
+
+    def _close_in_thread(self) -> None:
+        self._cache.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
 
     def _apply_and_checkpoint(
         self, batch: list[tuple[str, Updater, Any]]
