@@ -295,7 +295,8 @@ def test_an_unknown_mode_header_is_a_400(proxy: RunningProxy, upstream: FakeUpst
 # A trailing '.' and Windows' device names: a files store's folder so named could not be checked
 # out on Windows.
 @pytest.mark.parametrize(
-    "namespace", ["../etc", "a b", "x" * 129, "winter.", "aux", "CON", "nul.txt", "Lpt1", "com0.a.b"]
+    "namespace",
+    ["../etc", "a b", "x" * 129, "winter.", "aux", "CON", "nul.txt", "Lpt1", "com0.a.b"],
 )
 def test_an_invalid_namespace_header_is_a_400(
     namespace: str, proxy: RunningProxy, upstream: FakeUpstream
