@@ -1200,7 +1200,8 @@ class Handlers:
             body=redact(canon.body),
             namespace=canon.namespace,
         )
-        # Audit mode records only what is absent; Cache-Control: no-store records nothing.
+        # Audit mode records only what is absent (under --repeat sequence, a sample past the
+        # last); Cache-Control: no-store records nothing.
         keep_existing = incoming.mode is Mode.AUDIT
         sequence = self.config.repeat is Repeat.SEQUENCE
         if sequence and incoming.mode is Mode.RECORD and incoming.write:
@@ -1208,13 +1209,18 @@ class Handlers:
             # samples past the ones it reached go when it ends (`_trim_sequences`).
             self._rerecorded[canon.key] = canon.namespace
         seen: list[bytes | None] = [None]
+        written = [False]
 
         def add(stored: bytes | None) -> bytes | None:
             # The store hands us what it holds, so the audit needs no read of its own.
             seen[0] = stored
-            if not incoming.write or (keep_existing and stored is not None):
+            written[0] = False  # the store may call again, with what it holds then
+            if not incoming.write or (keep_existing and stored is not None and not sequence):
                 return None
             recording = fresh if stored is None else load(stored, canon.key, self._store_shown)
+            if keep_existing and incoming.ordinal < len(recording.samples):
+                return None  # the sample this answer is audited against stays as it was
+            written[0] = True
             if sequence:
                 index = incoming.ordinal if incoming.replaces else len(recording.samples)
                 recording = recording.with_sample_at(sample, index)
@@ -1231,7 +1237,7 @@ class Handlers:
                 position = incoming.ordinal if sequence else None
                 verdict = await self._audit(request, old, sample, len(old) + received, position)
             except FormatError as exc:
-                if not incoming.write or keep_existing:
+                if not written[0]:
                     raise  # nothing was stored, and nothing could be compared
                 # Stored: the store's updater read the recording, but a sample of it will not
                 # assemble for the comparison (a hand edit).
@@ -1241,7 +1247,7 @@ class Handlers:
                     headers[VERDICT] = verdict
         elif incoming.mode is Mode.AUDIT:
             headers[VERDICT] = "new"
-        if not incoming.write or (keep_existing and old is not None):
+        if not written[0]:
             return
         self._recordings.pop(canon.key, None)
         if self.used is not None:

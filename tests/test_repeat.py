@@ -265,3 +265,24 @@ def test_a_sequence_rerecord_compares_each_answer_with_the_sample_at_its_place(
     assert new[:2] == old
     assert [event["verdict"] for event in rerecord.events()] == ["identical", "identical"]
     assert len(rerecord.recordings()[0].samples) == 3
+
+
+def test_audit_records_a_sample_past_the_last_and_keeps_the_others(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    recorded = run(start_proxy, 2)
+
+    auditor = start_proxy(repeat="sequence", mode="audit")
+    raws = [
+        auditor.client().chat.completions.with_raw_response.create(**UNSEEDED) for _ in range(3)
+    ]
+    assert [status(raw) for raw in raws] == ["audited"] * 3
+    assert [raw.headers["x-seedcache-verdict"] for raw in raws] == ["content", "content", "new"]
+    third = raws[2].parse().choices[0].message.content
+    [recording] = auditor.recordings()
+    assert contents(recording) == [*recorded, third]
+    assert len(auditor.events()) == 2, "a new sample is recorded, not compared"
+    auditor.stop()
+
+    assert run(start_proxy, 3, mode="replay") == [*recorded, third]
