@@ -505,7 +505,7 @@ class Handlers:
             return None
         if self.config.repeat is Repeat.SEQUENCE:
             return await self._lookup_sequence(request, incoming, decoded)
-        pinned = request.headers.get(FINGERPRINT, "").strip() or None  # empty: no pin
+        pinned = pinned_fingerprint(request)
         current = None if pinned else await self._current_fingerprint(canon.model)
         sample, stale = pick_sample(recording.samples, current=current, pinned=pinned)
         if sample is None:
@@ -572,7 +572,8 @@ class Handlers:
                 )
             return None
         sample = recording.samples[ordinal]
-        pinned = request.headers.get(FINGERPRINT)
+        pinned = pinned_fingerprint(request)
+        # The k-th sample or none: a null fingerprint is "unknown" and matches the pin.
         if pinned and sample.system_fingerprint not in (pinned, None):
             raise await self._miss(
                 incoming,
@@ -1428,6 +1429,12 @@ def client_key(headers: Mapping[str, str]) -> str:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return headers.get("api-key", "").strip()
+
+
+def pinned_fingerprint(request: web.Request) -> str | None:
+    """The fingerprint a request pins with X-Seedcache-Fingerprint, if any."""
+    # A template whose variable is unset sends the header empty: no pin.
+    return request.headers.get(FINGERPRINT, "").strip() or None
 
 
 def status_of(headers: Mapping[str, str]) -> str:

@@ -346,22 +346,24 @@ def pick_sample(
 ) -> tuple[Sample | None, bool]:
     """The sample to replay and whether it is stale (DESIGN §4).
 
-    A pinned fingerprint must match exactly. Otherwise the newest sample with the current
-    fingerprint wins; a null fingerprint on either side is "unknown" and matches anything; if
-    nothing matches, the newest sample is returned marked stale.
+    The newest sample with the pinned fingerprint, else with the current one, wins; a null
+    fingerprint on either side is "unknown" and matches anything, when nothing matches exactly.
+    With no pin, if nothing matches, the newest sample is returned marked stale; with a pin,
+    none is returned.
     """
     if not samples:
         return None, False
-    if pinned is not None:
-        return next((s for s in reversed(samples) if s.system_fingerprint == pinned), None), False
-    if current is None:
+    wanted = pinned if pinned is not None else current
+    if wanted is None:
         return samples[-1], False
     for sample in reversed(samples):
-        if sample.system_fingerprint == current:
+        if sample.system_fingerprint == wanted:
             return sample, False
     for sample in reversed(samples):
         if sample.system_fingerprint is None:
             return sample, False
+    if pinned is not None:
+        return None, False
     return samples[-1], True
 
 

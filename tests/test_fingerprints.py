@@ -351,6 +351,25 @@ def test_a_sample_with_a_null_fingerprint_matches_any_current_fingerprint(
     assert raw.parse().system_fingerprint is None
 
 
+@pytest.mark.parametrize("repeat", ["reuse", "sequence"])
+def test_a_pin_is_served_a_sample_with_a_null_fingerprint(
+    start_proxy: StartProxy, upstream: FakeUpstream, repeat: str
+) -> None:
+    upstream.fingerprint = None
+    recorder = start_proxy(repeat=repeat)
+    recorded = ask(recorder, chat_request()).parse()
+    recorder.stop()
+
+    raw = ask(
+        start_proxy(mode="replay", repeat=repeat),
+        chat_request(),
+        **{"X-Seedcache-Fingerprint": FP_A},
+    )
+
+    assert status(raw) == "hit"
+    assert raw.parse().id == recorded.id
+
+
 def test_a_null_fingerprint_does_not_replace_the_remembered_one_across_a_restart(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:

@@ -310,7 +310,8 @@ PICKS = [
     ("pinned: that fingerprint", (A_OLD, B, A_NEW, C), None, "fp_b", B, False),
     ("pinned overrides current", (A_OLD, B), "fp_a", "fp_b", B, False),
     ("pinned and absent: nothing", (A_OLD, B), None, "fp_z", None, False),
-    ("pinned does not take a null sample", (A_OLD, UNKNOWN), None, "fp_z", None, False),
+    ("pinned takes a null sample when none has it", (A_OLD, UNKNOWN), None, "fp_z", UNKNOWN, False),
+    ("pinned: exact match preferred over null", (A_OLD, UNKNOWN, C), None, "fp_a", A_OLD, False),
 ]
 
 
