@@ -584,8 +584,15 @@ class Handlers:
             if incoming.mode is Mode.REPLAY:
                 raise await self._miss(incoming, reason=NO_USAGE)
             return None  # forwarded: the new sample has its usage
-        self.metrics.count("hit", recording.model, sample.system_fingerprint)
-        return await self._replay(request, incoming, decoded, sample, "hit")
+        status = "hit"
+        if not pinned and sample.system_fingerprint is not None:
+            # Served all the same (--on-fingerprint-change does not apply: the k-th sample is the
+            # answer), but said to be of another backend than the current one.
+            current = await self._current_fingerprint(incoming.model)
+            if current is not None and sample.system_fingerprint != current:
+                status = "stale"
+        self.metrics.count(status, recording.model, sample.system_fingerprint)
+        return await self._replay(request, incoming, decoded, sample, status)
 
     async def _replay(
         self,

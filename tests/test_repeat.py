@@ -286,3 +286,25 @@ def test_audit_records_a_sample_past_the_last_and_keeps_the_others(
     auditor.stop()
 
     assert run(start_proxy, 3, mode="replay") == [*recorded, third]
+
+
+def test_a_sample_of_another_fingerprint_is_replayed_marked_stale(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.nondeterministic = True
+    recorded = run(start_proxy, 2)
+    upstream.fingerprint = "fp_fake0002"
+    seer = start_proxy()
+    seer.client().chat.completions.create(**chat_request())  # the current fingerprint moves
+    seer.stop()
+
+    # `fail` does not apply under sequence: the k-th sample is the answer, said to be stale.
+    replayer = start_proxy(repeat="sequence", mode="replay", on_fingerprint_change="fail")
+    raws = [
+        replayer.client().chat.completions.with_raw_response.create(**UNSEEDED) for _ in range(2)
+    ]
+
+    assert [status(raw) for raw in raws] == ["stale", "stale"]
+    assert [raw.parse().choices[0].message.content for raw in raws] == recorded
+    stats = replayer.stats()
+    assert (stats["stale"], stats["hits"]) == (2, 0)
