@@ -114,9 +114,12 @@ class Config:
     # Seconds a disk store call may wait on SQLite's lock before failing (diskcache default is 60).
     store_timeout: float = 2.0
     # What a miss in replay tells the user to run to record, and a recording refused for its
-    # fingerprint to record again (the pytest plugin names its option).
+    # fingerprint to record again (the pytest plugin names its option); and what a request can
+    # send to record again, named only when the server is not in replay (which ignores it), and
+    # never under the pytest plugin (whose requests come from the code under test).
     record_hint: str = "seedcache serve --mode auto"
-    rerecord_hint: str = "X-Seedcache-Mode: record (or seedcache serve --mode record)"
+    rerecord_hint: str = "seedcache serve --mode record"
+    rerecord_header: str = "X-Seedcache-Mode: record"
 
     @classmethod
     def build(cls, **given: Any) -> Config:

@@ -512,7 +512,9 @@ class Handlers:
             # Only a pin finds no sample. It requires that one (DESIGN §4), also in auto: a live
             # answer would come from whatever backend the upstream runs now.
             raise await self._miss(
-                incoming, reason=f"no sample has fingerprint {pinned} (X-Seedcache-Fingerprint)"
+                incoming,
+                reason=f"no sample has fingerprint {pinned} (X-Seedcache-Fingerprint)",
+                hint=pin_hint(recording.samples),
             )
         if lacks_usage(sample, incoming):
             if incoming.mode is Mode.REPLAY:
@@ -525,12 +527,14 @@ class Handlers:
             if policy is OnFingerprintChange.FAIL:
                 # Counted as stale: a stale recording, refused rather than replayed.
                 self.metrics.count("stale", canon.model, sample.system_fingerprint)
+                rerecord = self.config.rerecord_hint
+                if self.config.rerecord_header and self.config.mode is not Mode.REPLAY:
+                    rerecord = f"{self.config.rerecord_header} (or {rerecord})"
                 refused = ProxyError(
                     409,
                     f"The recording {canon.key[:12]} has no sample for the current fingerprint "
                     f"{current} of {canon.model} (newest: {sample.system_fingerprint}). Re-record "
-                    f"it with: {self.config.rerecord_hint}; or pin a fingerprint with "
-                    "X-Seedcache-Fingerprint.",
+                    f"it with: {rerecord}; or pin a fingerprint with X-Seedcache-Fingerprint.",
                     type="seedcache_stale",
                     code="fingerprint_changed",
                 )
@@ -579,6 +583,7 @@ class Handlers:
                 incoming,
                 reason=f"sample {ordinal + 1} has fingerprint {sample.system_fingerprint}, not "
                 f"{pinned} (X-Seedcache-Fingerprint, --repeat sequence)",
+                hint=pin_hint((sample,)),
             )
         if lacks_usage(sample, incoming):
             if incoming.mode is Mode.REPLAY:
@@ -649,8 +654,11 @@ class Handlers:
             await response.write(sse.encode(echo_event(event, asked)))
         return response
 
-    async def _miss(self, incoming: Incoming, reason: str | None = None) -> ProxyError:
-        """The 404 of a miss in replay, naming the nearest recording and what differs (§6)."""
+    async def _miss(
+        self, incoming: Incoming, reason: str | None = None, hint: str | None = None
+    ) -> ProxyError:
+        """The 404 of a miss in replay, naming the nearest recording and what differs (§6), and
+        what to do about it (`hint`, else how to record it)."""
         model = incoming.model
         self.metrics.count("miss", model)
         what = f"{incoming.method} {redact(incoming.path)}"  # ?api_key=sk-… stays out of it
@@ -670,12 +678,8 @@ class Handlers:
             message += f": {reason}"
         elif incoming.canon is not None:
             message += await self._nearest(incoming.canon)
-        if incoming.canon is None:
-            # Never recorded (an endpoint seedcache does not record, a stateful Responses call):
-            # advice to record it could not work.
-            hint = "seedcache only forwards it, and only outside replay mode"
-        else:
-            hint = f"Record it with: {self.config.record_hint}"
+        if hint is None:
+            hint = self._record_hint(incoming)
         error = ProxyError(
             404,
             f"{message}. {hint}",
@@ -686,6 +690,24 @@ class Handlers:
         if incoming.canon is not None:
             error.headers[KEY] = incoming.canon.key
         return error
+
+    def _record_hint(self, incoming: Incoming) -> str:
+        """How to get a request that missed in replay answered."""
+        # The request asked for replay itself (X-Seedcache-Mode): this server would forward it.
+        asked = incoming.mode is Mode.REPLAY and self.config.mode is not Mode.REPLAY
+        if incoming.canon is None:
+            # Never recorded (an endpoint seedcache does not record, a stateful Responses call):
+            # advice to record it could not work.
+            hint = "seedcache only forwards it, and only outside replay mode"
+            return f"{hint}: send it without X-Seedcache-Mode" if asked else hint
+        if not asked:
+            return f"Record it with: {self.config.record_hint}"
+        if self.config.mode is Mode.PASSTHROUGH:
+            return "Record it with: X-Seedcache-Mode: auto, in place of the replay it asks for"
+        return (
+            "Send it without X-Seedcache-Mode to record it "
+            f"(this server runs in {self.config.mode.value} mode)"
+        )
 
     async def _nearest(self, canon: CanonicalRequest) -> str:
         if skipped := too_large_to_compare(canon):
@@ -1436,6 +1458,16 @@ def client_key(headers: Mapping[str, str]) -> str:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return headers.get("api-key", "").strip()
+
+
+def pin_hint(samples: Iterable[Sample]) -> str:
+    """What can answer a request whose pinned fingerprint no sample has: recording again cannot,
+    since the upstream answers from whatever backend it runs now."""
+    known = list(dict.fromkeys(s.system_fingerprint for s in samples if s.system_fingerprint))
+    return (
+        f"Pin a fingerprint the recording has ({', '.join(known)}) or drop the pin: the upstream "
+        "cannot be asked for a given backend"
+    )
 
 
 def pinned_fingerprint(request: web.Request) -> str | None:

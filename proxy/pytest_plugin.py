@@ -255,6 +255,7 @@ def _settings(config: pytest.Config) -> _Plugin:
             access_log=False,
             record_hint=RECORD_HINT,
             rerecord_hint=RERECORD_HINT,
+            rerecord_header="",
             **options,
         )
     except ConfigError as exc:

@@ -196,6 +196,10 @@ def test_a_pinned_fingerprint_selects_its_sample_and_misses_when_none_has_it(
     )
     assert (pinned.status, pinned.json()["error"]["code"]) == (404, "recording_not_found")
     assert upstream.count() == calls
+    # So recording cannot help; the pin can.
+    for message in (error["message"], pinned.json()["error"]["message"]):
+        assert f"Pin a fingerprint the recording has ({FP_A}, {FP_B}) or drop the pin" in message
+        assert "Record it with" not in message
 
 
 def test_an_empty_fingerprint_header_pins_nothing(
@@ -297,6 +301,21 @@ def test_fail_answers_an_error_the_sdk_does_not_retry(
     assert caught.value.response.headers["x-seedcache-status"] == "stale"
     assert proxy.stats()["stale"] == 1
     assert upstream.count() == calls
+
+
+def test_fail_on_a_replay_server_names_only_the_way_that_records_again(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # A replay server ignores X-Seedcache-Mode: the 409 does not suggest it.
+    fingerprint_moved(start_proxy(), upstream)
+    replayer = start_proxy(mode="replay", on_fingerprint_change="fail")
+
+    refused = replayer.request("POST", CHAT, chat_request())
+
+    assert refused.status == 409
+    message = refused.json()["error"]["message"]
+    assert "Re-record it with: seedcache serve --mode record;" in message
+    assert "X-Seedcache-Mode" not in message
 
 
 def test_refresh_in_replay_mode_serves_the_stale_sample_without_contacting_upstream(

@@ -353,13 +353,29 @@ def test_a_per_request_replay_mode_misses_on_an_auto_server(
         hit = client.chat.completions.with_raw_response.create(
             **chat_request(), extra_headers={"X-Seedcache-Mode": "none"}
         )
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.NotFoundError) as missed:
             client.chat.completions.create(
                 **chat_request(seed=5), extra_headers={"X-Seedcache-Mode": "replay"}
             )
 
     assert status(hit) == "hit"
     assert upstream.count() == 1
+    # The server would record it: the header is what stands in the way.
+    assert "Send it without X-Seedcache-Mode to record it (this server runs in auto mode)" in str(
+        missed.value
+    )
+    assert "seedcache serve" not in str(missed.value)
+
+
+def test_a_per_request_replay_mode_on_a_passthrough_server_says_how_to_record(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="passthrough")
+    missed = proxy.request("POST", CHAT, chat_request(), headers={"X-Seedcache-Mode": "replay"})
+
+    assert missed.status == 404
+    assert "Record it with: X-Seedcache-Mode: auto" in missed.json()["error"]["message"]
+    assert upstream.count() == 0
 
 
 # -- other paths ----------------------------------------------------------------------------------
