@@ -718,8 +718,7 @@ class Handlers:
         # Across namespaces only when they are not tenants that must not learn of each other.
         others = [] if self.config.isolate_by_key else index.elsewhere(canon, body)
         if others:
-            names = ", ".join(repr(n) if n else "the default one" for n in others)
-            return f". The same request is recorded in namespace {names}"
+            return f". The same request is recorded {namespaces_phrase(others)}"
         found = index.nearest(canon, body)
         if found is None:
             return ". No recording has the same method, path and model"
@@ -1458,6 +1457,16 @@ def client_key(headers: Mapping[str, str]) -> str:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return headers.get("api-key", "").strip()
+
+
+def namespaces_phrase(namespaces: list[str]) -> str:
+    """Where a request is recorded, in words: "in namespace 'a'", "in namespaces 'a' and 'b'",
+    "in the default namespace and in 'a'" ("" is the default namespace)."""
+    named = [repr(n) for n in namespaces if n]
+    listed = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else "".join(named)
+    if "" not in namespaces:
+        return f"in namespace{'s' if len(named) > 1 else ''} {listed}"
+    return f"in the default namespace and in {listed}" if named else "in the default namespace"
 
 
 def pin_hint(samples: Iterable[Sample]) -> str:

@@ -279,6 +279,27 @@ def test_a_miss_says_which_other_namespace_holds_the_same_request(
     assert "recorded in namespace" not in different.json()["error"]["message"]
 
 
+def test_a_miss_names_every_other_namespace_that_holds_the_same_request(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    recorder = start_proxy()
+    everywhere, teams = chat_request(seed=5), chat_request(seed=6)
+    for namespace in ("", "team-a", "team-b"):
+        recorder.request("POST", CHAT, everywhere, headers={"X-Seedcache-Namespace": namespace})
+    for namespace in ("team-a", "team-b"):
+        recorder.request("POST", CHAT, teams, headers={"X-Seedcache-Namespace": namespace})
+    recorder.stop()
+    replayer = start_proxy(mode="replay")
+
+    def message(body: dict[str, Any], namespace: str) -> str:
+        missed = replayer.request("POST", CHAT, body, headers={"X-Seedcache-Namespace": namespace})
+        assert missed.status == 404
+        return str(missed.json()["error"]["message"])
+
+    assert "in the default namespace and in 'team-a' and 'team-b'." in message(everywhere, "x")
+    assert "recorded in namespaces 'team-a' and 'team-b'." in message(teams, "")
+
+
 def test_a_miss_carries_the_miss_status_and_its_key(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
