@@ -47,19 +47,36 @@ class Event:
 class Decoder:
     """Incremental WHATWG SSE decoder: feed bytes as they arrive, get complete events."""
 
-    __slots__ = ("_data", "_event", "_pending", "_skip_lf", "_utf8")
+    __slots__ = ("_data", "_event", "_pending", "_skip_lf", "_started", "_utf8", "bom", "utf8")
 
     def __init__(self) -> None:
-        # utf-8-sig drops a leading BOM, as WHATWG asks; invalid bytes become U+FFFD, never raise.
-        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()  # strict until a byte is not UTF-8
+        self._started = False  # text has been decoded since the start (or the last flush)
         self._pending: list[str] = []  # pieces of a line whose end has not arrived yet
         self._skip_lf = False  # the last chunk ended in CR: an LF opening the next one is its CRLF
         self._data: list[str] = []
         self._event: str | None = None
+        # What the bytes fed so far were like, for a caller deciding whether to keep the stream:
+        # a client that reads them strictly (the openai SDK) fails on bytes that are not UTF-8,
+        # and does not drop a leading BOM (its first field name is then "\ufeffdata").
+        self.utf8 = True
+        self.bom = False
 
     def decode(self, chunk: bytes, t_ms: int = 0) -> list[Event]:
         """Feed the next bytes; return the events they complete, stamped with `t_ms`."""
-        text = self._utf8.decode(chunk)
+        try:
+            text = self._utf8.decode(chunk)
+        except UnicodeDecodeError:
+            # From here on invalid bytes become U+FFFD, never raise. The decoder's buffer is
+            # left as it was by the failed call, so the chunk is decoded again whole.
+            self.utf8 = False
+            self._utf8.errors = "replace"
+            text = self._utf8.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            if text[0] == "\ufeff":  # WHATWG drops a leading BOM
+                self.bom = True
+                text = text[1:]
         if self._skip_lf and text:
             self._skip_lf = False
             if text[0] == "\n":
@@ -82,10 +99,16 @@ class Decoder:
         return events
 
     def flush(self, t_ms: int = 0) -> list[Event]:
-        """End of input: discard an unterminated event and reset; always returns []."""
+        """End of input: discard an unterminated event and reset; always returns []. `utf8` and
+        `bom` keep describing every byte fed since the decoder was made."""
         # WHATWG: an event without its closing blank line is never dispatched, so a stream cut
         # mid-event cannot look complete.
+        try:
+            self._utf8.decode(b"", final=True)
+        except UnicodeDecodeError:
+            self.utf8 = False  # the bytes end inside a UTF-8 sequence
         self._utf8.reset()
+        self._started = False
         self._pending.clear()
         self._skip_lf = False
         self._data = []

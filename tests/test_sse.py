@@ -230,6 +230,25 @@ def test_decoder_replaces_invalid_utf8_instead_of_raising() -> None:
     assert decode_all([b"data: \xff\n\n"]) == [Event("\ufffd")]
 
 
+# (bytes, events, all UTF-8, opened with a BOM): what a caller needs to know to keep a stream.
+ENCODINGS = [
+    (b"\xef\xbb\xbfdata: caf\xc3\xa9\n\ndata: x\n\n", [Event("café"), Event("x")], True, True),
+    (b"data: caf\xc3\xa9 \xef\xbb\xbf\n\n", [Event("café \ufeff")], True, False),
+    (b"data: caf\xe9\n\ndata: x\n\n", [Event("caf\ufffd"), Event("x")], False, False),
+    (b"data: x\n\ndata: \xc3\xa9\n\n\xc3", [Event("x"), Event("é")], False, False),
+]
+
+
+@pytest.mark.parametrize(("raw", "events", "utf8", "bom"), ENCODINGS)
+def test_decoder_says_whether_the_bytes_were_utf8_and_opened_with_a_bom(
+    raw: bytes, events: list[Event], utf8: bool, bom: bool
+) -> None:
+    for offset in range(len(raw) + 1):
+        decoder = Decoder()
+        decoded = decoder.decode(raw[:offset]) + decoder.decode(raw[offset:]) + decoder.flush()
+        assert (decoded, decoder.utf8, decoder.bom) == (events, utf8, bom), offset
+
+
 # -- encode ---------------------------------------------------------------------------------------
 
 
