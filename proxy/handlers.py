@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
@@ -48,6 +58,8 @@ from proxy.recording import (
     Sample,
     check_storable,
     has_usage_chunk,
+    inexact_events,
+    inexact_number,
     is_responses,
     looks_secret,
     pick_sample,
@@ -239,6 +251,11 @@ class Decoded:
             if stream:
                 events = replay_events(sample, include_usage=include_usage)
                 body = b"".join(sse.encode(event) for event in events)
+            elif sample.events is not None and inexact_events(sample.events) is not None:
+                # Recorded before such streams were refused: assembled by the standard library,
+                # which keeps big integers and NaN, and written by it (orjson fails on the one
+                # and writes null for the other).
+                body = exact_dumps(sample.response())
             else:
                 body = orjson.dumps(sample.response())
             echoes = any(member in body for member in _ECHO_BYTES)
@@ -1080,9 +1097,24 @@ class Handlers:
         started: float,
         known: tuple[str, ...],
     ) -> Sample | None:
+        # A BOM before the JSON: the SDK reads past it, and a replay re-serialises the body.
+        text = body[len(codecs.BOM_UTF8) :] if body.startswith(codecs.BOM_UTF8) else body
         try:
-            parsed = orjson.loads(body)
+            parsed: Any = orjson.loads(text)
         except orjson.JSONDecodeError:
+            parsed = _NOT_JSON
+        # orjson refuses NaN and ±Infinity, which the SDK reads, and reads an integer beyond 64
+        # bits as a double.
+        inexact = inexact_number(text)
+        if inexact is not None:
+            log.warning(
+                "not recording %s: the upstream body holds %s, %s",
+                incoming.path,
+                inexact,
+                UNRECORDABLE,
+            )
+            return None
+        if parsed is _NOT_JSON:
             log.warning("not recording %s: the upstream body is not JSON", incoming.path)
             return None
         if not isinstance(parsed, (dict, list)):
@@ -1156,15 +1188,17 @@ class Handlers:
         known = self._secrets(request, incoming)
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
         outcome = status_of(headers)
-        if flight is not None and sse.is_complete(events, incoming.path):
+        unrecordable = (
+            None if flight is None else unrecordable_stream(decoder, events, incoming.path)
+        )
+        if flight is not None and unrecordable is None:
             recording = self._record(request, incoming, sample, flight, response.headers, size)
             if not await self._recorded(recording, incoming.path):
                 outcome = "miss"
                 if buffered:  # not sent yet: the header can still say so
                     response.headers[STATUS] = outcome
         elif flight is not None:
-            # Ended cleanly but not as a successful stream does (no [DONE], an error event).
-            log.warning("not recording %s: the upstream stream did not complete", incoming.path)
+            log.warning("not recording %s: the upstream stream %s", incoming.path, unrecordable)
             outcome = "miss"
             if buffered:  # not sent yet: the header can still say so
                 response.headers[STATUS] = outcome
@@ -1485,6 +1519,27 @@ def pinned_fingerprint(request: web.Request) -> str | None:
     return request.headers.get(FINGERPRINT, "").strip() or None
 
 
+# Why an answer holding a number orjson cannot write exactly is relayed but not recorded.
+UNRECORDABLE = "which no recording can hold as it was sent"
+_NOT_JSON = object()  # what an upstream body that is not JSON parses to
+
+
+def unrecordable_stream(decoder: sse.Decoder, events: Sequence[sse.Event], path: str) -> str | None:
+    """Why a stream that ended cleanly is not recorded, or None: what the client got live could
+    not be replayed as it was (DESIGN §5)."""
+    if not sse.is_complete(events, path):
+        # No [DONE] or terminal event, an error event: not a successful answer.
+        return "did not complete"
+    if not decoder.utf8:
+        return "is not valid UTF-8 (a client reading it strictly, as the SDK does, fails on it)"
+    if decoder.bom:
+        return "begins with a byte order mark (the SDK then drops its first event)"
+    inexact = inexact_events(events)
+    if inexact is not None:
+        return f"holds {inexact}, {UNRECORDABLE}"
+    return None
+
+
 def status_of(headers: Mapping[str, str]) -> str:
     """The X-Seedcache-Status a response carries."""
     return str(headers.get(STATUS, "bypass"))
@@ -1541,8 +1596,11 @@ def echo(body: bytes, asked: dict[str, Any], *, stream: bool) -> bytes:
     Called only when the request asks some or the rendered body repeats some (`Decoded.render`
     finds that once per rendering)."""
     if not stream:
-        data = orjson.loads(body)
-        return orjson.dumps(data) if _echo_into(data, asked) else body
+        exact = inexact_number(body) is not None
+        data = json.loads(body) if exact else orjson.loads(body)
+        if not _echo_into(data, asked):
+            return body
+        return exact_dumps(data) if exact else orjson.dumps(data)
     return b"".join(sse.encode(echo_event(event, asked)) for event in sse.Decoder().decode(body))
 
 
@@ -1552,10 +1610,19 @@ def echo_event(event: sse.Event, asked: dict[str, Any]) -> sse.Event:
         asked or any(name in event.data for name in _ECHO_NAMES)
     ):
         return event
-    data = orjson.loads(event.data)
+    # An event recorded before streams holding such numbers were refused: see `Decoded.render`.
+    exact = inexact_number(event.data) is not None
+    data = json.loads(event.data) if exact else orjson.loads(event.data)
     if not _echo_into(data, asked):
         return event
-    return sse.Event(orjson.dumps(data).decode(), event.event, event.t_ms)
+    text = exact_dumps(data).decode() if exact else orjson.dumps(data).decode()
+    return sse.Event(text, event.event, event.t_ms)
+
+
+def exact_dumps(data: Any) -> bytes:
+    """Compact JSON, as orjson writes it, but with integers beyond 64 bits, NaN and ±Infinity
+    written as they were read (by the standard library)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _echo_into(data: Any, asked: dict[str, Any]) -> bool:

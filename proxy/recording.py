@@ -6,8 +6,10 @@ which sample to serve is here too, since it only reads a recording.
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -393,6 +395,70 @@ _UNSTORABLE = {
     "surrogates": "a string in it holds a lone UTF-16 surrogate",
     "Recursion": "it is nested more than 250 levels deep",
 }
+
+
+# Cheap signs that JSON text may hold a number orjson, which writes recordings, cannot hold as it
+# was sent: NaN and ±Infinity (Python's json writes them; orjson refuses them, or writes null), 19
+# digits in a row (an integer beyond 64 bits, which orjson reads as a double) and an exponent of
+# three digits after a digit (a number beyond a double's range, read as infinity; not the
+# "fake0001" of a fingerprint). Digits are looked for in the text with every digit made a 0:
+# bytes.translate and `in` cost about what a parse by orjson does, a regular expression ten times.
+_NUMBER_SHAPE = bytes.maketrans(b"0123456789E-", b"0000000000e+")
+_LONG_INTEGER = b"0" * 19
+# The integers orjson can write: int64 and uint64.
+_INT_MIN, _INT_END = -(2**63), 2**64
+
+
+class _Inexact(ValueError):
+    """A number no recording can hold as it was sent."""
+
+
+def inexact_number(text: str | bytes) -> str | None:
+    """Why JSON `text` holds a number no recording can hold as it was sent (an integer beyond 64
+    bits, NaN, ±Infinity, a number beyond a double's range), or None. Parsed again only when a
+    cheap look says it may: an answer on the record path rarely does."""
+    if not _may_be_inexact(text if isinstance(text, bytes) else text.encode(errors="replace")):
+        return None
+    try:
+        json.loads(text, parse_int=_int64, parse_float=_double, parse_constant=_constant)
+    except _Inexact as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return None  # not JSON: whoever parses it says so
+    return None
+
+
+def inexact_events(events: Sequence[Event]) -> str | None:
+    """`inexact_number` of the first stream event that holds such a number, or None."""
+    joined = "\n".join(event.data for event in events)
+    if not _may_be_inexact(joined.encode(errors="replace")):
+        return None
+    return next(filter(None, (inexact_number(event.data) for event in events)), None)
+
+
+def _may_be_inexact(raw: bytes) -> bool:
+    if b"NaN" in raw or b"Infinity" in raw:
+        return True
+    shape = raw.translate(_NUMBER_SHAPE)
+    return _LONG_INTEGER in shape or b"0e000" in shape or b"0e+000" in shape
+
+
+def _int64(text: str) -> int:
+    number = int(text)
+    if not _INT_MIN <= number < _INT_END:
+        raise _Inexact(f"an integer beyond 64 bits ({text[:40]})")
+    return number
+
+
+def _double(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise _Inexact(f"a number beyond the range of a double ({text[:40]})")
+    return number
+
+
+def _constant(name: str) -> float:
+    raise _Inexact(name)
 
 
 def redact(value: Any) -> Any:

@@ -4,9 +4,11 @@ hygiene, and coalescing of identical concurrent misses (DESIGN §2, §5, §9, §
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import gzip
 import json
+import logging
 import socket
 import zlib
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 
 from proxy.recording import STORED_RESPONSE_HEADERS
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
-from tests.fake_upstream import FakeUpstream, chat_request, error_envelope
+from tests.fake_upstream import FakeUpstream, chat_request, completion, error_envelope
 from tests.servers import free_port
 
 CHAT = "/v1/chat/completions"
@@ -293,6 +295,61 @@ def test_a_2xx_body_that_is_not_json_is_relayed_but_not_stored(
     assert proxy.recordings() == []
     assert proxy.request("POST", CHAT, chat_request()).headers["x-seedcache-status"] == "recorded"
     assert upstream.count() == 2
+
+
+# Python's json writes NaN and ±Infinity, and integers of any size: the SDK reads them, but orjson,
+# which writes recordings, cannot hold them as they were sent.
+INEXACT_BODIES = [
+    pytest.param(
+        b'{"object":"chat.completion","created":1180591620717411303424,"choices":[]}',
+        "an integer beyond 64 bits (1180591620717411303424)",
+        id="integer-beyond-64-bits",
+    ),
+    pytest.param(b'{"object":"chat.completion","choices":[],"score":NaN}', "NaN", id="NaN"),
+    pytest.param(
+        b'{"object":"chat.completion","choices":[],"score":-Infinity}', "-Infinity", id="-Infinity"
+    ),
+]
+
+
+@pytest.mark.parametrize(("sent", "why"), INEXACT_BODIES)
+def test_a_json_body_no_recording_can_hold_as_sent_is_relayed_but_not_stored(
+    proxy: RunningProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    sent: bytes,
+    why: str,
+) -> None:
+    upstream.fail_next(200, sent, {"Content-Type": "application/json"})
+
+    with caplog.at_level(logging.WARNING, logger="seedcache"):
+        result = proxy.request("POST", CHAT, chat_request())
+
+    assert (result.status, result.body, status(result)) == (200, sent, "miss")
+    assert proxy.recordings() == []
+    assert [r.getMessage() for r in caplog.records if "not recording" in r.getMessage()] == [
+        f"not recording {CHAT}: the upstream body holds {why}, "
+        "which no recording can hold as it was sent"
+    ]
+    assert status(proxy.request("POST", CHAT, chat_request())) == "recorded"
+    assert upstream.count() == 2
+
+
+def test_a_json_body_opening_with_a_byte_order_mark_is_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # The SDK reads past the BOM, as the standard library's json does; a replay sends the JSON.
+    sent = codecs.BOM_UTF8 + json.dumps(completion("Bonjour")).encode()
+    upstream.fail_next(200, sent, {"Content-Type": "application/json"})
+
+    with proxy.client() as client:
+        live = client.chat.completions.with_raw_response.create(**chat_request())
+        again = client.chat.completions.with_raw_response.create(**chat_request())
+
+    assert (status(live), status(again)) == ("recorded", "hit")
+    assert again.parse() == live.parse()
+    assert again.parse().choices[0].message.content == "Bonjour"
+    assert upstream.count() == 1
 
 
 def test_an_unreachable_upstream_is_a_502_envelope(start_proxy: StartProxy) -> None:

@@ -15,6 +15,7 @@ from proxy.recording import (
     STORED_RESPONSE_HEADERS,
     Recording,
     Sample,
+    inexact_number,
     pick_sample,
     redact,
     stored_headers,
@@ -402,3 +403,23 @@ def test_stored_headers_redact_secrets_in_allowed_values() -> None:
     )
 
     assert stored == {"x-request-id": REDACTED, "openai-version": REDACTED}
+
+
+INEXACT = [
+    (b'{"created": 1741570283, "id": "fp_fake0001", "p": -0.0001234}', None),
+    (b'{"text": "To Infinity, or NaN"}', None),
+    (b'{"a": 18446744073709551615, "b": -9223372036854775808, "c": 1e308}', None),
+    (b'{"a": 18446744073709551616}', "an integer beyond 64 bits (18446744073709551616)"),
+    (b'{"a": -9223372036854775809}', "an integer beyond 64 bits (-9223372036854775809)"),
+    (b'{"a": [NaN]}', "NaN"),
+    (b'{"a": -Infinity}', "-Infinity"),
+    (b'{"a": 1E+400}', "a number beyond the range of a double (1E+400)"),
+    (b"not JSON, NaN", None),
+]
+
+
+@pytest.mark.parametrize(("text", "why"), INEXACT)
+def test_inexact_number_says_which_number_no_recording_can_hold(
+    text: bytes, why: str | None
+) -> None:
+    assert inexact_number(text) == inexact_number(text.decode()) == why

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import re
 import shlex
 import struct
@@ -1054,6 +1055,38 @@ def test_lenient_shapes_of_a_hand_written_or_older_sample_still_replay(
     assert (streamed.status, streamed.body) == (200, b"data: [DONE]\n\n")
     assert assembled.status == 500
     assert assembled.json()["error"]["code"] == "recording_unreadable"
+
+
+def test_a_stream_recorded_with_numbers_orjson_cannot_hold_replays_them_as_sent(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Older versions recorded streams holding an integer beyond 64 bits or -Infinity (they are
+    # no longer recorded): every way of replaying one gives them as they were sent.
+    store = tmp_path / "rec"
+    body = chat_request(seed=3)
+    path = recorded_file(start_proxy, store, body, stream=True)
+    data = json.loads(path.read_text())
+    first = data["samples"][0]["events"][0]
+    first["data"] = json.dumps({**json.loads(first["data"]), "vendor_id": 2**64, "p": -math.inf})
+    path.write_text(json.dumps(data))
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+    metadata = {"run": "7"}
+
+    plain = replay.request("POST", CHAT, body)
+    plain_echo = replay.request("POST", CHAT, {**body, "metadata": metadata})
+    streamed = replay.request("POST", CHAT, {**body, "stream": True})
+    streamed_echo = replay.request("POST", CHAT, {**body, "stream": True, "metadata": metadata})
+
+    for answer in (plain, plain_echo, streamed, streamed_echo):
+        assert (answer.status, status(answer)) == (200, "hit")
+    for answer in (plain, plain_echo):
+        assert (answer.json()["vendor_id"], answer.json()["p"]) == (2**64, -math.inf)
+        assert b'"vendor_id":18446744073709551616' in answer.body
+    assert plain_echo.json()["metadata"] == metadata
+    assert streamed.body.split(b"\n\n")[0] == f"data: {first['data']}".encode()
+    streamed_first = json.loads(streamed_echo.body.split(b"\n\n")[0].removeprefix(b"data: "))
+    assert (streamed_first["vendor_id"], streamed_first["p"]) == (2**64, -math.inf)
+    assert streamed_first["metadata"] == metadata
 
 
 def test_concurrent_misses_share_one_scan_of_the_store(

@@ -5,9 +5,13 @@ flag, include_usage, pacing, broken and abandoned streams, coalesced streaming m
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
+import logging
+import math
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -860,4 +864,71 @@ def test_an_http_1_0_client_gets_an_audited_stream(
     second = http_1_0_stream(proxy, chat_request(), "audited")
 
     assert len(first) == len(second) > 2  # two live answers: their `obfuscation` differs
+
+
+def sse_bytes(chunks: list[dict[str, Any]]) -> bytes:
+    """Chunks as an upstream written in Python sends them (json.dumps), then [DONE]."""
+    frames = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks)
+    return frames.encode() + b"data: [DONE]\n\n"
+
+
+def with_member(name: str, value: Any) -> Callable[[list[dict[str, Any]]], bytes]:
+    """Frames whose first chunk has one more (vendor) member."""
+    return lambda chunks: sse_bytes([{**chunks[0], name: value}, *chunks[1:]])
+
+
+# Streams that end well but that a replay could not give as the client got them live: it is
+# given them unchanged and nothing is recorded, with a warning that says why.
+UNRECORDABLE_STREAMS = [
+    pytest.param(
+        with_member("vendor_id", 2**64),
+        "holds an integer beyond 64 bits (18446744073709551616), "
+        "which no recording can hold as it was sent",
+        id="integer-beyond-64-bits",
+    ),
+    pytest.param(
+        with_member("vendor_score", -math.inf),
+        "holds -Infinity, which no recording can hold as it was sent",
+        id="-Infinity",
+    ),
+    pytest.param(
+        with_member("vendor_score", math.nan),
+        "holds NaN, which no recording can hold as it was sent",
+        id="NaN",
+    ),
+    pytest.param(
+        lambda chunks: sse_bytes(chunks).replace(b'"id": ', b'"note": "caf\xe9", "id": ', 1),
+        "is not valid UTF-8 (a client reading it strictly, as the SDK does, fails on it)",
+        id="not-utf-8",
+    ),
+    pytest.param(
+        lambda chunks: codecs.BOM_UTF8 + sse_bytes(chunks),
+        "begins with a byte order mark (the SDK then drops its first event)",
+        id="byte-order-mark",
+    ),
+]
+
+
+@pytest.mark.parametrize(("frames", "why"), UNRECORDABLE_STREAMS)
+def test_a_stream_a_replay_could_not_give_as_sent_reaches_the_client_but_is_not_recorded(
+    proxy: RunningProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    frames: Callable[[list[dict[str, Any]]], bytes],
+    why: str,
+) -> None:
+    body = chat_request(seed=46)
+    sent = frames(upstream.chat_chunks({**body, "stream": True}))
+    upstream.fail_next(200, sent, {"Content-Type": "text/event-stream"})
+
+    with caplog.at_level(logging.WARNING, logger="seedcache"):
+        live = stream(proxy, body)
+
+    assert (live.status, live.body) == (200, sent)
+    assert proxy.recordings() == []
+    assert [r.getMessage() for r in caplog.records if "not recording" in r.getMessage()] == [
+        f"not recording {CHAT}: the upstream stream {why}"
+    ]
+    assert proxy.stats()["misses"] == 1
+    assert status(stream(proxy, body)) == "recorded"
     assert upstream.count() == 2
