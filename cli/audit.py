@@ -27,8 +27,8 @@ from proxy.config import (
     DEFAULT_VERIFY_CONCURRENCY,
     Config,
 )
-from proxy.errors import ConfigError
-from proxy.stores.base import open_store, store_exists
+from proxy.errors import ConfigError, SeedcacheError
+from proxy.stores.base import open_store
 
 if TYPE_CHECKING:
     from proxy import verify as verifying
@@ -90,9 +90,10 @@ def audit(
     source = audit_log or shown(spec)
     if audit_log:
         raw = read_jsonl(audit_log)
-    elif not store_exists(spec):
-        raw = []  # nothing recorded yet; opening the store would create it
     else:
+        # Opening a store that does not exist would create it, and summarise a mistyped --store
+        # as "no events": a drift gate that passes while measuring nothing.
+        require_store(spec)
         raw = asyncio.run(_store_events(spec))
     events = select(raw, since=moment, model=model)
     groups = summarise(events)
@@ -182,8 +183,8 @@ def verify(
     """Re-issue recorded requests live and compare with the recordings.
 
     Recordings are never modified; each comparison is an audit event. Exits 1 when the
-    divergence rate is above --max-divergence or a request failed. The API key is read from
-    OPENAI_API_KEY.
+    divergence rate is above --max-divergence or a request failed, 2 when nothing was verified
+    (no store, or no recording left by the filters). The API key is read from OPENAI_API_KEY.
     """
     config = Config.build(store=store_spec(store), upstream=upstream, audit_log=audit_log)
     # Opening a store that does not exist would create it, and verify a mistyped --store with
@@ -195,14 +196,16 @@ def verify(
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
         click.echo(f"skipped {sum(selection.skipped.values())} recordings ({reasons})")
     if not selection.recordings:
+        # Nothing compared is no evidence of no drift: a gate must not pass on it (exit 2, as for
+        # a store that does not exist).
         if selection.other_models:
-            click.echo(
-                f"No recordings of model {model} to verify in {shown(config.store)} "
-                f"({selection.other_models} of other models)."
+            raise SeedcacheError(
+                f"no recordings of model {model} to verify in {shown(config.store)} "
+                f"({selection.other_models} of other models): nothing was verified"
             )
-        else:
-            click.echo(f"No recordings to verify in {shown(config.store)}.")
-        return
+        raise SeedcacheError(
+            f"no recordings to verify in {shown(config.store)}: nothing was verified"
+        )
     for failure in outcome.failures:
         click.echo(f"failed {failure.key[:12]} {failure.path}: {failure.message}", err=True)
     if outcome.events:

@@ -44,7 +44,8 @@ _RATES = frozenset(
 
 def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The groups of `audit.summarise` added up: comparisons, identical, same output,
-    divergences, rate."""
+    divergences, rate (null without comparisons, like the split rates: 0.0 would read as "no
+    drift" when nothing was measured)."""
     comparisons = identical = divergences = changes = changed_divergences = models = 0
     for group in groups:
         models += int(group.get("model_changes", 0))
@@ -58,7 +59,7 @@ def totals(groups: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "identical": identical,
         "same_output": comparisons - divergences,
         "divergences": divergences,
-        "divergence_rate": round(divergences / comparisons, 4) if comparisons else 0.0,
+        "divergence_rate": round(divergences / comparisons, 4) if comparisons else None,
         "fingerprint_changes": changes,
         "model_changes": models,
         **fingerprint_split(comparisons, divergences, changes, changed_divergences),

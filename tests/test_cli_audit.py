@@ -351,15 +351,17 @@ def test_verify_reads_the_upstream_from_the_environment(
     assert upstream.count() == ENDPOINTS
 
 
-def test_verify_with_an_empty_store_has_nothing_to_do(
+def test_verify_with_an_empty_store_verifies_nothing_and_does_not_pass(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     asyncio.run(DiskStore(str(tmp_path / "empty")).close())  # a store, with nothing in it
 
-    result = verify(tmp_path / "empty", upstream.base_url)
+    result = verify(tmp_path / "empty", upstream.base_url, "--max-divergence", "0")
 
-    assert result.exit_code == 0, result.output
-    assert "No recordings to verify" in result.stdout
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"seedcache: no recordings to verify in {tmp_path / 'empty'}: nothing was verified\n"
+    )
     assert upstream.count() == 0
 
 
@@ -380,14 +382,17 @@ def test_verify_refuses_a_store_that_does_not_exist_and_creates_none(
     assert upstream.count() == 0
 
 
-def test_verify_says_when_the_model_filter_leaves_nothing(
+def test_verify_fails_when_the_model_filter_leaves_nothing(
     recorded_store: Path, upstream: FakeUpstream
 ) -> None:
-    result = verify(recorded_store, upstream.base_url, "--model", "gpt-4o-mni")
+    # A mistyped --model must not pass a drift gate that measured nothing.
+    result = verify(
+        recorded_store, upstream.base_url, "--model", "gpt-4o-mni", "--max-divergence", "0"
+    )
 
-    assert result.exit_code == 0, result.output
-    assert f"No recordings of model gpt-4o-mni to verify in {recorded_store} (" in result.stdout
-    assert "of other models)" in result.stdout
+    assert result.exit_code == 2, result.output
+    assert f"no recordings of model gpt-4o-mni to verify in {recorded_store} (" in result.stderr
+    assert "of other models): nothing was verified" in result.stderr
     assert upstream.count() == 0
 
 
@@ -728,11 +733,11 @@ def test_audit_html_into_a_missing_directory_is_a_one_line_error(
 
 
 def test_audit_of_an_empty_store_or_log_says_so(tmp_path: Path) -> None:
-    missing = tmp_path / "never-used"
-    result = seedcache("audit", "--store", str(missing))
+    store = tmp_path / "empty"
+    asyncio.run(DiskStore(str(store)).close())  # a store, with nothing in it
+    result = seedcache("audit", "--store", str(store))
     assert result.exit_code == 0
     assert "No audit events in" in result.stdout
-    assert not missing.exists()  # reading does not create a store
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -740,8 +745,27 @@ def test_audit_of_an_empty_store_or_log_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "No audit events" in result.stdout
 
-    as_json = seedcache("audit", "--audit-log", str(empty), "--json")
-    assert json.loads(as_json.stdout)["events"] == 0
+    for source in (["--audit-log", str(empty)], ["--store", str(store)]):
+        totals = json.loads(seedcache("audit", *source, "--json").stdout)["totals"]
+        # No comparisons: no rate, not a 0.0 that a gate would read as "no drift".
+        assert (totals["comparisons"], totals["divergence_rate"]) == (0, None)
+        assert totals["divergence_rate_same_fingerprint"] is None
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_audit_refuses_a_store_that_does_not_exist_and_creates_none(
+    as_json: bool, tmp_path: Path
+) -> None:
+    missing = tmp_path / "never-used"
+
+    result = seedcache("audit", "--store", str(missing), *(["--json"] if as_json else []))
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"seedcache: there is no store at '{missing}': nothing has been recorded there\n"
+    )
+    assert not missing.exists()  # reading does not create a store
 
 
 def test_audit_reads_the_store_events_by_default(tmp_path: Path, monkeypatch: Any) -> None:
