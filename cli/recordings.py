@@ -22,7 +22,7 @@ from proxy.config import StoreSpec
 from proxy.errors import ConfigError, FormatError, SeedcacheError
 from proxy.keys import normalise_path
 from proxy.recording import EARLIEST, Recording, Sample, recorded_at
-from proxy.stores.base import Store, open_store, store_exists
+from proxy.stores.base import Store, open_store
 from proxy.stores.files import recording_file
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -204,7 +204,9 @@ def ls(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     spec = store_spec(store)
-    found = asyncio.run(_scan_spec(spec)) if store_exists(spec) else []
+    # Opening a store that does not exist would create it, and list a mistyped --store as empty.
+    require_store(spec)
+    found = asyncio.run(_scan_spec(spec))
     endpoint = normalise_path(*path.partition("?")[::2]) if path else None
     rows = []
     for item in found:
@@ -370,9 +372,8 @@ def prune(
             param_hint="--older-than",
         ) from None
     spec = store_spec(store)
-    if not store_exists(spec):
-        click.echo(f"No recordings in {shown(spec)}: nothing to prune.")
-        return
+    # A cleanup with a mistyped --store must not look like one with nothing to drop.
+    require_store(spec)
     filters = _Filters(before, model, fingerprint)
     samples, recordings, deleted = asyncio.run(_prune(spec, filters, dry_run))
     if dry_run:

@@ -210,14 +210,28 @@ def test_ls_rejects_a_bad_since(recorded: Recorded) -> None:
     failed(result, "--since", "yesterday")
 
 
-def test_ls_of_an_empty_store_is_friendly_and_creates_nothing(tmp_path: Path) -> None:
-    for spec in (str(tmp_path / "none"), f"files:{tmp_path / 'nofiles'}"):
+def test_ls_of_an_empty_store_is_friendly(tmp_path: Path) -> None:
+    (tmp_path / "files").mkdir()
+    asyncio.run(open_store(str(tmp_path / "disk")).close())  # a disk store, with nothing in it
+    for spec in (str(tmp_path / "disk"), f"files:{tmp_path / 'files'}"):
         result = run("ls", "--store", spec)
 
         assert result.exit_code == 0, result.output
         assert result.stdout.startswith(f"No recordings in {spec} yet.")
         assert "seedcache serve" in result.stdout
         assert ls_json(spec) == []
+
+
+@pytest.mark.parametrize("command", [["ls"], ["ls", "--json"], ["prune", "--older-than", "1d"]])
+def test_ls_and_prune_refuse_a_store_that_does_not_exist_and_create_none(
+    command: list[str], tmp_path: Path
+) -> None:
+    for spec in (str(tmp_path / "none"), f"files:{tmp_path / 'nofiles'}"):
+        result = run(command[0], "--store", spec, *command[1:])
+
+        assert result.exit_code == 2, result.output
+        assert result.stdout == ""
+        assert f"there is no store at '{spec}': nothing has been recorded there" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -704,11 +718,11 @@ def test_a_disk_store_given_as_files_is_refused(recorded: Recorded) -> None:
 @pytest.mark.parametrize(
     ("command", "code", "says"),
     [
-        (["ls"], 0, "No recordings in"),
+        (["ls"], 2, "there is no store at"),
         (["show", "abc"], 2, "there is no store at"),
         (["rm", "abc"], 2, "there is no store at"),
-        (["prune", "--model", "gpt-4o"], 0, "nothing to prune"),
-        (["audit"], 0, "No audit events"),
+        (["prune", "--model", "gpt-4o"], 2, "there is no store at"),
+        (["audit"], 2, "there is no store at"),
         (["verify", "--upstream", "http://127.0.0.1:1/v1"], 2, "there is no store at"),
         (["export", "DEST"], 2, "there is no store at"),
     ],
