@@ -7,6 +7,7 @@ reads `SEEDCACHE_<OPTION>` from the environment.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -23,9 +24,17 @@ from typing import Any
 import click
 
 from cli.audit import audit, probe, verify
-from cli.options import env, shown, store_option
+from cli.options import EnvOption, env, shown, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
-from proxy.config import Config, Mode, StoreSpec
+from proxy.config import (
+    LOG_LEVELS,
+    Config,
+    MiB,
+    Mode,
+    OnFingerprintChange,
+    Repeat,
+    StoreSpec,
+)
 from proxy.errors import ConfigError, SeedcacheError
 from proxy.keys import (
     RECORDED,
@@ -54,50 +63,94 @@ def main() -> None:
     """seedcache: record, replay and audit OpenAI-compatible LLM calls."""
 
 
-@main.command()
-@click.option("--host", envvar=env("host"), help="Address to bind (default 127.0.0.1).")
-@click.option("--port", type=int, envvar=env("port"), help="Port to listen on (default 8080).")
-@click.option(
+# Config owns the defaults (STYLE: defaults in one place); the help texts name them from it.
+DEFAULTS = Config()
+
+
+def _size(n: int) -> str:
+    """A byte count as the help text gives it: 32 MiB, or bytes."""
+    return f"{n // MiB} MiB" if n % MiB == 0 else f"{n} bytes"
+
+
+def _choices(values: list[str], default: str) -> str:
+    """ "keep (default), refresh or fail" """
+    named = [f"{v} (default)" if v == default else v for v in values]
+    return ", ".join(named[:-1]) + " or " + named[-1]
+
+
+# Every option of `serve` reads SEEDCACHE_<OPTION>, and names it when its value there is bad.
+serve_option = functools.partial(click.option, cls=EnvOption)
+
+
+@main.command(
+    epilog="Every option can also be set in the environment as SEEDCACHE_<OPTION>, e.g. "
+    "SEEDCACHE_MODE=replay or SEEDCACHE_UPSTREAM_TIMEOUT=60; the command line wins."
+)
+@serve_option("--host", envvar=env("host"), help=f"Address to bind (default {DEFAULTS.host}).")
+@serve_option(
+    "--port",
+    type=int,
+    envvar=env("port"),
+    help=f"Port to listen on (default {DEFAULTS.port}; 0 picks a free port, which the start-up "
+    "line names).",
+)
+@serve_option(
     "--mode",
     envvar=env("mode"),
-    help="auto (default), replay, record, audit or passthrough; VCR aliases none, once, "
+    help=f"{_choices([m.value for m in Mode], DEFAULTS.mode.value)}; VCR aliases none, once, "
     "new_episodes, all.",
 )
 @store_option
-@click.option(
+@serve_option(
     "--upstream",
     envvar=env("upstream"),
-    help="The real API's base URL (default https://api.openai.com/v1).",
+    help=f"The real API's base URL (default {DEFAULTS.upstream}).",
 )
-@click.option("--namespace", envvar=env("namespace"), help="Namespace of the recordings.")
-@click.option("--max-body", type=int, envvar=env("max_body"), help="Largest request body, bytes.")
-@click.option(
+@serve_option("--namespace", envvar=env("namespace"), help="Namespace of the recordings.")
+@serve_option(
+    "--max-body",
+    type=int,
+    envvar=env("max_body"),
+    help=f"Largest request body, bytes (default {_size(DEFAULTS.max_body)}; larger ones get 413).",
+)
+@serve_option(
     "--replay-timing/--no-replay-timing",
     default=None,
     envvar=env("replay_timing"),
     help="Replay streams with their recorded pacing.",
 )
-@click.option(
-    "--upstream-timeout", type=float, envvar=env("upstream_timeout"), help="Read timeout, s."
+@serve_option(
+    "--upstream-timeout",
+    type=float,
+    envvar=env("upstream_timeout"),
+    help=f"Read timeout of an upstream call, s (default {DEFAULTS.upstream_timeout:g}).",
 )
-@click.option(
-    "--connect-timeout", type=float, envvar=env("connect_timeout"), help="Connect timeout, s."
+@serve_option(
+    "--connect-timeout",
+    type=float,
+    envvar=env("connect_timeout"),
+    help=f"Connect timeout of an upstream call, s (default {DEFAULTS.connect_timeout:g}).",
 )
-@click.option(
+@serve_option(
     "--on-fingerprint-change",
     envvar=env("on_fingerprint_change"),
-    help="keep (default), refresh or fail, when no sample has the current fingerprint.",
+    help=f"{_choices([o.value for o in OnFingerprintChange], DEFAULTS.on_fingerprint_change)}, "
+    "when no sample has the current fingerprint.",
 )
-@click.option("--repeat", envvar=env("repeat"), help="reuse (default) or sequence.")
-@click.option(
+@serve_option(
+    "--repeat",
+    envvar=env("repeat"),
+    help=f"{_choices([r.value for r in Repeat], DEFAULTS.repeat)}.",
+)
+@serve_option(
     "--audit-log", envvar=env("audit_log"), help="JSONL audit log (default in the store)."
 )
-@click.option(
+@serve_option(
     "--audit-embeddings",
     envvar=env("audit_embeddings"),
     help="Embedding model for the audit's embedding distance (off by default).",
 )
-@click.option(
+@serve_option(
     "--access-token",
     "access_tokens",
     multiple=True,
@@ -105,34 +158,41 @@ def main() -> None:
     help="Require clients to present this token as their API key (repeatable; @FILE reads "
     "one token per line).",
 )
-@click.option(
+@serve_option(
     "--upstream-api-key-env",
     envvar=env("upstream_api_key_env"),
     help="Send the key in this environment variable upstream instead of the client's.",
 )
-@click.option(
+@serve_option(
     "--isolate-by-key/--no-isolate-by-key",
     default=None,
     envvar=env("isolate_by_key"),
     help="Keep each client API key's recordings in its own namespace.",
 )
-@click.option("--workers", type=int, envvar=env("workers"), help="Processes on one port.")
-@click.option(
+@serve_option(
+    "--workers",
+    type=int,
+    envvar=env("workers"),
+    help=f"Processes on one port (default {DEFAULTS.workers}; more than one needs a fixed --port).",
+)
+@serve_option(
     "--log-level",
     envvar=env("log_level"),
-    help="debug, info (default), warning, error or critical.",
+    help=f"{_choices(list(LOG_LEVELS), DEFAULTS.log_level)}.",
 )
-@click.option(
+@serve_option(
     "--access-log/--no-access-log",
     default=None,
     envvar=env("access_log"),
-    help="One line per request (default on).",
+    help=f"One line per request (default {'on' if DEFAULTS.access_log else 'off'}).",
 )
 def serve(**options: Any) -> None:
     """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
     options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
     try:
         config = Config.build(**options)
+        if config.workers > 1 and config.port == 0:
+            raise ConfigError("--workers needs a fixed --port")
     except ConfigError as exc:
         # A value from SEEDCACHE_* is not on the command line: say where it came from.
         given = click.get_current_context()
@@ -161,8 +221,6 @@ def serve(**options: Any) -> None:
         # with the port bound (--port 0 picks one).
         run_server(config, on_ready=lambda port: click.echo(start_line(config, port)))
         return
-    if config.port == 0:
-        raise ConfigError("--workers needs a fixed --port")
     code = run_workers(config)
     if code:
         sys.exit(code)

@@ -3,7 +3,7 @@ names of options."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -20,10 +20,34 @@ def env(name: str) -> str:
     return "SEEDCACHE_" + name.upper().replace("-", "_")
 
 
+class EnvOption(click.Option):
+    """An option that also reads SEEDCACHE_<OPTION>: a value from there that click refuses (not
+    a number, not a boolean) is named by its variable, which is what the user set."""
+
+    def consume_value(
+        self, ctx: click.Context, opts: Mapping[str, Any]
+    ) -> tuple[Any, click.core.ParameterSource]:
+        value, source = super().consume_value(ctx, opts)
+        # Where the value came from is recorded on the context only once it is accepted.
+        ctx.meta[_SOURCE + str(self.name)] = source
+        return value, source
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = super().get_error_hint(ctx)
+        source = ctx.meta.get(_SOURCE + str(self.name)) if ctx is not None else None
+        if source is click.core.ParameterSource.ENVIRONMENT and isinstance(self.envvar, str):
+            return f"{hint} (set in the environment: {self.envvar})"
+        return hint
+
+
+_SOURCE = "seedcache.source."
+
+
 def store_option(func: F) -> F:
     """The `--store` option of every command that reads or writes recordings."""
     return click.option(
         "--store",
+        cls=EnvOption,
         envvar=env("store"),
         help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
         "or redis://host:port/db (rediss:// for TLS).",

@@ -40,8 +40,13 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 QUERY_KEY = "sk-" + "proj-" + "Q1w2E3r4" * 4
 
 
-def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
-    return CliRunner().invoke(main, list(args), input=input, env=env)
+def run(
+    *args: str,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    terminal_width: int | None = None,
+) -> Any:
+    return CliRunner().invoke(main, list(args), input=input, env=env, terminal_width=terminal_width)
 
 
 def printed_key(output: str) -> str:
@@ -219,6 +224,25 @@ def test_serve_help_lists_its_options() -> None:
     assert "OPENAI_BASE_URL" in result.stdout
 
 
+def test_serve_help_gives_the_defaults_and_the_environment_variables() -> None:
+    result = run("serve", "--help", terminal_width=200)
+
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    for option, says in {
+        "--host": "(default 127.0.0.1)",
+        "--port": "(default 8080; 0 picks a free port",
+        "--max-body": "(default 32 MiB;",
+        "--upstream-timeout": "(default 600)",
+        "--connect-timeout": "(default 10)",
+        "--workers": "(default 1;",
+        "--mode": "auto (default)",
+        "--log-level": "info (default)",
+    }.items():
+        assert says in lines[option], lines[option]
+    assert "set in the environment as SEEDCACHE_<OPTION>" in " ".join(result.stdout.split())
+
+
 @pytest.fixture
 def captured_run_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Replace aiohttp's run_app, so that `serve` returns after building its app."""
@@ -291,6 +315,47 @@ def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     assert says in result.stderr
     assert f"(set in the environment: {next(iter(env))})" in result.stderr  # not on the line
     assert "app" not in captured_run_app  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"SEEDCACHE_PORT": "abc"},
+            "Invalid value for '--port' (set in the environment: SEEDCACHE_PORT): 'abc' is not "
+            "a valid integer",
+        ),
+        (
+            {"SEEDCACHE_ACCESS_LOG": "maybe"},
+            "Invalid value for '--access-log' (set in the environment: SEEDCACHE_ACCESS_LOG): "
+            "'maybe' is not a valid boolean",
+        ),
+        (
+            {"SEEDCACHE_PORT": "0", "SEEDCACHE_WORKERS": "2"},
+            "--workers needs a fixed --port "
+            "(set in the environment: SEEDCACHE_PORT, SEEDCACHE_WORKERS)",
+        ),
+    ],
+    ids=["port", "access-log", "workers"],
+)
+def test_serve_names_the_environment_variable_of_a_value_it_cannot_take(
+    env: dict[str, str], says: str, captured_run_app: dict[str, Any]
+) -> None:
+    result = run("serve", env=env)
+
+    assert result.exit_code == 2
+    assert says in result.stderr
+    assert "app" not in captured_run_app  # nothing was started
+
+
+def test_a_bad_value_on_the_command_line_is_not_said_to_come_from_the_environment(
+    captured_run_app: dict[str, Any],
+) -> None:
+    result = run("serve", "--port", "abc", env={"SEEDCACHE_PORT": "8081"})
+
+    assert result.exit_code == 2
+    assert "Invalid value for '--port': 'abc' is not a valid integer" in result.stderr
+    assert "environment" not in result.stderr
 
 
 def test_serve_refuses_an_unknown_log_level_with_one_line_naming_the_levels(
