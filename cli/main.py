@@ -375,8 +375,10 @@ def run_worker(config: Config, parent: Connection) -> None:
 def start_line(config: Config, port: int) -> str:
     """What `serve` prints once it listens on `port`: how it runs, and the OPENAI_BASE_URL."""
     listening = replace(config, port=port)
+    # An IPv6 address takes brackets in a URL (RFC 3986): http://[::1]:8080.
+    host = f"[{config.host}]" if ":" in config.host else config.host
     return (
-        f"seedcache listening on http://{config.host}:{port} in {config.mode.value} mode, "
+        f"seedcache listening on http://{host}:{port} in {config.mode.value} mode, "
         f"store {StoreSpec.parse(config.store).shown}, upstream {config.upstream_base}"
         + (f", {config.workers} workers" if config.workers > 1 else "")
         + f"; export OPENAI_BASE_URL={listening.public_url}"

@@ -26,9 +26,9 @@ import redis
 from aiohttp import web
 from click.testing import CliRunner
 
-from cli.main import main, worker_signals
+from cli.main import main, start_line, worker_signals
 from proxy.app import CONFIG
-from proxy.config import Mode
+from proxy.config import Config, Mode
 from tests.conftest import API_KEY, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
 from tests.redis_server import RedisServer
@@ -222,6 +222,18 @@ def test_serve_help_lists_its_options() -> None:
     ):
         assert option in result.stdout
     assert "OPENAI_BASE_URL" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("::1", "http://[::1]:8099 "), ("127.0.0.1", "http://127.0.0.1:8099 ")],
+    ids=["ipv6", "ipv4"],
+)
+def test_the_start_line_writes_an_ipv6_address_in_brackets(host: str, url: str) -> None:
+    line = start_line(Config.build(host=host), 8099)
+
+    assert f"seedcache listening on {url}" in line
+    assert line.endswith(f"export OPENAI_BASE_URL={url.strip()}/v1")
 
 
 def test_serve_help_gives_the_defaults_and_the_environment_variables() -> None:
