@@ -217,7 +217,10 @@ def rate_chart(events: Sequence[Mapping[str, Any]]) -> str:
             )
         legend.append(f'<span style="color:{colour}">●</span> {_e(model)}')
     parts.append("</svg>")
-    note = f"Share of comparisons not identical, per {'hour' if hourly else 'day'}."
+    note = (
+        f"Share of comparisons that diverged, per {'hour' if hourly else 'day'} (a change of "
+        "usage alone is no divergence)."
+    )
     return (
         "\n".join(parts) + f'\n<p class="legend">{"  ".join(legend)}</p><p class="note">{note}</p>'
     )

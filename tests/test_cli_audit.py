@@ -849,6 +849,24 @@ def test_the_rate_chart_buckets_by_day_over_long_spans() -> None:
     assert "1/2 diverged" in chart and "0/1 diverged" in chart and "1/1 diverged" in chart
 
 
+def test_the_rate_chart_note_says_what_it_plots_divergences_not_usage_changes() -> None:
+    hour = [
+        event("gpt-4o-mini", "fp_a", verdict, ago=timedelta(minutes=minutes))
+        for minutes, verdict in (
+            (5, "identical"),
+            (4, "usage_only"),
+            (3, "content"),
+            (2, "identical"),
+        )
+    ]
+
+    chart = report.rate_chart(hour)
+
+    assert "1/4 diverged" in chart  # usage_only is no divergence
+    assert "Share of comparisons that diverged, per hour" in chart
+    assert "not identical" not in chart
+
+
 def test_the_histogram_counts_every_distance() -> None:
     events = [event("m", None, "content", ago=HOUR, distance=d) for d in (0.0, 0.01, 0.5, 1.0)]
 
