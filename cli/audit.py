@@ -322,6 +322,13 @@ def probe(
             messages = json.loads(messages_file.read())
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--messages") from None
+        if messages is None:
+            # Not "no --messages": the file was given, and holds null.
+            raise click.BadParameter(
+                'the file holds null, not a JSON list of messages like [{"role": "user", '
+                '"content": …}]',
+                param_hint="--messages",
+            )
     try:
         settings = probing.Settings(
             model=model,

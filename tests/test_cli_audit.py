@@ -1092,6 +1092,22 @@ def test_probe_messages_must_be_a_list_of_messages(upstream: FakeUpstream, tmp_p
     assert "JSON list of messages" in result.output
 
 
+def test_probe_messages_file_holding_null_is_not_a_missing_option(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "messages.json"
+    path.write_text("null")
+
+    result = seedcache(
+        "probe", "--model", "gpt-4o", "--messages", str(path), "--upstream", upstream.base_url
+    )
+
+    assert result.exit_code == 2
+    assert "Invalid value for --messages: the file holds null, not a JSON list" in result.stderr
+    assert "give either" not in result.stderr
+    assert upstream.count() == 0
+
+
 def test_probe_upstream_errors_are_explained(upstream: FakeUpstream) -> None:
     upstream.fail_next(401, times=10)
 
