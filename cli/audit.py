@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.options import require_store, shown, store_option, store_spec
+from cli.options import counted, progress, require_store, shown, store_option, store_spec
 from proxy import report
 from proxy.audit import AuditLog, parse_since, read_events, read_jsonl, select, summarise
 from proxy.config import (
@@ -125,7 +125,7 @@ def audit(
         overall = report.totals(groups)
         click.echo(report.text_table(groups))
         click.echo(
-            f"\n{len(events)} events: {report.same_output(overall)}, "
+            f"\n{counted(len(events), 'event')}: {report.same_output(overall)}, "
             f"{overall['divergences']} diverged "
             f"({overall['divergence_rate'] * 100:.1f}%), "
             f"{overall['fingerprint_changes']} with a fingerprint change"
@@ -194,7 +194,7 @@ def verify(
     outcome, selection = asyncio.run(_verify(config, api_key, sample, model, concurrency))
     if selection.skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
-        click.echo(f"skipped {sum(selection.skipped.values())} recordings ({reasons})")
+        click.echo(f"skipped {counted(sum(selection.skipped.values()), 'recording')} ({reasons})")
     if not selection.recordings:
         # Nothing compared is no evidence of no drift: a gate must not pass on it (exit 2, as for
         # a store that does not exist).
@@ -212,13 +212,14 @@ def verify(
         click.echo(report.text_table(summarise(outcome.events)))
     rate = outcome.divergence_rate
     click.echo(
-        f"\nverified {len(outcome.events)} of {len(selection.recordings)} recordings against "
+        f"\nverified {len(outcome.events)} of {counted(len(selection.recordings), 'recording')} "
+        f"against "
         f"{config.upstream_base}: {report.same_output(outcome.counts())}, "
         f"{outcome.divergences} diverged ({rate * 100:.1f}%), {len(outcome.failures)} failed."
     )
     if outcome.events:
         where = f"{config.audit_log_path} and the store" if config.audit_log_path else "the store"
-        click.echo(f"{len(outcome.events)} audit events appended to {where}")
+        click.echo(f"{counted(len(outcome.events), 'audit event')} appended to {where}")
     if rate > max_divergence:
         click.echo(
             f"divergence rate {rate * 100:.1f}% is above --max-divergence "
@@ -243,10 +244,7 @@ async def _verify(
             return verifying.Outcome([], []), selection
         audit_log = AuditLog(config.audit_log_path, store)
         async with verifying.make_client(config.upstream_base, api_key) as client:
-            # click draws the bar only on a terminal; piped or under CliRunner it stays quiet.
-            with click.progressbar(
-                length=len(selection.recordings), label="verifying", file=sys.stderr
-            ) as bar:
+            with progress(len(selection.recordings), "verifying") as bar:
                 outcome = await verifying.verify(
                     selection.recordings,
                     client=client,
@@ -345,7 +343,7 @@ def probe(
     plan = settings.plan()
     with (
         probing.make_client(base, _api_key(base)) as client,
-        click.progressbar(length=len(plan), label="probing", file=sys.stderr) as bar,
+        progress(len(plan), "probing") as bar,
     ):
         done = probing.run(client, plan, on_done=lambda: bar.update(1))
     groups = probing.summarise(done)

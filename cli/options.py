@@ -3,14 +3,18 @@ names of options."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from proxy.config import DEFAULT_STORE, Config, StoreSpec
 from proxy.errors import SeedcacheError
 from proxy.stores.base import check_store, store_exists
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,3 +79,16 @@ def require_store(spec: str) -> None:
         raise SeedcacheError(
             f"there is no store at {shown(spec)!r}: nothing has been recorded there"
         )
+
+
+def counted(n: int, noun: str) -> str:
+    """ "1 recording", "2 recordings": `noun` is singular and takes an s."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def progress(length: int, label: str) -> ProgressBar[int]:
+    """A progress bar on stderr, drawn only on a terminal (DESIGN §11): piped, click would
+    still print its bare label, among the messages a script reads."""
+    return click.progressbar(
+        length=length, label=label, file=sys.stderr, hidden=not sys.stderr.isatty()
+    )

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
-from cli.options import require_store, shown, store_option, store_spec
+from cli.options import counted, progress, require_store, shown, store_option, store_spec
 from proxy.audit import parse_since
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError, FormatError, SeedcacheError
@@ -378,12 +379,14 @@ def prune(
     samples, recordings, deleted = asyncio.run(_prune(spec, filters, dry_run))
     if dry_run:
         click.echo(
-            f"would drop {samples} samples from {recordings} recordings and delete {deleted} "
+            f"would drop {counted(samples, 'sample')} from {counted(recordings, 'recording')} "
+            f"and delete {deleted} "
             "left without samples (dry run: nothing changed)"
         )
     else:
         click.echo(
-            f"dropped {samples} samples from {recordings} recordings; deleted {deleted} "
+            f"dropped {counted(samples, 'sample')} from {counted(recordings, 'recording')}; "
+            f"deleted {deleted} "
             "left without samples"
         )
 
@@ -500,21 +503,45 @@ class _Tally:
     skipped: int = 0
 
 
+def same_store(first: str, second: str) -> bool:
+    """Whether two store specs name one store: the same directory (however it is written), or
+    the same Redis server and database."""
+    a, b = StoreSpec.parse(first), StoreSpec.parse(second)
+    if a.kind != b.kind:
+        return False
+    if a.directory is not None and b.directory is not None:
+        return os.path.realpath(a.directory) == os.path.realpath(b.directory)
+    return _redis_address(a.location) == _redis_address(b.location)
+
+
+def _redis_address(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    host = (parts.hostname or "localhost").lower()
+    host = "localhost" if host in ("127.0.0.1", "::1") else host
+    # redis-py's defaults: port 6379, database 0.
+    return parts.scheme, host, parts.port or 6379, parts.path.strip("/") or "0"
+
+
 async def _copy(source_spec: str, dest_spec: str, verb: str, label: str) -> None:
     require_store(source_spec)
+    if same_store(source_spec, dest_spec):
+        # Merging each recording with itself changes nothing, and would report them as merged.
+        raise SeedcacheError(
+            f"{shown(source_spec)} and {shown(dest_spec)} are the same store: nothing to copy; "
+            "give another destination"
+        )
     tally = _Tally()
     async with _opened(source_spec) as source:
         found = await _scan(source)
     async with _opened(dest_spec) as dest:
-        # click draws the bar only on a terminal; piped or under CliRunner it stays quiet.
-        with click.progressbar(length=len(found), label=label, file=sys.stderr) as bar:
+        with progress(len(found), label) as bar:
             for item in found:
                 await _copy_one(item, dest, tally)
                 bar.update(1)
     copied = tally.new + tally.merged
     skipped = f"; skipped {tally.skipped} unreadable" if tally.skipped else ""
     click.echo(
-        f"{verb} {copied} recordings ({tally.new} new, {tally.merged} merged) "
+        f"{verb} {counted(copied, 'recording')} ({tally.new} new, {tally.merged} merged) "
         f"from {shown(source_spec)} to {shown(dest_spec)}{skipped}"
     )
 

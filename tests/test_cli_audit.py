@@ -124,6 +124,7 @@ def test_verify_against_an_unchanged_upstream_finds_everything_identical(
     assert f"{ENDPOINTS} identical, 0 diverged (0.0%), 0 failed" in result.stdout
     audit_log = recorded_store / "audit.jsonl"
     assert f"{ENDPOINTS} audit events appended to {audit_log} and the store" in result.stdout
+    assert result.stderr == ""  # not on a terminal: no progress bar, and no bare label either
     assert "gpt-4o-mini" in result.stdout and DEFAULT_FINGERPRINT in result.stdout
     # Live calls, each the stored canonical request, marked so a seedcache upstream passes it on.
     assert upstream.count() == ENDPOINTS
@@ -313,7 +314,9 @@ def test_verify_skips_a_recording_whose_request_had_a_secret_redacted(
     result = verify(store, upstream.base_url)
 
     assert result.exit_code == 0, result.output
-    assert "skipped 1 recordings (1 a secret redacted from the request)" in result.stdout
+    assert "skipped 1 recording (1 a secret redacted from the request)" in result.stdout
+    assert "verified 1 of 1 recording against" in result.stdout
+    assert "1 audit event appended to" in result.stdout  # one, said in the singular
     # What was sent again is the prompt as recorded, not one with "<redacted>" in it.
     assert [c.body["messages"][0]["content"] for c in upstream.calls] == [prose]
 
@@ -964,6 +967,7 @@ def test_probe_with_a_deterministic_upstream(upstream: FakeUpstream) -> None:
     assert {(b["temperature"], b["max_tokens"]) for b in bodies} == {(0.7, 200)}
     assert bodies[0]["messages"] == [{"role": "user", "content": "Tell me a story."}]
     assert {c.headers["x-seedcache-mode"] for c in upstream.calls} == {"passthrough"}
+    assert result.stderr == ""  # not on a terminal: no progress bar, and no bare label either
 
 
 def test_probe_with_a_nondeterministic_upstream(upstream: FakeUpstream) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import redis
 from click.testing import CliRunner, Result
 
 from cli.main import main
-from cli.recordings import merge
+from cli.recordings import merge, same_store
 from proxy.recording import Recording
 from proxy.stores.base import open_store
 from proxy.stores.disk import DiskStore
@@ -532,14 +533,54 @@ def test_merge_keeps_the_newest_sample_last(recorded: Recorded) -> None:
     assert merge(mini, only_old).samples == (old, new)  # with_sample alone would move `old` last
 
 
-def test_export_shows_a_progress_label_only_off_a_terminal(
+def test_export_draws_no_progress_bar_or_label_off_a_terminal(
     recorded: Recorded, tmp_path: Path
 ) -> None:
     result = run("export", "--store", recorded.store, str(tmp_path / "copy"))
 
     assert result.exit_code == 0, result.output
     assert "exported 4 recordings" in result.stdout
-    assert "#" not in result.stderr  # no bar drawn when not on a terminal
+    assert result.stderr == ""  # no bar, and no bare "exporting" among the messages
+
+
+def test_export_of_one_recording_says_it_in_the_singular(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    spec = str(tmp_path / "one")
+    proxy = start_proxy(store=spec)
+    send(proxy, chat_request(seed=1))
+    proxy.stop()
+    copy = str(tmp_path / "copy")
+
+    result = run("export", "--store", spec, copy)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"exported 1 recording (1 new, 0 merged) from {spec} to {copy}\n"
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_store_is_not_copied_into_itself(
+    command: str, recorded: Recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = stored(recorded.store)
+    monkeypatch.chdir(tmp_path)
+    # The same directory, written another way.
+    other = os.path.join(".", "disk", "..", "disk")
+
+    result = run(command, "--store", recorded.store, other)
+
+    assert result.exit_code == 2, result.output
+    assert "are the same store: nothing to copy" in result.stderr
+    assert stored(recorded.store) == before
+
+
+def test_same_store_compares_directories_and_redis_databases(tmp_path: Path) -> None:
+    assert same_store(str(tmp_path / "a"), f"{tmp_path}/x/../a/")
+    assert not same_store(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert same_store("redis://localhost:6379/0", "redis://127.0.0.1")
+    assert not same_store("redis://localhost:6379/0", "redis://localhost:6379/1")
+    assert not same_store("redis://host-a/0", "redis://host-b/0")
+    assert not same_store(f"files:{tmp_path}", "redis://localhost/0")
 
 
 def test_import_from_a_missing_store_is_an_error(tmp_path: Path) -> None:
