@@ -281,11 +281,25 @@ async def _verify(
 @click.option(
     "--temperature",
     type=float,
-    default=DEFAULT_PROBE_TEMPERATURE,
-    show_default=True,
-    help="Sampling temperature; the seed guide's 0.7 makes the seed's effect visible.",
+    help=f"Sampling temperature (default {DEFAULT_PROBE_TEMPERATURE}: the seed guide's value, "
+    "which makes the seed's effect visible).",
 )
-@click.option("--max-tokens", type=int, default=DEFAULT_PROBE_MAX_TOKENS, show_default=True)
+@click.option(
+    "--no-temperature",
+    is_flag=True,
+    help="Send no temperature (reasoning models such as the o-series take only the default).",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    help=f"Token limit, sent as max_tokens (default {DEFAULT_PROBE_MAX_TOKENS}).",
+)
+@click.option(
+    "--max-completion-tokens",
+    type=int,
+    help="Token limit sent as max_completion_tokens instead of max_tokens, which reasoning "
+    "models refuse (it counts reasoning tokens too).",
+)
 @click.option(
     "--compare-unseeded", is_flag=True, help="Also send the request --runs times without a seed."
 )
@@ -297,8 +311,10 @@ def probe(
     upstream: str,
     runs: int,
     seed: int,
-    temperature: float,
-    max_tokens: int,
+    temperature: float | None,
+    no_temperature: bool,
+    max_tokens: int | None,
+    max_completion_tokens: int | None,
     compare_unseeded: bool,
     as_json: bool,
 ) -> None:
@@ -309,11 +325,22 @@ def probe(
 
     Every request carries X-Seedcache-Mode: passthrough, so that pointed at a seedcache proxy
     the runs are live, not replays of one recording. The API key is read from OPENAI_API_KEY.
+
+    A reasoning model (o-series) refuses max_tokens and any temperature but its default: probe
+    it with --max-completion-tokens N --no-temperature.
     """
     from proxy import probe as probing  # the openai SDK loads only for the commands using it
 
     if (prompt is None) == (messages_file is None):
         raise click.UsageError("give either --prompt or --messages FILE")
+    if temperature is not None and no_temperature:
+        raise click.UsageError("give either --temperature or --no-temperature")
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise click.UsageError("give either --max-tokens or --max-completion-tokens")
+    if max_completion_tokens is None and max_tokens is None:
+        max_tokens = DEFAULT_PROBE_MAX_TOKENS
+    if temperature is None and not no_temperature:
+        temperature = DEFAULT_PROBE_TEMPERATURE
     messages = None
     if messages_file is not None:
         try:
@@ -335,6 +362,7 @@ def probe(
             seed=seed,
             temperature=temperature,
             max_tokens=max_tokens,
+            max_completion_tokens=max_completion_tokens,
             compare_unseeded=compare_unseeded,
         )
     except ConfigError as exc:

@@ -38,28 +38,40 @@ class Settings:
     messages: list[dict[str, Any]]
     runs: int = DEFAULT_PROBE_RUNS
     seed: int = DEFAULT_PROBE_SEED
-    temperature: float = DEFAULT_PROBE_TEMPERATURE
-    max_tokens: int = DEFAULT_PROBE_MAX_TOKENS
+    # None leaves temperature out: reasoning models (o-series) refuse any but the default.
+    temperature: float | None = DEFAULT_PROBE_TEMPERATURE
+    # The token limit, sent as max_tokens or, for reasoning models that refuse max_tokens, as
+    # max_completion_tokens (which counts reasoning tokens too): exactly one of the two is set.
+    max_tokens: int | None = DEFAULT_PROBE_MAX_TOKENS
+    max_completion_tokens: int | None = None
     compare_unseeded: bool = False
 
     def __post_init__(self) -> None:
         if self.runs < 1:
             raise ConfigError(f"--runs must be at least 1, got {self.runs}")
-        if self.max_tokens < 1:
-            raise ConfigError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 2:
+        if (self.max_tokens is None) == (self.max_completion_tokens is None):
+            raise ConfigError("give either --max-tokens or --max-completion-tokens")
+        for name, limit in (
+            ("--max-tokens", self.max_tokens),
+            ("--max-completion-tokens", self.max_completion_tokens),
+        ):
+            if limit is not None and limit < 1:
+                raise ConfigError(f"{name} must be at least 1, got {limit}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise ConfigError(f"--temperature must be between 0 and 2, got {self.temperature}")
         if not self.messages:
             raise ConfigError("the probe needs a --prompt or a non-empty --messages list")
 
     def plan(self) -> list[tuple[str, dict[str, Any]]]:
         """(group, request) for every run, seeded first."""
-        base = {
-            "model": self.model,
-            "messages": self.messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
+        base: dict[str, Any] = {"model": self.model, "messages": self.messages}
+        if self.temperature is not None:
+            base["temperature"] = self.temperature
+        # Never both: a model that takes one may refuse the other.
+        if self.max_tokens is not None:
+            base["max_tokens"] = self.max_tokens
+        else:
+            base["max_completion_tokens"] = self.max_completion_tokens
         steps = [(SEEDED, {**base, "seed": self.seed})] * self.runs
         if self.compare_unseeded:
             steps += [(UNSEEDED, base)] * self.runs
@@ -200,6 +212,7 @@ def to_json(
         "seed": settings.seed,
         "temperature": settings.temperature,
         "max_tokens": settings.max_tokens,
+        "max_completion_tokens": settings.max_completion_tokens,
         "runs": [{**asdict(r), "opening": r.opening} for r in runs],
         "groups": [{**asdict(g), "fingerprints": list(g.fingerprints)} for g in groups],
     }

@@ -970,6 +970,26 @@ def test_probe_with_a_deterministic_upstream(upstream: FakeUpstream) -> None:
     assert result.stderr == ""  # not on a terminal: no progress bar, and no bare label either
 
 
+def test_probe_of_a_reasoning_model_sends_max_completion_tokens_and_no_temperature(
+    upstream: FakeUpstream,
+) -> None:
+    # o-series models refuse max_tokens and any temperature but the default.
+    result = seedcache(
+        "probe", "--model", "o3-mini", "--prompt", "Name a colour.", "--runs", "2", "--json",
+        "--max-completion-tokens", "500", "--no-temperature", "--upstream", upstream.base_url,
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    bodies = [call.body for call in upstream.calls]
+    assert len(bodies) == 2
+    for body in bodies:
+        assert body["max_completion_tokens"] == 500
+        assert "max_tokens" not in body and "temperature" not in body
+    document = json.loads(result.stdout)
+    assert (document["temperature"], document["max_tokens"]) == (None, None)
+    assert document["max_completion_tokens"] == 500
+
+
 def test_probe_with_a_nondeterministic_upstream(upstream: FakeUpstream) -> None:
     # The fake's nondeterminism ignores the seed (as a backend whose seed is best effort can):
     # every run differs, in both groups.
@@ -1075,6 +1095,18 @@ def test_probe_messages_from_a_file(upstream: FakeUpstream, tmp_path: Path) -> N
         ["--prompt", "x"],  # no model
         ["--model", "gpt-4o", "--prompt", "x", "--runs", "0"],
         ["--model", "gpt-4o", "--prompt", "x", "--temperature", "3"],
+        ["--model", "o3-mini", "--prompt", "x", "--temperature", "1", "--no-temperature"],
+        [
+            "--model",
+            "o3-mini",
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "9",
+            "--max-completion-tokens",
+            "9",
+        ],
+        ["--model", "o3-mini", "--prompt", "x", "--max-completion-tokens", "0"],
     ],
 )
 def test_probe_usage_errors_exit_2(args: list[str], upstream: FakeUpstream) -> None:
