@@ -224,8 +224,9 @@ class Relayed:
 
 
 # What a leader's upstream call gives the identical requests that waited for it: True when it
-# recorded, the upstream's non-2xx answer, the upstream failure (unreachable, timed out, broken
-# off), or None when its client left before the recording was made.
+# recorded, False when its answer could not be recorded (each waiter then needs a call of its
+# own), the upstream's non-2xx answer, the upstream failure (unreachable, timed out, broken off),
+# or None when its client left before the recording was made (the next waiter leads).
 Outcome = bool | Relayed | ProxyError | None
 
 
@@ -358,6 +359,10 @@ class Handlers:
             if isinstance(outcome, Relayed):
                 if outcome.origin == origin_of(incoming.raw, client_key(request.headers)):
                     return outcome.response()
+            elif outcome is False:
+                # Its 2xx was no answer to record (an HTML page, an error frame): each waiter
+                # goes upstream now, together, rather than each after the one before.
+                return await self._lead(request, incoming, coalesce=False)
             elif outcome:
                 replay = await self._lookup(request, incoming)
                 if replay is not None:
@@ -973,7 +978,10 @@ class Handlers:
         same timeout or paying for the same error. Posted under the holder's token, so that
         only the requests that waited on this very call find it, never those of a later call
         made while it lasts."""
-        if isinstance(outcome, ProxyError):
+        if outcome is False:
+            # A 2xx that could not be recorded: each waiter makes its call now, together.
+            posted: dict[str, Any] = {"unrecorded": True}
+        elif isinstance(outcome, ProxyError):
             # Unreachable, timed out, broken off.
             posted = {"failure": outcome.fields()}
         elif isinstance(outcome, Relayed) and self._shareable(request, incoming, outcome):
@@ -1001,19 +1009,21 @@ class Handlers:
             for secret in secrets
         )
 
-    @staticmethod
     async def _left_for(
-        request: web.Request, incoming: Incoming, store: Locking, token: str
-    ) -> web.Response | None:
+        self, request: web.Request, incoming: Incoming, store: Locking, token: str
+    ) -> web.StreamResponse | None:
         """What the holder `token` left for the requests that waited on its call: its failure
-        (raised), or its upstream's error answer when this request is the very same as its
-        (`Relayed.origin`); None when it left nothing for this one."""
+        (raised), its upstream's error answer when this request is the very same as its
+        (`Relayed.origin`), or, when its answer could not be recorded, this request's own call;
+        None when it left nothing for this one."""
         assert incoming.canon is not None
         key = incoming.canon.key
         posted = await store.read_post(outcome_name(key, token))
         if posted is None:
             return None
         left = orjson.loads(posted)
+        if left.get("unrecorded"):
+            return await self._lead(request, incoming, coalesce=False)
         if "failure" in left:
             raise failure_from(left["failure"], key)
         relayed = Relayed.from_fields(left["relayed"])
@@ -1070,6 +1080,7 @@ class Handlers:
                     )
                     if not recorded:
                         headers[STATUS] = status = "miss"  # forwarded, but not recorded
+                        unrecorded(flight)
                 fingerprint = sample.system_fingerprint if sample else None
                 self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
@@ -1195,11 +1206,13 @@ class Handlers:
             recording = self._record(request, incoming, sample, flight, response.headers, size)
             if not await self._recorded(recording, incoming.path):
                 outcome = "miss"
+                unrecorded(flight)
                 if buffered:  # not sent yet: the header can still say so
                     response.headers[STATUS] = outcome
         elif flight is not None:
             log.warning("not recording %s: the upstream stream %s", incoming.path, unrecordable)
             outcome = "miss"
+            unrecorded(flight)
             if buffered:  # not sent yet: the header can still say so
                 response.headers[STATUS] = outcome
         if buffered:
@@ -1538,6 +1551,12 @@ def unrecordable_stream(decoder: sse.Decoder, events: Sequence[sse.Event], path:
     if inexact is not None:
         return f"holds {inexact}, {UNRECORDABLE}"
     return None
+
+
+def unrecorded(flight: asyncio.Future[Outcome]) -> None:
+    """Tell those waiting on a call that its 2xx answer was not recorded."""
+    if not flight.done():
+        flight.set_result(False)
 
 
 def status_of(headers: Mapping[str, str]) -> str:

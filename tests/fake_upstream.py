@@ -397,6 +397,8 @@ class FakeUpstream:
     extra_headers: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     calls: list[Call] = field(default_factory=list, repr=False)
+    # The most requests it was answering at once: whether callers came together or in turn.
+    peak_concurrency: int = 0
     url: str = ""  # set by whoever serves `.app`, e.g. "http://127.0.0.1:PORT"
 
     def __post_init__(self) -> None:
@@ -405,6 +407,7 @@ class FakeUpstream:
         self._hangs: list[float] = []
         self._error_frames: list[JSON] = []
         self._generation = 0
+        self._active = 0
         self._stopping: asyncio.Event | None = None
         self.app = self._build_app()
 
@@ -419,6 +422,7 @@ class FakeUpstream:
     def reset(self) -> None:
         """Forget the calls and any armed one-shot failure; the switches keep their values."""
         self.calls.clear()
+        self.peak_concurrency = 0
         self._failures.clear()
         self._drops.clear()
         self._hangs.clear()
@@ -878,14 +882,19 @@ class FakeUpstream:
                     f"{len(self.calls)}:{call.method}:{call.path}".encode() + raw
                 ).hexdigest()[:32]
             )
-            if self._hangs:
-                await self._sleep(self._hangs.pop(0))
-            if self.delay:
-                await self._sleep(self.delay)
-            failure = self._take_failure(request.path)
-            if failure is not None:
-                return self._raw_response(failure.status, failure.body, failure.headers)
-            return await handler(request)
+            self._active += 1
+            self.peak_concurrency = max(self.peak_concurrency, self._active)
+            try:
+                if self._hangs:
+                    await self._sleep(self._hangs.pop(0))
+                if self.delay:
+                    await self._sleep(self.delay)
+                failure = self._take_failure(request.path)
+                if failure is not None:
+                    return self._raw_response(failure.status, failure.body, failure.headers)
+                return await handler(request)
+            finally:
+                self._active -= 1
 
         # Large bodies must reach the fake so that a proxy's own size limit is what gets tested.
         app = web.Application(middlewares=[record_and_inject], client_max_size=256 * 2**20)

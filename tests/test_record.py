@@ -663,6 +663,32 @@ async def test_different_concurrent_requests_are_not_coalesced(
     assert len({a.id for a in answers}) == 4
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_followers_of_a_leader_whose_answer_cannot_be_recorded_go_upstream_together(
+    stream: bool, proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # A 2xx that is no answer to record (a load balancer's HTML page; a stream ending in an
+    # error frame, as vLLM and llama.cpp send): each waiting caller needs a call of its own, and
+    # they make them at once, not each after the one before (4 callers waited 1, 2, 3, 4 delays).
+    upstream.delay = 0.3
+    for _ in range(4):
+        if stream:
+            upstream.error_frame_next()
+        else:
+            upstream.fail_next(200, "<html>upstream busy</html>", {"content-type": "text/html"})
+    body = chat_request(stream=True) if stream else chat_request()
+    results = await asyncio.gather(
+        *(asyncio.to_thread(proxy.request, "POST", CHAT, body) for _ in range(4))
+    )
+
+    assert [r.status for r in results] == [200] * 4
+    if not stream:  # a live stream's headers leave before it is known whether it records
+        assert {status(r) for r in results} == {"miss"}
+    assert upstream.count() == 4
+    assert upstream.peak_concurrency == 3  # the leader's call, then its three followers' at once
+    assert proxy.recordings() == []
+
+
 async def test_followers_of_a_failed_leader_get_the_same_client_error(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:

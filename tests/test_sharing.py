@@ -141,6 +141,30 @@ def test_proxies_waiting_on_another_proxys_call_get_its_upstream_error(
     assert proxies[0].recordings() == []
 
 
+def test_proxies_waiting_on_a_call_whose_answer_cannot_be_recorded_make_theirs_together(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
+) -> None:
+    # A load balancer's HTML page with a 200: no recording comes of it, and each waiting proxy
+    # took the lock and made the call after the one before.
+    upstream.delay = 0.5
+    upstream.fail_next(200, "<html>upstream busy</html>", {"content-type": "text/html"}, times=6)
+    proxies = [start_proxy(store=redis_url) for _ in range(3)]
+
+    def ask(proxy: RunningProxy, after: float) -> int:
+        time.sleep(after)
+        return proxy.request("POST", CHAT, chat_request()).status
+
+    async def everyone() -> list[int]:
+        return await asyncio.gather(
+            *(asyncio.to_thread(ask, p, 0.05 * n) for n, p in enumerate(proxies))
+        )
+
+    assert asyncio.run(everyone()) == [200] * 3
+    assert upstream.count("/chat/completions") == 3
+    assert upstream.peak_concurrency == 2  # the first call, then the two waiters' together
+    assert proxies[0].recordings() == []
+
+
 def test_an_upstream_error_is_posted_with_no_header_a_recording_would_not_keep(
     start_proxy: StartProxy, upstream: FakeUpstream, redis_url: str
 ) -> None:
