@@ -156,6 +156,15 @@ class Config:
                 "Authorization is forwarded, or give the proxy its own key with "
                 "--upstream-api-key-env"
             )
+        parts = urlsplit(self.upstream)
+        if parts.query or parts.fragment or "?" in self.upstream or "#" in self.upstream:
+            # The request's path is appended to the upstream's: a query would end up inside it.
+            base = self.upstream.split("?", 1)[0].split("#", 1)[0]  # a query may hold a key
+            raise ConfigError(
+                f"the upstream URL must not have a query string or fragment ({base!r} followed "
+                "by one): give the base URL alone; a query a request needs (Azure's "
+                "api-version) is sent by the client and forwarded with its path"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
         if self.max_body <= 0:

@@ -55,6 +55,9 @@ def test_defaults_live_in_config() -> None:
     [
         ({"upstream": "ftp://x"}, "http"),
         ({"upstream": "https://user:pw@example.com/v1"}, "must not carry credentials"),
+        ({"upstream": "https://x.example.com/openai?api-version=2024-10-21"}, "query string"),
+        ({"upstream": "https://example.com/v1#part"}, "fragment"),
+        ({"upstream": "https://example.com/v1?"}, "query string"),
         ({"port": 70000}, "port"),
         ({"max_body": 0}, "max-body"),
         ({"on_fingerprint_change": "ignore"}, "keep, refresh, fail"),
