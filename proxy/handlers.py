@@ -1059,6 +1059,8 @@ class Handlers:
                     headers[KEY] = incoming.canon.key
                 if not 200 <= live.status < 300:
                     self.metrics.upstream_error(live.status)
+                    if redirect := elsewhere(live):
+                        raise redirect
                     body = await read_body(live)
                     headers[STATUS] = "bypass" if flight is None else "miss"
                     if flight is not None:
@@ -1551,6 +1553,23 @@ def unrecordable_stream(decoder: sse.Decoder, events: Sequence[sse.Event], path:
     if inexact is not None:
         return f"holds {inexact}, {UNRECORDABLE}"
     return None
+
+
+def elsewhere(live: ClientResponse) -> ProxyError | None:
+    """A 502 for an upstream redirect to another address: relayed, the client would follow it
+    around the proxy (the openai SDK follows redirects), unrecorded, every time."""
+    location = live.headers.get("Location", "")
+    if not 300 <= live.status < 400 or "//" not in location.split("?", 1)[0]:
+        return None  # not a redirect, or one back to this proxy (a relative location)
+    shown = location.split("?", 1)[0][:200]  # a query may carry a key
+    return ProxyError(
+        502,
+        f"The upstream answered {live.status}, redirecting to {shown}: seedcache does not follow "
+        "redirects, and a client that did would leave the proxy. Set --upstream to the address "
+        "the upstream redirects to.",
+        type="upstream_error",
+        code="upstream_redirect",
+    )
 
 
 def unrecorded(flight: asyncio.Future[Outcome]) -> None:

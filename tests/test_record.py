@@ -689,6 +689,38 @@ async def test_followers_of_a_leader_whose_answer_cannot_be_recorded_go_upstream
     assert proxy.recordings() == []
 
 
+@pytest.mark.parametrize("mode", ["auto", "passthrough"])
+def test_an_upstream_redirect_elsewhere_is_a_502_that_names_it(
+    mode: str, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The SDK follows redirects: relayed, it would go around the proxy, unrecorded, every run.
+    proxy = start_proxy(mode=mode)
+    target = f"{upstream.url}/v1/chat/completions?token=abc"
+    upstream.fail_next(307, b"", {"location": target})
+
+    with pytest.raises(openai.APIStatusError) as raised:
+        proxy.client().chat.completions.create(**chat_request())
+
+    assert raised.value.status_code == 502
+    assert raised.value.code == "upstream_redirect"
+    assert f"redirecting to {upstream.url}/v1/chat/completions:" in raised.value.message
+    assert "token=abc" not in raised.value.message
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert upstream.count() == 1  # the SDK did not follow anything
+    assert proxy.recordings() == []
+
+
+def test_an_upstream_redirect_to_a_relative_location_is_relayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # It stays with the proxy: a client that follows it asks the proxy again.
+    upstream.fail_next(308, b"", {"location": "/v1/chat/completions/"})
+
+    result = proxy.request("POST", CHAT, chat_request())
+
+    assert (result.status, result.headers["location"]) == (308, "/v1/chat/completions/")
+
+
 async def test_followers_of_a_failed_leader_get_the_same_client_error(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
