@@ -152,6 +152,11 @@ BODY_TIMEOUT = 60.0
 # counts as gone: the relay would wait on it for ever, and so would the requests waiting for
 # the recording. A client reading at any pace never comes near it.
 CLIENT_WRITE_TIMEOUT = 60.0
+# --replay-timing: the longest a paced replay stays silent. Upstreams fill a model's long pauses
+# with keep-alive comments, which are not recorded; a client whose read timeout they kept from
+# firing gets one every so often instead.
+PACED_KEEP_ALIVE = 1.0
+KEEP_ALIVE_COMMENT = b": keep-alive\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,9 +675,12 @@ class Handlers:
         start = time.monotonic()
         asked = echoed(incoming.body)
         for event in events:
-            delay = event.t_ms / 1000 - (time.monotonic() - start)
-            if delay > 0:
-                await asyncio.sleep(delay)
+            while (delay := event.t_ms / 1000 - (time.monotonic() - start)) > 0:
+                if delay <= PACED_KEEP_ALIVE:
+                    await asyncio.sleep(delay)
+                    break
+                await asyncio.sleep(PACED_KEEP_ALIVE)
+                await response.write(KEEP_ALIVE_COMMENT)
             await response.write(sse.encode(echo_event(event, asked)))
         return response
 

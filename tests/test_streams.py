@@ -412,6 +412,28 @@ def test_replay_timing_reproduces_the_recorded_pacing(
     assert arrivals[-1] - arrivals[0] >= 0.8 * recorded_span
 
 
+def test_a_paced_replay_fills_long_silences_with_keep_alive_comments(
+    start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model that thinks for 90 s before its first token, kept alive upstream by comments that
+    # are not recorded, would otherwise replay as 90 s of silence: past a client's read timeout.
+    monkeypatch.setattr(handlers, "PACED_KEEP_ALIVE", 0.03)
+    proxy = start_proxy(replay_timing=True)
+    upstream.chunk_delay = 0.08
+    body = chat_request(seed=18)
+    recorded = stream(proxy, body)
+
+    replayed = stream(proxy, body)
+
+    assert status(replayed) == "hit"
+    comments = recorded.body.count(b": keep-alive\n\n")  # the upstream's own, not recorded
+    assert replayed.body.count(b": keep-alive\n\n") >= comments + len(data_lines(recorded.body)) - 2
+    assert data_lines(replayed.body) == data_lines(recorded.body)
+    with proxy.client() as client:
+        chunks = list(client.chat.completions.create(**body, stream=True))
+    assert text_of(chunks) == upstream.chat_completion(body)["choices"][0]["message"]["content"]
+
+
 # -- the SDK's stream helpers, which accumulate events themselves --------------------------------
 
 
