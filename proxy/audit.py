@@ -27,10 +27,16 @@ log = logging.getLogger("seedcache")
 TEXT_LIMIT = 2_000
 
 
-def baseline(samples: Iterable[Sample], live_fingerprint: str | None) -> Sample | None:
-    """The sample a live response is compared with: the newest of the same fingerprint, or the
-    newest of all when none has it."""
+def baseline(
+    samples: Iterable[Sample], live_fingerprint: str | None, *, pinned: str | None = None
+) -> Sample | None:
+    """The sample a live response is compared with: the newest with the `pinned` fingerprint
+    (X-Seedcache-Fingerprint) if one has it, else the newest of the live response's fingerprint,
+    else the newest of all."""
     ordered = list(samples)
+    wanted = [s for s in ordered if pinned and s.system_fingerprint == pinned]
+    if wanted:
+        return wanted[-1]
     same = [s for s in ordered if live_fingerprint and s.system_fingerprint == live_fingerprint]
     candidates = same or ordered
     return candidates[-1] if candidates else None

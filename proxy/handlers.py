@@ -1353,14 +1353,17 @@ class Handlers:
     ) -> str:
         """Compare a live sample with its recording (`stored`, as the store holds it), write the
         audit event, return the verdict: with the sample of the same fingerprint, or the sample
-        at `position` (--repeat sequence; "new" past the last). Reading the recording and
+        at `position` (--repeat sequence; "new" past the last), or the pinned one. Reading the recording and
         comparing are done in a worker thread when `size` (both, in bytes) passes
         AUDIT_INLINE_LIMIT: they only read what they are given, and this request, the only one
         holding the live sample, waits for them."""
         large = size > AUDIT_INLINE_LIMIT
         recording = await _off_loop_if(large, Recording.loads, stored)
         if position is None:
-            recorded = baseline(recording.samples, live.system_fingerprint)
+            # A pin names the sample to compare with (today's answer against a baseline
+            # backend); without one, the sample of the live answer's fingerprint.
+            pinned = pinned_fingerprint(request)
+            recorded = baseline(recording.samples, live.system_fingerprint, pinned=pinned)
         else:
             samples = recording.samples
             recorded = samples[position] if position < len(samples) else None

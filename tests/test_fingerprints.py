@@ -202,6 +202,28 @@ def test_a_pinned_fingerprint_selects_its_sample_and_misses_when_none_has_it(
         assert "Record it with" not in message
 
 
+def test_an_audit_compares_with_the_pinned_sample(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # "How does today's answer differ from the fp_A baseline?": the pin names the baseline.
+    recorder = start_proxy(mode="record")
+    upstream.nondeterministic = True
+    ask(recorder, chat_request())
+    upstream.fingerprint = FP_B
+    ask(recorder, chat_request())
+    recorder.stop()
+    auditor = start_proxy(mode="audit")
+
+    ask(auditor, chat_request(), **{"X-Seedcache-Fingerprint": FP_A})
+    ask(auditor, chat_request())
+
+    pinned, unpinned = auditor.events()[-2:]  # after the recorder's own
+    assert (pinned["recorded_fingerprint"], pinned["live_fingerprint"]) == (FP_A, FP_B)
+    assert pinned["fingerprint_changed"] is True
+    assert (unpinned["recorded_fingerprint"], unpinned["live_fingerprint"]) == (FP_B, FP_B)
+    assert unpinned["fingerprint_changed"] is False
+
+
 def test_an_empty_fingerprint_header_pins_nothing(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
