@@ -1352,9 +1352,10 @@ class Handlers:
         position: int | None,
     ) -> str:
         """Compare a live sample with its recording (`stored`, as the store holds it), write the
-        audit event, return the verdict: with the sample of the same fingerprint, or the sample
-        at `position` (--repeat sequence; "new" past the last), or the pinned one. Reading the recording and
-        comparing are done in a worker thread when `size` (both, in bytes) passes
+        audit event, return the verdict: with the pinned sample, the sample of the same
+        fingerprint, or the sample at `position` (--repeat sequence; "new" past the last).
+        Reading the recording and comparing are done in a worker thread when `size` (both, in
+        bytes) passes
         AUDIT_INLINE_LIMIT: they only read what they are given, and this request, the only one
         holding the live sample, waits for them."""
         large = size > AUDIT_INLINE_LIMIT
