@@ -20,7 +20,7 @@ from proxy import __version__
 from proxy.audit import parse_since, read_events, select, summarise
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
-from proxy.handlers import KEY, STARTED, STATUS, Handlers, client_key
+from proxy.handlers import KEY, OUTCOME, STARTED, STATUS, Handlers, client_key
 from proxy.recording import Recording, redact
 from proxy.report import totals
 from proxy.stores.base import Deferred, Store, open_store
@@ -348,7 +348,8 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
 
 class AccessLog(AbstractAccessLogger):
     """One line per request: client, request line (keys in the query string redacted), status,
-    bytes, seconds, X-Seedcache-Status and X-Seedcache-Key."""
+    bytes, seconds, X-Seedcache-Status (what became of a live stream, which its header could
+    not yet say) and X-Seedcache-Key."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         target = redact(request.rel_url.raw_path_qs)
@@ -361,6 +362,6 @@ class AccessLog(AbstractAccessLogger):
             response.status,
             response.body_length,
             time,
-            response.headers.get(STATUS, "-"),
+            request.get(OUTCOME) or response.headers.get(STATUS, "-"),
             response.headers.get(KEY, "-"),
         )

@@ -96,6 +96,9 @@ FINGERPRINT = "X-Seedcache-Fingerprint"
 # The response of the request being handled whose headers have left, if any (`begin`). A
 # context variable, not request storage: aiohttp before 3.14 has no typed request keys.
 STARTED: ContextVar[web.StreamResponse | None] = ContextVar("started", default=None)
+# What became of a live stream whose headers had left before it ended (they said `recorded`):
+# the access log says it.
+OUTCOME = web.RequestKey("seedcache_outcome", str)
 RECORDED_AT = "X-Seedcache-Recorded-At"
 VERDICT = "X-Seedcache-Verdict"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -1191,11 +1194,11 @@ class Handlers:
             # close the connection with the chunked body unterminated instead.
             if request.transport is not None:
                 request.transport.close()
-            return response
+            return unrecorded_stream(request, response, flight)
         except ConnectionError:
             # The client went away: what it did not receive is not recorded (DESIGN §5).
             log.info("client left during the stream of %s; nothing recorded", incoming.path)
-            return response
+            return unrecorded_stream(request, response, flight)
         except TimeoutError:
             log.warning(
                 "client of the stream of %s read nothing for %ss: closed, nothing recorded",
@@ -1204,7 +1207,7 @@ class Handlers:
             )
             if request.transport is not None:
                 request.transport.close()
-            return response
+            return unrecorded_stream(request, response, flight)
         events.extend(decoder.flush())
         known = self._secrets(request, incoming)
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
@@ -1228,6 +1231,7 @@ class Handlers:
         if buffered:
             await begin(request, response)
             await response.write(b"".join(received))
+        request[OUTCOME] = outcome
         self.metrics.count(outcome, incoming.model, sample.system_fingerprint)
         return response
 
@@ -1582,6 +1586,15 @@ def elsewhere(live: ClientResponse) -> ProxyError | None:
         type="upstream_error",
         code="upstream_redirect",
     )
+
+
+def unrecorded_stream(
+    request: web.Request, response: web.StreamResponse, flight: asyncio.Future[Outcome] | None
+) -> web.StreamResponse:
+    """A live stream that ended without a recording: its headers may have said otherwise."""
+    if flight is not None:
+        request[OUTCOME] = "miss"
+    return response
 
 
 def unrecorded(flight: asyncio.Future[Outcome]) -> None:

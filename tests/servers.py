@@ -105,7 +105,7 @@ class BackgroundLoop:
             # A short shutdown_timeout: a test that leaves a request hanging must not make
             # stop() wait aiohttp's default 60 s for it.
             runner = web.AppRunner(
-                app, shutdown_timeout=shutdown_timeout, access_log=None, **runner_kwargs
+                app, shutdown_timeout=shutdown_timeout, **{"access_log": None, **runner_kwargs}
             )
             await runner.setup()
             try:

@@ -12,12 +12,15 @@ import math
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from proxy import handlers
+from proxy.app import AccessLog, create_app
+from proxy.config import Config
 from proxy.recording import Sample
 from tests.conftest import API_KEY, HTTPResult, RunningProxy, StartProxy, raw_stream, status
 from tests.fake_upstream import (
@@ -28,6 +31,7 @@ from tests.fake_upstream import (
     responses_request,
     tool,
 )
+from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
 USAGE = {"include_usage": True}
@@ -954,3 +958,41 @@ def test_a_stream_a_replay_could_not_give_as_sent_reaches_the_client_but_is_not_
     assert proxy.stats()["misses"] == 1
     assert status(stream(proxy, body)) == "recorded"
     assert upstream.count() == 2
+
+
+def test_the_access_log_says_what_became_of_a_live_stream(
+    loop: BackgroundLoop,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its headers left saying `recorded`; the access log line is written when it has ended.
+    config = Config.build(upstream=upstream.url + "/v1", store=str(tmp_path / "store"))
+    running = loop.start_app(
+        create_app(config),
+        access_log=logging.getLogger("seedcache.access"),
+        access_log_class=AccessLog,
+    )
+    proxy = RunningProxy(running, config, loop)
+    caplog.set_level(logging.INFO, logger="seedcache.access")
+    try:
+        upstream.error_frame_next()
+        failed = stream(proxy, chat_request(seed=1))
+        whole = stream(proxy, chat_request(seed=2))
+        deadline = time.monotonic() + 5
+        while len(access_lines(caplog)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        proxy.stop()
+
+    assert status(failed) == status(whole) == "recorded"  # as the headers said
+    lines = access_lines(caplog)
+    assert [line.split()[-2] for line in lines] == ["miss", "recorded"]
+    assert [line.split()[-1] for line in lines] == [
+        failed.headers["x-seedcache-key"],
+        whole.headers["x-seedcache-key"],
+    ]
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "seedcache.access"]
