@@ -7,7 +7,6 @@ reads `SEEDCACHE_<OPTION>` from the environment.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import multiprocessing
 import os
@@ -24,7 +23,7 @@ from typing import Any
 import click
 
 from cli.audit import audit, probe, verify
-from cli.options import EnvOption, env, shown, store_option
+from cli.options import EnvOption, F, env, shown, store_option
 from cli.recordings import export, import_, ls, prune, rm, show
 from proxy.config import (
     LOG_LEVELS,
@@ -78,112 +77,97 @@ def _choices(values: list[str], default: str) -> str:
     return ", ".join(named[:-1]) + " or " + named[-1]
 
 
-# Every option of `serve` reads SEEDCACHE_<OPTION>, and names it when its value there is bad.
-serve_option = functools.partial(click.option, cls=EnvOption)
+def serve_option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """An option of `serve`, which also reads SEEDCACHE_<OPTION> (named after its long flag,
+    `--max-body`: SEEDCACHE_MAX_BODY) and names it when its value there is bad."""
+    flag = next(d for d in decls if d.startswith("--")).split("/")[0]
+    return click.option(*decls, cls=EnvOption, envvar=env(flag[2:]), **attrs)
 
 
 @main.command(
     epilog="Every option can also be set in the environment as SEEDCACHE_<OPTION>, e.g. "
     "SEEDCACHE_MODE=replay or SEEDCACHE_UPSTREAM_TIMEOUT=60; the command line wins."
 )
-@serve_option("--host", envvar=env("host"), help=f"Address to bind (default {DEFAULTS.host}).")
+@serve_option("--host", help=f"Address to bind (default {DEFAULTS.host}).")
 @serve_option(
     "--port",
     type=int,
-    envvar=env("port"),
     help=f"Port to listen on (default {DEFAULTS.port}; 0 picks a free port, which the start-up "
     "line names).",
 )
 @serve_option(
     "--mode",
-    envvar=env("mode"),
     help=f"{_choices([m.value for m in Mode], DEFAULTS.mode.value)}; VCR aliases none, once, "
     "new_episodes, all.",
 )
 @store_option
 @serve_option(
     "--upstream",
-    envvar=env("upstream"),
     help=f"The real API's base URL (default {DEFAULTS.upstream}).",
 )
-@serve_option("--namespace", envvar=env("namespace"), help="Namespace of the recordings.")
+@serve_option("--namespace", help="Namespace of the recordings.")
 @serve_option(
     "--max-body",
     type=int,
-    envvar=env("max_body"),
     help=f"Largest request body, bytes (default {_size(DEFAULTS.max_body)}; larger ones get 413).",
 )
 @serve_option(
     "--replay-timing/--no-replay-timing",
     default=None,
-    envvar=env("replay_timing"),
     help="Replay streams with their recorded pacing.",
 )
 @serve_option(
     "--upstream-timeout",
     type=float,
-    envvar=env("upstream_timeout"),
     help=f"Read timeout of an upstream call, s (default {DEFAULTS.upstream_timeout:g}).",
 )
 @serve_option(
     "--connect-timeout",
     type=float,
-    envvar=env("connect_timeout"),
     help=f"Connect timeout of an upstream call, s (default {DEFAULTS.connect_timeout:g}).",
 )
 @serve_option(
     "--on-fingerprint-change",
-    envvar=env("on_fingerprint_change"),
     help=f"{_choices([o.value for o in OnFingerprintChange], DEFAULTS.on_fingerprint_change)}, "
     "when no sample has the current fingerprint.",
 )
 @serve_option(
     "--repeat",
-    envvar=env("repeat"),
     help=f"{_choices([r.value for r in Repeat], DEFAULTS.repeat)}.",
 )
-@serve_option(
-    "--audit-log", envvar=env("audit_log"), help="JSONL audit log (default in the store)."
-)
+@serve_option("--audit-log", help="JSONL audit log (default in the store).")
 @serve_option(
     "--audit-embeddings",
-    envvar=env("audit_embeddings"),
     help="Embedding model for the audit's embedding distance (off by default).",
 )
 @serve_option(
     "--access-token",
     "access_tokens",
     multiple=True,
-    envvar=env("access_token"),
     help="Require clients to present this token as their API key (repeatable; @FILE reads "
     "one token per line).",
 )
 @serve_option(
     "--upstream-api-key-env",
-    envvar=env("upstream_api_key_env"),
     help="Send the key in this environment variable upstream instead of the client's.",
 )
 @serve_option(
     "--isolate-by-key/--no-isolate-by-key",
     default=None,
-    envvar=env("isolate_by_key"),
     help="Keep each client API key's recordings in its own namespace.",
 )
 @serve_option(
     "--workers",
     type=int,
-    envvar=env("workers"),
     help=f"Processes on one port (default {DEFAULTS.workers}; more than one needs a fixed --port).",
 )
 @serve_option(
     "--log-level",
-    envvar=env("log_level"),
     help=f"{_choices(list(LOG_LEVELS), DEFAULTS.log_level)}.",
 )
 @serve_option(
     "--access-log/--no-access-log",
     default=None,
-    envvar=env("access_log"),
     help=f"One line per request (default {'on' if DEFAULTS.access_log else 'off'}).",
 )
 def serve(**options: Any) -> None:
