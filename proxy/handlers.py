@@ -105,7 +105,10 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 # How long a remembered current fingerprint is trusted before the store is asked again, so that
 # proxies sharing a store see each other's fingerprint changes without a store read per replay.
 FINGERPRINT_TTL = 1.0
-FINGERPRINT_CACHE_SIZE = 1024  # models whose current fingerprint is kept in memory
+FINGERPRINT_CACHE_SIZE = 1024  # current fingerprints kept in memory (two names per model)
+# The current fingerprint of a model is remembered under the upstream it was seen through and
+# under this name for any upstream, which no base URL can be.
+ANY_UPSTREAM = "*"
 # How long the --isolate-by-key salt is used before a shared store is asked again: the proxies
 # on a store that lost its data (Redis restarted empty) agree on one salt again within it.
 SALT_TTL = 1.0
@@ -843,7 +846,15 @@ class Handlers:
         self._rerecorded.clear()
 
     async def _current_fingerprint(self, model: str | None) -> str | None:
-        name = self._fingerprint_name(model)
+        """The fingerprint last seen live for `model` through this upstream or, when none was,
+        through any: a replay started without the recording's --upstream (CI running plain
+        pytest) still tells a current sample from a stale one."""
+        own = await self._meta_fingerprint(self._fingerprint_name(model))
+        if own is not None:
+            return own
+        return await self._meta_fingerprint(self._fingerprint_name(model, ANY_UPSTREAM))
+
+    async def _meta_fingerprint(self, name: str) -> str | None:
         cached = self._fingerprints.get(name)
         now = time.monotonic()
         if cached is not None and now - cached[1] < FINGERPRINT_TTL:
@@ -856,13 +867,18 @@ class Handlers:
     async def _remember_fingerprint(self, model: str | None, fingerprint: str | None) -> None:
         if fingerprint is None:
             return  # unknown is never a change
-        name = self._fingerprint_name(model)
-        if await self._current_fingerprint(model) != fingerprint:
-            await self.store.set_meta(name, fingerprint)
-        remember(self._fingerprints, name, (fingerprint, time.monotonic()), FINGERPRINT_CACHE_SIZE)
+        for name in (
+            self._fingerprint_name(model),
+            self._fingerprint_name(model, ANY_UPSTREAM),
+        ):
+            if await self._meta_fingerprint(name) != fingerprint:
+                await self.store.set_meta(name, fingerprint)
+            remember(
+                self._fingerprints, name, (fingerprint, time.monotonic()), FINGERPRINT_CACHE_SIZE
+            )
 
-    def _fingerprint_name(self, model: str | None) -> str:
-        return f"fingerprint:{self.config.upstream_base}|{model or ''}"
+    def _fingerprint_name(self, model: str | None, upstream: str | None = None) -> str:
+        return f"fingerprint:{upstream or self.config.upstream_base}|{model or ''}"
 
     # -- live -------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@ the remembered current fingerprint, pinning, `--on-fingerprint-change`, and null
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -139,6 +141,65 @@ def test_replay_serves_the_newest_sample_of_the_current_fingerprint_after_a_rest
     assert answer.id == second_a.id != first_a.id
     assert answer.system_fingerprint == FP_A
     assert upstream.count() == calls
+
+
+@pytest.mark.parametrize(
+    ("on_change", "expected"), [("keep", (200, "stale")), ("fail", (409, "stale"))]
+)
+def test_a_replay_through_another_upstream_knows_the_fingerprint_recorded_through_any(
+    start_proxy: StartProxy, upstream: FakeUpstream, on_change: str, expected: tuple[int, str]
+) -> None:
+    # Recorded with --upstream http://vllm…, replayed by a CI run that gives no --upstream.
+    fingerprint_moved(start_proxy(), upstream)
+
+    replayer = start_proxy(
+        mode="replay", on_fingerprint_change=on_change, upstream="https://api.openai.com/v1"
+    )
+    replayed = replayer.request("POST", CHAT, chat_request())
+
+    assert (replayed.status, replayed.headers["x-seedcache-status"]) == expected
+    if on_change == "fail":
+        assert FP_B in replayed.json()["error"]["message"]
+
+
+def test_the_fingerprint_seen_through_this_upstream_comes_before_one_seen_through_another(
+    start_proxy: StartProxy, upstream: FakeUpstream, loop: BackgroundLoop
+) -> None:
+    recorder = start_proxy()
+    fingerprint_moved(recorder, upstream)  # B is the newest fingerprint seen, through the fake
+    recorder.stop()
+    other = "http://127.0.0.1:9/v1"
+
+    async def seen_through_other() -> None:
+        # What a recording run through `other` that saw A left in the store.
+        store = DiskStore(recorder.config.store)
+        try:
+            await store.set_meta(f"fingerprint:{other}|gpt-4o-mini", FP_A)
+        finally:
+            await store.close()
+
+    loop.run(seen_through_other())
+    raw = ask(
+        start_proxy(mode="replay", on_fingerprint_change="fail", upstream=other), chat_request()
+    )
+
+    assert status(raw) == "hit"
+    assert raw.headers["x-seedcache-fingerprint"] == FP_A
+
+
+def test_a_store_that_remembers_the_fingerprint_only_by_upstream_still_replays_by_it(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Earlier versions kept the current fingerprint under the upstream's URL alone.
+    store = tmp_path / "recordings"
+    fingerprint_moved(start_proxy(store=f"files:{store}"), upstream)
+    meta = store / ".seedcache-meta.json"
+    meta.write_text(json.dumps({f"fingerprint:{upstream.base_url}|gpt-4o-mini": FP_B}))
+
+    replayer = start_proxy(mode="replay", store=f"files:{store}", on_fingerprint_change="fail")
+    refused = replayer.request("POST", CHAT, chat_request())
+
+    assert (refused.status, refused.headers["x-seedcache-status"]) == (409, "stale")
 
 
 def test_replays_carry_the_fingerprint_and_recording_time_of_their_sample(

@@ -506,6 +506,34 @@ def test_the_old_recording_is_refused():
     kept.stdout.fnmatch_lines(["*DID NOT RAISE*", "*0 hits, 0 misses, 0 recorded, 1 stale*"])
 
 
+def test_a_plain_pytest_run_sees_a_fingerprint_change_recorded_through_another_upstream(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # README: record with --seedcache-upstream, and CI runs plain `pytest`.
+    pytester.makepyfile(test_app=APP_TESTS)
+    upstream_option = f"--seedcache-upstream={upstream.base_url}"
+    run(pytester, "--seedcache-mode=auto", upstream_option).assert_outcomes(passed=2)
+    upstream.fingerprint = "fp_moved"
+    pytester.makepyfile(
+        test_app=APP_TESTS
+        + """
+def test_a_new_question_sees_the_new_fingerprint():
+    assert ask("Tell me about Venus").system_fingerprint == "fp_moved"
+""",
+    )
+    run(pytester, "--seedcache-mode=auto", upstream_option, "-k", "new_question")
+    calls = upstream.count()
+
+    strict = run(pytester, "--seedcache-on-fingerprint-change=fail", "-k", "test_question")
+    kept = run(pytester, "-k", "test_question")
+
+    strict.assert_outcomes(failed=1, deselected=2)
+    strict.stdout.fnmatch_lines(["*ConflictError*no sample for the current fingerprint fp_moved*"])
+    kept.assert_outcomes(passed=1, deselected=2)
+    kept.stdout.fnmatch_lines(["*0 hits, 0 misses, 0 recorded, 1 stale*"])
+    assert upstream.count() == calls
+
+
 def test_an_invalid_namespace_fails_the_test_before_it_runs(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:

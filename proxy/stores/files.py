@@ -44,8 +44,9 @@ _AUDIT_FILE = "events.jsonl"
 _OLD_AUDIT_FILE = ".audit.jsonl"
 _LOCKS = ".locks"
 _META_FIX = (
-    'Fix it (its members are "fingerprint:<upstream>|<model>": "<fingerprint>"), or delete '
-    "it to forget the current fingerprints."
+    'Fix it (its members are "fingerprint:<upstream>|<model>": "<fingerprint>", with <upstream> '
+    '"*" for the fingerprint seen through any upstream), or delete it to forget the current '
+    "fingerprints."
 )
 # Audit lines read per worker-thread call while iterating `events()`.
 _EVENTS_PAGE = 1000
