@@ -760,7 +760,8 @@ class Handlers:
             return ". No recording has the same method, path and model"
         key, differences = found
         return (
-            f". The nearest recording, {key[:12]}, differs at: {describe_differences(differences)}"
+            f". The nearest recording, {key[:12]}, differs at (this request != recorded): "
+            f"{describe_differences(differences)}"
         )
 
     async def _recording_index(self) -> RequestIndex:

@@ -311,7 +311,9 @@ def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
 
 
 def describe_differences(differences: Iterable[Difference], most: int = 5) -> str:
-    """`path: 'asked' != 'recorded'; …` for at most `most` paths."""
+    """`path: 'asked' != 'recorded'; …` for at most `most` paths (a Difference from comparing
+    a request with a recording holds the request's value in `recorded`, the recording's in
+    `live`)."""
     from proxy.divergence import short
 
     listed = list(differences)

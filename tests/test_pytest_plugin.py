@@ -143,7 +143,8 @@ def test_a_changed_prompt_names_the_nearest_recording(
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(
         [
-            "*The nearest recording, *, differs at: messages[[]0[]].content: "
+            "*The nearest recording, *, differs at (this request != recorded): "
+            "messages[[]0[]].content: "
             "'Tell us about Mars' != 'Tell me about Mars'*"
         ]
     )

@@ -241,6 +241,29 @@ def test_a_miss_message_names_the_nearest_recording_and_what_differs(
     assert key_of(recorded)[:12] not in other_model.json()["error"]["message"]
 
 
+def test_the_readme_shows_the_miss_message_as_a_replay_server_writes_it(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The README's SDK example, recorded; then asked in other words at another temperature.
+    recorded = {
+        "model": "gpt-4o-mini",
+        "seed": 123,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell me about Mars"}],
+    }
+    replayer = record_then_replay(start_proxy, recorded)
+    asked = {**recorded, "temperature": 0.7}
+    asked["messages"] = [{"role": "user", "content": "Tell us about Mars"}]
+
+    with replayer.client() as client, pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**asked)
+
+    message = caught.value.body["message"]  # type: ignore[index]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = readme.split("the SDK's exception says what changed:\n\n```\n")[1].split("```")[0]
+    assert " ".join(shown.split()) == message
+
+
 def test_a_miss_in_a_long_prompt_shows_where_the_texts_part(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
@@ -935,7 +958,7 @@ def test_a_miss_never_names_its_own_key_as_the_nearest_recording(
     message = str(caught.value)
     assert f"key {path.stem[:12]}. The nearest recording, " in message
     assert f"recording, {path.stem[:12]}" not in message
-    assert "differs at: seed: 123 != 2" in message
+    assert "differs at (this request != recorded): seed: 123 != 2" in message
 
 
 @pytest.mark.parametrize("asked_stream", [False, True], ids=["plain", "stream"])
@@ -1183,8 +1206,8 @@ def test_a_rebuilt_miss_index_reads_only_the_recordings_that_came_since(
     near_deleted = replay.request("POST", CHAT, chat_request(seed=3, temperature=0.9))
 
     assert (
-        f"nearest recording, {key_of(added)[:12]}, differs at: temperature"
-        in (near_added.json()["error"]["message"])
+        f"nearest recording, {key_of(added)[:12]}, differs at (this request != recorded): "
+        "temperature" in (near_added.json()["error"]["message"])
     )
     assert key_of(chat_request(seed=3))[:12] not in near_deleted.json()["error"]["message"]
     # Each miss looks its own key up; the rebuilds read the one new recording, and no scan.
