@@ -408,17 +408,14 @@ def _assemble_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     text = _is_text_completion(chunks)
     top: dict[str, Any] = {}
     usage: Any = None
-    usage_seen = False
     choices: dict[int, _Choice] = {}
     for chunk in chunks:
         for key, value in chunk.items():
             if key not in _NOT_COPIED and _unset(top.get(key)):
                 top[key] = value  # the first value set wins
-        if "usage" in chunk:
-            usage_seen = True
-            # The include_usage chunk carries it once; vLLM continuous usage: the last one.
-            if chunk["usage"] is not None:
-                usage = chunk["usage"]
+        # The include_usage chunk carries it once; vLLM continuous usage: the last one.
+        if chunk.get("usage") is not None:
+            usage = chunk["usage"]
         raw = chunk.get("choices")
         # n > 1: chunks of different choices interleave, so group them by index.
         for choice in raw if isinstance(raw, list) else []:
@@ -436,8 +433,8 @@ def _assemble_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     result["choices"] = [
         choices[i].text_choice(i) if text else choices[i].chat_choice(i) for i in sorted(choices)
     ]
-    if usage_seen:
-        result["usage"] = usage
+    # A completion always has `usage`; a stream without include_usage never said it: null.
+    result["usage"] = usage
     result.update(top)
     return result
 

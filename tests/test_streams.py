@@ -189,15 +189,20 @@ def test_assembled_tool_calls_have_their_arguments_joined(
     assert upstream.count() == 1
 
 
-def test_an_assembled_completion_has_no_usage_when_the_stream_carried_none(
+def test_an_assembled_completion_says_usage_null_when_the_stream_carried_none(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     body = chat_request(seed=14)
     stream(proxy, body)
 
     assembled = proxy.request("POST", CHAT, body).json()
+    with proxy.client() as client:
+        parsed = client.chat.completions.create(**body)
 
-    assert assembled.get("usage") is None
+    # A completion always has `usage`: a client reading it as JSON finds the member.
+    assert "usage" in assembled and assembled["usage"] is None
+    assert list(assembled).index("usage") == list(assembled).index("choices") + 1
+    assert parsed.usage is None and parsed.id == assembled["id"]
     live = upstream.chat_completion(body)["choices"][0]["message"]
     assert assembled["choices"][0]["message"]["content"] == live["content"]
     assert assembled["choices"][0]["message"]["annotations"] == live["annotations"] == []
@@ -217,6 +222,7 @@ def test_a_legacy_completion_is_assembled_from_its_stream(
     assert completion.id == expected["id"]
     assert completion.choices[0].text == expected["choices"][0]["text"]
     assert completion.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
+    assert completion.usage is None  # the stream did not ask for it
     assert upstream.count() == 1
 
 
