@@ -50,6 +50,49 @@ def run(
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
 
 
+def readme_block(opening: str) -> str:
+    """The README's fenced block whose first line is `opening`."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return readme.split(f"\n{opening}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_pytest_example_runs_as_laid_out(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    ini = readme_block("# pytest.ini (or [tool.pytest.ini_options] in pyproject.toml)")
+    (pytester.path / "pytest.ini").write_text(ini)
+    (pytester.path / "tests").mkdir()
+    (pytester.path / "tests" / "test_app.py").write_text(readme_block("# tests/test_app.py"))
+    (pytester.path / "my_app.py").write_text(
+        "import openai\n\n"
+        "def suggest_trip(topic):\n"
+        "    answer = openai.OpenAI(max_retries=0).chat.completions.create(\n"
+        "        model='gpt-4o-mini', seed=1, messages=[{'role': 'user', 'content': topic}])\n"
+        "    return answer.choices[0].message.content\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+
+    def pytest_run(*args: str) -> subprocess.CompletedProcess[str]:
+        # From tests/, as an IDE or `pytest tests/test_app.py` may: `python -m` puts the working
+        # directory on sys.path, which must not be what makes my_app importable.
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+            cwd=pytester.path / "tests",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    recorded = pytest_run("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    replayed = pytest_run()
+
+    assert recorded.returncode == 0, recorded.stdout + recorded.stderr
+    assert "1 recorded" in recorded.stdout
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "1 hits, 0 misses" in replayed.stdout
+
+
 def test_replay_is_the_default_and_fails_closed_with_an_explanation(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
