@@ -537,6 +537,19 @@ def test_serve_on_a_redis_that_refuses_the_password_exits_at_start(
     assert "app" not in captured_run_app
 
 
+def test_serve_on_a_redis_that_wants_a_password_none_was_given_says_how_to_give_it(
+    captured_run_app: dict[str, Any], own_redis_server: RedisServer
+) -> None:
+    with redis.Redis(port=own_redis_server.port) as client:
+        client.config_set("requirepass", "right-password")
+
+    result = run("serve", "--store", f"redis://127.0.0.1:{own_redis_server.port}/0")
+
+    assert result.exit_code == 2
+    assert "needs a password: give it in the store URL, redis://:PASSWORD@" in result.stderr
+    assert "HELLO" not in result.stderr and "app" not in captured_run_app
+
+
 def test_serve_on_a_port_in_use_is_a_one_line_error(
     captured_run_app: dict[str, Any], tmp_path: Path
 ) -> None:

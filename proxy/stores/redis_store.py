@@ -13,6 +13,7 @@ import random
 import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -93,6 +94,7 @@ class RedisStore:
         timeout: float = TIMEOUT,
     ) -> None:
         self.description = StoreSpec("redis", url).shown  # no credentials, no options
+        self._has_password = bool(urlsplit(url).password)
         try:
             # A blocking pool: past its connections a request waits for one to come back
             # instead of failing (redis-py's default pool raises "Too many connections" past
@@ -282,6 +284,12 @@ class RedisStore:
         try:
             yield
         except redis.exceptions.AuthenticationError as exc:
+            if not self._has_password:
+                raise StoreError(
+                    f"Redis at {self.description} needs a password: give it in the store URL, "
+                    "redis://:PASSWORD@host:port/db (percent-encode '@', ':', '/', '?' and '#' "
+                    "in it)"
+                ) from None
             raise StoreError(
                 f"Redis at {self.description} refused the credentials: {exc}"
             ) from None
