@@ -388,6 +388,11 @@ def _api_key(upstream: str) -> str:
     if upstream == DEFAULT_UPSTREAM.rstrip("/"):
         raise click.UsageError(f"set OPENAI_API_KEY to send requests to {upstream}")
     # Local servers (vLLM, llama.cpp, Ollama) usually take any key; the SDK insists on one.
+    click.echo(
+        f"OPENAI_API_KEY is not set: sending {upstream} a placeholder key (local servers take "
+        "any); set OPENAI_API_KEY if it answers 401.",
+        err=True,
+    )
     return "seedcache-no-key"
 
 

@@ -343,6 +343,26 @@ def test_verify_needs_an_api_key_for_openai(recorded_store: Path) -> None:
     assert "OPENAI_API_KEY" in result.output
 
 
+def test_verify_without_an_api_key_says_it_sends_a_placeholder_to_a_local_server(
+    recorded_store: Path, upstream: FakeUpstream
+) -> None:
+    result = seedcache(
+        "verify",
+        "--store",
+        str(recorded_store),
+        "--upstream",
+        upstream.base_url,
+        env={"OPENAI_API_KEY": None},
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"OPENAI_API_KEY is not set: sending {upstream.base_url} a placeholder key (local servers "
+        "take any); set OPENAI_API_KEY if it answers 401.\n"
+    )
+    assert upstream.last.headers["authorization"] == "Bearer seedcache-no-key"
+
+
 def test_verify_reads_the_upstream_from_the_environment(
     recorded_store: Path, upstream: FakeUpstream
 ) -> None:
