@@ -89,13 +89,13 @@ class AuditLog:
         """Append one event; a divergence is also one WARNING line."""
         line = orjson.dumps(event)
         if is_divergence(str(event.get("verdict"))):
+            recorded, live = event.get("recorded_fingerprint"), event.get("live_fingerprint")
             log.warning(
-                "divergence on key %s: model %s, verdict %s, fingerprint %s -> %s",
+                "divergence on key %s: model %s, verdict %s, fingerprint %s",
                 str(event.get("key", ""))[:12],
                 event.get("model"),
                 event.get("verdict"),
-                event.get("recorded_fingerprint"),
-                event.get("live_fingerprint"),
+                f"{recorded} -> {live}" if recorded != live else f"{live} (unchanged)",
             )
         elif model_changed(event):
             # The same output from another snapshot: no divergence, but the backend changed.

@@ -395,6 +395,7 @@ def test_a_divergence_is_one_warning_line(
     assert answer.headers["x-seedcache-key"][:12] in line.message
     assert "gpt-4o-mini" in line.message
     assert "content" in line.message
+    assert line.message.endswith(f"fingerprint {DEFAULT_FINGERPRINT} (unchanged)")
     assert proxy.stats()["divergences"] == 1
 
 
