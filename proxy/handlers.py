@@ -247,32 +247,35 @@ class Decoded:
 
     recording: Recording
     at: float
-    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool]] = field(
+    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool, bool]] = field(
         default_factory=dict
     )
 
     def render(
         self, sample: Sample, key: str, stream: bool, include_usage: bool
-    ) -> tuple[bytes, dict[str, str], bool]:
-        """The body and headers replaying `sample` (one of ours) as asked, rendered once, and
-        whether the body repeats any bookkeeping (see `echo`)."""
+    ) -> tuple[bytes, dict[str, str], bool, bool]:
+        """The body and headers replaying `sample` (one of ours) as asked, rendered once;
+        whether the body repeats any bookkeeping (see `echo`), and whether it holds a number
+        only the standard library's json reads and writes as sent (`inexact_number`)."""
         # id() is stable: this object keeps its samples alive.
         name = (id(sample), stream, stream and include_usage)
         cached = self.rendered.get(name)
         if cached is None:
+            # Recorded before answers holding such numbers were refused: assembled by the
+            # standard library, which keeps big integers and NaN, and written by it (orjson
+            # fails on the one and writes null for the other).
+            # (A plain sample's body was read by orjson with the recording: it holds none.)
+            exact = sample.events is not None and inexact_events(sample.events) is not None
             if stream:
                 events = replay_events(sample, include_usage=include_usage)
                 body = b"".join(sse.encode(event) for event in events)
-            elif sample.events is not None and inexact_events(sample.events) is not None:
-                # Recorded before such streams were refused: assembled by the standard library,
-                # which keeps big integers and NaN, and written by it (orjson fails on the one
-                # and writes null for the other).
+            elif exact:
                 body = exact_dumps(sample.response())
             else:
                 body = orjson.dumps(sample.response())
             echoes = any(member in body for member in _ECHO_BYTES)
             headers = replay_headers(sample, key, stream=stream)
-            cached = self.rendered[name] = (body, headers, echoes)
+            cached = self.rendered[name] = (body, headers, echoes, exact)
         return cached
 
 
@@ -648,14 +651,14 @@ class Handlers:
             if incoming.stream and self.config.replay_timing:
                 events = replay_events(sample, include_usage=incoming.include_usage)
                 return await self._replay_paced(request, incoming, sample, events, status)
-            body, base, echoes = decoded.render(
+            body, base, echoes, exact = decoded.render(
                 sample, canon.key, incoming.stream, incoming.include_usage
             )
         except FormatError as exc:
             raise unreadable(exc, canon.key, self._store_shown) from None
         asked = echoed(incoming.body)
         if asked or echoes:
-            body = echo(body, asked, stream=incoming.stream)
+            body = echo(body, asked, stream=incoming.stream, exact=exact)
         headers = {**base, STATUS: status}
         if not incoming.stream:
             return web.Response(status=sample.status, body=body, headers=headers)
@@ -680,6 +683,7 @@ class Handlers:
         await begin(request, response)
         start = time.monotonic()
         asked = echoed(incoming.body)
+        exact = bool(asked) and inexact_events(events) is not None
         for event in events:
             while (delay := event.t_ms / 1000 - (time.monotonic() - start)) > 0:
                 if delay <= PACED_KEEP_ALIVE:
@@ -687,7 +691,7 @@ class Handlers:
                     break
                 await asyncio.sleep(PACED_KEEP_ALIVE)
                 await response.write(KEEP_ALIVE_COMMENT)
-            await response.write(sse.encode(echo_event(event, asked)))
+            await response.write(sse.encode(echo_event(event, asked, exact=exact)))
         return response
 
     async def _miss(
@@ -1670,28 +1674,29 @@ def echoed(body: Any) -> dict[str, Any]:
     return {name: body[name] for name in _RESPONSES_ECHO if body.get(name) is not None}
 
 
-def echo(body: bytes, asked: dict[str, Any], *, stream: bool) -> bytes:
+def echo(body: bytes, asked: dict[str, Any], *, stream: bool, exact: bool) -> bytes:
     """A replay that repeats this request's bookkeeping (`echoed`), not the recorded request's:
     the same question asked with other metadata or `store` gets them back, as it would live.
     Called only when the request asks some or the rendered body repeats some (`Decoded.render`
-    finds that once per rendering)."""
+    finds that once per rendering, and whether the body must be read and written `exact`, by
+    the standard library's json)."""
     if not stream:
-        exact = inexact_number(body) is not None
         data = json.loads(body) if exact else orjson.loads(body)
         if not _echo_into(data, asked):
             return body
         return exact_dumps(data) if exact else orjson.dumps(data)
-    return b"".join(sse.encode(echo_event(event, asked)) for event in sse.Decoder().decode(body))
+    events = sse.Decoder().decode(body)
+    return b"".join(sse.encode(echo_event(event, asked, exact=exact)) for event in events)
 
 
-def echo_event(event: sse.Event, asked: dict[str, Any]) -> sse.Event:
-    """One streamed event with this request's bookkeeping repeated (see `echo`)."""
+def echo_event(event: sse.Event, asked: dict[str, Any], *, exact: bool) -> sse.Event:
+    """One streamed event with this request's bookkeeping repeated (see `echo`); `exact`: the
+    stream holds a number orjson cannot hold as sent (`Decoded.render`), perhaps in this event."""
     if not event.data.startswith("{") or not (
         asked or any(name in event.data for name in _ECHO_NAMES)
     ):
         return event
-    # An event recorded before streams holding such numbers were refused: see `Decoded.render`.
-    exact = inexact_number(event.data) is not None
+    exact = exact and inexact_number(event.data) is not None
     data = json.loads(event.data) if exact else orjson.loads(event.data)
     if not _echo_into(data, asked):
         return event
