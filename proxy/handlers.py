@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse, HttpVersion11, web
 from multidict import CIMultiDict
 
 from proxy import sse
@@ -1492,6 +1492,10 @@ async def begin(request: web.Request, response: web.StreamResponse) -> None:
     """Send a streamed response's status and headers. From here on a failure cannot become an
     error response: `error_middleware` finds the response in STARTED and cuts it off."""
     STARTED.set(response)
+    if request.version < HttpVersion11:
+        # No chunked encoding in HTTP/1.0: the body ends when the connection closes, also for
+        # a client that asked to keep it alive.
+        response.force_close()
     await response.prepare(request)
 
 

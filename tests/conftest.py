@@ -147,7 +147,12 @@ StartProxy = Callable[..., RunningProxy]
 
 
 def raw_stream(
-    port: int, body: dict[str, Any], *, until: bytes | None = None, version: str = "1.1"
+    port: int,
+    body: dict[str, Any],
+    *,
+    until: bytes | None = None,
+    version: str = "1.1",
+    headers: str = "",
 ) -> bytes:
     """A streaming chat request on a raw socket: what arrives until `until` is seen (then the
     client hangs up) or, without it, until the server closes the connection."""
@@ -155,7 +160,7 @@ def raw_stream(
     head = (
         f"POST /v1/chat/completions HTTP/{version}\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n\r\n"
+        f"Content-Length: {len(payload)}\r\n{headers}\r\n"
     )
     received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

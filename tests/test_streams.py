@@ -861,9 +861,16 @@ def test_a_stream_of_nothing_but_done_is_not_recorded(
     assert upstream.count() == 2
 
 
-def http_1_0_stream(proxy: RunningProxy, body: dict[str, Any], expected: str) -> list[str]:
+# An HTTP/1.0 client that asks to keep the connection: a stream's body still ends with it.
+KEEP_ALIVE = "Connection: keep-alive\r\n"
+
+
+def http_1_0_stream(
+    proxy: RunningProxy, body: dict[str, Any], expected: str, headers: str = ""
+) -> list[str]:
     """A stream asked for over HTTP/1.0: whole, unchunked, ended by the close; its payloads."""
-    head, _, payload = raw_stream(proxy.running.port, body, version="1.0").partition(b"\r\n\r\n")
+    received = raw_stream(proxy.running.port, body, version="1.0", headers=headers)
+    head, _, payload = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200"), head
     assert f"x-seedcache-status: {expected}".encode() in head.lower()
     assert b"transfer-encoding" not in head.lower()
@@ -879,8 +886,8 @@ def test_an_http_1_0_client_gets_live_and_replayed_streams(
     # stream ends when the connection closes.
     proxy = start_proxy(replay_timing=replay_timing)
 
-    live = http_1_0_stream(proxy, chat_request(), "recorded")
-    replayed = http_1_0_stream(proxy, chat_request(), "hit")
+    live = http_1_0_stream(proxy, chat_request(), "recorded", KEEP_ALIVE)
+    replayed = http_1_0_stream(proxy, chat_request(), "hit", KEEP_ALIVE)
 
     assert live == replayed and len(live) > 2
     assert upstream.count() == 1
