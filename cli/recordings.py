@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
+import redis.connection
 
 from cli.options import counted, progress, require_store, shown, store_option, store_spec
 from proxy.audit import parse_since
@@ -514,12 +515,16 @@ def same_store(first: str, second: str) -> bool:
     return _redis_address(a.location) == _redis_address(b.location)
 
 
-def _redis_address(url: str) -> tuple[str, str, int, str]:
-    parts = urlsplit(url)
-    host = (parts.hostname or "localhost").lower()
+def _redis_address(url: str) -> tuple[str, str, int, int]:
+    """Where a Redis URL leads, as redis-py reads it (the database in the path or in ?db=, a
+    unix socket's path)."""
+    given: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    if "path" in given:  # unix://
+        return "unix", os.path.realpath(given["path"]), 0, int(given.get("db") or 0)
+    host = str(given.get("host") or "localhost").lower()
     host = "localhost" if host in ("127.0.0.1", "::1") else host
     # redis-py's defaults: port 6379, database 0.
-    return parts.scheme, host, parts.port or 6379, parts.path.strip("/") or "0"
+    return urlsplit(url).scheme, host, int(given.get("port") or 6379), int(given.get("db") or 0)
 
 
 async def _copy(source_spec: str, dest_spec: str, verb: str, label: str) -> None:

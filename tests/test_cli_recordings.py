@@ -580,6 +580,11 @@ def test_same_store_compares_directories_and_redis_databases(tmp_path: Path) -> 
     assert same_store("redis://localhost:6379/0", "redis://127.0.0.1")
     assert not same_store("redis://localhost:6379/0", "redis://localhost:6379/1")
     assert not same_store("redis://host-a/0", "redis://host-b/0")
+    # The database in ?db= (as redis-py reads it), and unix sockets.
+    assert not same_store("redis://localhost?db=1", "redis://localhost?db=2")
+    assert same_store("redis://localhost?db=2", "redis://localhost:6379/2")
+    assert not same_store("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=2")
+    assert same_store("unix:///tmp/r.sock", "unix:///tmp/../tmp/r.sock?db=0")
     assert not same_store(f"files:{tmp_path}", "redis://localhost/0")
 
 
