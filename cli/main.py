@@ -176,14 +176,16 @@ def serve(**options: Any) -> None:
     try:
         config = Config.build(**options)
         if config.workers > 1 and config.port == 0:
-            raise ConfigError("--workers needs a fixed --port")
+            raise ConfigError("--workers needs a fixed --port", options=("workers", "port"))
     except ConfigError as exc:
-        # A value from SEEDCACHE_* is not on the command line: say where it came from.
+        # A value at fault from SEEDCACHE_* is not on the command line: say where it came from.
         given = click.get_current_context()
         from_env = [
-            env(name)
-            for name in options
-            if given.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT
+            param.envvar
+            for param in given.command.params
+            if param.name in exc.options
+            and isinstance(param.envvar, str)
+            and given.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT
         ]
         if from_env:
             raise ConfigError(f"{exc} (set in the environment: {', '.join(from_env)})") from None

@@ -5,10 +5,12 @@ The CLI passes options that were given (None means "not given"); `Config.build` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -130,7 +132,8 @@ class Config:
             raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
         values = {name: value for name, value in given.items() if value is not None}
         if "mode" in values and not isinstance(values["mode"], Mode):
-            values["mode"] = Mode.parse(str(values["mode"]))
+            with _about("mode"):
+                values["mode"] = Mode.parse(str(values["mode"]))
         if "on_fingerprint_change" in values:
             values["on_fingerprint_change"] = _choice(
                 OnFingerprintChange, values["on_fingerprint_change"], "on-fingerprint-change"
@@ -148,13 +151,16 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work."""
         if not self.upstream.startswith(("http://", "https://")):
-            raise ConfigError(f"upstream must be an http(s) URL, got {self.upstream!r}")
+            raise ConfigError(
+                f"upstream must be an http(s) URL, got {self.upstream!r}", options=("upstream",)
+            )
         if "@" in urlsplit(self.upstream).netloc:
             # aiohttp refuses them beside the client's Authorization, which is forwarded.
             raise ConfigError(
                 "the upstream URL must not carry credentials (user:password@); the client's "
                 "Authorization is forwarded, or give the proxy its own key with "
-                "--upstream-api-key-env"
+                "--upstream-api-key-env",
+                options=("upstream",),
             )
         parts = urlsplit(self.upstream)
         if parts.query or parts.fragment or "?" in self.upstream or "#" in self.upstream:
@@ -163,25 +169,30 @@ class Config:
             raise ConfigError(
                 f"the upstream URL must not have a query string or fragment ({base!r} followed "
                 "by one): give the base URL alone; a query a request needs (Azure's "
-                "api-version) is sent by the client and forwarded with its path"
+                "api-version) is sent by the client and forwarded with its path",
+                options=("upstream",),
             )
         if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be 0-65535, got {self.port}")
+            raise ConfigError(f"port must be 0-65535, got {self.port}", options=("port",))
         if self.max_body <= 0:
-            raise ConfigError("max-body must be positive")
+            raise ConfigError("max-body must be positive", options=("max_body",))
         if problem := namespace_problem(self.namespace):
-            raise ConfigError(problem)
+            raise ConfigError(problem, options=("namespace",))
         if self.workers < 1:
-            raise ConfigError("workers must be at least 1")
+            raise ConfigError("workers must be at least 1", options=("workers",))
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0:
-            raise ConfigError("timeouts must be positive")
+            raise ConfigError(
+                "timeouts must be positive", options=("upstream_timeout", "connect_timeout")
+            )
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(
-                f"unknown log-level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}"
+                f"unknown log-level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}",
+                options=("log_level",),
             )
         if self.upstream_api_key_env and not os.environ.get(self.upstream_api_key_env):
             raise ConfigError(
-                f"--upstream-api-key-env names {self.upstream_api_key_env}, which is not set"
+                f"--upstream-api-key-env names {self.upstream_api_key_env}, which is not set",
+                options=("upstream_api_key_env",),
             )
 
     @property
@@ -307,4 +318,16 @@ def _choice(kind: type[enum.StrEnum], value: Any, option: str) -> Any:
         return kind(str(value).strip().lower())
     except ValueError:
         choices = ", ".join(m.value for m in kind)
-        raise ConfigError(f"unknown {option} {value!r}; choose one of {choices}") from None
+        raise ConfigError(
+            f"unknown {option} {value!r}; choose one of {choices}",
+            options=(option.replace("-", "_"),),
+        ) from None
+
+
+@contextlib.contextmanager
+def _about(*options: str) -> Iterator[None]:
+    """A ConfigError raised inside concerns `options`."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(str(exc), options=exc.options or options) from None

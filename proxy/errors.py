@@ -14,7 +14,12 @@ class SeedcacheError(Exception):
 
 
 class ConfigError(SeedcacheError, ValueError):
-    """A configuration value that cannot work."""
+    """A configuration value that cannot work; `options` names the settings (Config fields) at
+    fault, when known, so that the CLI can say where a bad value came from."""
+
+    def __init__(self, message: str, *, options: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.options = options
 
 
 class FormatError(SeedcacheError, ValueError):

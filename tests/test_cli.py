@@ -360,6 +360,30 @@ def test_serve_names_the_environment_variable_of_a_value_it_cannot_take(
     assert "app" not in captured_run_app  # nothing was started
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (("--port", "99999"), {"SEEDCACHE_ACCESS_TOKEN": "tok-x"}, "port must be 0-65535"),
+        (("--workers", "2", "--port", "0"), {"SEEDCACHE_STORE": "st"}, "--workers needs a fixed"),
+        (
+            (),
+            {"SEEDCACHE_MAX_BODY": "0", "SEEDCACHE_STORE": "st"},
+            "max-body must be positive (set in the environment: SEEDCACHE_MAX_BODY)\n",
+        ),
+    ],
+    ids=["other-variable", "store-variable", "the-variable-at-fault"],
+)
+def test_a_setting_refused_is_blamed_on_its_own_variable_only(
+    args: tuple[str, ...], env: dict[str, str], says: str, captured_run_app: dict[str, Any]
+) -> None:
+    result = run("serve", *args, env=env)
+
+    assert result.exit_code == 2
+    assert says in result.stderr
+    if "SEEDCACHE_MAX_BODY" not in says:
+        assert "environment" not in result.stderr
+
+
 def test_a_bad_value_on_the_command_line_is_not_said_to_come_from_the_environment(
     captured_run_app: dict[str, Any],
 ) -> None:
