@@ -1124,6 +1124,20 @@ class Handlers:
                 exc.headers[KEY] = incoming.canon.key
             raise
 
+    def _unrecorded_stream(
+        self,
+        request: web.Request,
+        incoming: Incoming,
+        response: web.StreamResponse,
+        flight: asyncio.Future[Outcome] | None,
+    ) -> web.StreamResponse:
+        """A live stream that ended before it could be recorded (broken off, its client gone):
+        its headers may have said otherwise; the stats and the access log say what it came to."""
+        outcome = "miss" if flight is not None else status_of(response.headers)
+        request[OUTCOME] = outcome
+        self.metrics.count(outcome, incoming.model)
+        return response
+
     def _secrets(self, request: web.Request, incoming: Incoming) -> tuple[str, ...]:
         """The secrets of a request that its answer may echo and no recording may hold, longest
         first: the API-key shaped strings of its body (stored redacted), and the API keys it is
@@ -1215,11 +1229,11 @@ class Handlers:
             # close the connection with the chunked body unterminated instead.
             if request.transport is not None:
                 request.transport.close()
-            return unrecorded_stream(request, response, flight)
+            return self._unrecorded_stream(request, incoming, response, flight)
         except ConnectionError:
             # The client went away: what it did not receive is not recorded (DESIGN §5).
             log.info("client left during the stream of %s; nothing recorded", incoming.path)
-            return unrecorded_stream(request, response, flight)
+            return self._unrecorded_stream(request, incoming, response, flight)
         except TimeoutError:
             log.warning(
                 "client of the stream of %s read nothing for %ss: closed, nothing recorded",
@@ -1228,7 +1242,7 @@ class Handlers:
             )
             if request.transport is not None:
                 request.transport.close()
-            return unrecorded_stream(request, response, flight)
+            return self._unrecorded_stream(request, incoming, response, flight)
         events.extend(decoder.flush())
         known = self._secrets(request, incoming)
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
@@ -1611,15 +1625,6 @@ def elsewhere(live: ClientResponse) -> ProxyError | None:
         type="upstream_error",
         code="upstream_redirect",
     )
-
-
-def unrecorded_stream(
-    request: web.Request, response: web.StreamResponse, flight: asyncio.Future[Outcome] | None
-) -> web.StreamResponse:
-    """A live stream that ended without a recording: its headers may have said otherwise."""
-    if flight is not None:
-        request[OUTCOME] = "miss"
-    return response
 
 
 def unrecorded(flight: asyncio.Future[Outcome]) -> None:

@@ -518,7 +518,9 @@ def test_an_upstream_stream_that_breaks_off_is_an_error_and_stores_nothing(
     assert again.headers["x-seedcache-status"] == "recorded"
     assert upstream.count() == 2
     assert text_of(chunks) == message_text(upstream.chat_completion(chat_request()))
-    assert proxy.stats()["upstream_errors"] == 1
+    stats = proxy.stats()
+    assert stats["upstream_errors"] == 1
+    assert stats["misses"] == 1  # the broken one: its headers had said recorded
 
 
 def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
