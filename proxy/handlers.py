@@ -1091,7 +1091,9 @@ class Handlers:
                     headers[KEY] = incoming.canon.key
                 if not 200 <= live.status < 300:
                     self.metrics.upstream_error(live.status)
-                    if redirect := elsewhere(live):
+                    # A recorded endpoint's answer must come through the proxy; elsewhere (a
+                    # file download's redirect to its blob store) the client may follow it.
+                    if incoming.canon is not None and (redirect := elsewhere(live)):
                         raise redirect
                     body = await read_body(live)
                     headers[STATUS] = "bypass" if flight is None else "miss"
@@ -1119,7 +1121,8 @@ class Handlers:
                 self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
         except ProxyError as exc:
-            self.metrics.upstream_error(0)
+            if exc.code != REDIRECTED:  # a redirect is counted with its status, above
+                self.metrics.upstream_error(0)
             if incoming.canon is not None:
                 exc.headers[KEY] = incoming.canon.key
             raise
@@ -1610,6 +1613,9 @@ def unrecordable_stream(decoder: sse.Decoder, events: Sequence[sse.Event], path:
     return None
 
 
+REDIRECTED = "upstream_redirect"
+
+
 def elsewhere(live: ClientResponse) -> ProxyError | None:
     """A 502 for an upstream redirect to another address: relayed, the client would follow it
     around the proxy (the openai SDK follows redirects), unrecorded, every time."""
@@ -1623,7 +1629,7 @@ def elsewhere(live: ClientResponse) -> ProxyError | None:
         "redirects, and a client that did would leave the proxy. Set --upstream to the address "
         "the upstream redirects to.",
         type="upstream_error",
-        code="upstream_redirect",
+        code=REDIRECTED,
     )
 
 

@@ -689,7 +689,7 @@ async def test_followers_of_a_leader_whose_answer_cannot_be_recorded_go_upstream
     assert proxy.recordings() == []
 
 
-@pytest.mark.parametrize("mode", ["auto", "passthrough"])
+@pytest.mark.parametrize("mode", ["auto", "record", "audit"])
 def test_an_upstream_redirect_elsewhere_is_a_502_that_names_it(
     mode: str, start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
@@ -708,6 +708,24 @@ def test_an_upstream_redirect_elsewhere_is_a_502_that_names_it(
     assert raised.value.response.headers["x-should-retry"] == "false"
     assert upstream.count() == 1  # the SDK did not follow anything
     assert proxy.recordings() == []
+    assert proxy.stats()["upstream_errors"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "path"), [("passthrough", CHAT), ("auto", "/v1/files/file-abc/content")]
+)
+def test_an_upstream_redirect_off_the_recorded_endpoints_is_relayed(
+    mode: str, path: str, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # Nothing is recorded there: a file download may redirect to its blob store.
+    proxy = start_proxy(mode=mode)
+    target = "https://blobs.example.com/file-abc?sig=xyz"
+    upstream.fail_next(302, b"", {"location": target})
+
+    result = proxy.request("GET" if "files" in path else "POST", path, chat_request())
+
+    assert (result.status, result.headers["location"]) == (302, target)
+    assert proxy.stats()["upstream_errors"] == 1
 
 
 def test_an_upstream_redirect_to_a_relative_location_is_relayed(
