@@ -26,23 +26,24 @@ KEY_SCHEME = "seedcache-key/1"
 
 # Namespace names: they become Redis key parts and folder names, so no separators, no leading dot.
 NAMESPACE = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?")
-NAMESPACE_RULE = (
-    "up to 128 letters, digits, '.', '_' or '-', not starting or ending with '.', and not a "
-    "device name of Windows (con, prn, aux, nul, com0-9, lpt0-9)"
-)
-# Folder names Windows refuses, with any extension: a files store committed with one could not be
-# checked out there. (A trailing '.' Windows drops, so that the folder is another one.)
+NAMESPACE_RULE = "up to 128 letters, digits, '.', '_' or '-', not starting with '.'"
+# Folder names Windows refuses, with any extension. (A trailing '.' it drops, so that the folder is
+# another one.)
 _WINDOWS_DEVICE = re.compile(r"(?:con|prn|aux|nul|com[0-9]|lpt[0-9])(?:\..*)?", re.IGNORECASE)
 
 
 def namespace_problem(namespace: str) -> str | None:
-    """Why `namespace` cannot be one (every command and the proxy say it alike); None if it can.
-    Folders of the files store that exist already are read whatever their name (`NAMESPACE`)."""
-    if NAMESPACE.fullmatch(namespace) and not (
-        namespace.endswith(".") or _WINDOWS_DEVICE.fullmatch(namespace)
-    ):
+    """Why `namespace` cannot be one (every command and the proxy say it alike); None if it can."""
+    if NAMESPACE.fullmatch(namespace):
         return None
     return f"namespace {namespace[:140]!r} is not valid: use {NAMESPACE_RULE}"
+
+
+def unportable(namespace: str) -> bool:
+    """Whether a folder named `namespace` cannot be checked out on Windows (a device name such
+    as `con` or `aux.txt`, or a trailing '.'): a files store committed with one can be used
+    everywhere else, so it is only warned of."""
+    return namespace.endswith(".") or _WINDOWS_DEVICE.fullmatch(namespace) is not None
 
 
 def has_dot_segments(path: str) -> bool:

@@ -589,6 +589,18 @@ class TestFilesStore:
         with pytest.raises(StoreError, match="namespace"):
             await files.get(namespace, key(1))
 
+    async def test_a_namespace_windows_refuses_as_a_folder_is_used_and_warned_of_once(
+        self, files: FilesStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Recordings under such names exist (on disk and in Redis too): never refused, but a
+        # committed files store with one cannot be checked out on Windows.
+        with caplog.at_level(logging.WARNING, logger="seedcache"):
+            for namespace in ("aux", "aux", "Con.eu", "build.", "auxiliary", "com10"):
+                await files.put(namespace, key(1), b"{}\n")
+        warned = [r.getMessage() for r in caplog.records if "Windows refuses" in r.getMessage()]
+        assert [message.split("'")[1] for message in warned] == ["aux", "Con.eu", "build."]
+        assert await files.get("aux", key(1)) == b"{}\n"
+
     @pytest.mark.parametrize("bad", ["", "abc", "../" + key(1)[3:], key(1).upper(), key(1) + "0"])
     async def test_bad_key(self, files: FilesStore, bad: str) -> None:
         with pytest.raises(StoreError, match="not a seedcache key"):

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.errors import StoreError
-from proxy.keys import NAMESPACE
+from proxy.keys import NAMESPACE, unportable
 from proxy.stores.base import Updater
 
 T = TypeVar("T")
@@ -124,6 +124,7 @@ class FilesStore:
         self._queues: dict[str, asyncio.Lock] = {}
         # The meta file was found damaged and that was logged: once, until it reads again.
         self._meta_damaged = False
+        self._warned: set[str] = set()  # namespaces warned of as folder names Windows refuses
         try:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -134,12 +135,26 @@ class FilesStore:
 
     async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
         path = self._path(namespace, key)
+        self._warn_if_unportable(namespace)
         return await self._locked(_record_lock(key), functools.partial(self._update, path, fn))
 
     async def put(self, namespace: str, key: str, value: bytes) -> None:
         # Locked too, so a put cannot fall between the read and the write of another's update.
         path = self._path(namespace, key)
+        self._warn_if_unportable(namespace)
         await self._locked(_record_lock(key), functools.partial(_write, path, value))
+
+    def _warn_if_unportable(self, namespace: str) -> None:
+        """Once per namespace: a folder of this name cannot be checked out on Windows."""
+        if namespace and namespace not in self._warned and unportable(namespace):
+            self._warned.add(namespace)
+            log.warning(
+                "namespace %r of the files store at %r is a folder name Windows refuses (a "
+                "device name such as con or aux, or a trailing '.'): a checkout there cannot "
+                "create it; prefer another name if the recordings are committed",
+                namespace,
+                self.description,
+            )
 
     async def delete(self, namespace: str, key: str) -> bool:
         path = self._path(namespace, key)
