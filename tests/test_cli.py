@@ -548,29 +548,24 @@ def test_serve_in_passthrough_does_not_touch_its_redis_at_start(
     assert "app" in captured_run_app
 
 
-def test_serve_on_a_redis_that_refuses_the_password_exits_at_start(
-    captured_run_app: dict[str, Any], own_redis_server: RedisServer
+@pytest.mark.parametrize(
+    ("credentials", "says"),
+    [
+        (":wrong@", "refused the credentials"),
+        ("", "needs a password: give it in the store URL, redis://:PASSWORD@"),
+    ],
+    ids=["wrong-password", "no-password"],
+)
+def test_serve_on_a_redis_that_refuses_the_client_exits_at_start_saying_why(
+    credentials: str, says: str, captured_run_app: dict[str, Any], own_redis_server: RedisServer
 ) -> None:
     with redis.Redis(port=own_redis_server.port) as client:
         client.config_set("requirepass", "right-password")
 
-    result = run("serve", "--store", f"redis://:wrong@127.0.0.1:{own_redis_server.port}/0")
+    result = run("serve", "--store", f"redis://{credentials}127.0.0.1:{own_redis_server.port}/0")
 
     assert result.exit_code == 2
-    assert "refused the credentials" in result.stderr
-    assert "app" not in captured_run_app
-
-
-def test_serve_on_a_redis_that_wants_a_password_none_was_given_says_how_to_give_it(
-    captured_run_app: dict[str, Any], own_redis_server: RedisServer
-) -> None:
-    with redis.Redis(port=own_redis_server.port) as client:
-        client.config_set("requirepass", "right-password")
-
-    result = run("serve", "--store", f"redis://127.0.0.1:{own_redis_server.port}/0")
-
-    assert result.exit_code == 2
-    assert "needs a password: give it in the store URL, redis://:PASSWORD@" in result.stderr
+    assert says in result.stderr
     assert "HELLO" not in result.stderr and "app" not in captured_run_app
 
 
