@@ -48,6 +48,11 @@ class RedisServer:
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
+    @property
+    def socket(self) -> str:
+        """Its unix socket, at a short path (the tests' directories can pass the length limit)."""
+        return f"/tmp/seedcache-test-redis-{self.port}.sock"
+
     def start(self) -> None:
         """Start on the port used before, or on a free one (retrying if it is taken meanwhile)."""
         if self.port:
@@ -101,6 +106,8 @@ class RedisServer:
             "--dir", str(self.directory),
             "--databases", str(DATABASES),
             "--daemonize", "no",
+            "--unixsocket", self.socket,
+            "--unixsocketperm", "700",
             "--loglevel", "warning",
             *persistence,
         ]  # fmt: skip

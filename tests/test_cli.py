@@ -548,21 +548,27 @@ def test_serve_in_passthrough_does_not_touch_its_redis_at_start(
     assert "app" in captured_run_app
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    ("credentials", "says"),
+    ("store", "says"),
     [
-        (":wrong@", "refused the credentials"),
-        ("", "needs a password: give it in the store URL, redis://:PASSWORD@"),
+        ("redis://:wrong@127.0.0.1:{port}/0", "refused the credentials"),
+        ("redis://127.0.0.1:{port}/0", "needs a password: give it in the store URL, redis://"),
+        # Over a unix socket redis-py says so with a plain ConnectionError; and a health check
+        # meeting it reconnected until the stack ran out, for ever.
+        ("unix://{socket}?db=0", "needs a password: give it in the store URL"),
+        ("unix://{socket}?db=0&password=wrong", "refused the credentials"),
     ],
-    ids=["wrong-password", "no-password"],
+    ids=["wrong-password", "no-password", "socket-no-password", "socket-wrong-password"],
 )
 def test_serve_on_a_redis_that_refuses_the_client_exits_at_start_saying_why(
-    credentials: str, says: str, captured_run_app: dict[str, Any], own_redis_server: RedisServer
+    store: str, says: str, captured_run_app: dict[str, Any], own_redis_server: RedisServer
 ) -> None:
     with redis.Redis(port=own_redis_server.port) as client:
         client.config_set("requirepass", "right-password")
+    url = store.format(port=own_redis_server.port, socket=own_redis_server.socket)
 
-    result = run("serve", "--store", f"redis://{credentials}127.0.0.1:{own_redis_server.port}/0")
+    result = run("serve", "--store", url)
 
     assert result.exit_code == 2
     assert says in result.stderr

@@ -94,7 +94,9 @@ class RedisStore:
         timeout: float = TIMEOUT,
     ) -> None:
         self.description = StoreSpec("redis", url).shown  # no credentials, no options
-        self._has_password = bool(urlsplit(url).password)
+        parts = urlsplit(url)
+        self._has_password = bool(parts.password) or "password=" in parts.query
+        unix = parts.scheme.lower() == "unix"
         try:
             # A blocking pool: past its connections a request waits for one to come back
             # instead of failing (redis-py's default pool raises "Too many connections" past
@@ -105,7 +107,9 @@ class RedisStore:
                 timeout=timeout,
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=timeout,
-                health_check_interval=HEALTH_CHECK_INTERVAL,
+                # Not on a unix socket, which no idle timeout drops; and there, with redis-py
+                # 8, a health check that meets a refused AUTH reconnects until the stack ends.
+                health_check_interval=0 if unix else HEALTH_CHECK_INTERVAL,
                 # One immediate retry on a broken connection: a pooled connection that died
                 # with a restarted server is replaced; a server that is down fails fast.
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
@@ -278,25 +282,36 @@ class RedisStore:
         policy = found.get("maxmemory-policy")  # redis-py decodes CONFIG GET's reply
         return str(policy) if policy else None
 
+    def _refused(self, exc: Exception) -> StoreError:
+        if self._has_password:
+            return StoreError(f"Redis at {self.description} refused the credentials: {exc}")
+        return StoreError(
+            f"Redis at {self.description} needs a password: give it in the store URL, "
+            "redis://:PASSWORD@host:port/db or unix:///path?password=PASSWORD (percent-encode "
+            "'@', ':', '/', '?' and '#' in it)"
+        )
+
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Map redis-py's exceptions to StoreError at the store's boundary."""
         try:
             yield
         except redis.exceptions.AuthenticationError as exc:
-            if not self._has_password:
-                raise StoreError(
-                    f"Redis at {self.description} needs a password: give it in the store URL, "
-                    "redis://:PASSWORD@host:port/db (percent-encode '@', ':', '/', '?' and '#' "
-                    "in it)"
-                ) from None
-            raise StoreError(
-                f"Redis at {self.description} refused the credentials: {exc}"
-            ) from None
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise self._refused(exc) from None
+        except redis.exceptions.ConnectionError as exc:
+            if _REFUSED_AUTH.search(str(exc)):  # so a unix socket's refusal comes
+                raise self._refused(exc) from None
+            raise StoreError(f"cannot reach Redis at {self.description}: {exc}") from None
+        except (redis.exceptions.TimeoutError, OSError) as exc:
             raise StoreError(f"cannot reach Redis at {self.description}: {exc}") from None
         except redis.exceptions.RedisError as exc:
             raise StoreError(f"Redis at {self.description} failed: {exc}") from None
+
+
+# How Redis refuses a client that sent no password or a wrong one.
+_REFUSED_AUTH = re.compile(
+    r"NOAUTH|WRONGPASS|Authentication required|HELLO must be called|invalid username-password"
+)
 
 
 def _bytes(value: bytes | str) -> bytes:
