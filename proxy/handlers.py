@@ -683,7 +683,8 @@ class Handlers:
         await begin(request, response)
         start = time.monotonic()
         asked = echoed(incoming.body)
-        exact = bool(asked) and inexact_events(events) is not None
+        # Also with nothing asked: an event that names a bookkeeping member is parsed.
+        exact = inexact_events(events) is not None
         for event in events:
             while (delay := event.t_ms / 1000 - (time.monotonic() - start)) > 0:
                 if delay <= PACED_KEEP_ALIVE:

@@ -1090,9 +1090,13 @@ def test_a_stream_recorded_with_numbers_orjson_cannot_hold_replays_them_as_sent(
     path = recorded_file(start_proxy, store, body, stream=True)
     data = json.loads(path.read_text())
     first = data["samples"][0]["events"][0]
-    first["data"] = json.dumps({**json.loads(first["data"]), "vendor_id": 2**64, "p": -math.inf})
+    # Named `metadata`, the event is parsed to echo a request's own, even when it sends none.
+    first["data"] = json.dumps(
+        {**json.loads(first["data"]), "vendor_id": 2**64, "p": -math.inf, "metadata": {}}
+    )
     path.write_text(json.dumps(data))
     replay = start_proxy(store=f"files:{store}", mode="replay")
+    paced = start_proxy(store=f"files:{store}", mode="replay", replay_timing=True)
     metadata = {"run": "7"}
 
     plain = replay.request("POST", CHAT, body)
@@ -1106,10 +1110,12 @@ def test_a_stream_recorded_with_numbers_orjson_cannot_hold_replays_them_as_sent(
         assert (answer.json()["vendor_id"], answer.json()["p"]) == (2**64, -math.inf)
         assert b'"vendor_id":18446744073709551616' in answer.body
     assert plain_echo.json()["metadata"] == metadata
-    assert streamed.body.split(b"\n\n")[0] == f"data: {first['data']}".encode()
-    streamed_first = json.loads(streamed_echo.body.split(b"\n\n")[0].removeprefix(b"data: "))
-    assert (streamed_first["vendor_id"], streamed_first["p"]) == (2**64, -math.inf)
-    assert streamed_first["metadata"] == metadata
+    paced_plain = paced.request("POST", CHAT, {**body, "stream": True})
+    assert (paced_plain.status, status(paced_plain)) == (200, "hit")
+    for answer, echoed in ((streamed, {}), (streamed_echo, metadata), (paced_plain, {})):
+        event = json.loads(answer.body.split(b"\n\n")[0].removeprefix(b"data: "))
+        assert (event["vendor_id"], event["p"]) == (2**64, -math.inf)
+        assert (event.get("metadata") or {}) == echoed
 
 
 def test_concurrent_misses_share_one_scan_of_the_store(
