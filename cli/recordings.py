@@ -518,7 +518,10 @@ def same_store(first: str, second: str) -> bool:
 def _redis_address(url: str) -> tuple[str, str, int, int]:
     """Where a Redis URL leads, as redis-py reads it (the database in the path or in ?db=, a
     unix socket's path)."""
-    given: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    try:
+        given: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return "unusable", url, 0, 0  # opening it says why
     if "path" in given:  # unix://
         return "unix", os.path.realpath(given["path"]), 0, int(given.get("db") or 0)
     host = str(given.get("host") or "localhost").lower()
