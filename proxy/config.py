@@ -180,10 +180,10 @@ class Config:
             raise ConfigError(problem, options=("namespace",))
         if self.workers < 1:
             raise ConfigError("workers must be at least 1", options=("workers",))
-        if self.upstream_timeout <= 0 or self.connect_timeout <= 0:
-            raise ConfigError(
-                "timeouts must be positive", options=("upstream_timeout", "connect_timeout")
-            )
+        for option in ("upstream_timeout", "connect_timeout"):
+            if getattr(self, option) <= 0:
+                name = option.replace("_", "-")
+                raise ConfigError(f"{name} must be positive", options=(option,))
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"unknown log-level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}",

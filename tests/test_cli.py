@@ -370,8 +370,13 @@ def test_serve_names_the_environment_variable_of_a_value_it_cannot_take(
             {"SEEDCACHE_MAX_BODY": "0", "SEEDCACHE_STORE": "st"},
             "max-body must be positive (set in the environment: SEEDCACHE_MAX_BODY)\n",
         ),
+        (
+            ("--upstream-timeout", "0"),
+            {"SEEDCACHE_CONNECT_TIMEOUT": "5"},
+            "upstream-timeout must be positive\n",
+        ),
     ],
-    ids=["other-variable", "store-variable", "the-variable-at-fault"],
+    ids=["other-variable", "store-variable", "the-variable-at-fault", "the-other-timeout"],
 )
 def test_a_setting_refused_is_blamed_on_its_own_variable_only(
     args: tuple[str, ...], env: dict[str, str], says: str, captured_run_app: dict[str, Any]
