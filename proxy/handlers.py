@@ -1083,6 +1083,7 @@ class Handlers:
     ) -> web.StreamResponse:
         """Send the request upstream and relay the answer, recording it when `flight` is given."""
         started = time.monotonic()
+        counted = False  # the upstream's error answer, counted with its status
         try:
             async with self.upstream.open(
                 incoming.method, incoming.path, request.headers.items(), incoming.raw or None
@@ -1092,6 +1093,7 @@ class Handlers:
                     headers[KEY] = incoming.canon.key
                 if not 200 <= live.status < 300:
                     self.metrics.upstream_error(live.status)
+                    counted = True
                     # A recorded endpoint's answer must come through the proxy; elsewhere (a
                     # file download's redirect to its blob store) the client may follow it.
                     if incoming.canon is not None and (redirect := elsewhere(live)):
@@ -1122,7 +1124,7 @@ class Handlers:
                 self.metrics.count(status, incoming.model, fingerprint)
                 return web.Response(status=live.status, headers=headers, body=body)
         except ProxyError as exc:
-            if exc.code != REDIRECTED:  # a redirect is counted with its status, above
+            if not counted:  # unreachable, timed out, broken off: no status to count it with
                 self.metrics.upstream_error(0)
             if incoming.canon is not None:
                 exc.headers[KEY] = incoming.canon.key
@@ -1221,12 +1223,12 @@ class Handlers:
                         await response.write(chunk)
         except UpstreamBroken as exc:
             log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
-            self.metrics.upstream_error(0)
             broken = upstream_failure(
                 502, f"The upstream stream broke off: {exc}", "upstream_broken"
             )
             if buffered:
-                raise broken from None
+                raise broken from None  # counted by `_forward`, as its other failures
+            self.metrics.upstream_error(0)
             if flight is not None and not flight.done():
                 flight.set_result(broken)  # those waiting have had nothing yet: a clean 502
             # Ending the body cleanly would make a truncated answer look complete to the SDK:
@@ -1614,9 +1616,6 @@ def unrecordable_stream(decoder: sse.Decoder, events: Sequence[sse.Event], path:
     return None
 
 
-REDIRECTED = "upstream_redirect"
-
-
 def elsewhere(live: ClientResponse) -> ProxyError | None:
     """A 502 for an upstream redirect to another address: relayed, the client would follow it
     around the proxy (the openai SDK follows redirects), unrecorded, every time."""
@@ -1630,7 +1629,7 @@ def elsewhere(live: ClientResponse) -> ProxyError | None:
         "redirects, and a client that did would leave the proxy. Set --upstream to the address "
         "the upstream redirects to.",
         type="upstream_error",
-        code=REDIRECTED,
+        code="upstream_redirect",
     )
 
 

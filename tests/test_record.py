@@ -739,6 +739,17 @@ def test_an_upstream_redirect_to_a_relative_location_is_relayed(
     assert (result.status, result.headers["location"]) == (308, "/v1/chat/completions/")
 
 
+def test_an_upstream_error_whose_body_cannot_be_read_is_a_502_counted_once(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    upstream.fail_next(500, b"not gzip at all", {"content-encoding": "gzip"})
+
+    result = proxy.request("POST", CHAT, chat_request())
+
+    assert result.status == 502
+    assert proxy.stats()["upstream_errors"] == 1
+
+
 async def test_followers_of_a_failed_leader_get_the_same_client_error(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:

@@ -557,6 +557,20 @@ def test_an_audited_stream_that_fails_says_miss_and_stores_nothing(
     assert proxy.stats()["recorded"] == 0
 
 
+def test_an_audited_stream_that_breaks_off_is_a_502_counted_once(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = start_proxy(mode="audit")
+    upstream.drop_stream_after(3)
+
+    result = proxy.request("POST", CHAT, {**chat_request(), "stream": True})
+
+    assert result.status == 502
+    assert result.json()["error"]["code"] == "upstream_broken"
+    assert proxy.stats()["upstream_errors"] == 1
+    assert proxy.recordings() == []
+
+
 def test_an_upstream_stream_that_stalls_past_the_timeout_is_an_error_and_stores_nothing(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
