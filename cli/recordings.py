@@ -512,16 +512,17 @@ def same_store(first: str, second: str) -> bool:
         return False
     if a.directory is not None and b.directory is not None:
         return os.path.realpath(a.directory) == os.path.realpath(b.directory)
-    return _redis_address(a.location) == _redis_address(b.location)
+    address = _redis_address(a.location)
+    return address is not None and address == _redis_address(b.location)
 
 
-def _redis_address(url: str) -> tuple[str, str, int, int]:
+def _redis_address(url: str) -> tuple[str, str, int, int] | None:
     """Where a Redis URL leads, as redis-py reads it (the database in the path or in ?db=, a
     unix socket's path)."""
     try:
         given: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError:
-        return "unusable", url, 0, 0  # opening it says why
+        return None  # opening it says why
     if "path" in given:  # unix://
         return "unix", os.path.realpath(given["path"]), 0, int(given.get("db") or 0)
     host = str(given.get("host") or "localhost").lower()

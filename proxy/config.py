@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -181,9 +182,9 @@ class Config:
         if self.workers < 1:
             raise ConfigError("workers must be at least 1", options=("workers",))
         for option in ("upstream_timeout", "connect_timeout"):
-            if getattr(self, option) <= 0:
+            if not 0 < getattr(self, option) < math.inf:  # nan too: it would turn it off
                 name = option.replace("_", "-")
-                raise ConfigError(f"{name} must be positive", options=(option,))
+                raise ConfigError(f"{name} must be a positive number", options=(option,))
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"unknown log-level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}",

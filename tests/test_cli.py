@@ -373,7 +373,7 @@ def test_serve_names_the_environment_variable_of_a_value_it_cannot_take(
         (
             ("--upstream-timeout", "0"),
             {"SEEDCACHE_CONNECT_TIMEOUT": "5"},
-            "upstream-timeout must be positive\n",
+            "upstream-timeout must be a positive number\n",
         ),
     ],
     ids=["other-variable", "store-variable", "the-variable-at-fault", "the-other-timeout"],
@@ -563,8 +563,15 @@ def test_serve_in_passthrough_does_not_touch_its_redis_at_start(
         # meeting it reconnected until the stack ran out, for ever.
         ("unix://{socket}?db=0", "needs a password: give it in the store URL"),
         ("unix://{socket}?db=0&password=wrong", "refused the credentials"),
+        ("unix://{socket}?db=0&health_check_interval=15", "needs a password"),
     ],
-    ids=["wrong-password", "no-password", "socket-no-password", "socket-wrong-password"],
+    ids=[
+        "wrong-password",
+        "no-password",
+        "socket-no-password",
+        "socket-wrong-password",
+        "socket-health-checks-asked",
+    ],
 )
 def test_serve_on_a_redis_that_refuses_the_client_exits_at_start_saying_why(
     store: str, says: str, captured_run_app: dict[str, Any], own_redis_server: RedisServer

@@ -586,6 +586,7 @@ def test_same_store_compares_directories_and_redis_databases(tmp_path: Path) -> 
     assert not same_store("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=2")
     assert same_store("unix:///tmp/r.sock", "unix:///tmp/../tmp/r.sock?db=0")
     assert not same_store("redis://localhost?db=x", "redis://localhost?db=0")  # said on opening
+    assert not same_store("redis://localhost?db=x", "redis://localhost?db=x")
     assert not same_store(f"files:{tmp_path}", "redis://localhost/0")
 
 

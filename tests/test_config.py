@@ -58,6 +58,8 @@ def test_defaults_live_in_config() -> None:
         ({"upstream": "https://x.example.com/openai?api-version=2024-10-21"}, "query string"),
         ({"upstream": "https://example.com/v1#part"}, "fragment"),
         ({"upstream": "https://example.com/v1?"}, "query string"),
+        ({"upstream_timeout": float("nan")}, "upstream-timeout must be a positive number"),
+        ({"connect_timeout": 0}, "connect-timeout must be a positive number"),
         ({"port": 70000}, "port"),
         ({"max_body": 0}, "max-body"),
         ({"on_fingerprint_change": "ignore"}, "keep, refresh, fail"),

@@ -114,6 +114,8 @@ class RedisStore:
                 # with a restarted server is replaced; a server that is down fails fast.
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             )
+            if unix:  # whatever the URL says (its options win over the arguments above)
+                pool.connection_kwargs["health_check_interval"] = 0
             self._redis: Redis = Redis.from_pool(pool)  # closed with the client
             # redis-py passes the URL's options to each connection it makes: one that does not
             # apply (ssl_cert_reqs on redis://) would fail every request, not this line.
