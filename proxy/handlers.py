@@ -250,6 +250,7 @@ class Decoded:
     rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool, bool]] = field(
         default_factory=dict
     )
+    inexact: dict[int, bool] = field(default_factory=dict)  # id(sample) -> `exact(sample)`
 
     def render(
         self, sample: Sample, key: str, stream: bool, include_usage: bool
@@ -264,8 +265,7 @@ class Decoded:
             # Recorded before answers holding such numbers were refused: assembled by the
             # standard library, which keeps big integers and NaN, and written by it (orjson
             # fails on the one and writes null for the other).
-            # (A plain sample's body was read by orjson with the recording: it holds none.)
-            exact = sample.events is not None and inexact_events(sample.events) is not None
+            exact = self.exact(sample)
             if stream:
                 events = replay_events(sample, include_usage=include_usage)
                 body = b"".join(sse.encode(event) for event in events)
@@ -277,6 +277,16 @@ class Decoded:
             headers = replay_headers(sample, key, stream=stream)
             cached = self.rendered[name] = (body, headers, echoes, exact)
         return cached
+
+    def exact(self, sample: Sample) -> bool:
+        """Whether `sample` (one of ours) holds a number only the standard library's json reads
+        and writes as it was sent (`inexact_number`), looked for once."""
+        found = self.inexact.get(id(sample))
+        if found is None:
+            # A plain sample's body was read by orjson with the recording: it holds none.
+            found = sample.events is not None and inexact_events(sample.events) is not None
+            self.inexact[id(sample)] = found
+        return found
 
 
 class Handlers:
@@ -650,7 +660,8 @@ class Handlers:
         try:
             if incoming.stream and self.config.replay_timing:
                 events = replay_events(sample, include_usage=incoming.include_usage)
-                return await self._replay_paced(request, incoming, sample, events, status)
+                exact = decoded.exact(sample)
+                return await self._replay_paced(request, incoming, sample, events, status, exact)
             body, base, echoes, exact = decoded.render(
                 sample, canon.key, incoming.stream, incoming.include_usage
             )
@@ -675,16 +686,16 @@ class Handlers:
         sample: Sample,
         events: list[sse.Event],
         status: str,
+        exact: bool,
     ) -> web.StreamResponse:
-        """--replay-timing: each event at its recorded offset from the start."""
+        """--replay-timing: each event at its recorded offset from the start (`exact`: the
+        sample holds numbers only the standard library's json reads, see `Decoded.exact`)."""
         assert incoming.canon is not None
         headers = {**replay_headers(sample, incoming.canon.key, stream=True), STATUS: status}
         response = web.StreamResponse(status=sample.status, headers=headers)
         await begin(request, response)
         start = time.monotonic()
         asked = echoed(incoming.body)
-        # Also with nothing asked: an event that names a bookkeeping member is parsed.
-        exact = inexact_events(events) is not None
         for event in events:
             while (delay := event.t_ms / 1000 - (time.monotonic() - start)) > 0:
                 if delay <= PACED_KEEP_ALIVE:
