@@ -247,35 +247,33 @@ class Decoded:
 
     recording: Recording
     at: float
-    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool, bool]] = field(
+    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool]] = field(
         default_factory=dict
     )
     inexact: dict[int, bool] = field(default_factory=dict)  # id(sample) -> `exact(sample)`
 
     def render(
         self, sample: Sample, key: str, stream: bool, include_usage: bool
-    ) -> tuple[bytes, dict[str, str], bool, bool]:
-        """The body and headers replaying `sample` (one of ours) as asked, rendered once;
-        whether the body repeats any bookkeeping (see `echo`), and whether it holds a number
-        only the standard library's json reads and writes as sent (`inexact_number`)."""
+    ) -> tuple[bytes, dict[str, str], bool]:
+        """The body and headers replaying `sample` (one of ours) as asked, rendered once, and
+        whether the body repeats any bookkeeping (see `echo`)."""
         # id() is stable: this object keeps its samples alive.
         name = (id(sample), stream, stream and include_usage)
         cached = self.rendered.get(name)
         if cached is None:
-            # Recorded before answers holding such numbers were refused: assembled by the
-            # standard library, which keeps big integers and NaN, and written by it (orjson
-            # fails on the one and writes null for the other).
-            exact = self.exact(sample)
             if stream:
                 events = replay_events(sample, include_usage=include_usage)
                 body = b"".join(sse.encode(event) for event in events)
-            elif exact:
+            elif self.exact(sample):
+                # Recorded before answers holding such numbers were refused: assembled by the
+                # standard library, which keeps big integers and NaN, and written by it (orjson
+                # fails on the one and writes null for the other).
                 body = exact_dumps(sample.response())
             else:
                 body = orjson.dumps(sample.response())
             echoes = any(member in body for member in _ECHO_BYTES)
             headers = replay_headers(sample, key, stream=stream)
-            cached = self.rendered[name] = (body, headers, echoes, exact)
+            cached = self.rendered[name] = (body, headers, echoes)
         return cached
 
     def exact(self, sample: Sample) -> bool:
@@ -662,14 +660,14 @@ class Handlers:
                 events = replay_events(sample, include_usage=incoming.include_usage)
                 exact = decoded.exact(sample)
                 return await self._replay_paced(request, incoming, sample, events, status, exact)
-            body, base, echoes, exact = decoded.render(
+            body, base, echoes = decoded.render(
                 sample, canon.key, incoming.stream, incoming.include_usage
             )
         except FormatError as exc:
             raise unreadable(exc, canon.key, self._store_shown) from None
         asked = echoed(incoming.body)
         if asked or echoes:
-            body = echo(body, asked, stream=incoming.stream, exact=exact)
+            body = echo(body, asked, stream=incoming.stream, exact=decoded.exact(sample))
         headers = {**base, STATUS: status}
         if not incoming.stream:
             return web.Response(status=sample.status, body=body, headers=headers)
@@ -1704,13 +1702,10 @@ def echo(body: bytes, asked: dict[str, Any], *, stream: bool, exact: bool) -> by
     """A replay that repeats this request's bookkeeping (`echoed`), not the recorded request's:
     the same question asked with other metadata or `store` gets them back, as it would live.
     Called only when the request asks some or the rendered body repeats some (`Decoded.render`
-    finds that once per rendering, and whether the body must be read and written `exact`, by
-    the standard library's json)."""
+    finds that once per rendering), read and written by the standard library's json when
+    `exact` (`Decoded.exact`)."""
     if not stream:
-        data = json.loads(body) if exact else orjson.loads(body)
-        if not _echo_into(data, asked):
-            return body
-        return exact_dumps(data) if exact else orjson.dumps(data)
+        return _echoed_json(body, asked, exact=exact) or body
     events = sse.Decoder().decode(body)
     return b"".join(sse.encode(echo_event(event, asked, exact=exact)) for event in events)
 
@@ -1723,11 +1718,17 @@ def echo_event(event: sse.Event, asked: dict[str, Any], *, exact: bool) -> sse.E
     ):
         return event
     exact = exact and inexact_number(event.data) is not None
-    data = json.loads(event.data) if exact else orjson.loads(event.data)
+    text = _echoed_json(event.data, asked, exact=exact)
+    return event if text is None else sse.Event(text.decode(), event.event, event.t_ms)
+
+
+def _echoed_json(text: str | bytes, asked: dict[str, Any], *, exact: bool) -> bytes | None:
+    """JSON `text` with this request's bookkeeping repeated, or None when that changes nothing;
+    `exact`: read and written by the standard library (see `exact_dumps`)."""
+    data = json.loads(text) if exact else orjson.loads(text)
     if not _echo_into(data, asked):
-        return event
-    text = exact_dumps(data).decode() if exact else orjson.dumps(data).decode()
-    return sse.Event(text, event.event, event.t_ms)
+        return None
+    return exact_dumps(data) if exact else orjson.dumps(data)
 
 
 def exact_dumps(data: Any) -> bytes:
