@@ -1776,8 +1776,10 @@ def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
 
     A streamed sample is replayed as recorded, unless the request's include_usage differs from
     the recording's: code that reads `chunk.choices[0]` crashes on a usage chunk it did not ask
-    for, so the stream is then rebuilt from the assembled response. (A stream with its usage on
-    the finishing chunk, as llama.cpp sends it, answers either way as recorded.)
+    for, so a stream recorded with one is replayed without it, as a plain stream is sent; a
+    stream recorded without one is rebuilt from the assembled response, with its usage. (A
+    stream with its usage on the finishing chunk, as llama.cpp sends it, answers either way as
+    recorded.)
     """
     if sample.events is not None:
         usage_chunk = has_usage_chunk(sample.events)
@@ -1787,10 +1789,31 @@ def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
             or is_responses(sample.events)
         ):
             return list(sample.events)
+        if usage_chunk:
+            return [plain for event in sample.events if (plain := without_usage(event))]
     try:
         return sse.synthesise(sample.response(), include_usage=include_usage)
     except ValueError as exc:
         raise FormatError(f"no stream can be built from the recorded answer: {exc}") from None
+
+
+def without_usage(event: sse.Event) -> sse.Event | None:
+    """A chunk of a stream recorded with include_usage as a plain stream has it: the usage chunk
+    is left out, and the `"usage": null` every other chunk carried is dropped. The events keep
+    their chunking, logprobs and timing, which an assembled response would lose."""
+    if not event.data.startswith("{") or '"usage"' not in event.data:
+        return event
+    exact = inexact_number(event.data) is not None
+    data = json.loads(event.data) if exact else orjson.loads(event.data)
+    if not isinstance(data, dict) or "usage" not in data:
+        return event
+    if data.get("choices") == [] and data["usage"]:
+        return None
+    if data["usage"] is not None:
+        return event
+    del data["usage"]
+    text = exact_dumps(data) if exact else orjson.dumps(data)
+    return sse.Event(text.decode(), event.event, event.t_ms)
 
 
 def lacks_usage(sample: Sample, incoming: Incoming) -> bool:

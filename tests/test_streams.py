@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from proxy import handlers
@@ -398,6 +399,32 @@ def test_a_stream_recorded_with_usage_has_no_usage_chunk_when_a_replay_does_not_
     assert all(c.choices for c in replayed)
     assert all(c.usage is None for c in replayed)
     assert text_of(replayed) == text_of(recorded)
+
+
+def test_a_plain_stream_replayed_from_a_stream_recorded_with_usage_is_the_plain_stream(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # An eval that streams a prompt with include_usage and later without it gets, the second
+    # time, what the upstream sends a plain stream: the same chunks, logprobs and all, without
+    # the usage chunk and without the `"usage": null` of each chunk (not chunks rebuilt from
+    # the assembled answer).
+    body = chat_request(seed=25, logprobs=True, top_logprobs=2)
+    unpadded = {"include_obfuscation": False}  # random padding, live
+    with proxy.client() as client:
+        recorded = list(
+            client.chat.completions.create(
+                **body, stream=True, stream_options={**USAGE, **unpadded}
+            )
+        )
+    replayed = stream(proxy, {**body, "stream_options": unpadded})
+
+    assert upstream.count() == 1
+    assert status(replayed) == "hit"
+    live = upstream.chat_chunks({**body, "stream": True, "stream_options": unpadded})
+    plain = [orjson.dumps(chunk).decode() for chunk in live]
+    assert data_lines(replayed.body) == [*plain, "[DONE]"]
+    assert len(plain) == len(recorded) - 1 and len(plain) > 3
+    assert all('"usage"' not in line for line in plain)
 
 
 # -- pacing ---------------------------------------------------------------------------------------
