@@ -159,7 +159,8 @@ def serve_option(*decls: str, **attrs: Any) -> Callable[[F], F]:
 @serve_option(
     "--workers",
     type=int,
-    help=f"Processes on one port (default {DEFAULTS.workers}; more than one needs a fixed --port).",
+    help=f"Processes on one port (default {DEFAULTS.workers}; more than one needs a fixed "
+    "--port). Identical concurrent misses are coalesced across them only through a Redis store.",
 )
 @serve_option(
     "--log-level",
