@@ -58,6 +58,7 @@ from proxy.recording import (
     Sample,
     check_storable,
     has_usage_chunk,
+    header_safe,
     inexact_events,
     inexact_number,
     is_responses,
@@ -1670,6 +1671,14 @@ def response_identity(body: Any, events: tuple[sse.Event, ...]) -> tuple[str | N
     if not isinstance(first, dict):
         return None, None
     model, fingerprint = first.get("model"), first.get("system_fingerprint")
+    if isinstance(fingerprint, str) and fingerprint and not header_safe(fingerprint):
+        # A replay sends it as X-Seedcache-Fingerprint, which cannot carry it: kept as unknown
+        # (the body still holds it as sent), so the recording replays.
+        log.warning(
+            "the upstream's system_fingerprint %r has control characters: recorded as unknown",
+            fingerprint[:80],
+        )
+        fingerprint = None
     return (
         model if isinstance(model, str) and model else None,
         fingerprint if isinstance(fingerprint, str) and fingerprint else None,

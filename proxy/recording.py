@@ -140,9 +140,20 @@ def _header_value(value: Any, name: str) -> str:
     """A stored value a replay sends as a header: a string on one line."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a hand-written fixture's `"openai-processing-ms": 312`
-    if not isinstance(value, str) or "\r" in value or "\n" in value:
-        raise FormatError(f"`{name}` must be a string on one line, got {value!r:.60}")
+    if not isinstance(value, str) or not header_safe(value):
+        raise FormatError(
+            f"`{name}` must be a string on one line, without control characters, got {value!r:.60}"
+        )
     return value
+
+
+def header_safe(value: str) -> bool:
+    """Whether a header can carry `value`: aiohttp refuses to send control characters (CR and LF
+    would start another header), which would cut the replay's connection."""
+    return _CONTROL.search(value) is None
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)

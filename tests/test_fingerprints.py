@@ -488,3 +488,39 @@ def test_a_null_fingerprint_does_not_replace_the_remembered_one_across_a_restart
 
     assert status(raw) == "hit"
     assert raw.headers["x-seedcache-fingerprint"] == FP_B
+
+
+# -- a fingerprint no header can carry ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fingerprint", ["fp_a\r\nX-Injected: 1", "fp_\x1b[31m", "fp_\x00"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_fingerprint_with_control_characters_is_recorded_as_unknown_and_replays(
+    proxy: RunningProxy,
+    upstream: FakeUpstream,
+    fingerprint: str,
+    streamed: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A replay sends the fingerprint as X-Seedcache-Fingerprint, which cannot carry it: the
+    # recording was unreadable (CR, LF) or its replays lost their connection (other controls).
+    upstream.fingerprint = fingerprint
+    body = chat_request(seed=77)
+    with proxy.client() as client:
+        if streamed:
+            live = list(client.chat.completions.create(**body, stream=True))
+            replays = [list(client.chat.completions.create(**body, stream=True)) for _ in "ab"]
+            assert all(chunk.system_fingerprint == fingerprint for chunk in replays[0])
+            assert [c.model_dump() for c in replays[1]] == [c.model_dump() for c in live]
+        else:
+            first = client.chat.completions.with_raw_response.create(**body)
+            again = client.chat.completions.with_raw_response.create(**body)
+            assert status(first) == "recorded" and status(again) == "hit"
+            assert again.parse().system_fingerprint == fingerprint  # the body, as sent
+            assert again.parse() == first.parse()
+            assert "x-seedcache-fingerprint" not in again.headers
+
+    assert upstream.count() == 1
+    [stored] = proxy.recordings()
+    assert stored.samples[0].system_fingerprint is None
+    assert any("control characters" in r.getMessage() for r in caplog.records)

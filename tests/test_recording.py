@@ -161,6 +161,18 @@ def test_unreadable_recordings_raise_format_error(raw: bytes) -> None:
         Recording.loads(raw)
 
 
+@pytest.mark.parametrize("value", ["fp_a\r\nX: 1", "fp_\x1b[31m", "fp_\x00", "fp_\x7f"])
+def test_a_stored_value_a_replay_sends_as_a_header_has_no_control_characters(value: str) -> None:
+    # aiohttp refuses to send them: the replay's connection would be cut, without an answer.
+    stored = sample().to_json()
+    stored["system_fingerprint"] = value
+
+    with pytest.raises(FormatError, match="without control characters"):
+        Sample.from_json(stored)
+    stored["system_fingerprint"] = "fp_a\tb"
+    assert Sample.from_json(stored).system_fingerprint == "fp_a\tb"
+
+
 STORED_EVENTS = [
     ('{"choices": []}', None),
     ("[DONE]", None),  # stored with chat and completions streams, and never parsed
