@@ -148,6 +148,9 @@ SHARED_OUTCOME_TTL_MS = 1_000
 # (difflib is quadratic), a long stream is assembled first, and a long logprobs list is walked.
 # Smaller ones are compared at once, as the hop to a thread and back (~50 µs) would cost more.
 AUDIT_INLINE_LIMIT = 2 * 1024
+# A request body larger than this is parsed and keyed in a worker thread: tens of megabytes of
+# small JSON values take seconds, which would stall every other client.
+PARSE_INLINE_LIMIT = 64 * 1024
 # An upstream error answer larger than this is not posted: the waiters make their own call.
 SHARED_ANSWER_LIMIT = 64 * 1024
 # The headers of an upstream error answer posted for them (and X-Seedcache-*).
@@ -455,7 +458,15 @@ class Handlers:
                 # The same bytes asked again (a test suite, a retry): parsed and keyed already.
                 body, canon = known
             else:
-                body, canon = parse_request(method, path, namespace, raw, route[1])
+                body, canon = await _off_loop_if(
+                    len(raw) > PARSE_INLINE_LIMIT,
+                    parse_request,
+                    method,
+                    path,
+                    namespace,
+                    raw,
+                    route[1],
+                )
                 if len(raw) <= PARSED_BODY_LIMIT:
                     remember(self._parsed, parsed, (body, canon), PARSED_CACHE_SIZE)
         # Embeddings and models do not stream: a stray `stream` is answered, and replayed, as JSON.

@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from proxy import handlers
 from proxy.app import BadHttpLine
 from tests.conftest import HTTPResult, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request
+from tests.servers import BackgroundLoop
 
 CHAT = "/v1/chat/completions"
 
@@ -388,3 +390,46 @@ def test_a_parse_error_is_logged_without_what_the_client_sent(
     line = record.getMessage()
     assert line.startswith(f"bad HTTP request from 127.0.0.1: {logged}")
     assert "SECRET" not in line and record.exc_info is None
+
+
+def test_a_large_request_is_parsed_and_keyed_off_the_event_loop(
+    proxy: RunningProxy,
+    upstream: FakeUpstream,
+    loop: BackgroundLoop,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tens of megabytes of small JSON values take seconds to parse and key: on the loop, every
+    # other client (and the health check) would wait for them.
+    async def current() -> threading.Thread:
+        return threading.current_thread()
+
+    loop_thread = loop.run(current())
+    threads: list[bool] = []
+    parse = handlers.parse_request
+
+    def watched(*args: Any) -> Any:
+        threads.append(threading.current_thread() is loop_thread)
+        return parse(*args)
+
+    monkeypatch.setattr(handlers, "parse_request", watched)
+    small = chat_request(seed=1)
+    large = chat_request(seed=1, metadata={"notes": "x" * 512}, tools=[LARGE_TOOL] * 200)
+    assert len(json.dumps(large)) > handlers.PARSE_INLINE_LIMIT
+
+    with proxy.client() as client:
+        client.chat.completions.create(**small)
+        answer = client.chat.completions.create(**large)
+
+    assert threads == [True, False]
+    assert answer.choices[0].finish_reason is not None
+    assert upstream.count() == 2
+
+
+LARGE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up. " * 20,
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
