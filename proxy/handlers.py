@@ -38,6 +38,7 @@ from proxy.config import Config, Mode, OnFingerprintChange, Repeat, StoreSpec
 from proxy.divergence import cosine_distance, output_text
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.keys import (
+    COMPARE_LEAVES,
     RECORDED,
     STREAMED,
     CanonicalRequest,
@@ -783,6 +784,11 @@ class Handlers:
             return f". The same request is recorded {namespaces_phrase(others)}"
         found = index.nearest(canon, body)
         if found is None:
+            if index.too_large(canon):
+                return (
+                    ". The recordings of the same method, path and model are too large to "
+                    f"compare with it (over {COMPARE_LEAVES:,} JSON values)"
+                )
             return ". No recording has the same method, path and model"
         key, differences = found
         return (
@@ -1484,7 +1490,7 @@ async def _index_all(index: RequestIndex, found: AsyncIterator[tuple[str, str, b
         if read % INDEX_BATCH == 0:
             await asyncio.sleep(0)  # let the requests meanwhile be served
         try:
-            recording = Recording.loads(raw)
+            recording = await _off_loop_if(len(raw) > PARSE_INLINE_LIMIT, Recording.loads, raw)
         except FormatError:
             continue
         index.add(key, recording.namespace, recording.method, recording.path, recording.body)

@@ -233,13 +233,17 @@ class RequestIndex:
 
     def __init__(self) -> None:
         self._groups: dict[tuple[str, str, str, str | None], dict[str, _Indexed]] = {}
+        # Recordings read but not indexed: too large to compare, as a request that large is
+        # (`too_large_to_compare`). Their leaves would cost memory for as long as the index
+        # lives (hundreds of megabytes for a few dozen batched embeddings of token ids).
+        self._too_large: dict[str, tuple[str, str, str, str | None]] = {}
 
     def __len__(self) -> int:
         return sum(len(group) for group in self._groups.values())
 
     def keys(self) -> set[str]:
-        """The keys of the recordings indexed."""
-        return {key for group in self._groups.values() for key in group}
+        """The keys of the recordings read into the index, indexed or too large to be."""
+        return {key for group in self._groups.values() for key in group} | self._too_large.keys()
 
     def without(self, gone: Container[str]) -> RequestIndex:
         """A copy without the recordings under the keys `gone`."""
@@ -247,12 +251,18 @@ class RequestIndex:
         for where, group in self._groups.items():
             if left := {key: item for key, item in group.items() if key not in gone}:
                 kept._groups[where] = left
+        kept._too_large = {key: at for key, at in self._too_large.items() if key not in gone}
         return kept
 
     def add(self, key: str, namespace: str, method: str, path: str, body: Any) -> None:
         """Index (or re-index) one recording's canonical request."""
         model = body.get("model") if isinstance(body, dict) else None
-        group = self._groups.setdefault((namespace, method, path, model), {})
+        where = (namespace, method, path, model)
+        group = self._groups.setdefault(where, {})
+        if _more_leaves(body, COMPARE_LEAVES):
+            group.pop(key, None)
+            self._too_large[key] = where
+            return
         group[key] = _Indexed(body, frozenset(_leaves(body, "")))
 
     def nearest(
@@ -279,6 +289,12 @@ class RequestIndex:
             if best is None or len(differences) < len(best[1]):
                 best = (key, differences)
         return best
+
+    def too_large(self, canon: CanonicalRequest) -> bool:
+        """Whether recordings of the same namespace, method, path and model were left out of the
+        index as too large to compare."""
+        where = (canon.namespace, canon.method, canon.path, canon.model)
+        return where in self._too_large.values()
 
     def elsewhere(self, canon: CanonicalRequest, body: Any) -> list[str]:
         """The other namespaces that hold a recording of this very request (same method, path

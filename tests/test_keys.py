@@ -247,3 +247,24 @@ def test_describe_differences_lists_at_most_five() -> None:
     assert found is not None
     text = describe_differences(found[1])
     assert text.count("!=") == 5 and text.endswith("and 3 more")
+
+
+def test_the_index_keeps_no_leaves_of_a_recording_too_large_to_compare() -> None:
+    # A batch of token ids: its leaves would cost memory for as long as the server runs (a few
+    # dozen such recordings grew a replay server by 650 MB), for a comparison a request that
+    # large never gets either.
+    index = RequestIndex()
+    embeddings = {"model": "text-embedding-3-small"}
+    large = make_key("POST", "/v1/embeddings", {**embeddings, "input": [[7] * 1000] * 64})
+    small = make_key("POST", "/v1/embeddings", {**embeddings, "input": [1, 2, 3]})
+    for canon in (large, small):
+        index.add(canon.key, "", "POST", canon.path, canon.body)
+
+    assert len(index) == 1
+    assert index.keys() == {large.key, small.key}  # read: a refresh does not read it again
+    assert index.without({large.key}).keys() == {small.key}
+    asked = make_key("POST", "/v1/embeddings", {**embeddings, "input": [1, 2, 4]})
+    found = index.nearest(asked, asked.body)
+    assert found is not None and found[0] == small.key
+    assert index.too_large(asked)
+    assert not index.without({large.key}).too_large(asked)
