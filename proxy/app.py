@@ -5,11 +5,14 @@ Long-lived resources (the store, the upstream session) live in `cleanup_ctx`; no
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import hmac
 import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -17,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import HttpProcessingError
 
 from proxy import __version__
-from proxy.audit import parse_since, read_events, select, summarise
+from proxy.audit import READ_BATCH, parse_since, read_events, summarise
 from proxy.config import Config, Mode, StoreSpec
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import KEY, OUTCOME, STARTED, STATUS, Handlers, client_key
@@ -146,16 +149,29 @@ async def recordings(request: web.Request) -> web.Response:
     _not_across_tenants(request)
     model = request.query.get("model")
     limit = _int_query(request, "limit", 1000)
-    found = []
+    # Only the `limit` newest are kept while the store is read (a shared store may hold tens of
+    # thousands), and other requests are served between every READ_BATCH recordings.
+    newest: list[tuple[str, int, dict[str, Any]]] = []
+    read = total = 0
     async for _, key, raw in request.app[HANDLERS].store.scan():
+        read += 1
+        if read % READ_BATCH == 0:
+            await asyncio.sleep(0)
         try:
             recording = Recording.loads(raw).stored_under(key)
         except FormatError:
             continue
         if model is None or recording.model == model:
-            found.append(recording.summary())
-    found.sort(key=lambda row: row["newest_recorded_at"] or "", reverse=True)
-    return json_response({"recordings": found[:limit], "total": len(found)})
+            total += 1
+            row = recording.summary()
+            # `total` breaks ties, so that rows are never compared.
+            entry = (row["newest_recorded_at"] or "", -total, row)
+            if len(newest) < limit:
+                heapq.heappush(newest, entry)
+            elif limit:
+                heapq.heappushpop(newest, entry)
+    rows = [row for _, _, row in sorted(newest, reverse=True)]
+    return json_response({"recordings": rows, "total": total})
 
 
 async def audit(request: web.Request) -> web.Response:
@@ -165,10 +181,8 @@ async def audit(request: web.Request) -> web.Response:
         since = parse_since(request.query["since"]) if "since" in request.query else None
     except ValueError as exc:
         raise bad_request(f"?since= {exc}", param="since") from None
-    events = select(
-        await read_events(request.app[HANDLERS].store),
-        since=since,
-        model=request.query.get("model"),
+    events = await read_events(
+        request.app[HANDLERS].store, since=since, model=request.query.get("model")
     )
     groups = summarise(events)
     return json_response({"events": len(events), "totals": totals(groups), "groups": groups})

@@ -134,9 +134,24 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         return [event for event in map(_event, handle) if event is not None]
 
 
-async def read_events(store: Store) -> list[dict[str, Any]]:
-    """The events held by a store, oldest first; a torn or foreign one is skipped."""
-    return [event async for line in store.events() if (event := _event(line)) is not None]
+async def read_events(
+    store: Store, *, since: datetime | None = None, model: str | None = None
+) -> list[dict[str, Any]]:
+    """The events held by a store, oldest first, after `since` and for `model` (see `select`),
+    kept as they are read; a torn or foreign one is skipped. A long-running shared store holds
+    hundreds of thousands: the loop serves other requests between every READ_BATCH of them."""
+    chosen: list[dict[str, Any]] = []
+    read = 0
+    async for line in store.events():
+        read += 1
+        if read % READ_BATCH == 0:
+            await asyncio.sleep(0)
+        if (event := _event(line)) is not None and select((event,), since=since, model=model):
+            chosen.append(event)
+    return chosen
+
+
+READ_BATCH = 500
 
 
 def _event(line: bytes) -> dict[str, Any] | None:

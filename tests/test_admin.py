@@ -36,6 +36,14 @@ def test_recordings_lists_what_the_store_holds(
     assert len(proxy.request("GET", "/_seedcache/recordings?limit=1").json()["recordings"]) == 1
     bad = proxy.request("GET", "/_seedcache/recordings?limit=many")
     assert bad.status == 400 and bad.json()["error"]["param"] == "limit"
+    # Only the newest `limit` are kept while the store is read: the head of the whole list.
+    newest = [row["key"] for row in listing["recordings"]]
+    times = [row["newest_recorded_at"] for row in listing["recordings"]]
+    assert times == sorted(times, reverse=True)
+    for limit in (0, 1, 2, 5):
+        head = proxy.request("GET", f"/_seedcache/recordings?limit={limit}").json()
+        assert [row["key"] for row in head["recordings"]] == newest[:limit]
+        assert head["total"] == 3
 
 
 def test_recordings_lists_a_copied_file_by_its_name(
