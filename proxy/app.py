@@ -311,34 +311,49 @@ def cut_off(
 
 
 def failure_response(request: web.Request, exc: Exception) -> web.Response:
-    """The OpenAI-shaped error response for a failure before any response was sent."""
-    if isinstance(exc, ProxyError):
-        return error_response(exc)
-    if isinstance(exc, StoreError):
-        log.error("store failure on %s %s: %s", request.method, request.path, exc)
-        return error_response(
-            ProxyError(
-                503,
-                f"The seedcache store is unavailable: {exc}",
-                type="store_error",
-                code="store_unavailable",
-                retry=True,
-            )
-        )
-    if isinstance(exc, FormatError):
-        log.error("unreadable recording for %s %s: %s", request.method, request.path, exc)
-        return error_response(
-            ProxyError(
-                500,
-                f"A stored recording could not be read: {exc}",
-                type="store_error",
-                code="recording_unreadable",
-            )
-        )
-    if isinstance(exc, ConnectionError):
+    """The OpenAI-shaped error response for a failure before any response was sent, counted
+    in the stats when it is an error of the proxy's own: misses, stale recordings and
+    upstream failures are counted as such where they happen."""
+    error = _as_proxy_error(request, exc)
+    if error is None:
         # The client went away mid-response; aiohttp drops the connection quietly.
         log.info("client disconnected during %s %s", request.method, request.path)
         return web.Response(status=499)
+    if error.type not in _COUNTED_APART and HANDLERS in request.app:
+        request.app[HANDLERS].metrics.error(error.code or error.type)
+    return error_response(error)
+
+
+_COUNTED_APART = ("seedcache_miss", "seedcache_stale", "upstream_error")
+
+
+def _as_proxy_error(request: web.Request, exc: Exception) -> ProxyError | None:
+    """What the client is told of `exc`; None when the client is gone."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, StoreError):
+        line = ("store failure on %s %s: %s", request.method, request.path, exc)
+        if HANDLERS in request.app:
+            request.app[HANDLERS].store_failures.error(*line)
+        else:
+            log.error(*line)
+        return ProxyError(
+            503,
+            f"The seedcache store is unavailable: {exc}",
+            type="store_error",
+            code="store_unavailable",
+            retry=True,
+        )
+    if isinstance(exc, FormatError):
+        log.error("unreadable recording for %s %s: %s", request.method, request.path, exc)
+        return ProxyError(
+            500,
+            f"A stored recording could not be read: {exc}",
+            type="store_error",
+            code="recording_unreadable",
+        )
+    if isinstance(exc, ConnectionError):
+        return None
     if isinstance(exc, web.HTTPException):
         code = "body_too_large" if exc.status == 413 else "http_error"
         message = exc.text or exc.reason
@@ -348,15 +363,13 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
                 f"The request body is larger than the proxy's --max-body of {config.max_body} "
                 "bytes; raise it with --max-body or SEEDCACHE_MAX_BODY."
             )
-        return error_response(ProxyError(exc.status, message, code=code))
+        return ProxyError(exc.status, message, code=code)
     log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
-    return error_response(
-        ProxyError(
-            500,
-            "seedcache hit an internal error; the log has the details.",
-            type="server_error",
-            code="internal_error",
-        )
+    return ProxyError(
+        500,
+        "seedcache hit an internal error; the log has the details.",
+        type="server_error",
+        code="internal_error",
     )
 
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import secrets
 import shlex
 import time
@@ -149,6 +150,7 @@ SHARED_OUTCOME_TTL_MS = 1_000
 # (difflib is quadratic), a long stream is assembled first, and a long logprobs list is walked.
 # Smaller ones are compared at once, as the hop to a thread and back (~50 µs) would cost more.
 AUDIT_INLINE_LIMIT = 2 * 1024
+STORE_FAILURE_LOG_INTERVAL = 10.0  # seconds between two lines of "store failure"
 # A request body larger than this is parsed and keyed in a worker thread: tens of megabytes of
 # small JSON values take seconds, which would stall every other client.
 PARSE_INLINE_LIMIT = 64 * 1024
@@ -300,6 +302,8 @@ class Handlers:
         self.store = store
         self.upstream = upstream
         self.metrics = Metrics()
+        # A store that went away fails every request the same way: one log line in a while.
+        self.store_failures = Throttled(log, STORE_FAILURE_LOG_INTERVAL)
         self._store_shown = StoreSpec.parse(config.store).shown  # for hints in messages
         # A store shared by several proxies coalesces misses across them (checked once: a
         # runtime Protocol check is slow).
@@ -1561,6 +1565,27 @@ def unreadable(exc: FormatError, key: str, store: str) -> FormatError:
     return FormatError(
         f"recording {key[:12]}: {exc}. Fix it, or delete it ({remove}) to record it again"
     )
+
+
+class Throttled:
+    """Log lines of one kind at most once every `interval` seconds; the next line logged says
+    how many were left out meanwhile."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last = -math.inf
+        self._left_out = 0
+
+    def error(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" (and {self._left_out} more like it in the last {now - self._last:.0f} s)"
+        self._last, self._left_out = now, 0
+        self._logger.error(message, *args)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -29,7 +29,7 @@ class Metrics:
     def __init__(self) -> None:
         names = [STAT_NAMES.get(outcome, outcome) for outcome in OUTCOMES]
         self.totals: Counter[str] = Counter(
-            dict.fromkeys([*names, "divergences", "upstream_errors"], 0)
+            dict.fromkeys([*names, "divergences", "upstream_errors", "errors"], 0)
         )
         self.by_model: dict[tuple[str, str], Counter[str]] = {}
         self._children: dict[tuple[str, str], Any] = {}
@@ -50,6 +50,13 @@ class Metrics:
             "seedcache_upstream_errors",
             "Upstream failures and non-2xx answers, by status.",
             ["status"],
+            registry=self.registry,
+        )
+        self._errors = PromCounter(
+            "seedcache_errors",
+            "Error answers of the proxy's own (store unavailable, unreadable recording, bad "
+            "request, ...), by code; misses and upstream errors are counted apart.",
+            ["code"],
             registry=self.registry,
         )
 
@@ -79,6 +86,12 @@ class Metrics:
         """Count an upstream failure (status 0: no response at all)."""
         self.totals["upstream_errors"] += 1
         self._upstream_errors.labels(str(status)).inc()
+
+    def error(self, code: str) -> None:
+        """Count an error answer of the proxy's own, by its code (a code of ours, never the
+        client's text)."""
+        self.totals["errors"] += 1
+        self._errors.labels(code).inc()
 
     def to_json(self) -> dict[str, Any]:
         """The stats document."""

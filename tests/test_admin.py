@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from proxy.app import HANDLERS
+from proxy.errors import StoreError
 from tests.conftest import StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, embedding_request
 
@@ -167,3 +173,48 @@ def test_a_mistyped_admin_request_is_answered_here_not_forwarded(
     assert proxy.request("POST", "/metrics").headers["allow"] == "GET, HEAD"
     assert proxy.request("HEAD", "/_seedcache/health").status == 200
     assert upstream.count() == 0  # the client's Authorization never went upstream
+
+
+def test_the_proxys_own_error_answers_are_counted_by_code(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A store outage was seen on /metrics only as a drop in traffic, while every failed request
+    # wrote its own ERROR line.
+    store = tmp_path / "rec"
+    recorder = start_proxy(store=f"files:{store}")
+    recorder.request("POST", "/v1/chat/completions", chat_request())
+    [key] = [r.key for r in recorder.recordings()]
+    [path] = [p for p in store.rglob("*.json") if p.stem == key]
+    data = json.loads(path.read_text())
+    data["samples"][0]["headers"] = ["content-type"]  # a hand edit that breaks it
+    path.write_text(json.dumps(data))
+    proxy = start_proxy(store=f"files:{store}")
+
+    unreadable = proxy.request("POST", "/v1/chat/completions", chat_request())
+    bad = proxy.request("POST", "/v1/chat/completions", b"{not json")
+    replay = {"X-Seedcache-Mode": "replay"}
+    miss = proxy.request("POST", "/v1/chat/completions", chat_request(seed=9), replay)
+    upstream.fail_next(500)
+    failed = proxy.request("POST", "/v1/chat/completions", chat_request(seed=10))
+
+    async def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("the store went away")
+
+    monkeypatch.setattr(proxy.running.app[HANDLERS].store, "get", unavailable)
+    outage = [proxy.request("POST", "/v1/chat/completions", chat_request(seed=s)) for s in (1, 2)]
+
+    assert (unreadable.status, bad.status, miss.status, failed.status) == (500, 400, 404, 500)
+    assert [answer.status for answer in outage] == [503, 503]
+    stats = proxy.stats()
+    assert stats["errors"] == 4  # not the miss, nor the upstream's error
+    assert (stats["misses"], stats["upstream_errors"]) == (1, 1)
+    metrics = proxy.request("GET", "/metrics").body.decode()
+    assert 'seedcache_errors_total{code="recording_unreadable"} 1.0' in metrics
+    assert 'seedcache_errors_total{code="invalid_json"} 1.0' in metrics
+    assert 'seedcache_errors_total{code="store_unavailable"} 2.0' in metrics
+    store_lines = [r for r in caplog.records if "store failure" in r.getMessage()]
+    assert len(store_lines) == 1  # one line in a while, however many requests fail
