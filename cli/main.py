@@ -270,7 +270,9 @@ def run_workers(config: Config) -> int:
     except KeyboardInterrupt:
         pass  # asked to stop
     finally:
-        _stop_workers(list(workers.values()))
+        forced = _stop_workers(list(workers.values()))
+    if forced:
+        return 130
     if ended is None:
         return 0
     if told is not None and told != READY:
@@ -290,23 +292,31 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_workers(workers: list[BaseProcess]) -> None:
+def _stop_workers(workers: list[BaseProcess]) -> bool:
     """Ask each worker once to stop (SIGTERM: it finishes the requests in flight, and records
-    them), then wait; kill those still running after WORKER_SHUTDOWN, or at a second Ctrl-C."""
+    them), then wait; kill those still running after WORKER_SHUTDOWN, or at a second Ctrl-C
+    (then True). Another SIGTERM meanwhile (systemd signals the whole group) is ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     running = [worker for worker in workers if worker.is_alive()]
     for worker in running:
         worker.terminate()
     deadline = time.monotonic() + WORKER_SHUTDOWN
+    forced = False
     try:
         for worker in running:
             worker.join(max(0.0, deadline - time.monotonic()))
     except KeyboardInterrupt:
-        pass  # asked again: stop waiting
+        forced = True
+        click.echo(INTERRUPTED_AGAIN.format(what="the workers' requests in flight"), err=True)
     for worker in running:
         if worker.is_alive():
-            click.echo(f"seedcache: worker {worker.name} did not stop in time: killed", err=True)
+            if not forced:
+                click.echo(
+                    f"seedcache: worker {worker.name} did not stop in time: killed", err=True
+                )
             worker.kill()
             worker.join()
+    return forced
 
 
 def _wait_until_serving(workers: dict[Connection, BaseProcess]) -> None:
@@ -393,8 +403,9 @@ def run_server(
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
     port = int(sockets[0].getsockname()[1])
-    # A worker handles its signals itself, on a loop of its own (aiohttp closes it).
-    loop = worker_signals(asyncio.new_event_loop()) if worker else None
+    # Signals are handled on a loop of our own (aiohttp closes it), not by aiohttp, whose handler
+    # raises again at a second signal, inside the shutdown.
+    loop = stop_signals(asyncio.new_event_loop(), worker=worker)
     try:
         web.run_app(
             create_app(replace(config, port=port)),
@@ -403,7 +414,7 @@ def run_server(
             print=(lambda _: on_ready(port)) if on_ready else None,
             access_log=logging.getLogger("seedcache.access") if config.access_log else None,
             access_log_class=AccessLog,
-            handle_signals=not worker,
+            handle_signals=False,
             loop=loop,
         )
     finally:
@@ -411,27 +422,35 @@ def run_server(
             sock.close()
 
 
-def worker_signals(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
-    """A worker's signals: Ctrl-C reaches the whole process group, and the parent stops each
-    worker with one SIGTERM, which starts the graceful shutdown; a second SIGTERM (systemd
-    signals the whole group too) must not cut it short, so it is ignored."""
+def stop_signals(loop: asyncio.AbstractEventLoop, *, worker: bool) -> asyncio.AbstractEventLoop:
+    """The signals that stop a server: the first SIGTERM (docker stop, systemd) or Ctrl-C
+    starts the graceful shutdown, which finishes and records the requests in flight; a second
+    SIGTERM (systemd signals the whole process group, and `serve --workers` forwards one more)
+    must not cut it short, so it is ignored; a second Ctrl-C stops at once, saying so. A worker
+    leaves Ctrl-C, which reaches the whole group, to its parent."""
     from aiohttp import web
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping: list[bool] = []
 
-    def stop() -> None:
+    def stop(number: int) -> None:
         # Two signals read from the loop's wake-up pipe at once schedule this twice: the second
         # must not raise again, inside the shutdown the first one started.
-        if stopping:
-            return
-        stopping.append(True)
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise web.GracefulExit
+        if not stopping:
+            stopping.append(True)
+            raise web.GracefulExit
+        if number == signal.SIGINT:
+            click.echo(INTERRUPTED_AGAIN.format(what="the requests in flight"), err=True)
+            os._exit(130)
 
-    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
+    if not worker:
+        loop.add_signal_handler(signal.SIGINT, stop, signal.SIGINT)
     return loop
+
+
+INTERRUPTED_AGAIN = "seedcache: interrupted again: stopped without finishing {what}"
 
 
 def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:

@@ -26,7 +26,7 @@ import redis
 from aiohttp import web
 from click.testing import CliRunner
 
-from cli.main import main, start_line, worker_signals
+from cli.main import main, start_line, stop_signals
 from proxy.app import CONFIG
 from proxy.config import Config, Mode
 from tests.conftest import API_KEY, RunningProxy, StartProxy
@@ -267,6 +267,8 @@ def captured_run_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         captured["addresses"] = [sock.getsockname() for sock in options.get("sock", ())]
         if callable(options.get("print")):
             options["print"]("======== Running ========")  # as aiohttp does once it listens
+        if options.get("loop") is not None:
+            options["loop"].close()  # as aiohttp does: its signal handlers go with it
 
     monkeypatch.setattr(web, "run_app", run_app)
     return captured
@@ -759,11 +761,12 @@ def worker_pids(parent: int) -> list[int]:
 
 
 def start_workers(
-    upstream: FakeUpstream, store: Path
+    upstream: FakeUpstream, store: Path, workers: int = 2
 ) -> tuple[subprocess.Popen[str], int, list[int]]:
-    """`serve --workers 2` in a session of its own, serving: the process, its port, its workers."""
+    """`serve --workers N` in a session of its own, serving: the process, its port, its workers
+    (none when N is 1: serve serves itself)."""
     port = free_port()
-    command = [seedcache_executable(), "serve", "--workers", "2", "--port", str(port)]
+    command = [seedcache_executable(), "serve", "--workers", str(workers), "--port", str(port)]
     command += ["--upstream", upstream.base_url, "--store", str(store)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEEDCACHE_ACCESS_LOG": "false"}
     process = subprocess.Popen(
@@ -775,18 +778,29 @@ def start_workers(
         start_new_session=True,  # so that a test can signal the whole group, and clean it up
     )
     line = read_line(process, timeout=60)
-    assert f"listening on http://127.0.0.1:{port} " in line and "2 workers" in line
+    assert f"listening on http://127.0.0.1:{port} " in line
+    assert (f"{workers} workers" in line) == (workers > 1)
     assert wait_healthy(port, process)["status"] == "ok"  # announced once serving
-    return process, port, worker_pids(process.pid)
+    return process, port, worker_pids(process.pid) if workers > 1 else []
 
 
-@pytest.mark.parametrize("signalled", ["serve", "its process group"])
-def test_workers_stopped_with_sigterm_finish_and_record_the_requests_in_flight(
-    signalled: str, upstream: FakeUpstream, tmp_path: Path
+@pytest.mark.parametrize(
+    ("workers", "signalled", "signals"),
+    [
+        (2, "serve", 1),
+        (2, "its process group", 1),
+        (2, "its process group", 2),
+        (1, "serve", 1),
+        (1, "serve", 2),
+    ],
+)
+def test_serve_stopped_with_sigterm_finishes_and_records_the_requests_in_flight(
+    workers: int, signalled: str, signals: int, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    # docker stop signals serve; systemd signals every process of the group, workers included.
+    # docker stop signals serve; systemd signals every process of the group, workers included,
+    # and may signal again: a second SIGTERM dropped every request in flight.
     upstream.delay = 3
-    process, port, _ = start_workers(upstream, tmp_path / "store")
+    process, port, _ = start_workers(upstream, tmp_path / "store", workers)
     answer: dict[str, Any] = {}
 
     def ask() -> None:
@@ -808,10 +822,12 @@ def test_workers_stopped_with_sigterm_finish_and_record_the_requests_in_flight(
         while upstream.count() == 0:  # the request is upstream now
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        if signalled == "serve":
-            process.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(process.pid, signal.SIGTERM)
+        for _ in range(signals):
+            if signalled == "serve":
+                process.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(process.pid, signal.SIGTERM)
+            time.sleep(0.3)  # the second one while the first one's shutdown runs
         _, err = process.communicate(timeout=90)
         asking.join(timeout=30)
     finally:
@@ -823,9 +839,47 @@ def test_workers_stopped_with_sigterm_finish_and_record_the_requests_in_flight(
     assert answer["headers"]["X-Seedcache-Status"] == "recorded"
     assert answer["body"]["id"] == upstream.chat_completion(chat_request())["id"]
     assert process.returncode == 0, err
-    assert "killed" not in err
+    assert "killed" not in err and "Traceback" not in err
     listed = run("ls", "--store", str(tmp_path / "store"), "--json")
     assert [r["key"] for r in json.loads(listed.output)] == [answer["headers"]["X-Seedcache-Key"]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_ctrl_c_stops_serve_at_once_and_says_so(
+    workers: int, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # The first one waits for the requests in flight (up to a minute); a user who presses it
+    # again means now.
+    upstream.delay = 30
+    process, port, _ = start_workers(upstream, tmp_path / "store", workers)
+    asking = threading.Thread(target=ask_quietly, args=(port,), daemon=True)
+    try:
+        asking.start()
+        deadline = time.monotonic() + 10
+        while upstream.count() == 0:  # the request is upstream now
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+    assert process.returncode == 130, err
+    assert "interrupted again: stopped without finishing" in err
+    assert "Traceback" not in err
+
+
+def ask_quietly(port: int) -> None:
+    """A chat request to the proxy at `port` whose answer nobody waits for."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    with contextlib.suppress(OSError):
+        connection.request("POST", "/v1/chat/completions", json.dumps(chat_request()).encode())
+        connection.getresponse().read()
+    connection.close()
 
 
 def test_a_worker_starts_one_graceful_shutdown_however_many_sigterms_arrive() -> None:
@@ -835,7 +889,7 @@ def test_a_worker_starts_one_graceful_shutdown_however_many_sigterms_arrive() ->
     saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     loop = asyncio.new_event_loop()
     try:
-        worker_signals(loop)
+        stop_signals(loop, worker=True)
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # both before the loop reads either
         with pytest.raises(web.GracefulExit):
