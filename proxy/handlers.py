@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import codecs
 import contextlib
 import hashlib
@@ -172,6 +173,45 @@ PACED_KEEP_ALIVE = 1.0
 KEEP_ALIVE_COMMENT = b": keep-alive\n\n"
 
 
+@dataclass(slots=True)
+class Turns:
+    """--repeat sequence: the numbers that the identical requests of a run (of a test, under the
+    pytest plugin) take, for one key. Number k is the sample the request replays or records."""
+
+    part: int  # the part of the run counting them (`Handlers.restart_sequences`)
+    # The most numbers an earlier part of the run took (an earlier test): a record run keeps as
+    # many samples as the part that asked most (`reached`).
+    earlier: int = 0
+    # The numbers below it have been taken, and not given back but for those in `returned`.
+    taken: int = 0
+    # Numbers given back, lowest first: the next identical request takes the lowest, as the
+    # SDK's retry of the failed call is usually the next to arrive.
+    returned: list[int] = field(default_factory=list)
+
+    @property
+    def reached(self) -> int:
+        """How many identical requests the part of the run that asked most made, attempts that
+        failed upstream left out."""
+        return max(self.earlier, self.taken)
+
+    def take(self) -> int:
+        """The number of the next identical request."""
+        if self.returned:
+            return self.returned.pop(0)
+        self.taken += 1
+        return self.taken - 1
+
+    def give_back(self, number: int) -> None:
+        """The upstream call of the request holding `number` failed (an error answer, no
+        answer): the retry of the call answers at its place."""
+        bisect.insort(self.returned, number)
+        # The last numbers given back are not taken at all: a run whose last attempt failed
+        # reached no further than the one before, and keeps no sample for it.
+        while self.returned and self.returned[-1] == self.taken - 1:
+            self.returned.pop()
+            self.taken -= 1
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """A request as the handlers see it: parsed, keyed, with its per-request options."""
@@ -186,13 +226,16 @@ class Incoming:
     stream: bool
     include_usage: bool
     canon: CanonicalRequest | None
-    # --repeat sequence: how many identical requests of the run came before this one, so the
-    # number of the sample it replays or records (from 0); 0 under --repeat reuse.
+    # --repeat sequence: the number of the sample it replays or records (from 0): how many
+    # identical requests of the run came before it, attempts that failed upstream left out; 0
+    # under --repeat reuse.
     ordinal: int = 0
     # --repeat sequence: whether the recording had that sample when this request went upstream.
     # Its answer then replaces it; else it is added after the last, since identical requests in
     # flight together are answered in any order.
     replaces: bool = False
+    # --repeat sequence: the numbers `ordinal` was taken from; None under --repeat reuse.
+    turns: Turns | None = None
 
     @property
     def model(self) -> str | None:
@@ -321,11 +364,10 @@ class Handlers:
         self._salt: str | None = None
         self._salt_at = 0.0
         self._salt_lock = asyncio.Lock()
-        # --repeat sequence: how many identical requests per key this run has served, and the
-        # most that any part of the run (a test, under the pytest plugin) has made: a record run
-        # keeps that many samples.
-        self._sequence: dict[str, int] = {}
-        self._reached: dict[str, int] = {}
+        # --repeat sequence: the numbers taken per key, and the part of the run (a test, under
+        # the pytest plugin) counting now.
+        self._turns: dict[str, Turns] = {}
+        self._part = 0
         # The recordings a --repeat sequence record run rewrote (key -> namespace): trimmed to
         # the samples it reached when it ends, unless other processes record into the store too
         # (--workers, proxies sharing a Redis, pytest-xdist workers): their runs may have reached
@@ -344,7 +386,9 @@ class Handlers:
         """`--repeat sequence` counts identical requests from here on: the pytest plugin restarts
         it for every test, so that the samples a test gets do not depend on which tests ran
         before it."""
-        self._sequence.clear()
+        # Only a new part is named here (from the test's thread): each key's numbers start
+        # again at its next request, on the proxy's loop.
+        self._part += 1
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -479,14 +523,28 @@ class Handlers:
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         ordinal = 0
+        turns = None
         if canon is not None and self.config.repeat is Repeat.SEQUENCE:
             # Every identical request counts, in every mode that uses the store, so that the k-th
             # one records sample k where a replay run will look for it.
-            ordinal = self._sequence.get(canon.key, 0)
-            self._sequence[canon.key] = ordinal + 1
-            self._reached[canon.key] = max(self._reached.get(canon.key, 0), ordinal + 1)
+            turns = self._turns.get(canon.key)
+            if turns is None or turns.part != self._part:
+                earlier = 0 if turns is None else turns.reached
+                turns = self._turns[canon.key] = Turns(self._part, earlier)
+            ordinal = turns.take()
         return Incoming(
-            method, path, raw, body, mode, read, write, stream, include_usage, canon, ordinal
+            method,
+            path,
+            raw,
+            body,
+            mode,
+            read,
+            write,
+            stream,
+            include_usage,
+            canon,
+            ordinal,
+            turns=turns,
         )
 
     async def _isolated(self, namespace: str, request: web.Request, mode: Mode) -> str:
@@ -865,7 +923,7 @@ class Handlers:
         if not self.trim_sequences:
             return
         for key, namespace in self._rerecorded.items():
-            keep = self._reached.get(key, 0)
+            keep = self._turns[key].reached
 
             def trim(stored: bytes | None, keep: int = keep, key: str = key) -> bytes | None:
                 if stored is None:
@@ -931,7 +989,8 @@ class Handlers:
         the call comes to is set on `flight` (a new one unless given)."""
         canon = incoming.canon
         assert canon is not None
-        if self.config.repeat is Repeat.SEQUENCE and incoming.write:
+        turns = incoming.turns  # --repeat sequence
+        if turns is not None and incoming.write:
             incoming = replace(incoming, replaces=await self._has_sample(incoming))
         if flight is None:
             flight = asyncio.get_running_loop().create_future()
@@ -953,6 +1012,11 @@ class Handlers:
                 del self._inflight[canon.key]
             if not flight.done():
                 flight.set_result(None)
+            if turns is not None and isinstance(flight.result(), (Relayed, ProxyError)):
+                # An error answer or none (unreachable, timed out, broken off): the client's
+                # retry of the call takes this number again. A 2xx keeps it, recorded or not,
+                # as does a call whose client left: an answer was given.
+                turns.give_back(incoming.ordinal)
 
     async def _has_sample(self, incoming: Incoming) -> bool:
         """--repeat sequence: whether the recording has the sample this request would replay."""

@@ -308,3 +308,73 @@ def test_a_sample_of_another_fingerprint_is_replayed_marked_stale(
     assert [raw.parse().choices[0].message.content for raw in raws] == recorded
     stats = replayer.stats()
     assert (stats["stale"], stats["hits"]) == (2, 0)
+
+
+def test_a_call_retried_after_an_error_records_at_its_place(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The SDK retries a 429 itself: its retry answers the first call, not the second.
+    upstream.nondeterministic = True
+    run(start_proxy, 3)
+    upstream.fail_next(429, headers={"retry-after-ms": "10"})
+
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    new = answers(rerecord.client(max_retries=1), 3)
+    rerecord.stop()
+
+    assert upstream.count() == 3 + 4, "the first call was sent twice"
+    assert contents(rerecord.recordings()[0]) == new
+    assert run(start_proxy, 3, mode="replay") == new
+
+
+def test_auto_replaces_a_sample_it_cannot_serve_with_the_retry_of_its_call(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # Streams recorded without their usage cannot answer a request for it: auto replaces each in
+    # place, the first with the retry of a call that met a 429.
+    upstream.nondeterministic = True
+    recorder = start_proxy(repeat="sequence")
+    for _ in range(3):
+        list(recorder.client().chat.completions.create(**UNSEEDED, stream=True))
+    recorder.stop()
+    upstream.fail_next(429, headers={"retry-after-ms": "10"})
+
+    rerun = start_proxy(repeat="sequence")
+    live = streamed_answers(rerun.client(max_retries=1), 3)
+    rerun.stop()
+
+    assert upstream.count() == 3 + 4, "the first call was sent twice"
+    assert contents(rerun.recordings()[0]) == live
+    replayer = start_proxy(repeat="sequence", mode="replay")
+    assert streamed_answers(replayer.client(), 3) == live
+
+
+def streamed_answers(client: openai.OpenAI, times: int) -> list[str]:
+    """The unseeded question asked `times` times as a stream with its usage: the answers."""
+    asked = {**UNSEEDED, "stream": True, "stream_options": {"include_usage": True}}
+    return [
+        "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**asked)
+            if c.choices
+        )
+        for _ in range(times)
+    ]
+
+
+def test_a_record_run_whose_last_call_failed_keeps_no_sample_for_it(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # The run reached two answers: the older third sample is dropped when it ends, as if it had
+    # asked twice, rather than replayed to a call that got an error.
+    upstream.nondeterministic = True
+    run(start_proxy, 3)
+
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    new = answers(rerecord.client(), 2)
+    upstream.fail_next(500)
+    with pytest.raises(openai.InternalServerError):
+        rerecord.client().chat.completions.create(**UNSEEDED)
+    rerecord.stop()
+
+    assert contents(rerecord.recordings()[0]) == new
