@@ -187,6 +187,10 @@ class Turns:
     # Numbers given back, lowest first: the next identical request takes the lowest, as the
     # SDK's retry of the failed call is usually the next to arrive.
     returned: list[int] = field(default_factory=list)
+    # The requests going upstream whose answer will be added after the last sample, by number,
+    # until it is added or their call fails: a later number's answer waits for them before it
+    # is added, else answers would be added in the order the upstream finishes them.
+    adding: dict[int, asyncio.Event] = field(default_factory=dict)
 
     @property
     def reached(self) -> int:
@@ -201,15 +205,26 @@ class Turns:
         self.taken += 1
         return self.taken - 1
 
-    def give_back(self, number: int) -> None:
-        """The upstream call of the request holding `number` failed (an error answer, no
-        answer): the retry of the call answers at its place."""
+    def settle(self, number: int, *, failed: bool) -> None:
+        """The request holding `number` is done upstream (its answer added, or not): the later
+        numbers stop waiting for it. When its upstream call failed (an error answer, no answer)
+        it gives its number back, for the retry of the call to answer at its place."""
+        adding = self.adding.pop(number, None)
+        if adding is not None:
+            adding.set()
+        if not failed:
+            return
         bisect.insort(self.returned, number)
         # The last numbers given back are not taken at all: a run whose last attempt failed
         # reached no further than the one before, and keeps no sample for it.
         while self.returned and self.returned[-1] == self.taken - 1:
             self.returned.pop()
             self.taken -= 1
+
+    async def wait_for_earlier(self, number: int) -> None:
+        """Until no request with a lower number than `number` has an answer still to add."""
+        while earlier := [event for held, event in self.adding.items() if held < number]:
+            await earlier[0].wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +246,8 @@ class Incoming:
     # under --repeat reuse.
     ordinal: int = 0
     # --repeat sequence: whether the recording had that sample when this request went upstream.
-    # Its answer then replaces it; else it is added after the last, since identical requests in
-    # flight together are answered in any order.
+    # Its answer then replaces it; else it is added after the last, once the identical requests
+    # before it that are still upstream have added theirs (`Turns.adding`).
     replaces: bool = False
     # --repeat sequence: the numbers `ordinal` was taken from; None under --repeat reuse.
     turns: Turns | None = None
@@ -992,6 +1007,8 @@ class Handlers:
         turns = incoming.turns  # --repeat sequence
         if turns is not None and incoming.write:
             incoming = replace(incoming, replaces=await self._has_sample(incoming))
+            if not incoming.replaces:
+                turns.adding[incoming.ordinal] = asyncio.Event()
         if flight is None:
             flight = asyncio.get_running_loop().create_future()
         if coalesce:
@@ -1012,11 +1029,13 @@ class Handlers:
                 del self._inflight[canon.key]
             if not flight.done():
                 flight.set_result(None)
-            if turns is not None and isinstance(flight.result(), (Relayed, ProxyError)):
-                # An error answer or none (unreachable, timed out, broken off): the client's
-                # retry of the call takes this number again. A 2xx keeps it, recorded or not,
-                # as does a call whose client left: an answer was given.
-                turns.give_back(incoming.ordinal)
+            if turns is not None:
+                # Here whatever happened, cancelled too: the later numbers must not wait on this
+                # one for ever. An error answer or none (unreachable, timed out, broken off)
+                # gives the number back for the client's retry of the call. A 2xx keeps it,
+                # recorded or not, as does a call whose client left: an answer was given.
+                failed = isinstance(flight.result(), (Relayed, ProxyError))
+                turns.settle(incoming.ordinal, failed=failed)
 
     async def _has_sample(self, incoming: Incoming) -> bool:
         """--repeat sequence: whether the recording has the sample this request would replay."""
@@ -1434,6 +1453,11 @@ class Handlers:
             # A record run rewrites the recording, so that a replay run gets what it saw: the
             # samples past the ones it reached go when it ends (`_trim_sequences`).
             self._rerecorded[canon.key] = canon.namespace
+        if incoming.turns is not None and incoming.write and not incoming.replaces:
+            # Added after the last sample: only once the identical requests numbered before this
+            # one have added theirs (or failed), so that sample k answers the k-th request even
+            # when the upstream answered a later one first.
+            await incoming.turns.wait_for_earlier(incoming.ordinal)
         seen: list[bytes | None] = [None]
         written = [False]
 

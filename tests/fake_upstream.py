@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import gzip as gzip_module
 import hashlib
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -351,6 +353,23 @@ class _Failure:
 
 
 @dataclass(slots=True)
+class Hold:
+    """A request the fake keeps unanswered until the test releases it (`hold_next`). Its events
+    tell the test's thread when the request arrived and when the fake answered it, so that a test
+    can set the order in which requests reach the upstream and leave it."""
+
+    arrived: threading.Event = field(default_factory=threading.Event)
+    answered: threading.Event = field(default_factory=threading.Event)
+    released: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+    def release(self) -> None:
+        """Let the request be answered (from any thread; releasing again does nothing)."""
+        # Released already, or cancelled with its request.
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.released.set_result(None)
+
+
+@dataclass(slots=True)
 class _Event:
     """One SSE event to send: `data` is the payload text, `name` the `event:` line if any."""
 
@@ -379,7 +398,7 @@ class FakeUpstream:
     """An aiohttp app (`.app`) imitating api.openai.com, with state tests read and set.
 
     Every attribute below can be changed from the test thread at any time; one-shot failures are
-    armed with `fail_next`, `drop_stream_after`, `hang_next` and `error_frame_next`.
+    armed with `fail_next`, `drop_stream_after`, `hang_next`, `hold_next` and `error_frame_next`.
     """
 
     fingerprint: str | None = DEFAULT_FINGERPRINT
@@ -405,6 +424,8 @@ class FakeUpstream:
         self._failures: list[_Failure] = []
         self._drops: list[int] = []
         self._hangs: list[float] = []
+        self._holds: list[Hold] = []  # for the next requests, in turn
+        self._held: list[Hold] = []  # every one handed out: released when the fake stops
         self._error_frames: list[JSON] = []
         self._generation = 0
         self._active = 0
@@ -426,6 +447,7 @@ class FakeUpstream:
         self._failures.clear()
         self._drops.clear()
         self._hangs.clear()
+        self._holds.clear()
         self._error_frames.clear()
 
     @property
@@ -466,6 +488,14 @@ class FakeUpstream:
     def hang_next(self, seconds: float) -> None:
         """The next request sleeps `seconds` before being answered (cut short when stopping)."""
         self._hangs.append(seconds)
+
+    def hold_next(self) -> Hold:
+        """The next request waits, unanswered, until the returned hold is released (or the fake
+        stops); each call holds one more request, in the order they arrive."""
+        hold = Hold()
+        self._holds.append(hold)
+        self._held.append(hold)
+        return hold
 
     def error_frame_next(
         self,
@@ -884,7 +914,11 @@ class FakeUpstream:
             )
             self._active += 1
             self.peak_concurrency = max(self.peak_concurrency, self._active)
+            hold = self._holds.pop(0) if self._holds else None
             try:
+                if hold is not None:
+                    hold.arrived.set()
+                    await asyncio.wrap_future(hold.released)
                 if self._hangs:
                     await self._sleep(self._hangs.pop(0))
                 if self.delay:
@@ -895,6 +929,8 @@ class FakeUpstream:
                 return await handler(request)
             finally:
                 self._active -= 1
+                if hold is not None:
+                    hold.answered.set()
 
         # Large bodies must reach the fake so that a proxy's own size limit is what gets tested.
         app = web.Application(middlewares=[record_and_inject], client_max_size=256 * 2**20)
@@ -917,6 +953,8 @@ class FakeUpstream:
         # Wake hanging handlers so that stopping the server never waits for a test's hang.
         if self._stopping is not None:
             self._stopping.set()
+        for hold in self._held:
+            hold.release()
 
     async def _sleep(self, seconds: float) -> None:
         if self._stopping is None:

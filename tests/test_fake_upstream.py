@@ -14,6 +14,7 @@ import struct
 import time
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -613,6 +614,21 @@ def test_hang_next_times_the_client_out(upstream: FakeUpstream, client: OpenAI) 
 
     assert time.monotonic() - started < 5
     assert client.chat.completions.create(**chat_request()).choices  # only the next one hung
+
+
+def test_hold_next_answers_only_once_released(upstream: FakeUpstream, client: OpenAI) -> None:
+    held, passed = upstream.hold_next(), upstream.hold_next()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.chat.completions.create, **chat_request())
+        assert held.arrived.wait(10)
+        passed.release()  # before its request comes: it is not held at all
+        second = client.chat.completions.create(**chat_request(seed=7))
+
+        assert passed.answered.is_set() and not first.done()
+        assert not held.answered.is_set()
+        held.release()
+        assert first.result(timeout=10).choices
+    assert second.choices and held.answered.is_set()
 
 
 def test_delay_and_chunk_delay(upstream: FakeUpstream, client: OpenAI) -> None:

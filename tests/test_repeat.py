@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -204,7 +205,7 @@ def test_record_replaces_each_sample_of_requests_in_flight_together(
 def test_a_new_recording_keeps_every_answer_of_requests_in_flight_together(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
-    # The second answer is stored first: the first must not take its place.
+    # The second is answered first: the first answer must not take its place.
     upstream.nondeterministic = True
     recorder = start_proxy(repeat="sequence", mode="record")
     recorded = ask_together(recorder, upstream)
@@ -378,3 +379,34 @@ def test_a_record_run_whose_last_call_failed_keeps_no_sample_for_it(
     rerecord.stop()
 
     assert contents(rerecord.recordings()[0]) == new
+
+
+def test_requests_in_flight_together_are_recorded_in_the_order_they_arrived(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # Three identical requests, each sent once the one before reached the upstream; the first
+    # is answered last. Each answer is stored at the place of its request, so that a replay
+    # run asking in the same order gives each caller what it got live.
+    upstream.nondeterministic = True
+    first, second, third = (upstream.hold_next() for _ in range(3))
+    recorder = start_proxy(repeat="sequence")
+    clients = [recorder.client() for _ in range(3)]
+
+    def ask(k: int) -> str:
+        return clients[k].chat.completions.create(**UNSEEDED).choices[0].message.content or ""
+
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(ask, 0)]
+        assert first.arrived.wait(10)
+        for k, hold in ((1, second), (2, third)):
+            calls.append(pool.submit(ask, k))
+            assert hold.arrived.wait(10)
+            hold.release()
+        assert second.answered.wait(10) and third.answered.wait(10)
+        first.release()
+        live = [call.result(timeout=30) for call in calls]
+
+    assert len(set(live)) == 3
+    assert contents(recorder.recordings()[0]) == live
+    recorder.stop()
+    assert run(start_proxy, 3, mode="replay") == live
