@@ -148,6 +148,14 @@ def serve_option(*decls: str, **attrs: Any) -> Callable[[F], F]:
     "one token per line).",
 )
 @serve_option(
+    "--allow-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Also answer requests addressed to this host name, and from web pages on it "
+    "(repeatable). On a loopback address, or with this option, requests addressed to other names "
+    "than localhost and loopback addresses are refused: a web page could use the proxy.",
+)
+@serve_option(
     "--upstream-api-key-env",
     help="Send the key in this environment variable upstream instead of the client's.",
 )

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import HttpProcessingError
+from aiohttp.typedefs import Middleware
 
 from proxy import __version__
 from proxy.audit import READ_BATCH, parse_since, read_events, summarise
-from proxy.config import Config, Mode, StoreSpec
+from proxy.config import Config, Mode, StoreSpec, is_loopback
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import KEY, OUTCOME, STARTED, STATUS, Handlers, client_key
 from proxy.recording import Recording, redact
@@ -33,6 +34,9 @@ log = logging.getLogger("seedcache")
 
 HANDLERS = web.AppKey("handlers", Handlers)
 CONFIG = web.AppKey("config", Config)
+# What every client on this machine calls it; other loopback addresses (127.0.0.2) are allowed
+# too, but looked up only when a request names one.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,11 +44,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     """The seedcache application for `config`; a given `store` is used instead of opening one."""
     quiet_bad_http(logging.getLogger("aiohttp.server"))
-    # Bodies over max_body are refused by aiohttp itself while reading (413).
+    hosts = LOOPBACK_NAMES.union(config.allowed_hosts) if config.checks_hosts else None
     # The access check only when there are tokens: a middleware costs every request.
-    middlewares = (
-        [error_middleware, access_middleware] if config.access_tokens else [error_middleware]
-    )
+    middlewares = [error_middleware(hosts)]
+    if config.access_tokens:
+        middlewares.append(access_middleware)
+    # Bodies over max_body are refused by aiohttp itself while reading (413).
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body)
     app[CONFIG] = config
 
@@ -272,22 +277,73 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     return await handler(request)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into an OpenAI error envelope; never a traceback to the client."""
-    # Requests on one keep-alive connection share a task, and so a context: start afresh.
-    token = STARTED.set(None)
-    try:
-        return await handler(request)
-    except Exception as exc:
-        started = STARTED.get()
-        if started is not None and started.prepared:
-            return cut_off(request, started, exc)
-        if isinstance(exc, web.HTTPException) and exc.status < 400:
-            raise
-        return failure_response(request, exc)
-    finally:
-        STARTED.reset(token)
+def error_middleware(hosts: frozenset[str] | None) -> Middleware:
+    """The middleware every request goes through: it refuses one from elsewhere when `hosts` are
+    given (`refuse_foreign`: here rather than in a middleware of its own, which would cost every
+    request), and turns every failure into an OpenAI error envelope, never a traceback."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Requests on one keep-alive connection share a task, and so a context: start afresh.
+        token = STARTED.set(None)
+        try:
+            if hosts is not None:
+                refuse_foreign(request, hosts)
+            return await handler(request)
+        except Exception as exc:
+            started = STARTED.get()
+            if started is not None and started.prepared:
+                return cut_off(request, started, exc)
+            if isinstance(exc, web.HTTPException) and exc.status < 400:
+                raise
+            return failure_response(request, exc)
+        finally:
+            STARTED.reset(token)
+
+    return errors
+
+
+def refuse_foreign(request: web.Request, hosts: frozenset[str]) -> None:
+    """A 403 for a request addressed to a name outside `hosts` (its Host header), or sent by a
+    web page on one (its Origin header). Any web page the user opens can send requests to a proxy
+    on this machine: a cross-site POST (a text/plain body needs no CORS preflight), which carries
+    the page's Origin, or, once DNS rebinding pointed the page's own name at 127.0.0.1, requests
+    whose answers it reads, which carry that name in Host. Either spends the upstream key the
+    proxy holds, or reads the recordings. A page sets neither header; SDKs send no Origin, and a
+    page on localhost (an app in development) is the user's own."""
+    host = request.headers.get(hdrs.HOST)  # an istr: looked up without case-folding the name
+    if host is not None and not _allowed(host, hosts):
+        raise ProxyError(
+            403,
+            f"seedcache answers only requests addressed to localhost, a loopback address or "
+            f"a name given with --allow-host, not to Host: {host[:100]!r}: a web page could "
+            "otherwise reach it through DNS rebinding. If you put seedcache behind that name, "
+            "allow it with --allow-host NAME (or SEEDCACHE_ALLOW_HOST).",
+            code="forbidden_host",
+        )
+    origin = request.headers.get(hdrs.ORIGIN)
+    # "null" (a sandboxed page, a file) has no host: refused like any other page.
+    if origin is not None and not _allowed(origin.partition("://")[2], hosts):
+        raise ProxyError(
+            403,
+            f"seedcache refuses requests from web pages elsewhere (Origin: {origin[:100]!r}): "
+            "any page the user opens could otherwise use it. Pages on localhost, a loopback "
+            "address or a name given with --allow-host may; allow another with --allow-host "
+            "NAME (or SEEDCACHE_ALLOW_HOST).",
+            code="forbidden_origin",
+        )
+
+
+def _allowed(authority: str, hosts: frozenset[str]) -> bool:
+    """Whether the host of `authority` (a Host header, an origin's `host:port`) is one of `hosts`
+    or a loopback address."""
+    if authority.partition(":")[0] in hosts:  # what clients send: 127.0.0.1:8080, localhost
+        return True
+    if authority.startswith("["):  # an IPv6 address: [::1]:8080
+        host = authority[1:].partition("]")[0]
+    else:
+        host = authority.partition(":")[0]
+    return host.lower() in hosts or is_loopback(host)
 
 
 def cut_off(

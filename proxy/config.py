@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -110,6 +111,9 @@ class Config:
     audit_embeddings: str | None = None
     isolate_by_key: bool = False
     access_tokens: tuple[str, ...] = ()
+    # Names besides the loopback ones that requests may be addressed to and web pages may come
+    # from (--allow-host); see `checks_hosts`.
+    allowed_hosts: tuple[str, ...] = ()
     upstream_api_key_env: str | None = None
     workers: int = 1
     log_level: str = "info"
@@ -145,6 +149,10 @@ class Config:
             values["log_level"] = str(values["log_level"]).strip().lower()
         if "access_tokens" in values:
             values["access_tokens"] = tuple(values["access_tokens"])
+        if "allowed_hosts" in values:
+            # Host names are case-insensitive (RFC 4343); requests are compared in lower case.
+            names = values["allowed_hosts"]
+            values["allowed_hosts"] = tuple(name.strip().lower() for name in names)
         config = cls(**values)
         config.validate()
         return config
@@ -190,11 +198,26 @@ class Config:
                 f"unknown log-level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}",
                 options=("log_level",),
             )
+        for name in self.allowed_hosts:
+            if not is_host_name(name):
+                raise ConfigError(
+                    f"--allow-host takes a host name or IP address alone, without scheme, port "
+                    f"or path (any port is allowed), got {name!r}",
+                    options=("allowed_hosts",),
+                )
         if self.upstream_api_key_env and not os.environ.get(self.upstream_api_key_env):
             raise ConfigError(
                 f"--upstream-api-key-env names {self.upstream_api_key_env}, which is not set",
                 options=("upstream_api_key_env",),
             )
+
+    @property
+    def checks_hosts(self) -> bool:
+        """Whether requests must be addressed to a loopback name or an allowed one, and come
+        from no web page elsewhere: on a loopback address (the default) every web page the user
+        opens can reach the proxy (a cross-site POST, DNS rebinding), and only those send other
+        names. Elsewhere the user exposed it on purpose, unless --allow-host says which names."""
+        return is_loopback(self.host) or bool(self.allowed_hosts)
 
     @property
     def upstream_base(self) -> str:
@@ -216,6 +239,30 @@ class Config:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}/v1"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names a loopback address: localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_host_name(name: str) -> bool:
+    """Whether `name` is a host name or an IP address alone (an IPv6 one without brackets)."""
+    if ":" in name:
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return False
+        return True
+    return _HOST_NAME.fullmatch(name) is not None
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")
 
 
 @dataclass(frozen=True, slots=True)

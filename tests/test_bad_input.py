@@ -15,7 +15,7 @@ from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from proxy import handlers
 from proxy.app import BadHttpLine
-from tests.conftest import HTTPResult, RunningProxy, StartProxy
+from tests.conftest import HTTPResult, RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
 from tests.servers import BackgroundLoop
 
@@ -254,7 +254,7 @@ def test_a_body_that_stops_arriving_is_a_408_and_is_not_forwarded(
     payload = json.dumps(chat_request()).encode()
     with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
         sock.sendall(
-            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload[:20]  # and then nothing more
         )
@@ -351,7 +351,7 @@ def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line_without_trac
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with socket.create_connection(("127.0.0.1", proxy.running.port), timeout=10) as sock:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\n".encode() + header + b"\r\n")
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + header + b"\r\n")
         answer = http.client.HTTPResponse(sock)
         answer.begin()
         answer.read()
@@ -433,3 +433,95 @@ LARGE_TOOL = {
         "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
     },
 }
+
+
+# -- requests from web pages (DNS rebinding, cross-site requests) ---------------------------------
+
+# What a browser sends for a page whose name was rebound to 127.0.0.1, or for a cross-site form
+# POST: a body a page may send without a CORS preflight.
+FOREIGN_HOST = "rebind.evil.example"
+PAGE_POST = {"Content-Type": "text/plain;charset=UTF-8"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", CHAT),
+        ("GET", "/v1/models"),
+        ("GET", "/_seedcache/recordings"),
+        ("GET", "/_seedcache/audit"),
+        ("GET", "/_seedcache/health"),
+        ("GET", "/metrics"),
+    ],
+)
+def test_a_request_addressed_to_another_name_is_a_403_and_goes_nowhere(
+    method: str,
+    path: str,
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEEDCACHE_TEST_UPSTREAM_KEY", "sk-proxy-own-key")
+    proxy = start_proxy(upstream_api_key_env="SEEDCACHE_TEST_UPSTREAM_KEY")
+    port = proxy.running.port
+
+    result = proxy.request(
+        method,
+        path,
+        json.dumps(chat_request()) if method == "POST" else None,
+        headers={"Host": f"{FOREIGN_HOST}:{port}", "Authorization": "", **PAGE_POST},
+    )
+
+    error = assert_error(result, 403, code="forbidden_host")
+    assert FOREIGN_HOST in error["message"] and "--allow-host" in error["message"]
+    assert upstream.count() == 0
+    assert proxy.recordings() == []
+    assert proxy.request("GET", "/_seedcache/health").status == 200  # Host: 127.0.0.1:port
+
+
+def test_the_sdk_and_a_page_on_localhost_are_answered_and_a_page_elsewhere_is_a_403(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    port = proxy.running.port
+    with proxy.client() as client:
+        first = client.chat.completions.with_raw_response.create(**chat_request())
+    assert status(first) == "recorded"
+    with proxy.client(base_url=f"http://localhost:{port}/v1") as client:
+        hit = client.chat.completions.with_raw_response.create(**chat_request())
+    assert status(hit) == "hit"
+    answered = {
+        # An app in development, on another port of this machine.
+        "page on localhost": {"Origin": "http://localhost:3000"},
+        "page on 127.0.0.1": {"Origin": "http://127.0.0.1:5173", "Host": f"localhost:{port}"},
+        "page on [::1]": {"Origin": "https://[::1]:8443", "Host": f"[::1]:{port}"},
+        "other loopback": {"Host": f"127.0.0.2:{port}", "Origin": "http://LOCALHOST:3000"},
+    }
+    for case, headers in answered.items():
+        result = proxy.request("POST", CHAT, chat_request(seed=2), headers=headers)
+        assert result.status == 200, case
+    assert upstream.count() == 2
+
+    for origin in ("https://evil.example", "http://localhost.evil.example:3000", "null"):
+        refused = proxy.request(
+            "POST", CHAT, chat_request(seed=3), headers={"Origin": origin, **PAGE_POST}
+        )
+        error = assert_error(refused, 403, code="forbidden_origin")
+        assert repr(origin) in error["message"]
+    assert upstream.count() == 2
+
+
+def test_allow_host_admits_a_name_and_a_proxy_on_every_interface_checks_none(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    named = start_proxy(allowed_hosts=("Seedcache.Test",))
+    behind = {"Host": "seedcache.test:8080", "Origin": "https://SEEDCACHE.test"}
+    assert named.request("POST", CHAT, chat_request(), headers=behind).status == 200
+    assert named.request("GET", "/_seedcache/stats").status == 200  # loopback names still
+    refused = named.request("GET", "/_seedcache/stats", headers={"Host": FOREIGN_HOST})
+    assert_error(refused, 403, code="forbidden_host")
+
+    # Bound on every interface (Docker), the user exposed it on purpose: any name, any page.
+    exposed = start_proxy(host="0.0.0.0")
+    page = {"Host": FOREIGN_HOST, "Origin": f"http://{FOREIGN_HOST}"}
+    assert exposed.request("POST", CHAT, chat_request(seed=2), headers=page).status == 200
+    assert upstream.count() == 2

@@ -290,6 +290,7 @@ def test_serve_reads_every_option_from_seedcache_environment_variables(
         "SEEDCACHE_UPSTREAM_TIMEOUT": "2.5",
         "SEEDCACHE_ON_FINGERPRINT_CHANGE": "refresh",
         "SEEDCACHE_NAMESPACE": "ci",
+        "SEEDCACHE_ALLOW_HOST": "seedcache.test devbox",
     }
 
     result = run("serve", "--port", str(port), env=env)
@@ -303,6 +304,7 @@ def test_serve_reads_every_option_from_seedcache_environment_variables(
     assert (config.store, config.upstream_base) == (store, "http://127.0.0.1:1/v1")
     assert (config.max_body, config.replay_timing, config.upstream_timeout) == (1000, True, 2.5)
     assert (config.on_fingerprint_change.value, config.namespace) == ("refresh", "ci")
+    assert config.allowed_hosts == ("seedcache.test", "devbox")
     assert result.stdout == (
         f"seedcache listening on http://127.0.0.1:{port} in replay mode, store {store}, "
         f"upstream http://127.0.0.1:1/v1; export OPENAI_BASE_URL=http://127.0.0.1:{port}/v1\n"
@@ -317,8 +319,9 @@ def test_serve_reads_every_option_from_seedcache_environment_variables(
         ({"SEEDCACHE_MAX_BODY": "0"}, "max-body must be positive"),
         ({"SEEDCACHE_ON_FINGERPRINT_CHANGE": "maybe"}, "unknown on-fingerprint-change"),
         ({"SEEDCACHE_LOG_LEVEL": "loud"}, "unknown log-level 'loud'"),
+        ({"SEEDCACHE_ALLOW_HOST": "seedcache.test:8080"}, "--allow-host takes a host name"),
     ],
-    ids=["mode", "upstream", "max-body", "on-fingerprint-change", "log-level"],
+    ids=["mode", "upstream", "max-body", "on-fingerprint-change", "log-level", "allow-host"],
 )
 def test_serve_refuses_bad_settings_from_the_environment_with_exit_code_2(
     env: dict[str, str], says: str, captured_run_app: dict[str, Any]

@@ -66,11 +66,36 @@ def test_defaults_live_in_config() -> None:
         ({"repeat": "cycle"}, "reuse, sequence"),
         ({"bogus": 1}, "unknown option"),
         ({"upstream_api_key_env": "SEEDCACHE_TEST_UNSET_VARIABLE"}, "not set"),
+        ({"allowed_hosts": ["seedcache.test:8080"]}, "--allow-host takes a host name"),
+        ({"allowed_hosts": ["https://seedcache.test"]}, "without scheme, port or path"),
+        ({"allowed_hosts": ["[::2]"]}, "--allow-host takes"),
+        ({"allowed_hosts": [" "]}, "--allow-host takes"),
     ],
 )
 def test_invalid_values_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.build(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "checks"),
+    [
+        ({}, True),
+        ({"host": "localhost"}, True),
+        ({"host": "127.0.0.2"}, True),
+        ({"host": "::1"}, True),
+        ({"host": "0.0.0.0"}, False),
+        ({"host": ""}, False),
+        ({"host": "192.168.1.5"}, False),
+        ({"host": "0.0.0.0", "allowed_hosts": ["seedcache.internal", "10.0.0.7", "FD00::7"]}, True),
+    ],
+)
+def test_names_are_checked_on_a_loopback_address_or_when_some_are_allowed(
+    options: dict[str, object], checks: bool
+) -> None:
+    config = Config.build(**options)
+    assert config.checks_hosts is checks
+    assert all(name == name.lower() for name in config.allowed_hosts)
 
 
 @pytest.mark.parametrize(

@@ -571,7 +571,7 @@ def test_host_is_the_upstreams_and_seedcache_headers_stay_local(
         CHAT,
         chat_request(),
         headers={
-            "Host": "attacker.example:4444",
+            "Host": "localhost:4444",
             "X-Seedcache-Mode": "record",
             "X-Seedcache-Namespace": "ns1",
         },
@@ -586,7 +586,7 @@ def raw_request_target(proxy: RunningProxy, target: str, body: dict[str, Any]) -
     """Send a request line with an arbitrary target (absolute-form, `//host`) on a raw socket."""
     payload = json.dumps(body).encode()
     head = (
-        f"POST {target} HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         "Connection: close\r\n\r\n"
     )
