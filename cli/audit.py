@@ -28,6 +28,7 @@ from proxy.config import (
     Config,
 )
 from proxy.errors import ConfigError, SeedcacheError
+from proxy.recording import redact_path
 from proxy.stores.base import open_store
 
 if TYPE_CHECKING:
@@ -207,7 +208,8 @@ def verify(
             f"no recordings to verify in {shown(config.store)}: nothing was verified"
         )
     for failure in outcome.failures:
-        click.echo(f"failed {failure.key[:12]} {failure.path}: {failure.message}", err=True)
+        path = redact_path(failure.path)
+        click.echo(f"failed {failure.key[:12]} {path}: {failure.message}", err=True)
     if outcome.events:
         click.echo(report.text_table(summarise(outcome.events)))
     rate = outcome.divergence_rate

@@ -23,7 +23,7 @@ from proxy.audit import parse_since
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError, FormatError, SeedcacheError
 from proxy.keys import normalise_path
-from proxy.recording import EARLIEST, Recording, Sample, recorded_at
+from proxy.recording import EARLIEST, Recording, Sample, recorded_at, redact_path
 from proxy.stores.base import Store, open_store
 from proxy.stores.files import recording_file
 
@@ -123,7 +123,8 @@ def _fingerprints_text(fingerprints: list[str | None]) -> str:
 
 def _describe(recording: Recording) -> str:
     model = recording.model or "-"
-    return f"{recording.key[:KEY_SHOWN]} {recording.method} {recording.path} {model}"
+    path = redact_path(recording.path)
+    return f"{recording.key[:KEY_SHOWN]} {recording.method} {path} {model}"
 
 
 # --- store access -------------------------------------------------------------------------------
@@ -209,7 +210,8 @@ def ls(
     # Opening a store that does not exist would create it, and list a mistyped --store as empty.
     require_store(spec)
     found = asyncio.run(_scan_spec(spec))
-    endpoint = normalise_path(*path.partition("?")[::2]) if path else None
+    # Compared as listed: with a credential in the query string redacted.
+    endpoint = redact_path(normalise_path(*path.partition("?")[::2])) if path else None
     rows = []
     for item in found:
         recording = _load(item)
@@ -219,7 +221,7 @@ def ls(
         when = _newest_time(recording)
         if (
             (model is not None and not matches_model(recording, None, model))
-            or (endpoint is not None and recording.path != endpoint)
+            or (endpoint is not None and row["path"] != endpoint)
             or (namespace is not None and row["namespace"] != namespace)
             or (fingerprint is not None and fingerprint not in row["fingerprints"])
             or (moment is not None and (when is None or when < moment))

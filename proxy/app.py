@@ -25,7 +25,7 @@ from proxy.audit import READ_BATCH, parse_since, read_events, summarise
 from proxy.config import Config, Mode, StoreSpec, is_loopback
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import KEY, OUTCOME, STARTED, STATUS, Handlers, client_key
-from proxy.recording import Recording, redact
+from proxy.recording import Recording, redact_path
 from proxy.report import totals
 from proxy.stores.base import Deferred, Store, open_store
 from proxy.upstream import Upstream
@@ -435,7 +435,7 @@ class AccessLog(AbstractAccessLogger):
     not yet say) and X-Seedcache-Key."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        target = redact(request.rel_url.raw_path_qs)
+        target = redact_path(request.rel_url.raw_path_qs)
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.6fs %s %s',
             request.remote,

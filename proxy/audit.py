@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from proxy.divergence import Comparison, compare, is_divergence, output_text
-from proxy.recording import Recording, Sample, parse_time, utc_now
+from proxy.recording import Recording, Sample, parse_time, redact_path, utc_now
 from proxy.stores.base import Store
 
 log = logging.getLogger("seedcache")
@@ -55,7 +55,7 @@ def audit_event(
     event = {
         "ts": utc_now(),
         "key": recording.key,
-        "path": recording.path,
+        "path": redact_path(recording.path),
         "model": recording.model,
         "response_model": live.model,
         "recorded_response_model": recorded.model,

@@ -70,6 +70,7 @@ from proxy.recording import (
     redact,
     redact_event,
     redact_json,
+    redact_path,
     secrets_in,
     stored_headers,
     stream_lacks_usage,
@@ -255,6 +256,11 @@ class Incoming:
     @property
     def model(self) -> str | None:
         return self.canon.model if self.canon else None
+
+    @property
+    def shown_path(self) -> str:
+        """The path as logs and messages give it: a credential in its query string redacted."""
+        return redact_path(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,7 +807,7 @@ class Handlers:
         what to do about it (`hint`, else how to record it)."""
         model = incoming.model
         self.metrics.count("miss", model)
-        what = f"{incoming.method} {redact(incoming.path)}"  # ?api_key=sk-… stays out of it
+        what = f"{incoming.method} {incoming.shown_path}"
         details = []
         if model:
             details.append(f"model={model}")
@@ -854,7 +860,7 @@ class Handlers:
             return skipped
         index = await self._recording_index()
         body = redact(canon.body)
-        canon = replace(canon, path=redact(canon.path))  # as the index holds it
+        canon = replace(canon, path=redact_path(canon.path))  # as the index holds it
         # Across namespaces only when they are not tenants that must not learn of each other.
         others = [] if self.config.isolate_by_key else index.elsewhere(canon, body)
         if others:
@@ -1229,7 +1235,7 @@ class Handlers:
                     sample = self._body_sample(incoming, live, body, started, known)
                     recorded = sample is not None and await self._recorded(
                         self._record(request, incoming, sample, flight, headers, len(body)),
-                        incoming.path,
+                        incoming.shown_path,
                     )
                     if not recorded:
                         headers[STATUS] = status = "miss"  # forwarded, but not recorded
@@ -1288,13 +1294,13 @@ class Handlers:
         if inexact is not None:
             log.warning(
                 "not recording %s: the upstream body holds %s, %s",
-                incoming.path,
+                incoming.shown_path,
                 inexact,
                 UNRECORDABLE,
             )
             return None
         if parsed is _NOT_JSON:
-            log.warning("not recording %s: the upstream body is not JSON", incoming.path)
+            log.warning("not recording %s: the upstream body is not JSON", incoming.shown_path)
             return None
         if not isinstance(parsed, (dict, list)):
             return None
@@ -1336,7 +1342,7 @@ class Handlers:
                     async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
                         await response.write(chunk)
         except UpstreamBroken as exc:
-            log.warning("upstream stream for %s broke off: %s", incoming.path, exc)
+            log.warning("upstream stream for %s broke off: %s", incoming.shown_path, exc)
             broken = upstream_failure(
                 502, f"The upstream stream broke off: {exc}", "upstream_broken"
             )
@@ -1352,12 +1358,12 @@ class Handlers:
             return self._unrecorded_stream(request, incoming, response, flight)
         except ConnectionError:
             # The client went away: what it did not receive is not recorded (DESIGN §5).
-            log.info("client left during the stream of %s; nothing recorded", incoming.path)
+            log.info("client left during the stream of %s; nothing recorded", incoming.shown_path)
             return self._unrecorded_stream(request, incoming, response, flight)
         except TimeoutError:
             log.warning(
                 "client of the stream of %s read nothing for %ss: closed, nothing recorded",
-                incoming.path,
+                incoming.shown_path,
                 CLIENT_WRITE_TIMEOUT,
             )
             if request.transport is not None:
@@ -1372,13 +1378,15 @@ class Handlers:
         )
         if flight is not None and unrecordable is None:
             recording = self._record(request, incoming, sample, flight, response.headers, size)
-            if not await self._recorded(recording, incoming.path):
+            if not await self._recorded(recording, incoming.shown_path):
                 outcome = "miss"
                 unrecorded(flight)
                 if buffered:  # not sent yet: the header can still say so
                     response.headers[STATUS] = outcome
         elif flight is not None:
-            log.warning("not recording %s: the upstream stream %s", incoming.path, unrecordable)
+            log.warning(
+                "not recording %s: the upstream stream %s", incoming.shown_path, unrecordable
+            )
             outcome = "miss"
             unrecorded(flight)
             if buffered:  # not sent yet: the header can still say so
@@ -1441,7 +1449,7 @@ class Handlers:
         fresh = Recording(
             key=canon.key,
             method=canon.method,
-            path=redact(canon.path),  # a query string may carry a key (?api_key=sk-…)
+            path=redact_path(canon.path),  # a query string may carry a key (?key=AIza…)
             body=redact(canon.body),
             namespace=canon.namespace,
         )
@@ -1585,7 +1593,9 @@ async def _index_all(index: RequestIndex, found: AsyncIterator[tuple[str, str, b
             recording = await _off_loop_if(len(raw) > PARSE_INLINE_LIMIT, Recording.loads, raw)
         except FormatError:
             continue
-        index.add(key, recording.namespace, recording.method, recording.path, recording.body)
+        # As `_record` stores paths now: one recorded before may hold a key in its query string.
+        path = redact_path(recording.path)
+        index.add(key, recording.namespace, recording.method, path, recording.body)
 
 
 async def _off_loop_if(large: bool, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

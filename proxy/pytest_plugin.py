@@ -21,7 +21,7 @@ from proxy.config import Config, Mode, StoreSpec
 from proxy.embedded import EmbeddedProxy
 from proxy.errors import ConfigError, FormatError, SeedcacheError
 from proxy.keys import NAMESPACE_RULE, namespace_problem
-from proxy.recording import Recording
+from proxy.recording import Recording, redact_path
 
 # The plugin's own defaults, where they differ from `seedcache serve`'s (Config's).
 DEFAULTS = {"mode": "replay", "store": "files:tests/recordings"}
@@ -418,7 +418,9 @@ def _tally(plugin: _Plugin) -> Tally | None:
     except Exception as exc:  # the summary must never hide the session's own result
         tally["error"] = str(exc)
     else:
-        tally["unused"] = [[r.key, r.method, r.path, r.model, r.namespace] for r in unused]
+        tally["unused"] = [
+            [r.key, r.method, redact_path(r.path), r.model, r.namespace] for r in unused
+        ]
     return tally
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -39,6 +40,24 @@ _SECRET = re.compile(
 _MAYBE = r"(?:sk|rk|pk)-[A-Za-z0-9_\-]{16}|(?i:bearer)"
 _MAYBE_SECRET = re.compile(_MAYBE.encode())
 REDACTED = "<redacted>"
+# Query parameters that hold a credential whatever its shape (Gemini's ?key=AIza…, Azure's
+# ?api-key=, ?access_token=, a signed URL's sig=): their names end in one of these words once
+# lowercased without separators (api_key, X-Api-Key, subscription-key, accessToken,
+# X-Amz-Signature, client_secret).
+_CREDENTIAL_NAMES = (
+    "key",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "auth",
+    "authorization",
+    "sig",
+    "signature",
+    "credential",
+    "credentials",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +251,7 @@ class Recording:
             "key": self.key,
             "namespace": self.namespace if namespace is None else namespace,
             "method": self.method,
-            "path": self.path,
+            "path": redact_path(self.path),  # as stored now; one recorded before may hold a key
             "model": self.model,
             "seed": body.get("seed"),
             "samples": len(self.samples),
@@ -476,6 +495,24 @@ def redact(value: Any) -> Any:
     """`value` with API-key shaped strings replaced, recursively through JSON containers (member
     names included)."""
     return _map_strings(value, lambda text: _SECRET.sub(REDACTED, text))
+
+
+def redact_path(path: str) -> str:
+    """A request path (with its query string) as it is stored, logged and shown: API-key shaped
+    strings redacted, and the value of every query parameter named for a credential. The key is
+    made from the path as sent, so requests differing only there are still told apart."""
+    route, mark, query = path.partition("?")
+    if mark:
+        query = "&".join(map(_redact_parameter, query.split("&")))
+    return _SECRET.sub(REDACTED, route + mark + query)
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, _, value = parameter.partition("=")
+    word = "".join(c for c in unquote_plus(name).lower() if c.isalnum())
+    if value and word.endswith(_CREDENTIAL_NAMES):
+        return f"{name}={REDACTED}"
+    return parameter
 
 
 def _map_strings(value: Any, change: Callable[[str], str]) -> Any:

@@ -18,6 +18,7 @@ from proxy.recording import (
     inexact_number,
     pick_sample,
     redact,
+    redact_path,
     stored_headers,
 )
 from proxy.sse import Event
@@ -370,6 +371,38 @@ REDACTIONS = [
 )
 def test_redact(value: Any, expected: Any) -> None:
     assert redact(value) == expected
+
+
+GOOGLE_KEY = "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jk"  # no sk- shape: named by its parameter
+KEPT = "/v1/x?api-version=2024-10-21&limit=3&max_tokens=5&order=asc"
+PATHS = [
+    ("gemini key", f"/v1/x?key={GOOGLE_KEY}&alt=sse", f"/v1/x?key={REDACTED}&alt=sse"),
+    ("azure key", "/v1/x?api-version=1&api-key=0a1b", f"/v1/x?api-version=1&api-key={REDACTED}"),
+    ("api_key", "/v1/x?api_key=a1", f"/v1/x?api_key={REDACTED}"),
+    ("apikey", "/v1/x?apikey=a1", f"/v1/x?apikey={REDACTED}"),
+    ("header-like name", "/v1/x?X-Api-Key=a1", f"/v1/x?X-Api-Key={REDACTED}"),
+    ("camel case", "/v1/x?accessToken=a1", f"/v1/x?accessToken={REDACTED}"),
+    ("percent-encoded name", "/v1/x?api%5Fkey=a1", f"/v1/x?api%5Fkey={REDACTED}"),
+    ("access_token", "/v1/x?access_token=a1", f"/v1/x?access_token={REDACTED}"),
+    ("token", "/v1/x?token=a1", f"/v1/x?token={REDACTED}"),
+    ("auth", "/v1/x?auth=a1", f"/v1/x?auth={REDACTED}"),
+    ("client secret", "/v1/x?client_secret=a1", f"/v1/x?client_secret={REDACTED}"),
+    ("password", "/v1/x?PASSWORD=a1", f"/v1/x?PASSWORD={REDACTED}"),
+    ("signature", "/v1/x?sv=1&sig=a1", f"/v1/x?sv=1&sig={REDACTED}"),
+    ("amazon signature", "/v1/x?X-Amz-Signature=b2", f"/v1/x?X-Amz-Signature={REDACTED}"),
+    ("sk- key anywhere", f"/v1/files/{SECRET}?q={SECRET}", f"/v1/files/{REDACTED}?q={REDACTED}"),
+    ("other parameters kept", KEPT, KEPT),
+    ("empty value kept", "/v1/x?key=&token", "/v1/x?key=&token"),
+    ("no query", "/v1/chat/completions", "/v1/chat/completions"),
+]
+
+
+@pytest.mark.parametrize(("path", "expected"), [c[1:] for c in PATHS], ids=[c[0] for c in PATHS])
+def test_redact_path_redacts_credentials_in_the_query_string_whatever_their_shape(
+    path: str, expected: str
+) -> None:
+    assert redact_path(path) == expected
+    assert redact_path(expected) == expected  # once redacted, stays as it is
 
 
 def test_redact_does_not_modify_its_argument() -> None:

@@ -3,14 +3,27 @@ and the key is computed before redaction so the request still matches."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from pathlib import Path
 
-from tests.conftest import RunningProxy, StartProxy
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from proxy.app import AccessLog, create_app
+from proxy.config import Config
+from tests.conftest import RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, completion, responses_request
+from tests.servers import BackgroundLoop
 
 # Built at run time so that no key-shaped string is committed.
 SECRET = "sk-" + "proj-" + "A1b2C3d4" * 6
 BEARER = "Bearer " + "eyJ" + "x9Y8z7W6" * 5
+# A Google-style key: not sk- shaped, so only the name of its query parameter says what it is.
+QUERY_KEY = "AIza" + "SyD9tSrke72PouQMnMX" + "a7eZSW0jkFMBWY"
+CHAT = "/v1/chat/completions"
 
 
 def stored_bytes(root: Path) -> bytes:
@@ -162,3 +175,85 @@ def test_a_miss_never_repeats_a_key_in_the_query_string(
     assert SECRET not in message
     assert "?api_key=<redacted>" in message
     assert "differs at" in message and "seed" in message  # the nearest one is found
+
+
+@pytest.mark.parametrize("name", ["key", "api_key", "api-key", "access_token", "sig"])
+def test_a_credential_in_the_query_string_of_any_shape_is_not_stored_logged_or_shown(
+    name: str,
+    loop: BackgroundLoop,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    store = f"files:{tmp_path / 'rec'}"
+    config = Config.build(upstream=upstream.url + "/v1", store=store)
+    access_log = logging.getLogger("seedcache.access")
+    running = loop.start_app(create_app(config), access_log=access_log, access_log_class=AccessLog)
+    proxy = RunningProxy(running, config, loop)
+    path = f"{CHAT}?{name}={QUERY_KEY}&api-version=1"
+    try:
+        first = proxy.request("POST", path, chat_request())
+        again = proxy.request("POST", path, chat_request())
+        other = proxy.request("POST", path.replace(QUERY_KEY, "another-key-0001"), chat_request())
+        missed = proxy.request(
+            "POST", path, chat_request(seed=7), headers={"X-Seedcache-Mode": "replay"}
+        )
+        listing = proxy.request("GET", "/_seedcache/recordings").json()
+        deadline = time.monotonic() + 5
+        while len(access_lines(caplog)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        proxy.stop()
+    listed = CliRunner().invoke(main, ["ls", "--store", store])
+
+    assert [status(r) for r in (first, again, other)] == ["recorded", "hit", "recorded"]
+    # The key is made from the request as sent: another credential, another recording.
+    assert other.headers["x-seedcache-key"] != first.headers["x-seedcache-key"]
+    assert upstream.calls[0].path == path
+    shown = f"{CHAT}?{name}=<redacted>&api-version=1"
+    assert QUERY_KEY.encode() not in stored_bytes(tmp_path / "rec")
+    assert [r.path for r in proxy.recordings()] == [shown, shown]
+    message = missed.json()["error"]["message"]
+    assert missed.status == 404 and shown in message and "differs at" in message
+    assert len(access_lines(caplog)) == 5
+    assert all(shown in line for line in access_lines(caplog)[:4])
+    assert not [r for r in caplog.records if QUERY_KEY in r.getMessage()]
+    assert QUERY_KEY not in json.dumps(listing) + message
+    assert listed.exit_code == 0 and shown in listed.output
+    assert QUERY_KEY not in listed.output
+
+
+def test_a_recording_made_with_the_credential_in_its_path_is_shown_and_explained_without_it(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # What a seedcache before this one stored: the path as sent.
+    store = f"files:{tmp_path / 'rec'}"
+    path = f"{CHAT}?key={QUERY_KEY}"
+    key = start_proxy(store=store).request("POST", path, chat_request()).headers["x-seedcache-key"]
+    stored = tmp_path / "rec" / f"{key}.json"
+    data = json.loads(stored.read_text())
+    data["request"]["path"] = path
+    stored.write_text(json.dumps(data))
+    replay = start_proxy(store=store, mode="replay")
+
+    hit = replay.request("POST", path, chat_request())
+    missed = replay.request("POST", path, chat_request(seed=7))
+    listing = replay.request("GET", "/_seedcache/recordings").json()
+    runner = CliRunner()
+    listed = runner.invoke(main, ["ls", "--store", store, "--path", path])
+    as_json = runner.invoke(main, ["ls", "--store", store, "--json"])
+    removed = runner.invoke(main, ["rm", "--store", store, key[:12]])
+
+    assert status(hit) == "hit"
+    message = missed.json()["error"]["message"]
+    assert missed.status == 404 and "differs at" in message  # the nearest one is still found
+    assert listing["recordings"][0]["path"] == f"{CHAT}?key=<redacted>"
+    assert f"{CHAT}?key=<redacted>" in listed.output  # --path finds it, given as sent
+    assert removed.exit_code == 0 and f"{CHAT}?key=<redacted>" in removed.output
+    for shown in (message, json.dumps(listing), listed.output, as_json.output, removed.output):
+        assert QUERY_KEY not in shown
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "seedcache.access"]
