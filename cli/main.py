@@ -181,8 +181,16 @@ def serve_option(*decls: str, **attrs: Any) -> Callable[[F], F]:
 )
 def serve(**options: Any) -> None:
     """Run the proxy. Point OPENAI_BASE_URL at the URL it prints."""
-    options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
+    variable = env("access-token")
+    if not options.get("access_tokens") and variable in os.environ:
+        # click takes an empty variable for an unset one, but whoever set it (`${TOKEN}` in a
+        # compose file) asked for access control: without a token the proxy would answer anyone.
+        raise ConfigError(
+            f"{variable} is set but holds no token: the proxy would answer anyone; give the "
+            f"token, or unset {variable}"
+        )
     try:
+        options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
         config = Config.build(**options)
         if config.workers > 1 and config.port == 0:
             raise ConfigError("--workers needs a fixed --port", options=("workers", "port"))
@@ -488,17 +496,28 @@ def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.soc
 
 
 def read_tokens(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Access tokens as given, with `@FILE` values read one token per line."""
+    """Access tokens as given, with `@FILE` values read one token per line. A value that yields
+    no token is refused: the proxy would answer anyone, when access control was asked for."""
     tokens: list[str] = []
     for value in values:
-        if value.startswith("@"):
-            try:
-                with open(value[1:], encoding="utf-8") as handle:
-                    tokens.extend(line.strip() for line in handle if line.strip())
-            except OSError as exc:
-                raise ConfigError(f"cannot read access tokens from {value[1:]}: {exc}") from None
-        elif value.strip():
-            tokens.append(value.strip())
+        if not value.startswith("@"):
+            tokens.append(value.strip())  # an empty one is Config's to refuse
+            continue
+        try:
+            with open(value[1:], encoding="utf-8") as handle:
+                read = [line.strip() for line in handle if line.strip()]
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read access tokens from {value[1:]}: {exc}", options=("access_tokens",)
+            ) from None
+        if not read:
+            # An empty secret mount, say.
+            raise ConfigError(
+                f"--access-token {value} holds no token: the proxy would answer anyone; put "
+                "one token per line in it",
+                options=("access_tokens",),
+            )
+        tokens.extend(read)
     return tuple(tokens)
 
 

@@ -205,6 +205,13 @@ class Config:
                     f"or path (any port is allowed), got {name!r}",
                     options=("allowed_hosts",),
                 )
+        if any(not token.strip() for token in self.access_tokens):
+            # `--access-token "$TOKEN"` with TOKEN unset: the proxy would answer anyone.
+            raise ConfigError(
+                "--access-token is empty: the proxy would answer anyone; give the token "
+                "(is the variable that should hold it unset?)",
+                options=("access_tokens",),
+            )
         if self.upstream_api_key_env and not os.environ.get(self.upstream_api_key_env):
             raise ConfigError(
                 f"--upstream-api-key-env names {self.upstream_api_key_env}, which is not set",

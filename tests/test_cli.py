@@ -394,6 +394,57 @@ def test_a_setting_refused_is_blamed_on_its_own_variable_only(
         assert "environment" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (("--access-token", ""), {}, "--access-token is empty: the proxy would answer anyone"),
+        (
+            ("--access-token", "team-token", "--access-token", "  "),
+            {},
+            "--access-token is empty: the proxy would answer anyone",
+        ),
+        (("--access-token", "@{empty}"), {}, "--access-token @{empty} holds no token"),
+        (
+            (),
+            {"SEEDCACHE_ACCESS_TOKEN": ""},
+            "SEEDCACHE_ACCESS_TOKEN is set but holds no token",
+        ),
+        (
+            (),
+            {"SEEDCACHE_ACCESS_TOKEN": "  "},
+            "SEEDCACHE_ACCESS_TOKEN is set but holds no token",
+        ),
+        (
+            (),
+            {"SEEDCACHE_ACCESS_TOKEN": "@{empty}"},
+            "holds no token: the proxy would answer anyone; put one token per line in it "
+            "(set in the environment: SEEDCACHE_ACCESS_TOKEN)",
+        ),
+    ],
+    ids=["empty", "one-blank", "empty-file", "empty-variable", "blank-variable", "variable-file"],
+)
+def test_serve_refuses_access_control_that_yields_no_token(
+    args: tuple[str, ...],
+    env: dict[str, str],
+    says: str,
+    captured_run_app: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    # An empty secret mount, an unset shell variable, `${TOKEN}` in a compose file: each used to
+    # start a proxy that answered anyone, without a word.
+    empty = tmp_path / "tokens.txt"
+    empty.write_text("\n  \n")
+    args = tuple(arg.format(empty=empty) for arg in args)
+    env = {name: value.format(empty=empty) for name, value in env.items()}
+
+    result = run("serve", "--port", "0", "--store", str(tmp_path / "s"), *args, env=env)
+
+    assert result.exit_code == 2
+    assert says.format(empty=empty) in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert "app" not in captured_run_app  # nothing was started
+
+
 def test_a_bad_value_on_the_command_line_is_not_said_to_come_from_the_environment(
     captured_run_app: dict[str, Any],
 ) -> None:

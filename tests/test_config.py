@@ -70,6 +70,7 @@ def test_defaults_live_in_config() -> None:
         ({"allowed_hosts": ["https://seedcache.test"]}, "without scheme, port or path"),
         ({"allowed_hosts": ["[::2]"]}, "--allow-host takes"),
         ({"allowed_hosts": [" "]}, "--allow-host takes"),
+        ({"access_tokens": ("team-token", "")}, "--access-token is empty"),
     ],
 )
 def test_invalid_values_are_refused(options: dict[str, object], message: str) -> None:
