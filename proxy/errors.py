@@ -45,7 +45,9 @@ class ProxyError(SeedcacheError):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
+        # Text a client sent that is not UTF-8 (aiohttp keeps such bytes as lone surrogates)
+        # cannot be written as JSON: escaped, it cannot turn the error into a crash of its own.
+        self.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         self.type = type
         self.code = code
         self.param = param

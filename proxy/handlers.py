@@ -235,6 +235,8 @@ class Incoming:
     method: str
     path: str
     raw: bytes
+    # The client's API key (`client_key`), read once, before anything is done with the request.
+    api_key: str
     body: Any
     mode: Mode
     read: bool
@@ -453,7 +455,7 @@ class Handlers:
                 error.headers[KEY] = canon.key
                 raise error
             if isinstance(outcome, Relayed):
-                if outcome.origin == origin_of(incoming.raw, client_key(request.headers)):
+                if outcome.origin == origin_of(incoming.raw, incoming.api_key):
                     return outcome.response()
             elif outcome is False:
                 # Its 2xx was no answer to record (an HTML page, an error frame): each waiter
@@ -470,7 +472,8 @@ class Handlers:
 
     async def _incoming(self, request: web.Request) -> Incoming:
         method = request.method.upper()
-        namespace = request.headers.get("X-Seedcache-Namespace", self.namespace)
+        api_key = client_key(request.headers)
+        namespace = request_header(request.headers, "X-Seedcache-Namespace", self.namespace)
         # The path as sent, still percent-encoded: forwarded and keyed as it is, so that an
         # encoded `/` or `?` inside an id stays part of the id.
         path = request.rel_url.raw_path
@@ -489,7 +492,7 @@ class Handlers:
         path = normalise_path(path, request.rel_url.raw_query_string)
         mode = self._mode(request)
         if self.config.isolate_by_key:
-            namespace = await self._isolated(namespace, request, mode)
+            namespace = await self._isolated(namespace, api_key, mode)
         if problem := namespace_problem(namespace):
             raise bad_request(f"{problem[0].upper()}{problem[1:]}.", code="invalid_namespace")
         try:
@@ -557,6 +560,7 @@ class Handlers:
             method,
             path,
             raw,
+            api_key,
             body,
             mode,
             read,
@@ -568,10 +572,9 @@ class Handlers:
             turns=turns,
         )
 
-    async def _isolated(self, namespace: str, request: web.Request, mode: Mode) -> str:
-        """`--isolate-by-key`: the namespace plus a salted hash of the client's API key, so that
-        on a shared store one tenant is never served another tenant's recordings."""
-        secret = client_key(request.headers)
+    async def _isolated(self, namespace: str, secret: str, mode: Mode) -> str:
+        """`--isolate-by-key`: the namespace plus a salted hash of the client's API key (`secret`),
+        so that on a shared store one tenant is never served another tenant's recordings."""
         if not secret:
             raise ProxyError(
                 401,
@@ -616,7 +619,7 @@ class Handlers:
             return salt
 
     def _mode(self, request: web.Request) -> Mode:
-        asked = request.headers.get("X-Seedcache-Mode")
+        asked = request_header(request.headers, "X-Seedcache-Mode")
         if self.config.mode is Mode.REPLAY or not asked:
             # A replay server never contacts upstream, whatever a request says.
             return self.config.mode
@@ -1137,7 +1140,7 @@ class Handlers:
         elif isinstance(outcome, ProxyError):
             # Unreachable, timed out, broken off.
             posted = {"failure": outcome.fields()}
-        elif isinstance(outcome, Relayed) and self._shareable(request, incoming, outcome):
+        elif isinstance(outcome, Relayed) and self._shareable(incoming, outcome):
             # The upstream's error answer, for the waiters that sent the same (`origin`).
             posted = {"relayed": outcome.fields()}
         else:
@@ -1148,7 +1151,7 @@ class Handlers:
         with contextlib.suppress(StoreError):
             await store.post(name, orjson.dumps(posted), SHARED_OUTCOME_TTL_MS)
 
-    def _shareable(self, request: web.Request, incoming: Incoming, relayed: Relayed) -> bool:
+    def _shareable(self, incoming: Incoming, relayed: Relayed) -> bool:
         """Whether an upstream error answer may be posted in the shared store: a small one that
         repeats no secret of the request (an API key quoted back by a 401, say), since the
         store keeps no secret of a request either."""
@@ -1156,7 +1159,7 @@ class Handlers:
             return False
         values = [value for _, value in relayed.headers]
         # The client's key whatever its shape (a local server's, Azure's): a 401 may quote it.
-        secrets = {*self._secrets(request, incoming), client_key(request.headers)} - {""}
+        secrets = {*self._secrets(incoming), incoming.api_key} - {""}
         return not any(
             secret.encode() in relayed.body or any(secret in value for value in values)
             for secret in secrets
@@ -1180,7 +1183,7 @@ class Handlers:
         if "failure" in left:
             raise failure_from(left["failure"], key)
         relayed = Relayed.from_fields(left["relayed"])
-        if relayed.origin != origin_of(incoming.raw, client_key(request.headers)):
+        if relayed.origin != origin_of(incoming.raw, incoming.api_key):
             return None  # its error may come from what the key leaves out: our own call
         return relayed.response()
 
@@ -1221,7 +1224,7 @@ class Handlers:
                     body = await read_body(live)
                     headers[STATUS] = "bypass" if flight is None else "miss"
                     if flight is not None:
-                        origin = origin_of(incoming.raw, client_key(request.headers))
+                        origin = origin_of(incoming.raw, incoming.api_key)
                         relayed = Relayed(live.status, tuple(headers.items()), body, origin)
                         flight.set_result(relayed)
                     return web.Response(status=live.status, headers=headers, body=body)
@@ -1231,7 +1234,7 @@ class Handlers:
                 body = await read_body(live)
                 sample = None
                 if flight is not None:
-                    known = self._secrets(request, incoming)
+                    known = self._secrets(incoming)
                     sample = self._body_sample(incoming, live, body, started, known)
                     recorded = sample is not None and await self._recorded(
                         self._record(request, incoming, sample, flight, headers, len(body)),
@@ -1264,12 +1267,12 @@ class Handlers:
         self.metrics.count(outcome, incoming.model)
         return response
 
-    def _secrets(self, request: web.Request, incoming: Incoming) -> tuple[str, ...]:
+    def _secrets(self, incoming: Incoming) -> tuple[str, ...]:
         """The secrets of a request that its answer may echo and no recording may hold, longest
         first: the API-key shaped strings of its body (stored redacted), and the API keys it is
         sent with."""
         found = secrets_in(incoming.body, incoming.raw)
-        for key in (client_key(request.headers), self.upstream.api_key):
+        for key in (incoming.api_key, self.upstream.api_key):
             if key and looks_secret(key):
                 found.add(key)
         return tuple(sorted(found, key=len, reverse=True))
@@ -1370,7 +1373,7 @@ class Handlers:
                 request.transport.close()
             return self._unrecorded_stream(request, incoming, response, flight)
         events.extend(decoder.flush())
-        known = self._secrets(request, incoming)
+        known = self._secrets(incoming)
         sample = self._sample(live, started, events=tuple(redact_event(e, known) for e in events))
         outcome = status_of(headers)
         unrecordable = (
@@ -1712,11 +1715,27 @@ def origin_of(raw: bytes, api_key: str) -> str:
 
 def client_key(headers: Mapping[str, str]) -> str:
     """The client's API key: a bearer token, or Azure's `api-key` header."""
-    authorization = headers.get("Authorization", "")
+    authorization = request_header(headers, "Authorization")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return headers.get("api-key", "").strip()
+    return request_header(headers, "api-key").strip()
+
+
+def request_header(headers: Mapping[str, str], name: str, default: str = "") -> str:
+    """A request header seedcache reads; a 400 naming it when its value is not UTF-8 text."""
+    value = headers.get(name, default)
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # aiohttp keeps bytes that are not UTF-8 (a latin-1 client's é) as lone surrogates,
+            # which no message, log line, JSON or digest can take as they are.
+            raise bad_request(
+                f"The {name} header is not UTF-8 text; send it encoded as UTF-8.",
+                code="invalid_header",
+            ) from None
+    return value
 
 
 def namespaces_phrase(namespaces: list[str]) -> str:
@@ -1742,7 +1761,7 @@ def pin_hint(samples: Iterable[Sample]) -> str:
 def pinned_fingerprint(request: web.Request) -> str | None:
     """The fingerprint a request pins with X-Seedcache-Fingerprint, if any."""
     # A template whose variable is unset sends the header empty: no pin.
-    return request.headers.get(FINGERPRINT, "").strip() or None
+    return request_header(request.headers, FINGERPRINT).strip() or None
 
 
 # Why an answer holding a number orjson cannot write exactly is relayed but not recorded.

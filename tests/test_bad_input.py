@@ -10,11 +10,13 @@ import socket
 import threading
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from proxy import handlers
 from proxy.app import BadHttpLine
+from proxy.errors import ProxyError
 from tests.conftest import HTTPResult, RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
 from tests.servers import BackgroundLoop
@@ -305,6 +307,57 @@ def test_an_invalid_namespace_header_is_a_400(
     assert_error(result, 400, code="invalid_namespace")
     assert upstream.count() == 0
     assert proxy.recordings() == []
+
+
+# A latin-1 client sends é as the byte 0xe9, which is no UTF-8.
+NOT_UTF8 = [
+    ("X-Seedcache-Fingerprint", b"fp_caf\xe9"),
+    ("X-Seedcache-Mode", b"r\xe9play"),
+    ("X-Seedcache-Namespace", b"caf\xe9"),
+    ("Authorization", b"Bearer caf\xe9-0123456789"),
+    ("api-key", b"caf\xe9-0123456789"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), NOT_UTF8, ids=[n for n, _ in NOT_UTF8])
+@pytest.mark.parametrize("tokens", [(), ("team-token",)], ids=["open", "access-token"])
+def test_a_header_seedcache_reads_that_is_not_utf8_is_a_400_naming_it(
+    name: str,
+    value: bytes,
+    tokens: tuple[str, ...],
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The pin went into the miss message raw, which orjson could not write: aiohttp's plain-text
+    # 500 and a traceback; the API key, into digests that could not take it: a 500.
+    proxy = start_proxy(access_tokens=tokens)
+    token = {"Authorization": "Bearer team-token"} if tokens else {}
+    proxy.request("POST", CHAT, chat_request(), headers=token)  # recorded: the pin is read
+    headers: dict[str, Any] = {**token, name: value}
+    if name == "api-key":
+        headers["Authorization"] = ""
+
+    result = proxy.request("POST", CHAT, chat_request(), headers=headers)
+
+    error = assert_error(result, 400, code="invalid_header")
+    assert error["message"] == f"The {name} header is not UTF-8 text; send it encoded as UTF-8."
+    assert upstream.count() == 1
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    again = proxy.request("POST", CHAT, chat_request(seed=99), headers=token)
+    assert again.status == 200
+
+
+def test_an_error_quoting_text_that_is_not_utf8_can_still_be_sent() -> None:
+    # Whatever message quotes what a client sent, the error envelope can be written as JSON.
+    error = ProxyError(404, "no sample has fingerprint fp_caf\udce9 (X-Seedcache-Fingerprint)")
+
+    sent = json.loads(orjson.dumps(error.envelope()))
+
+    assert sent["error"]["message"] == (
+        "no sample has fingerprint fp_caf\\udce9 (X-Seedcache-Fingerprint)"
+    )
+    assert json.loads(orjson.dumps(error.fields()))["message"] == sent["error"]["message"]
 
 
 @pytest.mark.parametrize("namespace", ["aux", "com1", "con.eu", "build."])
