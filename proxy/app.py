@@ -25,7 +25,7 @@ from proxy.audit import READ_BATCH, parse_since, read_events, summarise
 from proxy.config import Config, Mode, StoreSpec, is_loopback
 from proxy.errors import FormatError, ProxyError, StoreError, bad_request
 from proxy.handlers import KEY, OUTCOME, STARTED, STATUS, Handlers, client_key
-from proxy.recording import Recording, redact_path
+from proxy.recording import Recording, printable, redact_path
 from proxy.report import totals
 from proxy.stores.base import Deferred, Store, open_store
 from proxy.upstream import Upstream
@@ -352,12 +352,12 @@ def cut_off(
     """A failure after a stream's headers have left: no error response can follow them, and
     ending the body cleanly would pass a cut answer off as whole. Close the connection instead."""
     if isinstance(exc, ConnectionError):
-        log.info("client disconnected during %s %s", request.method, request.path)
+        log.info("client disconnected during %s %s", request.method, printable(request.path))
     else:
         log.error(
             "failed during the stream of %s %s; connection closed: %s",
             request.method,
-            request.path,
+            printable(request.path),
             exc,
             exc_info=not isinstance(exc, (ProxyError, StoreError, FormatError)),
         )
@@ -373,7 +373,7 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
     error = _as_proxy_error(request, exc)
     if error is None:
         # The client went away mid-response; aiohttp drops the connection quietly.
-        log.info("client disconnected during %s %s", request.method, request.path)
+        log.info("client disconnected during %s %s", request.method, printable(request.path))
         return web.Response(status=499)
     if error.type not in _COUNTED_APART and HANDLERS in request.app:
         request.app[HANDLERS].metrics.error(error.code or error.type)
@@ -388,7 +388,7 @@ def _as_proxy_error(request: web.Request, exc: Exception) -> ProxyError | None:
     if isinstance(exc, ProxyError):
         return exc
     if isinstance(exc, StoreError):
-        line = ("store failure on %s %s: %s", request.method, request.path, exc)
+        line = ("store failure on %s %s: %s", request.method, printable(request.path), exc)
         if HANDLERS in request.app:
             request.app[HANDLERS].store_failures.error(*line)
         else:
@@ -401,7 +401,9 @@ def _as_proxy_error(request: web.Request, exc: Exception) -> ProxyError | None:
             retry=True,
         )
     if isinstance(exc, FormatError):
-        log.error("unreadable recording for %s %s: %s", request.method, request.path, exc)
+        log.error(
+            "unreadable recording for %s %s: %s", request.method, printable(request.path), exc
+        )
         return ProxyError(
             500,
             f"A stored recording could not be read: {exc}",
@@ -420,7 +422,7 @@ def _as_proxy_error(request: web.Request, exc: Exception) -> ProxyError | None:
                 "bytes; raise it with --max-body or SEEDCACHE_MAX_BODY."
             )
         return ProxyError(exc.status, message, code=code)
-    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    log.error("unexpected error on %s %s", request.method, printable(request.path), exc_info=exc)
     return ProxyError(
         500,
         "seedcache hit an internal error; the log has the details.",

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from proxy.divergence import Comparison, compare, is_divergence, output_text
-from proxy.recording import Recording, Sample, parse_time, redact_path, utc_now
+from proxy.recording import Recording, Sample, parse_time, printable, redact_path, utc_now
 from proxy.stores.base import Store
 
 log = logging.getLogger("seedcache")
@@ -88,22 +88,24 @@ class AuditLog:
     async def write(self, event: Mapping[str, Any]) -> None:
         """Append one event; a divergence is also one WARNING line."""
         line = orjson.dumps(event)
+        # The models are the client's and the upstream's words, the fingerprints the upstream's:
+        # printable, so that none can forge a line of the log.
         if is_divergence(str(event.get("verdict"))):
             recorded, live = event.get("recorded_fingerprint"), event.get("live_fingerprint")
             log.warning(
                 "divergence on key %s: model %s, verdict %s, fingerprint %s",
                 str(event.get("key", ""))[:12],
-                event.get("model"),
+                printable(event.get("model")),
                 event.get("verdict"),
-                f"{recorded} -> {live}" if recorded != live else f"{live} (unchanged)",
+                printable(f"{recorded} -> {live}" if recorded != live else f"{live} (unchanged)"),
             )
         elif model_changed(event):
             # The same output from another snapshot: no divergence, but the backend changed.
             log.warning(
                 "model snapshot changed on key %s: %s -> %s, same output",
                 str(event.get("key", ""))[:12],
-                event.get("recorded_response_model"),
-                event.get("response_model"),
+                printable(event.get("recorded_response_model")),
+                printable(event.get("response_model")),
             )
         if self.path:
             await asyncio.get_running_loop().run_in_executor(None, _append_line, self.path, line)

@@ -491,6 +491,25 @@ def _constant(name: str) -> float:
     raise _Inexact(name)
 
 
+def printable(text: object) -> str:
+    """Text a client or an upstream chose (a model, a path, a fingerprint) as a log line or a
+    terminal may show it: control characters, line and paragraph separators, bidirectional
+    overrides and lone surrogates written as Python escapes them (`\\x1b`, `\\n`), so that it
+    can neither start a line of its own nor drive the terminal (clear it, retitle it)."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def _escape(found: re.Match[str]) -> str:
+    return found[0].encode("unicode_escape").decode("ascii")
+
+
+# C0 and C1 controls and DEL; U+2028/2029, which some viewers break lines at; the bidirectional
+# embeddings, overrides and isolates, which reorder what is shown; lone surrogates.
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
 def redact(value: Any) -> Any:
     """`value` with API-key shaped strings replaced, recursively through JSON containers (member
     names included)."""

@@ -399,6 +399,28 @@ def test_a_divergence_is_one_warning_line(
     assert proxy.stats()["divergences"] == 1
 
 
+def test_models_a_client_or_upstream_chose_cannot_forge_lines_of_the_log(
+    start_proxy: StartProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = start_proxy(mode="audit")
+    model = "gpt-4o\n2026-11-26 13:00:00,000 ERROR seedcache: FORGED line\x1b[2J"
+    send(proxy, "chat", model=model)
+    with caplog.at_level(logging.WARNING, logger="seedcache"):
+        upstream.model_suffix = "-2025-01-01\u2028\r"  # the same output from another snapshot
+        send(proxy, "chat", model=model)
+        upstream.nondeterministic = True
+        send(proxy, "chat", model=model)
+
+    changed, diverged = [r.getMessage() for r in caplog.records if r.name == "seedcache"]
+    escaped = "gpt-4o\\n2026-11-26 13:00:00,000 ERROR seedcache: FORGED line\\x1b[2J"
+    assert changed.startswith("model snapshot changed on key ")
+    assert f": {escaped}-2024-07-18 -> {escaped}-2025-01-01\\u2028\\r, same output" in changed
+    assert diverged.startswith("divergence on key ")
+    assert f"model {escaped}, verdict content" in diverged
+    for line in (changed, diverged):
+        assert not any(c in line for c in "\n\r\x1b\u2028")
+
+
 def test_an_event_names_both_model_snapshots(
     start_proxy: StartProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -19,7 +19,7 @@ from proxy.app import BadHttpLine
 from proxy.errors import ProxyError
 from tests.conftest import HTTPResult, RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request
-from tests.servers import BackgroundLoop
+from tests.servers import BackgroundLoop, free_port
 
 CHAT = "/v1/chat/completions"
 
@@ -307,6 +307,27 @@ def test_an_invalid_namespace_header_is_a_400(
     assert_error(result, 400, code="invalid_namespace")
     assert upstream.count() == 0
     assert proxy.recordings() == []
+
+
+def test_a_path_cannot_forge_lines_of_the_log(
+    start_proxy: StartProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Redis that cannot be reached: the tenant's salt cannot be read, whatever the path, and the
+    # failure is logged with the path, which aiohttp has percent-decoded. (A path with a line feed
+    # matches no route; a carriage return overwrites the line on a terminal.)
+    proxy = start_proxy(isolate_by_key=True, store=f"redis://127.0.0.1:{free_port()}/0")
+    path = "/v1/files%0D2026-11-26%2013:00:00,000%20ERROR%20seedcache:%20FORGED%1B[2J"
+
+    with caplog.at_level(logging.ERROR, logger="seedcache"):
+        result = proxy.request("GET", path)
+
+    assert result.status == 503
+    [line] = [r.getMessage() for r in caplog.records if r.name == "seedcache"]
+    assert line.startswith(
+        "store failure on GET /v1/files\\r2026-11-26 13:00:00,000 ERROR seedcache: FORGED\\x1b[2J: "
+    )
+    assert "\r" not in line and "\x1b" not in line
+    assert upstream.count() == 0
 
 
 # A latin-1 client sends é as the byte 0xe9, which is no UTF-8.

@@ -17,6 +17,7 @@ from proxy.recording import (
     Sample,
     inexact_number,
     pick_sample,
+    printable,
     redact,
     redact_path,
     stored_headers,
@@ -468,3 +469,22 @@ def test_inexact_number_says_which_number_no_recording_can_hold(
     text: bytes, why: str | None
 ) -> None:
     assert inexact_number(text) == inexact_number(text.decode()) == why
+
+
+PRINTABLE = [
+    ("gpt-4o-mini", "gpt-4o-mini"),
+    ("café 日本語 — “ok”", "café 日本語 — “ok”"),
+    ("a\nb\rc\td", "a\\nb\\rc\\td"),
+    ("\x1b[2J\x1b]0;owned\x07", "\\x1b[2J\\x1b]0;owned\\x07"),
+    ("\x7f\x85\x9b", "\\x7f\\x85\\x9b"),
+    ("a\u2028b\u2029c\u202ed\u2066e", "a\\u2028b\\u2029c\\u202ed\\u2066e"),
+    ("fp_caf\udce9", "fp_caf\\udce9"),
+    (None, "None"),
+]
+
+
+@pytest.mark.parametrize(("text", "shown"), PRINTABLE)
+def test_printable_escapes_what_could_break_a_line_or_drive_a_terminal(
+    text: str | None, shown: str
+) -> None:
+    assert printable(text) == shown
