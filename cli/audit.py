@@ -28,7 +28,7 @@ from proxy.config import (
     Config,
 )
 from proxy.errors import ConfigError, SeedcacheError
-from proxy.recording import redact_path
+from proxy.recording import printable, redact_path
 from proxy.stores.base import open_store
 
 if TYPE_CHECKING:
@@ -208,8 +208,9 @@ def verify(
             f"no recordings to verify in {shown(config.store)}: nothing was verified"
         )
     for failure in outcome.failures:
+        # The path a client sent, what the upstream said: neither may drive the terminal.
         path = redact_path(failure.path)
-        click.echo(f"failed {failure.key[:12]} {path}: {failure.message}", err=True)
+        click.echo(printable(f"failed {failure.key[:12]} {path}: {failure.message}"), err=True)
     if outcome.events:
         click.echo(report.text_table(summarise(outcome.events)))
     rate = outcome.divergence_rate

@@ -23,7 +23,15 @@ from proxy.audit import parse_since
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError, FormatError, SeedcacheError
 from proxy.keys import normalise_path
-from proxy.recording import EARLIEST, Recording, Sample, recorded_at, redact_path
+from proxy.recording import (
+    EARLIEST,
+    Recording,
+    Sample,
+    printable,
+    printable_json,
+    recorded_at,
+    redact_path,
+)
 from proxy.stores.base import Store, open_store
 from proxy.stores.files import recording_file
 
@@ -124,7 +132,8 @@ def _fingerprints_text(fingerprints: list[str | None]) -> str:
 def _describe(recording: Recording) -> str:
     model = recording.model or "-"
     path = redact_path(recording.path)
-    return f"{recording.key[:KEY_SHOWN]} {recording.method} {path} {model}"
+    # Whatever a client sent (or a file in a pull request says) must not drive the terminal.
+    return printable(f"{recording.key[:KEY_SHOWN]} {recording.method} {path} {model}")
 
 
 # --- store access -------------------------------------------------------------------------------
@@ -164,7 +173,7 @@ def _misnamed(found: Found, recording: Recording) -> bool:
         return False
     click.echo(
         f"seedcache: {found.key[:KEY_SHOWN]} holds a recording whose `key` member is "
-        f"{recording.key[:KEY_SHOWN]} (a copy under another name?): requests find it as "
+        f"{printable(recording.key[:KEY_SHOWN])} (a copy under another name?): requests find it as "
         f"{found.key[:KEY_SHOWN]}, the key it is stored under, and so do these commands",
         err=True,
     )
@@ -230,7 +239,9 @@ def ls(
         rows.append((when or EARLIEST, row))
     rows.sort(key=lambda pair: pair[0], reverse=True)
     if as_json:
-        click.echo(json.dumps([row for _, row in rows], indent=2, ensure_ascii=False))
+        click.echo(
+            printable_json(json.dumps([row for _, row in rows], indent=2, ensure_ascii=False))
+        )
         return
     if not rows:
         if found:
@@ -271,7 +282,10 @@ def _columns(row: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-def _table(lines: list[tuple[str, ...]]) -> str:
+def _table(rows: list[tuple[str, ...]]) -> str:
+    # Models, paths, fingerprints and namespaces are what clients and upstreams sent: printable,
+    # so that none can clear the screen or retitle the terminal of whoever lists them.
+    lines = [tuple(map(printable, cells)) for cells in rows]
     widths = [max(len(cells[i]) for cells in (_HEADER, *lines)) for i in range(len(_HEADER))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
@@ -304,7 +318,7 @@ def show(store: str | None, key: str) -> None:
             f"(seedcache rm --store {parsed.shown} {found.key[:KEY_SHOWN]}) to record it again"
         ) from None
     _misnamed(found, recording)  # shown as stored, `key` member included
-    click.echo(recording.dumps(pretty=True).decode(), nl=False)
+    click.echo(printable_json(recording.dumps(pretty=True).decode()), nl=False)
 
 
 # --- rm -----------------------------------------------------------------------------------------

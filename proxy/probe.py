@@ -25,6 +25,7 @@ from proxy.config import (
 )
 from proxy.divergence import ngram_cosine_distance
 from proxy.errors import ConfigError, SeedcacheError
+from proxy.recording import printable
 
 OPENING = 60
 SEEDED, UNSEEDED = "seeded", "unseeded"
@@ -252,7 +253,9 @@ def render(runs: Sequence[Run], groups: Sequence[GroupSummary]) -> str:
     return f"{runs_table}\n\n{_table(group_rows, numeric={1, 2, 4, 5})}\n{note}"
 
 
-def _table(rows: list[list[str]], *, numeric: set[int]) -> str:
+def _table(cells: list[list[str]], *, numeric: set[int]) -> str:
+    # Fingerprints and outputs are the upstream's: printable, so they cannot drive the terminal.
+    rows = [[printable(cell) for cell in row] for row in cells]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(

@@ -494,20 +494,28 @@ def _constant(name: str) -> float:
 def printable(text: object) -> str:
     """Text a client or an upstream chose (a model, a path, a fingerprint) as a log line or a
     terminal may show it: control characters, line and paragraph separators, bidirectional
-    overrides and lone surrogates written as Python escapes them (`\\x1b`, `\\n`), so that it
+    controls and lone surrogates written as Python escapes them (`\\x1b`, `\\n`), so that it
     can neither start a line of its own nor drive the terminal (clear it, retitle it)."""
     return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def printable_json(text: str) -> str:
+    """JSON text as json and orjson write it, with what they leave as it is but `printable`
+    escapes written as `\\u` escapes: the same JSON, and safe on a terminal. (They escape the C0
+    controls inside strings, and none of these characters can stand outside a string.)"""
+    return _UNPRINTABLE_IN_JSON.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
 
 
 def _escape(found: re.Match[str]) -> str:
     return found[0].encode("unicode_escape").decode("ascii")
 
 
-# C0 and C1 controls and DEL; U+2028/2029, which some viewers break lines at; the bidirectional
-# embeddings, overrides and isolates, which reorder what is shown; lone surrogates.
-_UNPRINTABLE = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
+# Escaped besides the C0 controls: DEL and the C1 controls (U+009B starts a command on some
+# terminals); U+2028/2029, which some viewers break lines at; the bidirectional embeddings,
+# overrides and isolates, which reorder what is shown.
+_BEYOND_C0 = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNPRINTABLE = re.compile(rf"[\x00-\x1f{_BEYOND_C0}\ud800-\udfff]")  # and lone surrogates
+_UNPRINTABLE_IN_JSON = re.compile(rf"[{_BEYOND_C0}]")
 
 
 def redact(value: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.audit import event_time, fingerprint_split
 from proxy.divergence import is_divergence
+from proxy.recording import printable
 
 # Spans up to this long are charted by hour, longer ones by day.
 HOURLY_SPAN = timedelta(days=2)
@@ -119,7 +120,8 @@ def _cell(name: str, value: Any) -> str:
         return f"{float(value) * 100:.1f}%"
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value)
+    # A model or fingerprint, as a client or the upstream sent it: it must not drive the terminal.
+    return printable(value)
 
 
 # --- HTML ---------------------------------------------------------------------------------------

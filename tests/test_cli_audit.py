@@ -714,6 +714,63 @@ def test_audit_prints_a_table(audit_log: Path) -> None:
     )
 
 
+# A model a client chose, a fingerprint or an error an upstream sent: clear the screen, retitle
+# the terminal, overwrite the line, an 8-bit CSI.
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\rfake\x9b31m"
+HOSTILE_SHOWN = "\\x1b[2J\\x1b]0;owned\\x07\\rfake\\x9b31m"
+
+
+def on_a_terminal(*args: str) -> Result:
+    """`seedcache` as a terminal shows it: click strips nothing (piped, it drops CSI only)."""
+    return CliRunner().invoke(
+        main, list(args), env={"OPENAI_API_KEY": API_KEY, "SEEDCACHE_STORE": None}, color=True
+    )
+
+
+def assert_escaped(result: Result) -> None:
+    assert not any(c in result.output for c in "\x1b\x07\r\x9b"), result.output
+
+
+def test_audit_prints_models_and_fingerprints_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    hostile = event("gpt" + HOSTILE, "fp" + HOSTILE, "content", ago=HOUR, ratio=0.5)
+    path.write_text(json.dumps(hostile) + "\n")
+
+    result = on_a_terminal("audit", "--audit-log", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert_escaped(result)
+    row = result.stdout.splitlines()[1]
+    assert row.split()[:3] == ["gpt" + HOSTILE_SHOWN, "fp" + HOSTILE_SHOWN, "1"]
+
+
+def test_verify_prints_an_upstream_error_escaped(
+    recorded_store: Path, upstream: FakeUpstream
+) -> None:
+    upstream.fail_next(400, {"error": {"message": "bad" + HOSTILE}}, times=100, path="/embeddings")
+
+    result = on_a_terminal(
+        "verify", "--store", str(recorded_store), "--upstream", upstream.base_url
+    )
+
+    assert result.exit_code == 1
+    assert_escaped(result)
+    assert "bad" + HOSTILE_SHOWN in result.stderr
+
+
+def test_probe_prints_a_fingerprint_and_an_output_escaped(upstream: FakeUpstream) -> None:
+    upstream.fingerprint = "fp" + HOSTILE
+
+    result = on_a_terminal(
+        "probe", "--model", "gpt-4o-mini", "--prompt", "Tell me a story.", "--upstream",
+        upstream.base_url, "--runs", "1",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert_escaped(result)
+    assert "fp" + HOSTILE_SHOWN in result.stdout
+
+
 def test_audit_html_is_a_self_contained_page_with_charts_and_escaped_texts(
     audit_log: Path, tmp_path: Path
 ) -> None:

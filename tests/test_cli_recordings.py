@@ -899,3 +899,38 @@ def test_no_command_prints_the_password_of_a_redis_store(
     assert all(output.strip() for output in outputs)
     leaked = [c[0] for c, output in zip(commands, outputs, strict=True) if "S3cr3t" in output]
     assert leaked == []
+
+
+# What a client of a shared proxy (or a recording in a pull request) can make a model: clear the
+# screen, retitle the terminal, overwrite the line, and an 8-bit CSI.
+HOSTILE = "gpt\x1b[2J\x1b]0;owned\x07\rfake\x9b31m\u202e"
+HOSTILE_SHOWN = "gpt\\x1b[2J\\x1b]0;owned\\x07\\rfake\\x9b31m\\u202e"
+
+
+def test_text_a_client_chose_reaches_the_terminal_escaped(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    spec = str(tmp_path / "disk")
+    key = send(start_proxy(store=spec), chat_request(model=HOSTILE))
+
+    def on_a_terminal(*args: str) -> Result:
+        # color=True: click strips nothing, as on a terminal (piped, it drops CSI sequences only).
+        return CliRunner().invoke(main, [*args, "--store", spec], color=True)
+
+    listed = on_a_terminal("ls")
+    as_json = on_a_terminal("ls", "--json")
+    shown = on_a_terminal("show", key[:12])
+    pruned = on_a_terminal("prune", "--model", HOSTILE, "--dry-run")
+    removed = on_a_terminal("rm", key[:12])
+
+    for result in (listed, as_json, shown, pruned, removed):
+        assert result.exit_code == 0, result.output
+        assert not any(c in result.output for c in "\x1b\x07\r\x9b\u202e"), result.output
+    [row] = listed.stdout.splitlines()[1:]
+    assert row.split()[1:4] == ["/v1/chat/completions", HOSTILE_SHOWN, "123"]
+    described = f"{key[:12]} POST /v1/chat/completions {HOSTILE_SHOWN}"
+    assert f"would drop 1 of 1 samples from {described} (no samples left" in pruned.stdout
+    assert removed.stdout == f"removed {described}\n"
+    # JSON stays JSON, of the very same text.
+    assert json.loads(as_json.stdout)[0]["model"] == HOSTILE
+    assert json.loads(shown.stdout)["request"]["body"]["model"] == HOSTILE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ from proxy.recording import (
     inexact_number,
     pick_sample,
     printable,
+    printable_json,
     redact,
     redact_path,
     stored_headers,
@@ -488,3 +490,13 @@ def test_printable_escapes_what_could_break_a_line_or_drive_a_terminal(
     text: str | None, shown: str
 ) -> None:
     assert printable(text) == shown
+
+
+def test_printable_json_is_the_same_json_with_nothing_a_terminal_acts_on() -> None:
+    value = {"model": "a\x1b[2J\x9b31m\x85\u2028\u202e café\n", "n": [1, 2]}
+    for text in (json.dumps(value, indent=2, ensure_ascii=False), orjson.dumps(value).decode()):
+        shown = printable_json(text)
+
+        assert json.loads(shown) == value
+        assert not any(c in shown for c in "\x1b\x9b\x85\u2028\u202e")
+        assert "café" in shown
