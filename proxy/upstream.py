@@ -39,8 +39,9 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "cookie", "expect"}
 
 # Request encodings aiohttp's server decodes before the body is read (its parser's rule: the
-# whole header value, lower-cased; a body it cannot decode is refused). The body we forward is the
-# decoded one, so such a Content-Encoding would make the upstream decode it a second time.
+# whole header value, lower-cased; a body it cannot decode is refused); br and zstd need the
+# decoders pyproject.toml installs. The body we forward is the decoded one, so such a
+# Content-Encoding would make the upstream decode it a second time.
 DECODED_REQUEST_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 
 # Not copied back onto a body we re-frame: aiohttp has already decompressed it, so the upstream's
