@@ -872,10 +872,7 @@ def test_serve_stopped_with_sigterm_finishes_and_records_the_requests_in_flight(
     asking = threading.Thread(target=ask)
     try:
         asking.start()
-        deadline = time.monotonic() + 10
-        while upstream.count() == 0:  # the request is upstream now
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until_upstream(upstream)
         for _ in range(signals):
             if signalled == "serve":
                 process.send_signal(signal.SIGTERM)
@@ -909,10 +906,7 @@ def test_a_second_ctrl_c_stops_serve_at_once_and_says_so(
     asking = threading.Thread(target=ask_quietly, args=(port,), daemon=True)
     try:
         asking.start()
-        deadline = time.monotonic() + 10
-        while upstream.count() == 0:  # the request is upstream now
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until_upstream(upstream)
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
         time.sleep(0.3)
         os.killpg(process.pid, signal.SIGINT)
@@ -925,6 +919,14 @@ def test_a_second_ctrl_c_stops_serve_at_once_and_says_so(
     assert process.returncode == 130, err
     assert "interrupted again: stopped without finishing" in err
     assert "Traceback" not in err
+
+
+def wait_until_upstream(upstream: FakeUpstream) -> None:
+    """Until a request has reached the fake upstream."""
+    deadline = time.monotonic() + 10
+    while upstream.count() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def ask_quietly(port: int) -> None:
