@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import bisect
 import codecs
 import contextlib
 import hashlib
@@ -183,11 +182,8 @@ class Turns:
     # The most numbers an earlier part of the run took (an earlier test): a record run keeps as
     # many samples as the part that asked most (`reached`).
     earlier: int = 0
-    # The numbers below it have been taken, and not given back but for those in `returned`.
+    # The numbers below it have been taken.
     taken: int = 0
-    # Numbers given back, lowest first: the next identical request takes the lowest, as the
-    # SDK's retry of the failed call is usually the next to arrive.
-    returned: list[int] = field(default_factory=list)
     # The requests going upstream whose answer will be added after the last sample, by number,
     # until it is added or their call fails: a later number's answer waits for them before it
     # is added, else answers would be added in the order the upstream finishes them.
@@ -195,31 +191,26 @@ class Turns:
 
     @property
     def reached(self) -> int:
-        """How many identical requests the part of the run that asked most made, attempts that
-        failed upstream left out."""
+        """How many identical requests the part of the run that asked most made (an attempt that
+        failed upstream, given back, left out)."""
         return max(self.earlier, self.taken)
 
     def take(self) -> int:
         """The number of the next identical request."""
-        if self.returned:
-            return self.returned.pop(0)
         self.taken += 1
         return self.taken - 1
 
     def settle(self, number: int, *, failed: bool) -> None:
         """The request holding `number` is done upstream (its answer added, or not): the later
         numbers stop waiting for it. When its upstream call failed (an error answer, no answer)
-        it gives its number back, for the retry of the call to answer at its place."""
+        and no identical request came since, it gives its number back, for the retry of the
+        call (the SDK's, one after the other) to answer at its place. Once a later number is
+        taken, the failed one stays used: the later request's answer may already be stored in
+        its place (answers are added after the last sample), and its retry would replace it."""
         adding = self.adding.pop(number, None)
         if adding is not None:
             adding.set()
-        if not failed:
-            return
-        bisect.insort(self.returned, number)
-        # The last numbers given back are not taken at all: a run whose last attempt failed
-        # reached no further than the one before, and keeps no sample for it.
-        while self.returned and self.returned[-1] == self.taken - 1:
-            self.returned.pop()
+        if failed and number == self.taken - 1:
             self.taken -= 1
 
     async def wait_for_earlier(self, number: int) -> None:

@@ -410,3 +410,25 @@ def test_requests_in_flight_together_are_recorded_in_the_order_they_arrived(
     assert contents(recorder.recordings()[0]) == live
     recorder.stop()
     assert run(start_proxy, 3, mode="replay") == live
+
+
+def test_a_failed_request_in_flight_with_others_keeps_its_number_and_loses_no_answer(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # Three identical requests at once; the first meets a 429, and the SDK retries it once the
+    # other two are stored. Had it given its number back, its retry would have taken place 0,
+    # where the second one's answer was stored (answers are added after the last sample), and
+    # been served that answer: one answer lost, and a replay of the run one sample short.
+    upstream.nondeterministic = True
+    upstream.fail_next(429, headers={"retry-after-ms": "500"})
+    recorder = start_proxy(repeat="sequence")
+    clients = [recorder.client(max_retries=1) for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        live = list(pool.map(lambda client: answers(client, 1)[0], clients))
+
+    assert upstream.count() == 4  # the 429, its retry and the two others
+    assert len(set(live)) == 3
+    stored = contents(recorder.recordings()[0])
+    assert sorted(stored) == sorted(live)
+    recorder.stop()
+    assert sorted(run(start_proxy, 3, mode="replay")) == sorted(live)
