@@ -7,6 +7,7 @@ reads `SEEDCACHE_<OPTION>` from the environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -460,9 +461,12 @@ def stop_signals(loop: asyncio.AbstractEventLoop, *, worker: bool) -> asyncio.Ab
             click.echo(INTERRUPTED_AGAIN.format(what="the requests in flight"), err=True)
             os._exit(130)
 
-    loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
-    if not worker:
-        loop.add_signal_handler(signal.SIGINT, stop, signal.SIGINT)
+    # Windows has no loop signal handlers: there Ctrl-C raises KeyboardInterrupt, which aiohttp
+    # takes for a graceful stop.
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
+        if not worker:
+            loop.add_signal_handler(signal.SIGINT, stop, signal.SIGINT)
     return loop
 
 

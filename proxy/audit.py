@@ -148,7 +148,7 @@ async def read_events(
         read += 1
         if read % READ_BATCH == 0:
             await asyncio.sleep(0)
-        if (event := _event(line)) is not None and select((event,), since=since, model=model):
+        if (event := _event(line)) is not None and _chosen(event, since, model):
             chosen.append(event)
     return chosen
 
@@ -193,16 +193,17 @@ def select(
     events: Iterable[Mapping[str, Any]], *, since: datetime | None = None, model: str | None = None
 ) -> list[Mapping[str, Any]]:
     """The events after `since` and for `model` (request or response model)."""
-    chosen = []
-    for event in events:
-        if model and model not in (event.get("model"), event.get("response_model")):
-            continue
-        if since is not None:
-            moment = event_time(event)
-            if moment is None or moment < since:
-                continue
-        chosen.append(event)
-    return chosen
+    return [event for event in events if _chosen(event, since, model)]
+
+
+def _chosen(event: Mapping[str, Any], since: datetime | None, model: str | None) -> bool:
+    if model and model not in (event.get("model"), event.get("response_model")):
+        return False
+    if since is not None:
+        moment = event_time(event)
+        if moment is None or moment < since:
+            return False
+    return True
 
 
 @dataclass

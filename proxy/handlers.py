@@ -1668,14 +1668,20 @@ class Throttled:
         self._interval = interval
         self._last = -math.inf
         self._left_out = 0
+        self._last_left_out = -math.inf
 
     def error(self, message: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._last < self._interval:
             self._left_out += 1
+            self._last_left_out = now
             return
         if self._left_out:
-            message += f" (and {self._left_out} more like it in the last {now - self._last:.0f} s)"
+            span = self._last_left_out - self._last
+            message += (
+                f" ({self._left_out} more like it were not logged, in the {span:.0f} s after "
+                "the line before)"
+            )
         self._last, self._left_out = now, 0
         self._logger.error(message, *args)
 
@@ -1963,7 +1969,10 @@ def without_usage(event: sse.Event) -> sse.Event | None:
     if not event.data.startswith("{") or '"usage"' not in event.data:
         return event
     exact = inexact_number(event.data) is not None
-    data = json.loads(event.data) if exact else orjson.loads(event.data)
+    try:
+        data = json.loads(event.data) if exact else orjson.loads(event.data)
+    except ValueError:  # a payload that only looks like an object: replayed as recorded
+        return event
     if not isinstance(data, dict) or "usage" not in data:
         return event
     if data.get("choices") == [] and data["usage"]:

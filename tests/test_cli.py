@@ -995,3 +995,18 @@ def test_when_a_worker_dies_the_others_stop_and_serve_exits_non_zero(
     while Path(f"/proc/{second}").exists():  # stopped, and reaped by serve
         assert time.monotonic() < deadline, "the other worker is still running"
         time.sleep(0.05)
+
+
+def test_serve_starts_where_the_loop_has_no_signal_handlers() -> None:
+    # Windows: aiohttp's own handling skipped them; serve must not fail at start either.
+    class WindowsLoop(asyncio.SelectorEventLoop):
+        def add_signal_handler(self, *args: Any) -> None:
+            raise NotImplementedError
+
+    loop = WindowsLoop()
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        assert stop_signals(loop, worker=False) is loop
+    finally:
+        loop.close()
+        signal.signal(signal.SIGINT, saved)

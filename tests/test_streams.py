@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from proxy import handlers
+from proxy import handlers, sse
 from proxy.app import AccessLog, create_app
 from proxy.config import Config
 from proxy.recording import Sample
@@ -1053,3 +1053,19 @@ def test_the_access_log_says_what_became_of_a_live_stream(
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "seedcache.access"]
+
+
+def test_a_plain_stream_from_a_usage_sample_keeps_an_event_it_cannot_read_as_recorded() -> None:
+    # Recorded as received: an event that looks like an object and is not JSON cannot be
+    # rewritten; it was a 500 with a traceback, and is now replayed as it came.
+    unreadable = sse.Event('{"note": "usage" broken', None, 1)
+    chunk = '{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{}}],"usage":null}'
+    usage = '{"object":"chat.completion.chunk","choices":[],"usage":{"total_tokens":2}}'
+    events = (sse.Event(chunk, None, 0), unreadable, sse.Event(usage, None, 2))
+
+    assert handlers.without_usage(unreadable) is unreadable
+    assert [handlers.without_usage(event) for event in events] == [
+        sse.Event(chunk.replace(',"usage":null', ""), None, 0),
+        unreadable,
+        None,
+    ]
