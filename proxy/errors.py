@@ -30,6 +30,11 @@ class StoreError(SeedcacheError):
     """The store could not be read or written (unreachable, locked, full)."""
 
 
+class StoreFull(StoreError):
+    """The store refuses writes for want of room (a Redis at its maxmemory that may not evict),
+    while it still answers reads."""
+
+
 class ProxyError(SeedcacheError):
     """An error answered to the client as an OpenAI error envelope."""
 

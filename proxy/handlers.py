@@ -37,7 +37,7 @@ from proxy import sse
 from proxy.audit import AuditLog, audit_event, baseline
 from proxy.config import Config, Mode, OnFingerprintChange, Repeat, StoreSpec
 from proxy.divergence import cosine_distance, output_text
-from proxy.errors import FormatError, ProxyError, StoreError, bad_request
+from proxy.errors import FormatError, ProxyError, StoreError, StoreFull, bad_request
 from proxy.keys import (
     COMPARE_LEAVES,
     RECORDED,
@@ -1058,7 +1058,14 @@ class Handlers:
         name = f"fill:{canon.key}"
         waited_on: str | None = None  # the token of the holder whose call this one waits for
         while True:
-            holder = await store.acquire(name, SHARED_LOCK_TTL_MS)
+            try:
+                holder = await store.acquire(name, SHARED_LOCK_TTL_MS)
+            except StoreFull as exc:
+                # It still answers reads: the request is answered as on a disk that cannot
+                # grow, live and unrecorded (`miss`), coalesced on this proxy only, rather than
+                # refused with a 503 for want of a lock.
+                self.store_failures.error("not coalescing across proxies: %s", exc)
+                return await self._lead(request, incoming, coalesce=True)
             if holder.ours:
                 return await self._fill(request, incoming, store, name, holder.token, waited_on)
             if waited_on is not None and waited_on != holder.token:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 
 from cli.main import read_tokens
 from proxy import handlers
@@ -712,3 +713,27 @@ async def test_a_tenants_first_requests_arriving_together_share_one_salt(
     assert first == ["recorded"] * 16
     assert again == ["hit"] * 16
     assert upstream.count() == 16
+
+
+def test_a_full_redis_answers_a_miss_live_and_unrecorded_rather_than_with_a_503(
+    start_proxy: StartProxy, upstream: FakeUpstream, own_redis_server: RedisServer
+) -> None:
+    # At its maxmemory under noeviction, Redis refuses the fill lock as it refuses any write,
+    # and every miss was a 503 while replays went on: answered as on a disk that cannot grow.
+    proxy = start_proxy(store=own_redis_server.url())
+    admin = redis.Redis.from_url(own_redis_server.url())
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")
+    try:
+        with proxy.client() as client:
+            first = client.chat.completions.with_raw_response.create(**chat_request(seed=5))
+            again = client.chat.completions.with_raw_response.create(**chat_request(seed=5))
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+
+    assert (first.status_code, status(first)) == (200, "miss")
+    assert first.parse().id == upstream.chat_completion(chat_request(seed=5))["id"]
+    assert status(again) == "miss"  # nothing was recorded to replay
+    assert upstream.count() == 2
+    assert proxy.recordings() == []

@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.config import StoreSpec
-from proxy.errors import ConfigError, StoreError
+from proxy.errors import ConfigError, StoreError, StoreFull
 from proxy.stores.base import Holder, Updater
 
 PREFIX = "seedcache:"
@@ -306,6 +306,8 @@ class RedisStore:
             raise StoreError(f"cannot reach Redis at {self.description}: {exc}") from None
         except (redis.exceptions.TimeoutError, OSError) as exc:
             raise StoreError(f"cannot reach Redis at {self.description}: {exc}") from None
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise StoreFull(f"Redis at {self.description} is full: {exc}") from None
         except redis.exceptions.RedisError as exc:
             raise StoreError(f"Redis at {self.description} failed: {exc}") from None
 
