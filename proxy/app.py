@@ -390,7 +390,7 @@ def _as_proxy_error(request: web.Request, exc: Exception) -> ProxyError | None:
     if isinstance(exc, StoreError):
         line = ("store failure on %s %s: %s", request.method, printable(request.path), exc)
         if HANDLERS in request.app:
-            request.app[HANDLERS].store_failures.error(*line)
+            request.app[HANDLERS].store_failures.error("request", *line)
         else:
             log.error(*line)
         return ProxyError(

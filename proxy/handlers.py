@@ -359,7 +359,8 @@ class Handlers:
         self.store = store
         self.upstream = upstream
         self.metrics = Metrics()
-        # A store that went away fails every request the same way: one log line in a while.
+        # A store that went away, or is full, fails every request the same way: one log line of
+        # each kind in a while.
         self.store_failures = Throttled(log, STORE_FAILURE_LOG_INTERVAL)
         self._store_shown = StoreSpec.parse(config.store).shown  # for hints in messages
         # A store shared by several proxies coalesces misses across them (checked once: a
@@ -1064,7 +1065,7 @@ class Handlers:
                 # It still answers reads: the request is answered as on a disk that cannot
                 # grow, live and unrecorded (`miss`), coalesced on this proxy only, rather than
                 # refused with a 503 for want of a lock.
-                self.store_failures.error("not coalescing across proxies: %s", exc)
+                self.store_failures.error("lock", "not coalescing across proxies: %s", exc)
                 return await self._lead(request, incoming, coalesce=True)
             if holder.ours:
                 return await self._fill(request, incoming, store, name, holder.token, waited_on)
@@ -1420,16 +1421,18 @@ class Handlers:
             events=events,
         )
 
-    @staticmethod
-    async def _recorded(recording: Awaitable[None], path: str) -> bool:
+    async def _recorded(self, recording: Awaitable[None], path: str) -> bool:
         """Whether `recording` (a `_record`) could store: a store that fails now (Redis went away
-        during the upstream call), or a recording under the key that cannot be read, must not
-        cost the client the answer it waited, and paid, for. A 503 would also make the SDK
-        retry: another paid call."""
+        during the upstream call, or is full), or a recording under the key that cannot be read,
+        must not cost the client the answer it waited, and paid, for. A 503 would also make the
+        SDK retry: another paid call."""
         try:
             await recording
-        except (StoreError, FormatError) as exc:  # a FormatError: a hand edit, a merge
+        except FormatError as exc:  # a hand edit, a merge: said for each such key
             log.error("not recording %s: %s", path, exc)
+            return False
+        except StoreError as exc:  # it fails every miss alike while it lasts
+            self.store_failures.error("record", "not recording %s: %s", path, exc)
             return False
         return True
 
@@ -1667,30 +1670,38 @@ def unreadable(exc: FormatError, key: str, store: str) -> FormatError:
 
 
 class Throttled:
-    """Log lines of one kind at most once every `interval` seconds; the next line logged says
-    how many were left out meanwhile."""
+    """Log lines of each kind at most once every `interval` seconds; the next line of a kind
+    logged says how many of it were left out meanwhile."""
 
     def __init__(self, logger: logging.Logger, interval: float) -> None:
         self._logger = logger
         self._interval = interval
-        self._last = -math.inf
-        self._left_out = 0
-        self._last_left_out = -math.inf
+        self._spells: dict[str, _Spell] = {}
 
-    def error(self, message: str, *args: object) -> None:
+    def error(self, kind: str, message: str, *args: object) -> None:
         now = time.monotonic()
-        if now - self._last < self._interval:
-            self._left_out += 1
-            self._last_left_out = now
+        spell = self._spells.setdefault(kind, _Spell())
+        if now - spell.logged_at < self._interval:
+            spell.left_out += 1
+            spell.left_out_at = now
             return
-        if self._left_out:
-            span = self._last_left_out - self._last
+        if spell.left_out:
+            span = spell.left_out_at - spell.logged_at
             message += (
-                f" ({self._left_out} more like it were not logged, in the {span:.0f} s after "
+                f" ({spell.left_out} more like it were not logged, in the {span:.0f} s after "
                 "the line before)"
             )
-        self._last, self._left_out = now, 0
+        spell.logged_at, spell.left_out = now, 0
         self._logger.error(message, *args)
+
+
+@dataclass(slots=True)
+class _Spell:
+    """One kind of `Throttled` line: when it was last logged, and what was left out since."""
+
+    logged_at: float = -math.inf
+    left_out: int = 0
+    left_out_at: float = -math.inf
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -716,7 +716,10 @@ async def test_a_tenants_first_requests_arriving_together_share_one_salt(
 
 
 def test_a_full_redis_answers_a_miss_live_and_unrecorded_rather_than_with_a_503(
-    start_proxy: StartProxy, upstream: FakeUpstream, own_redis_server: RedisServer
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    own_redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # At its maxmemory under noeviction, Redis refuses the fill lock as it refuses any write,
     # and every miss was a 503 while replays went on: answered as on a disk that cannot grow.
@@ -737,3 +740,7 @@ def test_a_full_redis_answers_a_miss_live_and_unrecorded_rather_than_with_a_503(
     assert status(again) == "miss"  # nothing was recorded to replay
     assert upstream.count() == 2
     assert proxy.recordings() == []
+    # Each kind of failure once in a while, not once per request.
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("not coalescing across proxies" in line for line in said) == 1
+    assert sum(line.startswith("not recording") and "is full" in line for line in said) == 1
