@@ -149,14 +149,19 @@ def test_record_replaces_the_samples_so_that_a_replay_gets_what_the_run_saw(
     assert upstream.count() == 4
 
 
+def rerecord_two_of_three(start_proxy: StartProxy) -> tuple[RunningProxy, list[str]]:
+    """A run that recorded three answers, then a record run, still going, that asked twice: the
+    record proxy and its two answers."""
+    run(start_proxy, 3)
+    rerecord = start_proxy(repeat="sequence", mode="record")
+    return rerecord, answers(rerecord.client(), 2)
+
+
 def test_record_with_fewer_requests_drops_the_samples_past_them(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     upstream.nondeterministic = True
-    run(start_proxy, 3)
-
-    rerecord = start_proxy(repeat="sequence", mode="record")
-    new = answers(rerecord.client(), 2)
+    rerecord, new = rerecord_two_of_three(start_proxy)
     # The older third sample stays while the run goes on, and goes when it ends.
     assert contents(rerecord.recordings()[0])[:2] == new
     assert len(rerecord.recordings()[0].samples) == 3
@@ -369,10 +374,7 @@ def test_a_record_run_whose_last_call_failed_keeps_no_sample_for_it(
     # The run reached two answers: the older third sample is dropped when it ends, as if it had
     # asked twice, rather than replayed to a call that got an error.
     upstream.nondeterministic = True
-    run(start_proxy, 3)
-
-    rerecord = start_proxy(repeat="sequence", mode="record")
-    new = answers(rerecord.client(), 2)
+    rerecord, new = rerecord_two_of_three(start_proxy)
     upstream.fail_next(500)
     with pytest.raises(openai.InternalServerError):
         rerecord.client().chat.completions.create(**UNSEEDED)
