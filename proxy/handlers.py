@@ -137,6 +137,11 @@ NO_USAGE = (
     "this stream asks for a usage chunk (stream_options.include_usage) and the recording is a "
     "stream recorded without one; record it again asking include_usage"
 )
+NO_CACHE = (
+    "the request says Cache-Control: no-cache (answer live, not from a recording), and a replay "
+    "server never goes upstream"
+)
+NO_CACHE_HINT = "Send it without Cache-Control: no-cache to be served its recording, if it has one"
 # Cross-proxy coalescing on a shared store: how long a fill lock lives if its holder dies, and
 # how often the others look for the recording meanwhile.
 SHARED_LOCK_TTL_MS = 30_000
@@ -428,6 +433,8 @@ class Handlers:
                 return replay
         if incoming.mode is Mode.REPLAY:
             # Replay never goes upstream, not even for Cache-Control: no-cache.
+            if not incoming.read:
+                raise await self._miss(incoming, reason=NO_CACHE, hint=NO_CACHE_HINT)
             raise await self._miss(incoming)
         # Identical concurrent misses share one upstream call, unless each is meant to get its
         # own sample (--repeat sequence), or the request asked for an answer of its own, not one

@@ -83,6 +83,37 @@ def test_a_hit_carries_the_recording_headers_and_no_live_only_ones(
     assert upstream.count() == 1
 
 
+def member_order(value: Any) -> Any:
+    """The names of the members of every object in `value`, in order, at every depth."""
+    if isinstance(value, dict):
+        return [(name, member_order(item)) for name, item in value.items()]
+    if isinstance(value, list):
+        return [member_order(item) for item in value]
+    return None
+
+
+@pytest.mark.parametrize("store", ["disk", "files"])
+def test_a_replayed_body_keeps_the_member_order_of_the_live_one(
+    store: str, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # A client can see the order: a JSON schema's properties, a snapshot of model_dump_json().
+    body = chat_request(seed=4, response_format={"type": "json_object"})
+    where = str(tmp_path / "recorded") if store == "disk" else f"files:{tmp_path / 'recorded'}"
+    recorder = start_proxy(store=where)
+    live = recorder.request("POST", CHAT, body)
+    recorder.stop()
+    replayer = start_proxy(store=where, mode="replay")
+    hit = replayer.request("POST", CHAT, body)
+
+    assert (live.headers["x-seedcache-status"], hit.headers["x-seedcache-status"]) == (
+        "recorded",
+        "hit",
+    )
+    order = member_order(json.loads(live.body))
+    assert order[0][0] == "id"  # the upstream's order, not sorted
+    assert member_order(json.loads(hit.body)) == order
+
+
 async def test_async_identical_request_is_replayed(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
@@ -374,6 +405,10 @@ def test_no_cache_on_a_replay_server_does_not_reach_upstream(
     assert result.headers.get("x-seedcache-status") != "recorded"
     assert other.status == 404
     assert len(replayer.recordings()) == 1
+    # The recorded request is not said to be unrecorded: the miss names what made it one.
+    message = result.json()["error"]["message"]
+    assert "Cache-Control: no-cache" in message
+    assert "Record it with" not in message
 
 
 @pytest.mark.parametrize("alias", ["replay", "none", "NONE"])
