@@ -67,6 +67,11 @@ async def all_events(store: Store) -> list[bytes]:
     return [event async for event in store.events()]
 
 
+def value_files(directory: Path) -> int:
+    """How many values the disk store at `directory` keeps in files of their own."""
+    return sum(1 for _ in directory.rglob("*.val"))
+
+
 @pytest.fixture(params=KINDS)
 def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A `--store` value for an empty store of each kind."""
@@ -423,6 +428,64 @@ class TestDiskStore:
             assert await store.get("", key("large")) == large
             assert await store.update("", key("small"), write("small", b"w")) == b"w"
             assert ran_in["small"][-1] == loop_thread  # small values stay on the loop
+        finally:
+            await store.close()
+
+    async def test_a_batch_rolled_back_keeps_the_large_values_it_was_replacing(
+        self, tmp_path: Path
+    ) -> None:
+        # A large value lives in a file of its own. The loop's batch replaces one with a small
+        # value, then meets a large value and is rolled back, to be applied again in the writer
+        # thread: the replaced value's file must still be there for it (diskcache removes it as
+        # the update returns, inside the batch's transaction).
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        recorded = os.urandom(100_000)
+        seen: list[bytes | None] = []
+
+        def shrink(old: bytes | None) -> bytes:
+            seen.append(old)
+            return b"small"
+
+        try:
+            await store.put("", key("recorded"), recorded)
+            await asyncio.gather(
+                store.update("", key("recorded"), shrink),
+                store.update("", key("new"), lambda old: os.urandom(100_000)),
+            )
+            assert len(seen) == 2  # on the loop, then again in the writer thread
+            assert seen == [recorded, recorded]
+            assert await store.get("", key("recorded")) == b"small"
+            assert value_files(tmp_path / "disk") == 1  # the new large value's
+        finally:
+            await store.close()
+
+    async def test_a_batch_that_fails_keeps_the_values_it_was_replacing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A batch in the writer thread replaces a large recording, then a later update in it
+        # fails (a full disk): rolled back, the recording is the one recorded before, and the
+        # file written for its replacement is gone.
+        store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
+        recorded = os.urandom(100_000)
+        set_value = store._cache.set
+
+        def set_or_fail(name: str, value: bytes) -> object:
+            if name.endswith(key("fails")):
+                raise OSError(28, "No space left on device")
+            return set_value(name, value)
+
+        try:
+            await store.put("", key("recorded"), recorded)
+            monkeypatch.setattr(store._cache, "set", set_or_fail)
+            outcomes = await asyncio.gather(
+                store.update("", key("recorded"), lambda old: os.urandom(100_000)),
+                store.update("", key("fails"), lambda old: os.urandom(100_000)),
+                return_exceptions=True,
+            )
+            assert all(isinstance(outcome, StoreError) for outcome in outcomes)
+            monkeypatch.undo()
+            assert await store.get("", key("recorded")) == recorded
+            assert value_files(tmp_path / "disk") == 1
         finally:
             await store.close()
 

@@ -25,12 +25,13 @@ replaced, the connections are closed and the store is opened again at its path, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -54,6 +55,55 @@ _LOOP_BATCH = 64
 _GATHER_TURNS = 2
 # Transactions on the loop between two checkpoints in the writer thread.
 _CHECKPOINT_EVERY = 50
+
+
+class _Disk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type hints
+    """diskcache's Disk (what stores values too large for a row in files of their own), made
+    safe for transactions of several updates (`transaction`).
+
+    diskcache removes the file of a value an update replaces as soon as that update returns,
+    even inside an enclosing transaction: when the batch then rolled back (an update after it
+    failing, a full disk, the process killed before COMMIT), the row came back pointing at a
+    removed file, and a large recording recorded long before was gone. Inside `transaction`,
+    the files that updates free are removed once it has committed, and the files written for it
+    once it has rolled back (no row points at them then)."""
+
+    def __init__(self, directory: str, **settings: Any) -> None:
+        super().__init__(directory, **settings)
+        self._open = threading.local()  # the files of this thread's transaction
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        stored = super().store(value, read, key=key)
+        written: list[str] | None = getattr(self._open, "written", None)
+        if written is not None and stored[2] is not None:
+            written.append(stored[2])
+        return stored
+
+    def remove(self, file_path: str) -> None:
+        freed: list[str] | None = getattr(self._open, "freed", None)
+        if freed is None:
+            super().remove(file_path)
+        else:
+            freed.append(file_path)
+
+    @contextlib.contextmanager
+    def transaction(self, cache: diskcache.Cache) -> Iterator[None]:
+        """`cache.transact()`, with the files of the values it replaces or writes kept or
+        removed as it ends."""
+        written: list[str] = []
+        freed: list[str] = []
+        self._open.written, self._open.freed = written, freed
+        try:
+            with cache.transact():
+                yield
+        except BaseException:
+            self._open.written = self._open.freed = None
+            for name in written:
+                super().remove(name)
+            raise
+        self._open.written = self._open.freed = None
+        for name in freed:
+            super().remove(name)
 
 
 class _NotHere(Exception):
@@ -97,12 +147,12 @@ class DiskStore:
             # Recordings are an archive: eviction off, and cull_limit=0 so that writes never look
             # for entries to cull.
             self._cache = diskcache.Cache(
-                directory, eviction_policy="none", cull_limit=0, timeout=timeout
+                directory, eviction_policy="none", cull_limit=0, timeout=timeout, disk=_Disk
             )
             # The same directory through connections that fail at once when the write lock is
             # taken (timeout 0): only the event loop writes through it.
             self._nowait = diskcache.Cache(
-                directory, eviction_policy="none", cull_limit=0, timeout=0
+                directory, eviction_policy="none", cull_limit=0, timeout=0, disk=_Disk
             )
             self._path = os.path.join(self._cache.directory, diskcache.core.DBNAME)
             self._opened = self._identity()
@@ -255,7 +305,7 @@ class DiskStore:
     ) -> list[bytes | BaseException | None]:
         on_loop = cache is self._nowait
         try:
-            with cache.transact():
+            with cache.disk.transaction(cache):
                 return [self._apply_one(cache, name, fn, on_loop) for name, fn, _ in batch]
         except diskcache.Timeout:
             # Only BEGIN raises it, when the write lock is taken: before any update ran.
