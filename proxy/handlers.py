@@ -1328,7 +1328,10 @@ class Handlers:
         The client gets the upstream's bytes unchanged, keep-alive comments included (they keep
         its read timeout from firing while the model thinks); the recording keeps the events.
         In audit mode the stream is received whole first, so that the client's headers can
-        carry the verdict.
+        carry the verdict. When recording, the bytes from the one that ends the stream
+        (`data: [DONE]`) on are sent once the recording is stored: the SDK takes that event
+        for the end of the answer, so an answer it has whole is one that is kept, even if the
+        proxy is killed then.
         """
         started = time.monotonic()
         headers.update(SSE_HEADERS)
@@ -1338,15 +1341,19 @@ class Handlers:
             await begin(request, response)
         decoder = sse.Decoder()
         events: list[sse.Event] = []
-        received: list[bytes] = []
+        held: list[bytes] = []  # what the client gets once the stream is recorded
+        holding = buffered
         size = 0
         try:
             async for chunk in iter_body(live):
                 t_ms = int((time.monotonic() - started) * 1000)
-                events.extend(decoder.decode(chunk, t_ms))
+                decoded = decoder.decode(chunk, t_ms)
+                events.extend(decoded)
                 size += len(chunk)
-                if buffered:
-                    received.append(chunk)
+                if not holding and flight is not None:
+                    holding = any(event.data == sse.DONE for event in decoded)
+                if holding:
+                    held.append(chunk)
                 else:
                     async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
                         await response.write(chunk)
@@ -1402,7 +1409,14 @@ class Handlers:
                 response.headers[STATUS] = outcome
         if buffered:
             await begin(request, response)
-            await response.write(b"".join(received))
+        if held:
+            try:
+                async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
+                    await response.write(b"".join(held))
+            except (ConnectionError, TimeoutError):
+                # The client left, or stopped reading, at the very end: what was recorded stays.
+                if request.transport is not None:
+                    request.transport.close()
         request[OUTCOME] = outcome
         self.metrics.count(outcome, incoming.model, sample.system_fingerprint)
         return response

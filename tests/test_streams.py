@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import socket
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -548,6 +550,40 @@ def test_an_upstream_stream_that_breaks_off_is_an_error_and_stores_nothing(
     stats = proxy.stats()
     assert stats["upstream_errors"] == 1
     assert stats["misses"] == 1  # the broken one: its headers had said recorded
+
+
+def test_the_sdk_sees_a_live_stream_end_only_once_it_is_recorded(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # The SDK takes `data: [DONE]` for the end of the answer (and does not wait for the end of
+    # the body): were it sent before the recording is stored, a proxy killed then would lose an
+    # answer its client has whole. Another writer holds the store's write lock for a while.
+    upstream.chunk_delay = 0.01  # the chunks come one by one
+    held = sqlite3.connect(
+        Path(proxy.config.store) / "cache.db", isolation_level=None, check_same_thread=False
+    )
+    held.execute("BEGIN IMMEDIATE")
+    released: list[float] = []
+
+    def release() -> None:
+        released.append(time.monotonic())
+        held.execute("ROLLBACK")
+
+    timer = threading.Timer(1.0, release)
+    timer.start()
+    try:
+        with proxy.client() as client:
+            raw = client.chat.completions.with_raw_response.create(**chat_request(), stream=True)
+            arrived = [time.monotonic() for _ in raw.parse()]
+            ended = time.monotonic()
+    finally:
+        timer.join()
+        held.close()
+
+    assert status(raw) == "recorded"
+    assert len(arrived) > 3
+    assert arrived[0] < released[0] <= ended  # live as it came, ended once stored
+    assert len(proxy.recordings()) == 1
 
 
 def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
