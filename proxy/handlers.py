@@ -937,6 +937,7 @@ class Handlers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._index_build
         await self._trim_sequences()
+        self.store_failures.close()
 
     async def _trim_sequences(self) -> None:
         """--repeat sequence, record mode: a recording the run rewrote keeps as many samples as
@@ -1455,6 +1456,7 @@ class Handlers:
         except StoreError as exc:  # it fails every miss alike while it lasts
             self.store_failures.error("record", "not recording %s: %s", path, exc)
             return False
+        self.store_failures.ended("record", "recording again")
         return True
 
     async def _record(
@@ -1714,6 +1716,26 @@ class Throttled:
             )
         spell.logged_at, spell.left_out = now, 0
         self._logger.error(message, *args)
+
+    def ended(self, kind: str, message: str) -> None:
+        """Say `message`, and how many lines of `kind` were left out, if any were: what failed
+        works again (or the proxy stops), and no line of the kind may come to say it."""
+        spell = self._spells.get(kind)
+        if spell is None or not spell.left_out:
+            return
+        span = spell.left_out_at - spell.logged_at
+        self._logger.warning(
+            "%s; %d more like the last failure logged were not logged, in the %.0f s after it",
+            message,
+            spell.left_out,
+            span,
+        )
+        spell.left_out = 0
+
+    def close(self) -> None:
+        """Say what was left out of every kind, as the proxy stops."""
+        for kind in self._spells:
+            self.ended(kind, f"stopping ({kind})")
 
 
 @dataclass(slots=True)

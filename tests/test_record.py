@@ -19,6 +19,7 @@ import brotli
 import openai
 import pytest
 
+from proxy.handlers import Throttled
 from proxy.recording import STORED_RESPONSE_HEADERS
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
 from tests.fake_upstream import FakeUpstream, chat_request, completion, error_envelope
@@ -872,3 +873,19 @@ async def test_record_mode_does_not_coalesce(
         await asyncio.gather(*(client.chat.completions.create(**chat_request()) for _ in range(3)))
 
     assert upstream.count() == 3
+
+
+def test_store_failures_left_out_of_the_log_are_counted_when_the_proxy_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    throttled = Throttled(logging.getLogger("seedcache"), interval=60)
+    for n in range(3):
+        throttled.error("record", "not recording %s: the store is full", f"/v1/chat/{n}")
+    throttled.close()
+    throttled.close()  # said once
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "not recording /v1/chat/0: the store is full",
+        "stopping (record); 2 more like the last failure logged were not logged, in the 0 s "
+        "after it",
+    ]
