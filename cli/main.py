@@ -263,6 +263,12 @@ WORKER_SHUTDOWN = 65.0
 def run_workers(config: Config) -> int:
     """Serve `config` from `config.workers` processes on one port, until interrupted or until one
     of them ends, which stops the others; the exit code for the parent."""
+    # The workers bind with SO_REUSEPORT, which shares the port with any listener that sets it
+    # too: beside the workers of another serve (another store, another mode) they would each get
+    # some of the requests. Bound first as serve without workers binds it (without SO_REUSEPORT),
+    # a port in use is refused, with the same line.
+    for sock in listen(config.host, config.port):
+        sock.close()
     context = multiprocessing.get_context("spawn")
     workers: dict[Connection, BaseProcess] = {}
     senders: list[Connection] = []
@@ -412,13 +418,7 @@ def run_server(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        sockets = listen(config.host, config.port, reuse_port=worker)
-    except OSError as exc:
-        # Port in use, address not here: one line, not a traceback.
-        raise ConfigError(
-            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-        ) from None
+    sockets = listen(config.host, config.port, reuse_port=worker)
     port = int(sockets[0].getsockname()[1])
     # Signals are handled on a loop of our own (aiohttp closes it), not by aiohttp, whose handler
     # raises again at a second signal, inside the shutdown.
@@ -444,9 +444,11 @@ def stop_signals(loop: asyncio.AbstractEventLoop, *, worker: bool) -> asyncio.Ab
     starts the graceful shutdown, which finishes and records the requests in flight; a second
     SIGTERM (systemd signals the whole process group, and `serve --workers` forwards one more)
     must not cut it short, so it is ignored; a second Ctrl-C stops at once, saying so. A worker
-    leaves Ctrl-C, which reaches the whole group, to its parent."""
+    leaves Ctrl-C, which reaches the whole group, to its parent, and stops as at a SIGTERM when
+    its parent ends, however it ended."""
     from aiohttp import web
 
+    parent = multiprocessing.parent_process() if worker else None
     if worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping: list[bool] = []
@@ -461,12 +463,27 @@ def stop_signals(loop: asyncio.AbstractEventLoop, *, worker: bool) -> asyncio.Ab
             click.echo(INTERRUPTED_AGAIN.format(what="the requests in flight"), err=True)
             os._exit(130)
 
+    def orphaned(sentinel: int) -> None:
+        loop.remove_reader(sentinel)  # at EOF it stays readable: once is enough
+        logging.getLogger("seedcache").warning(
+            "the serve process of worker %s ended: stopping once the requests in flight are "
+            "finished",
+            multiprocessing.current_process().name,
+        )
+        stop(signal.SIGTERM)
+
     # Windows has no loop signal handlers: there Ctrl-C raises KeyboardInterrupt, which aiohttp
     # takes for a graceful stop.
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
         if not worker:
             loop.add_signal_handler(signal.SIGINT, stop, signal.SIGINT)
+    if parent is not None:
+        # A worker whose parent was killed (kill -9, the OOM killer) would serve the port on its
+        # own, with the old settings, for ever. multiprocessing's sentinel of the parent is the
+        # end of a pipe whose other end only the parent holds: the system closes that when the
+        # parent ends, however it ended, and the sentinel reads EOF.
+        loop.add_reader(parent.sentinel, orphaned, parent.sentinel)
     return loop
 
 
@@ -476,10 +493,12 @@ INTERRUPTED_AGAIN = "seedcache: interrupted again: stopped without finishing {wh
 def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Sockets bound on every address of `host` ("" for all) as asyncio's create_server binds
     them, bound here so that the port is known before serving: with port 0, one free port for
-    all of them."""
-    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    all of them. ConfigError when they cannot be bound."""
     sockets: list[socket.socket] = []
     try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         for family, kind, proto, _, address in dict.fromkeys(found):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
@@ -492,9 +511,11 @@ def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.soc
             # With port 0 the first socket picks the port, and the others take the same one.
             chosen = port if sock is sockets[0] else sockets[0].getsockname()[1]
             sock.bind((address[0], chosen, *address[2:]))
-    except BaseException:
+    except BaseException as exc:
         for sock in sockets:
             sock.close()
+        if isinstance(exc, OSError):  # port in use, address not here: one line, no traceback
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         raise
     return sockets
 

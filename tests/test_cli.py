@@ -856,20 +856,7 @@ def test_serve_stopped_with_sigterm_finishes_and_records_the_requests_in_flight(
     upstream.delay = 3
     process, port, _ = start_workers(upstream, tmp_path / "store", workers)
     answer: dict[str, Any] = {}
-
-    def ask() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            connection.request("POST", "/v1/chat/completions", json.dumps(chat_request()).encode())
-            response = connection.getresponse()
-            answer.update(status=response.status, headers=dict(response.headers))
-            answer["body"] = json.loads(response.read())
-        except OSError as exc:  # the request in flight was dropped
-            answer["status"] = repr(exc)
-        finally:
-            connection.close()
-
-    asking = threading.Thread(target=ask)
+    asking = threading.Thread(target=ask, args=(port, answer))
     try:
         asking.start()
         wait_until_upstream(upstream)
@@ -919,6 +906,20 @@ def test_a_second_ctrl_c_stops_serve_at_once_and_says_so(
     assert process.returncode == 130, err
     assert "interrupted again: stopped without finishing" in err
     assert "Traceback" not in err
+
+
+def ask(port: int, answer: dict[str, Any]) -> None:
+    """A chat request to the proxy at `port`; its status, headers and body go into `answer`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(chat_request()).encode())
+        response = connection.getresponse()
+        answer.update(status=response.status, headers=dict(response.headers))
+        answer["body"] = json.loads(response.read())
+    except OSError as exc:  # the request in flight was dropped
+        answer["status"] = repr(exc)
+    finally:
+        connection.close()
 
 
 def wait_until_upstream(upstream: FakeUpstream) -> None:
@@ -995,6 +996,80 @@ def test_when_a_worker_dies_the_others_stop_and_serve_exits_non_zero(
     while Path(f"/proc/{second}").exists():  # stopped, and reaped by serve
         assert time.monotonic() < deadline, "the other worker is still running"
         time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` runs: one that ended but is not reaped yet (an orphan waits for
+    whoever adopted it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_when_serve_is_killed_its_workers_finish_the_requests_in_flight_and_stop(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # kill -9 (the OOM killer, a supervisor giving up) left the workers serving the port on
+    # their own, with the old settings, for ever.
+    upstream.delay = 2
+    process, port, workers = start_workers(upstream, tmp_path / "store")
+    answer: dict[str, Any] = {}
+    asking = threading.Thread(target=ask, args=(port, answer))
+    try:
+        asking.start()
+        wait_until_upstream(upstream)
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in workers):
+            assert time.monotonic() < deadline, "the workers still run without serve"
+            time.sleep(0.05)
+        asking.join(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the workers, when they do not stop
+        _, err = process.communicate(timeout=10)
+
+    assert answer["status"] == 200
+    assert answer["headers"]["X-Seedcache-Status"] == "recorded"
+    listed = run("ls", "--store", str(tmp_path / "store"), "--json")
+    assert [r["key"] for r in json.loads(listed.output)] == [answer["headers"]["X-Seedcache-Key"]]
+    assert sorted(re.findall(r"the serve process of worker (seedcache-\d) ended", err)) == [
+        "seedcache-0",
+        "seedcache-1",
+    ]
+    assert "Traceback" not in err
+    with pytest.raises(ConnectionRefusedError):  # nothing serves the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_serve_with_workers_refuses_the_port_of_another_with_one_line_and_exit_code_2(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # Workers share their port with SO_REUSEPORT, and so with the workers of another serve: a
+    # replay serve started beside a running one served some of the requests it was sent.
+    process, port, _ = start_workers(upstream, tmp_path / "store")
+    (tmp_path / "other").mkdir()
+    command = [seedcache_executable(), "serve", "--workers", "2", "--port", str(port)]
+    command += ["--mode", "replay", "--store", str(tmp_path / "other")]
+    second = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = second.communicate(timeout=30)
+        modes = {wait_healthy(port, process)["mode"] for _ in range(10)}
+    finally:
+        for started in (second, process):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started.pid, signal.SIGKILL)
+            started.communicate()
+
+    assert second.returncode == 2
+    assert out == ""
+    assert err == f"seedcache: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert modes == {"auto"}  # the first one serves every request, as before
 
 
 def test_serve_starts_where_the_loop_has_no_signal_handlers() -> None:
