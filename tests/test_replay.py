@@ -1023,16 +1023,19 @@ def test_a_failure_after_a_stream_started_cuts_the_stream_off(
     proxy: RunningProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Headers gone: no error response can follow them, and a clean end would pass a cut answer
-    # off as whole. The connection is closed with the chunked body unterminated.
+    # off as whole. The connection is closed with the chunked body unterminated, and without
+    # the `data: [DONE]` that would tell the SDK the answer is whole: it was not recorded.
     async def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(handlers_module.Handlers, "_record", fail)
+    upstream.chunk_delay = 0.01  # the chunks come one by one
     received = raw_stream(proxy.running.port, chat_request())
 
     assert received.startswith(b"HTTP/1.1 200")
     assert received.count(b"HTTP/1.1") == 1
-    assert b"data: [DONE]" in received
+    assert b'"delta"' in received  # the stream had started
+    assert b"data: [DONE]" not in received
     assert not received.endswith(b"0\r\n\r\n")  # no terminating chunk
     assert proxy.request("GET", "/_seedcache/health").status == 200
 
