@@ -248,6 +248,9 @@ class Incoming:
     # Its answer then replaces it; else it is added after the last, once the identical requests
     # before it that are still upstream have added theirs (`Turns.adding`).
     replaces: bool = False
+    # False when a stream asks for its chunks without their random `obfuscation` padding
+    # (stream_options.include_obfuscation: false).
+    padded: bool = True
     # --repeat sequence: the numbers `ordinal` was taken from; None under --repeat reuse.
     turns: Turns | None = None
 
@@ -316,22 +319,23 @@ class Decoded:
 
     recording: Recording
     at: float
-    rendered: dict[tuple[int, bool, bool], tuple[bytes, dict[str, str], bool]] = field(
+    rendered: dict[tuple[int, bool, bool, bool], tuple[bytes, dict[str, str], bool]] = field(
         default_factory=dict
     )
     inexact: dict[int, bool] = field(default_factory=dict)  # id(sample) -> `exact(sample)`
 
     def render(
-        self, sample: Sample, key: str, stream: bool, include_usage: bool
+        self, sample: Sample, key: str, incoming: Incoming
     ) -> tuple[bytes, dict[str, str], bool]:
-        """The body and headers replaying `sample` (one of ours) as asked, rendered once, and
-        whether the body repeats any bookkeeping (see `echo`)."""
+        """The body and headers replaying `sample` (one of ours) as `incoming` asks, rendered
+        once, and whether the body repeats any bookkeeping (see `echo`)."""
+        stream = incoming.stream
         # id() is stable: this object keeps its samples alive.
-        name = (id(sample), stream, stream and include_usage)
+        name = (id(sample), stream, stream and incoming.include_usage, stream and incoming.padded)
         cached = self.rendered.get(name)
         if cached is None:
             if stream:
-                events = replay_events(sample, include_usage=include_usage)
+                events = replay_events(sample, incoming)
                 body = b"".join(sse.encode(event) for event in events)
             elif self.exact(sample):
                 # Recorded before answers holding such numbers were refused: assembled by the
@@ -545,6 +549,7 @@ class Handlers:
         stream = isinstance(body, dict) and body.get("stream") is True and route in STREAMED
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        padded = not (isinstance(options, dict) and options.get("include_obfuscation") is False)
         ordinal = 0
         turns = None
         if canon is not None and self.config.repeat is Repeat.SEQUENCE:
@@ -569,6 +574,7 @@ class Handlers:
             canon,
             ordinal,
             turns=turns,
+            padded=padded,
         )
 
     async def _isolated(self, namespace: str, secret: str, mode: Mode) -> str:
@@ -755,12 +761,10 @@ class Handlers:
             self.used.add(canon.key)
         try:
             if incoming.stream and self.config.replay_timing:
-                events = replay_events(sample, include_usage=incoming.include_usage)
+                events = replay_events(sample, incoming)
                 exact = decoded.exact(sample)
                 return await self._replay_paced(request, incoming, sample, events, status, exact)
-            body, base, echoes = decoded.render(
-                sample, canon.key, incoming.stream, incoming.include_usage
-            )
+            body, base, echoes = decoded.render(sample, canon.key, incoming)
         except FormatError as exc:
             raise unreadable(exc, canon.key, self._store_shown) from None
         asked = echoed(incoming.body)
@@ -1997,8 +2001,18 @@ def replay_headers(sample: Sample, key: str, *, stream: bool) -> dict[str, str]:
     return headers
 
 
-def replay_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
-    """The events a streaming request gets from a sample.
+def replay_events(sample: Sample, incoming: Incoming) -> list[sse.Event]:
+    """The events a streaming request gets from a sample: as recorded, with the usage chunk the
+    request asks for or not (`usage_events`), and without the random `obfuscation` padding of
+    each chunk when it asks for none (as the upstream then sends them)."""
+    events = usage_events(sample, include_usage=incoming.include_usage)
+    if incoming.padded:
+        return events
+    return [unpadded for event in events if (unpadded := without_padding(event))]
+
+
+def usage_events(sample: Sample, *, include_usage: bool) -> list[sse.Event]:
+    """The events of a sample for a stream that asks for a usage chunk (`include_usage`) or not.
 
     A streamed sample is replayed as recorded, unless the request's include_usage differs from
     the recording's: code that reads `chunk.choices[0]` crashes on a usage chunk it did not ask
@@ -2029,18 +2043,45 @@ def without_usage(event: sse.Event) -> sse.Event | None:
     their chunking, logprobs and timing, which an assembled response would lose."""
     if not event.data.startswith("{") or '"usage"' not in event.data:
         return event
+    return _edited(event, _drop_usage)
+
+
+def _drop_usage(data: dict[str, Any]) -> bool | None:
+    if "usage" not in data:
+        return False
+    if data.get("choices") == [] and data["usage"]:
+        return None  # the usage chunk
+    if data["usage"] is not None:
+        return False
+    del data["usage"]
+    return True
+
+
+def without_padding(event: sse.Event) -> sse.Event | None:
+    """A chunk as the upstream sends it when asked for no padding: without `obfuscation`."""
+    if not event.data.startswith("{") or '"obfuscation"' not in event.data:
+        return event
+    return _edited(event, lambda data: data.pop("obfuscation", _ABSENT) is not _ABSENT)
+
+
+_ABSENT = object()
+
+
+def _edited(event: sse.Event, edit: Callable[[dict[str, Any]], bool | None]) -> sse.Event | None:
+    """`event` with its JSON object changed in place by `edit`, which says whether it changed it
+    (None: the event is left out). Its other members keep their order and their numbers as sent."""
     exact = inexact_number(event.data) is not None
     try:
         data = json.loads(event.data) if exact else orjson.loads(event.data)
     except ValueError:  # a payload that only looks like an object: replayed as recorded
         return event
-    if not isinstance(data, dict) or "usage" not in data:
+    if not isinstance(data, dict):
         return event
-    if data.get("choices") == [] and data["usage"]:
+    changed = edit(data)
+    if changed is None:
         return None
-    if data["usage"] is not None:
+    if not changed:
         return event
-    del data["usage"]
     text = exact_dumps(data) if exact else orjson.dumps(data)
     return sse.Event(text.decode(), event.event, event.t_ms)
 

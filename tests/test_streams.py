@@ -429,6 +429,25 @@ def test_a_plain_stream_replayed_from_a_stream_recorded_with_usage_is_the_plain_
     assert all('"usage"' not in line for line in plain)
 
 
+@pytest.mark.parametrize("replay_timing", [False, True])
+def test_a_stream_asking_for_no_padding_replays_as_the_upstream_sends_it_unpadded(
+    replay_timing: bool, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    # Recorded with the random `obfuscation` padding of each chunk (the default), replayed to a
+    # stream that turns it off: the chunks the upstream sends then, byte for byte.
+    proxy = start_proxy(replay_timing=replay_timing)
+    body = chat_request(seed=26)
+    unpadded = {"include_obfuscation": False}
+    recorded = stream(proxy, body)
+    replayed = stream(proxy, {**body, "stream_options": unpadded})
+
+    assert (status(recorded), status(replayed)) == ("recorded", "hit")
+    assert all('"obfuscation"' in line for line in data_lines(recorded.body)[:-1])
+    live = upstream.chat_chunks({**body, "stream": True, "stream_options": unpadded})
+    assert data_lines(replayed.body) == [*(orjson.dumps(c).decode() for c in live), "[DONE]"]
+    assert upstream.count() == 1
+
+
 # -- pacing ---------------------------------------------------------------------------------------
 
 
