@@ -32,7 +32,7 @@ from proxy.recording import (
     recorded_at,
     redact_path,
 )
-from proxy.stores.base import Store, open_store
+from proxy.stores.base import DELETE, Delete, Store, open_store
 from proxy.stores.files import recording_file
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -454,21 +454,18 @@ async def _prune_one(store: Store, item: Found, filters: _Filters) -> int:
     scan); the samples left."""
     left: list[int] = []
 
-    def rewrite(raw: bytes | None) -> bytes | None:
-        # Redis may run this more than once; only the last run's count is kept.
+    def rewrite(raw: bytes | None) -> bytes | Delete | None:
+        # A store may run this more than once; only the last run's count is kept.
         left[:] = [0]
         if raw is None:
             return None
         pruned = filters.apply(Recording.loads(raw))
         left[:] = [len(pruned.samples)]
-        # Nothing left: keep the bytes for the delete below (update cannot delete).
-        return pruned.dumps(pretty=store.pretty) if pruned.samples else None
+        # Deleted in the same atomic step as the read: a sample a proxy records meanwhile is
+        # either seen here (and kept) or added after the delete, to a recording of its own.
+        return pruned.dumps(pretty=store.pretty) if pruned.samples else DELETE
 
     await store.update(item.namespace, item.key, rewrite)
-    if not left[0]:
-        # The Store API has no conditional delete: a sample recorded between the update above
-        # and this delete goes too. Pruning is maintenance, best run while nothing records.
-        await store.delete(item.namespace, item.key)
     return left[0]
 
 

@@ -17,10 +17,11 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
+import cli.recordings
 from cli.main import main
 from cli.recordings import merge, same_store
 from proxy.recording import Recording
-from proxy.stores.base import open_store
+from proxy.stores.base import Store, Updater, open_store
 from proxy.stores.disk import DiskStore
 from tests.conftest import RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
@@ -432,6 +433,35 @@ def test_prune_by_fingerprint_then_replay_serves_what_is_left(
     replay = start_proxy(store=recorded.store, mode="replay")
     answer = replay.client().chat.completions.create(**chat_request(seed=1))
     assert answer.system_fingerprint == "fp_new"
+
+
+def test_prune_keeps_a_sample_recorded_as_it_deletes_the_recording(
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy records a sample of `legacy` right after prune has dropped its last one: that
+    # sample is kept, in the recording made again (prune used to delete the recording after).
+    def open_and_record_after_update(spec: str) -> Store:
+        store = open_store(spec)
+        update = store.update
+
+        async def update_then_record(namespace: str, key: str, fn: Updater) -> bytes | None:
+            stored = await update(namespace, key, fn)
+            if key == recorded.key("legacy"):
+                send(recorded.proxy, legacy_request(seed=3), {"X-Seedcache-Mode": "record"})
+            return stored
+
+        monkeypatch.setattr(store, "update", update_then_record)
+        return store
+
+    monkeypatch.setattr(cli.recordings, "open_store", open_and_record_after_update)
+
+    result = run("prune", "--store", recorded.store, "--older-than", recorded.cutoff)
+
+    assert result.exit_code == 0, result.output
+    assert "dropped 2 samples from 2 recordings; deleted 1" in result.stdout
+    legacy = recordings(recorded.store)[recorded.key("legacy")]
+    cutoff = datetime.fromisoformat(recorded.cutoff)
+    assert [datetime.fromisoformat(s.recorded_at) > cutoff for s in legacy.samples] == [True]
 
 
 def test_prune_by_model(recorded: Recorded) -> None:

@@ -27,7 +27,7 @@ import redis
 import proxy.stores.files
 import proxy.stores.redis_store
 from proxy.errors import ConfigError, StoreError
-from proxy.stores.base import Holder, Store, Updater, open_store
+from proxy.stores.base import DELETE, Delete, Holder, Store, Updater, open_store
 from proxy.stores.disk import DiskStore
 from proxy.stores.files import FilesStore
 from proxy.stores.redis_store import RedisStore
@@ -57,6 +57,34 @@ def append_line(line: str) -> Updater:
         return orjson.dumps([*lines, line], option=orjson.OPT_INDENT_2)
 
     return add
+
+
+def drop_line(line: str) -> Callable[[bytes | None], bytes | Delete]:
+    """An updater that removes `line` from a JSON list, and deletes the list left empty."""
+
+    def drop(old: bytes | None) -> bytes | Delete:
+        left = [kept for kept in orjson.loads(old or b"[]") if kept != line]
+        return orjson.dumps(left) if left else DELETE
+
+    return drop
+
+
+def _add_line_when_told(
+    spec: str, name: str, line: str, ready: threading.Event, go: threading.Event
+) -> None:
+    """Another writer, in a thread of its own: opens the store at `spec` (`ready`), and once
+    told (`go`) adds `line` to the value of `name`."""
+
+    async def run() -> None:
+        store = open_store(spec, timeout=LOCK_TIMEOUT)
+        try:
+            ready.set()
+            if go.wait(LOCK_TIMEOUT):
+                await store.update("", name, append_line(line))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
 
 
 async def collect(store: Store) -> dict[tuple[str, str], bytes]:
@@ -138,6 +166,59 @@ class TestStoreContract:
         # Absent and left absent.
         assert await store.update("", key(2), lambda old: None) is None
         assert await store.get("", key(2)) is None
+
+    async def test_update_returning_delete_deletes(self, store: Store) -> None:
+        await store.put("", key(1), b"gone")
+        await store.put("", key(2), b"kept")
+        assert await store.update("", key(1), lambda old: DELETE) is None
+        assert await store.get("", key(1)) is None
+        assert await collect(store) == {("", key(2)): b"kept"}
+        # Absent and left absent.
+        assert await store.update("", key(1), lambda old: DELETE) is None
+        assert await store.get("", key(1)) is None
+
+    async def test_a_delete_by_update_keeps_what_a_concurrent_update_adds(
+        self, store: Store
+    ) -> None:
+        # prune drops the last sample of a recording while a proxy adds one: the delete is
+        # decided on the value as stored, so the sample added is never deleted unseen. Here
+        # the two share a batch (disk) or queue on the key's lock (files): a delete made as a
+        # step of its own after the update would come after the other writer's line.
+        await store.put("", key(1), orjson.dumps(["old"]))
+        await asyncio.gather(
+            store.update("", key(1), drop_line("old")), store.update("", key(1), append_line("new"))
+        )
+        stored = await store.get("", key(1))
+        assert stored is not None and orjson.loads(stored) == ["new"]
+
+    async def test_a_delete_by_update_keeps_what_another_writer_added_meanwhile(
+        self, store_spec: str, store: Store
+    ) -> None:
+        # As above, the other writer through a connection of its own, adding its line while the
+        # update decides to delete (on Redis, a delete made as a step of its own would follow).
+        await store.put("", key(1), orjson.dumps(["old"]))
+        ready, go = threading.Event(), threading.Event()
+        other = threading.Thread(
+            target=_add_line_when_told, args=(store_spec, key(1), "new", ready, go), daemon=True
+        )
+        other.start()
+        await asyncio.get_running_loop().run_in_executor(None, ready.wait, LOCK_TIMEOUT)
+
+        def drop_old(old: bytes | None) -> bytes | Delete:
+            if not go.is_set():
+                # The other writer adds its line now: it waits for this update (disk, files),
+                # or it is first and this update runs again on what it left (Redis).
+                go.set()
+                other.join(0.5)
+            return drop_line("old")(old)
+
+        try:
+            await store.update("", key(1), drop_old)
+        finally:
+            go.set()
+            await asyncio.get_running_loop().run_in_executor(None, other.join, LOCK_TIMEOUT)
+        stored = await store.get("", key(1))
+        assert stored is not None and orjson.loads(stored) == ["new"]
 
     async def test_update_error_propagates_and_changes_nothing(self, store: Store) -> None:
         await store.put("", key(1), b"kept")
@@ -431,20 +512,21 @@ class TestDiskStore:
         finally:
             await store.close()
 
+    @pytest.mark.parametrize("replacement", [b"small", DELETE])
     async def test_a_batch_rolled_back_keeps_the_large_values_it_was_replacing(
-        self, tmp_path: Path
+        self, tmp_path: Path, replacement: bytes | Delete
     ) -> None:
         # A large value lives in a file of its own. The loop's batch replaces one with a small
-        # value, then meets a large value and is rolled back, to be applied again in the writer
-        # thread: the replaced value's file must still be there for it (diskcache removes it as
-        # the update returns, inside the batch's transaction).
+        # value (or deletes it), then meets a large value and is rolled back, to be applied
+        # again in the writer thread: the replaced value's file must still be there for it
+        # (diskcache removes it as the update returns, inside the batch's transaction).
         store = DiskStore(str(tmp_path / "disk"), timeout=LOCK_TIMEOUT)
         recorded = os.urandom(100_000)
         seen: list[bytes | None] = []
 
-        def shrink(old: bytes | None) -> bytes:
+        def shrink(old: bytes | None) -> bytes | Delete:
             seen.append(old)
-            return b"small"
+            return replacement
 
         try:
             await store.put("", key("recorded"), recorded)
@@ -454,7 +536,8 @@ class TestDiskStore:
             )
             assert len(seen) == 2  # on the loop, then again in the writer thread
             assert seen == [recorded, recorded]
-            assert await store.get("", key("recorded")) == b"small"
+            expected = None if replacement is DELETE else replacement
+            assert await store.get("", key("recorded")) == expected
             assert value_files(tmp_path / "disk") == 1  # the new large value's
         finally:
             await store.close()

@@ -5,19 +5,31 @@ Stores speak bytes under (namespace, key); what the bytes mean (recordings, HTTP
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError
 
+
+class Delete(enum.Enum):
+    """The type of `DELETE`."""
+
+    DELETE = "delete"
+
+
+# What an `Updater` returns to have the value deleted: decided on the value as stored, in the
+# same atomic step, so that a value another writer changed meanwhile is not deleted unseen.
+DELETE: Final = Delete.DELETE
+
 # An atomic read-modify-write step: given the stored bytes (None if absent), the bytes to store,
-# or None to leave the value as it is. A store may run it more than once (Redis when another
-# writer won the race, disk when a batch moves off the loop): it computes, and has no other effect
-# than what a later run overwrites.
-Updater = Callable[[bytes | None], bytes | None]
+# DELETE to remove the value, or None to leave it as it is. A store may run it more than once
+# (Redis when another writer won the race, disk when a batch moves off the loop): it computes,
+# and has no other effect than what a later run overwrites.
+Updater = Callable[[bytes | None], bytes | Delete | None]
 
 
 class Store(Protocol):
@@ -32,7 +44,8 @@ class Store(Protocol):
         """The value under `key`, or None."""
 
     async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
-        """Apply `fn` to the value atomically (against other writers); return what is stored."""
+        """Apply `fn` to the value atomically (against other writers); return what is stored
+        (None once `fn` deleted it)."""
 
     async def put(self, namespace: str, key: str, value: bytes) -> None:
         """Store `value` under `key`, replacing what was there."""

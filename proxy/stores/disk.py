@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import diskcache
 
 from proxy.errors import StoreError
-from proxy.stores.base import Updater
+from proxy.stores.base import DELETE, Updater
 
 T = TypeVar("T")
 log = logging.getLogger("seedcache")
@@ -324,6 +324,10 @@ class DiskStore:
             return exc
         if new is None:
             return old
+        if new is DELETE:
+            # In the batch's transaction: a large value's file goes once it commits.
+            cache.delete(name)
+            return None
         if on_loop and len(new) >= cache.disk_min_file_size:
             raise _NotHere  # rolls the transaction back
         cache.set(name, new)

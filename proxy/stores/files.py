@@ -24,7 +24,7 @@ import orjson
 
 from proxy.errors import StoreError
 from proxy.keys import NAMESPACE, unportable
-from proxy.stores.base import Updater
+from proxy.stores.base import DELETE, Updater
 
 T = TypeVar("T")
 log = logging.getLogger("seedcache")
@@ -252,6 +252,9 @@ class FilesStore:
     def _update(self, path: Path, fn: Updater) -> bytes | None:
         old = _read(path)
         new = fn(old)
+        if new is DELETE:
+            _unlink(path)  # under the key's lock, as the read: no write falls in between
+            return None
         if new is None or new == old:
             # An unchanged value is not rewritten, so the file (and git) stay untouched.
             return old

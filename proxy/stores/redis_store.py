@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 
 from proxy.config import StoreSpec
 from proxy.errors import ConfigError, StoreError, StoreFull
-from proxy.stores.base import Holder, Updater
+from proxy.stores.base import DELETE, Holder, Updater
 
 PREFIX = "seedcache:"
 META = "seedcache:meta"
@@ -149,9 +149,12 @@ class RedisStore:
                         if new is None or new == old:
                             return old  # leaving the block UNWATCHes
                         pipe.multi()  # type: ignore[no-untyped-call]
-                        pipe.set(name, new)
+                        if new is DELETE:
+                            pipe.delete(name)
+                        else:
+                            pipe.set(name, new)
                         await pipe.execute()
-                        return new
+                        return None if new is DELETE else new
                     except redis.exceptions.WatchError:
                         # Jitter, so writers that collided do not collide again in lockstep.
                         await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
