@@ -770,6 +770,33 @@ class TestFilesStore:
         assert await files.get("team-a", key(3)) is None
         assert await collect(files) == {("", key(1)): b'{"complete": true}'}
 
+    async def test_temp_files_a_killed_writer_left_are_removed_once_stale(
+        self, tmp_path: Path
+    ) -> None:
+        # A process killed between writing a temp file and renaming it leaves the temp file in
+        # a folder committed to git. Opening the store removes those no writer can still own.
+        root = tmp_path / "rec"
+        (root / "team-a").mkdir(parents=True)
+        stale = [
+            root / f".{key(1)}.json.k2j3h4.tmp",
+            root / "team-a" / f".{key(2)}.json.a8s7d6.tmp",
+            root / "..seedcache-meta.json.x1y2z3.tmp",
+        ]
+        fresh = root / f".{key(3)}.json.q9w8e7.tmp"  # a write in progress, maybe
+        not_ours = [root / "notes.tmp", root / f".{key(4)}.json.tmp", root / "team-a" / "x.tmp"]
+        for path in [*stale, fresh, *not_ours]:
+            path.write_bytes(b'{"half')
+        long_ago = time.time() - proxy.stores.files._STALE_TEMP - 60
+        for path in [*stale, *not_ours]:
+            os.utime(path, (long_ago, long_ago))
+
+        store = FilesStore(str(root))
+        await store.close()
+
+        assert [path.exists() for path in stale] == [False] * len(stale)
+        assert fresh.exists()
+        assert all(path.exists() for path in not_ours)
+
     async def test_failed_write_keeps_old_value_and_no_temp_file(
         self, files: FilesStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -2,7 +2,8 @@
 
 Layout: `DIR/<key>.json`, or `DIR/<namespace>/<key>.json`, and the current fingerprints in
 `DIR/.seedcache-meta.json`, all committed; audit events in `DIR/.audit/events.jsonl` and advisory
-locks in `DIR/.locks/`, each folder ignoring itself in git (a `.gitignore` of `*`).
+locks in `DIR/.locks/`, each folder ignoring itself in git (a `.gitignore` of `*`). A file is
+written as a temp file beside it, `.<name>.<random>.tmp`, then renamed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ _META_FIX = (
     '"*" for the fingerprint seen through any upstream), or delete it to forget the current '
     "fingerprints."
 )
+# What `_write` names its temp files: .<key>.json.<random>.tmp, ..seedcache-meta.json.<random>.tmp.
+_TEMP_FILE = re.compile(rf"\.(?:[0-9a-f]{{64}}\.json|{re.escape(_META_FILE)})\.\w+\.tmp")
+# A temp file untouched for this long has no writer left (one renames it within seconds): it was
+# left by a process killed before the rename, and is removed when the store is opened.
+_STALE_TEMP = 600.0
 # Audit lines read per worker-thread call while iterating `events()`.
 _EVENTS_PAGE = 1000
 # Longest pause between two attempts to take a lock another process holds.
@@ -129,6 +135,7 @@ class FilesStore:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot open the files store at {directory!r}: {exc}") from None
+        _remove_stale_temps(self._root)
 
     async def get(self, namespace: str, key: str) -> bytes | None:
         return await self._off_loop(_read, self._path(namespace, key))
@@ -386,6 +393,28 @@ def _make_ignored_dir(folder: Path) -> None:
         ignore.write_text("*\n")
 
 
+def _remove_stale_temps(root: Path) -> None:
+    """Remove the temp files that writes killed before their rename left in `root` and its
+    namespace folders: the folder is committed, and `git add` would take them in. Best effort:
+    another process may remove one first, or the folder be read-only."""
+    now = time.time()
+    removed = 0
+    try:
+        entries = _entries(root)
+        for folder in [e for e in entries if NAMESPACE.fullmatch(e.name) and e.is_dir()]:
+            entries += _entries(Path(folder.path))
+    except OSError:
+        return
+    for entry in entries:
+        if _TEMP_FILE.fullmatch(entry.name):
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TEMP:
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("removed %d temp files left in %s by writes that never finished", removed, root)
+
+
 def _read_events(path: Path, offset: int) -> tuple[list[bytes], int, bool]:
     """Up to a page of the events in the log at `path` from `offset`: the events, the offset
     after them, and whether the end was reached."""
@@ -427,7 +456,8 @@ def _write(path: Path, value: bytes) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     # The temp file is in the same directory so the rename cannot cross filesystems, and its
-    # name (.<key>.json.*.tmp) is one `scan` skips, so a crash before the rename leaves no value.
+    # name (.<key>.json.*.tmp) is one `scan` skips, so a crash before the rename leaves no value
+    # (and a temp file that the next opening of the store removes, `_remove_stale_temps`).
     fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
