@@ -279,9 +279,21 @@ class RequestIndex:
         if not candidates:
             return None
         # Rank every candidate by the size of the symmetric difference of (path, value) leaves,
-        # a set operation, then walk only the shortlist for the exact differing paths.
+        # a set operation, then walk only the shortlist for the exact differing paths. Among
+        # those that differ in as few leaves (a templated prompt: every recording of a
+        # parametrised test differs from it at the same path), the one whose differing values
+        # are closest comes first: "river" is nearest "rivers", not "volcanoes".
         leaves = frozenset(_leaves(body, ""))
-        ranked = sorted(candidates, key=lambda item: len(leaves ^ item[1].leaves))
+        sizes = [len(leaves ^ indexed.leaves) for _, indexed in candidates]
+        fewest = min(sizes)
+        tied = [item for item, size in zip(candidates, sizes, strict=True) if size == fewest]
+        if len(tied) > 1:
+            mine = {path: value.encode() for path, value in leaves}
+            tied.sort(key=lambda item: -_closeness(mine, item[1].leaves - leaves))
+        ranked = tied + sorted(
+            (item for item, size in zip(candidates, sizes, strict=True) if size != fewest),
+            key=lambda item: len(leaves ^ item[1].leaves),
+        )
         best: tuple[str, list[Difference]] | None = None
         for key, indexed in ranked[:shortlist]:
             bound = len(best[1]) if best is not None else 200
@@ -314,6 +326,28 @@ class RequestIndex:
 class _Indexed:
     body: Any
     leaves: frozenset[tuple[str, str]]
+
+
+def _closeness(mine: dict[str, bytes], theirs: Iterable[tuple[str, str]]) -> int:
+    """How alike the values of a request (`mine`, path to its value's UTF-8) and those of a
+    recording where they differ (`theirs`, its (path, value) leaves the request does not have)
+    are: the bytes they share at their start and, after that, at their end, summed over the
+    paths both have. Each is found from the XOR of the two read as integers (its highest set bit
+    is the first byte that differs, its lowest the last): linear in their length, in C, unlike
+    an edit distance, so that a long prompt costs no more than reading it."""
+    alike = 0
+    number = int.from_bytes
+    for path, value in theirs:
+        a = mine.get(path)
+        if a is None:
+            continue
+        b = value.encode()
+        most = min(len(a), len(b))
+        start = most - ((number(a[:most]) ^ number(b[:most])).bit_length() + 7) // 8
+        rest = most - start
+        differ = number(a[len(a) - rest :]) ^ number(b[len(b) - rest :])
+        alike += start + (rest if not differ else ((differ & -differ).bit_length() - 1) // 8)
+    return alike
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:

@@ -236,6 +236,32 @@ def test_the_index_names_the_nearest_recording_of_the_same_model() -> None:
     assert index.nearest(elsewhere, elsewhere.body) is None
 
 
+def test_among_recordings_that_differ_as_much_the_nearest_has_the_closest_values() -> None:
+    # A parametrised test's prompts differ from each other at one path, as the changed prompt
+    # differs from each: the one named is the one it was changed from.
+    index = RequestIndex()
+    recorded = {}
+    for topic in ("volcanoes", "rivers", "deserts", "a river delta"):
+        body = chat(messages=[{"role": "user", "content": f"Tell me about {topic}"}])
+        canon = make_key("POST", "/v1/chat/completions", body)
+        index.add(canon.key, "", "POST", canon.path, canon.body)
+        recorded[topic] = canon.key
+
+    asked = make_key(
+        "POST",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": "Tell me about river"}]),
+    )
+    found = index.nearest(asked, asked.body)
+
+    assert found is not None
+    key, differences = found
+    assert key == recorded["rivers"]
+    assert describe_differences(differences) == (
+        "messages[0].content: 'Tell me about river' != 'Tell me about rivers'"
+    )
+
+
 def test_describe_differences_lists_at_most_five() -> None:
     a = {f"m{i}": "x" for i in range(8)}
     b = {f"m{i}": "y" for i in range(8)}
