@@ -11,7 +11,7 @@ controller reports for all of them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -105,6 +105,7 @@ class _Plugin:
     summary: list[str] = field(default_factory=list)
     failed: bool = False
     placeholder_key: bool = False  # OPENAI_API_KEY was not set: the plugin set a placeholder
+    deselected: bool = False  # -k, -m, --deselect, --lf or another plugin left tests out
 
     def missing_store(self) -> str | None:
         """Why replay cannot work: its store directory does not exist (recordings that were not
@@ -141,6 +142,8 @@ class Tally(TypedDict):
     error: str | None  # why the store could not be scanned for unused recordings
     store: str
     placeholder_key: bool
+    # How this process's run left tests out (deselected them), or None.
+    narrowed: str | None
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -156,6 +159,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     plugin = session.config.stash.get(_PLUGIN, None)
     if plugin is not None and plugin.session is not None:
         os.environ["OPENAI_BASE_URL"] = plugin.session.base_url
+
+
+def pytest_deselected(items: Sequence[pytest.Item]) -> None:
+    if items and (plugin := items[0].config.stash.get(_PLUGIN, None)) is not None:
+        plugin.deselected = True
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -393,7 +401,33 @@ def _seedcache_per_test(request: pytest.FixtureRequest) -> Iterator[None]:
         handlers.namespace = plugin.config.namespace
 
 
-def _tally(plugin: _Plugin) -> Tally | None:
+def _narrowing(session: pytest.Session, plugin: _Plugin, exitstatus: int) -> str | None:
+    """How this run left part of the suite out (what it did, said after "this run"), or None
+    when it ran the whole suite: only such a run knows which recordings no test uses, and how
+    many identical requests the tests sharing a recording make (--seedcache-repeat sequence)."""
+    config = session.config
+    invocation = config.invocation_params
+    if plugin.deselected:
+        return "deselected tests (-k, -m, --deselect, --lf)"
+    if config.args_source is pytest.Config.ArgsSource.ARGS:
+        return "was given test paths or node ids"
+    if (
+        config.args_source is pytest.Config.ArgsSource.INVOCATION_DIR
+        and invocation.dir != config.rootpath
+    ):
+        # Started below the rootdir without paths: pytest collects that folder only.
+        return f"collected the tests under {invocation.dir} only"
+    # In the ini's addopts, --ignore shapes the suite; on the command line it leaves part out.
+    if any(str(arg).split("=", 1)[0] in ("--ignore", "--ignore-glob") for arg in invocation.args):
+        return "ignored test paths (--ignore)"
+    if config.getoption("lf", False):  # files it skips whole are not reported as deselected
+        return "ran the tests that failed last (--lf)"
+    if session.shouldfail or session.shouldstop or exitstatus == pytest.ExitCode.INTERRUPTED:
+        return "stopped before every test had run (-x, --maxfail, --sw, an interruption)"
+    return None
+
+
+def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
     """What this process's proxy did; None if it did nothing for the tests (none was started,
     or it is a pytest-xdist controller's, which runs no tests)."""
     session = plugin.session
@@ -412,6 +446,7 @@ def _tally(plugin: _Plugin) -> Tally | None:
         error=None,
         store=StoreSpec.parse(session.proxy.config.store).shown,
         placeholder_key=plugin.placeholder_key,
+        narrowed=narrowed,
     )
     try:
         unused, tally["unreadable"], tally["misnamed"] = session.scan_unused()
@@ -527,7 +562,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     plugin = session.config.stash.get(_PLUGIN, None)
     if plugin is None:
         return
-    tally = _tally(plugin)
+    narrowed = _narrowing(session, plugin, exitstatus)
+    if narrowed is not None and plugin.session is not None:
+        # The tests left out may ask a recording for more samples than the tests that ran:
+        # trimmed to the count of these, it would lose the samples those others replay.
+        plugin.session.proxy.handlers.trim_sequences = False
+    tally = _tally(plugin, narrowed)
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # a pytest-xdist worker: the controller reports
         if tally is not None:

@@ -509,6 +509,49 @@ def test_repeat_sequence_record_under_xdist_keeps_what_every_worker_recorded(
     replayed.assert_outcomes(passed=2)
 
 
+@pytest.mark.parametrize(
+    "narrowing",
+    [("-k", "test_b"), ("test_app.py::test_b",), ("-x",)],
+    ids=["deselected", "node-id", "stopped"],
+)
+def test_repeat_sequence_record_of_part_of_the_suite_keeps_the_samples_of_the_rest(
+    narrowing: tuple[str, ...], pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # README: counted per test, so -k does not change what a test gets. A run of test_b alone
+    # (or one stopped before test_a) knows of one request where test_a makes three.
+    pytester.makepyfile(
+        test_app=UNSEEDED
+        + """
+import os
+
+def test_b(seedcache):
+    ask_unseeded(1)
+
+def test_stop():
+    assert not os.environ.get("STOP"), "the run stops here under -x"
+
+def test_a(seedcache):
+    ask_unseeded(3)
+"""
+    )
+    record_in_sequence(pytester, upstream).assert_outcomes(passed=3)
+    rerecorded = run(
+        pytester,
+        "--seedcache-mode=record",
+        "--seedcache-repeat=sequence",
+        f"--seedcache-upstream={upstream.base_url}",
+        *narrowing,
+        env={"STOP": "1"},
+    )
+    rerecorded.stdout.fnmatch_lines(["seedcache (record): 0 hits, 0 misses, 1 recorded*"])
+
+    assert recorded_samples(pytester) == 3
+    replayed = run(
+        pytester, "--seedcache-repeat=sequence", "--seedcache-fail-on-miss", env={"STOP": ""}
+    )
+    replayed.assert_outcomes(passed=3)
+
+
 def test_on_fingerprint_change_fail_refuses_a_sample_of_an_older_fingerprint(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
