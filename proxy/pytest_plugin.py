@@ -459,9 +459,12 @@ def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
     return tally
 
 
-def _summary(tallies: list[Tally], crashed: list[str]) -> tuple[list[str], int]:
+def _summary(
+    tallies: list[Tally], crashed: list[str], narrowed: str | None
+) -> tuple[list[str], int]:
     """The summary's lines for the tallies of one or more proxies (and the pytest-xdist workers
-    that crashed before sending theirs), and their misses."""
+    that crashed before sending theirs, and how the run left part of the suite out), and their
+    misses."""
     counts = {name: sum(tally["counts"][name] for tally in tallies) for name in COUNTED}
     workers = f" ({len(tallies)} workers)" if len(tallies) > 1 else ""
     lines = [
@@ -502,7 +505,13 @@ def _summary(tallies: list[Tally], crashed: list[str]) -> tuple[list[str], int]:
     for tally in tallies[1:]:
         also = {entry[0] for entry in tally["unused"]}
         unused = [entry for entry in unused if entry[0] in also]
-    if unused:
+    if unused and narrowed is not None:
+        # The recordings of the tests left out would be listed: only a run of every test knows.
+        lines.append(
+            "seedcache: recordings no test used are listed only on a run of the whole suite; "
+            f"this run {narrowed}"
+        )
+    elif unused:
         lines.append(f"seedcache: {len(unused)} recording(s) no test used:")
         for key, method, path, model, namespace in unused[:LISTED]:
             lines.append(f"  {key[:12]} {method} {path} model={model} namespace={namespace or '-'}")
@@ -577,7 +586,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         plugin.tallies.append(tally)
     if not plugin.tallies:
         return
-    plugin.summary, misses = _summary(plugin.tallies, plugin.crashed)
+    # Under pytest-xdist the workers collect, and deselect, the tests.
+    narrowed = narrowed or next((t["narrowed"] for t in plugin.tallies if t["narrowed"]), None)
+    plugin.summary, misses = _summary(plugin.tallies, plugin.crashed, narrowed)
     plugin.failed = plugin.fail_on_miss and misses > 0
     if plugin.failed and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -788,6 +788,36 @@ def test_under_xdist_one_summary_adds_up_the_workers_and_fails_on_a_miss(
     assert not any(key[:12] in output for key in used)
 
 
+@pytest.mark.parametrize(
+    ("narrowing", "reason"),
+    [
+        (("-k", "mars"), "deselected tests (-k, -m, --deselect, --lf)"),
+        (("test_app.py::test_mars",), "was given test paths or node ids"),
+        (("-n", "2", "-k", "mars"), "deselected tests (-k, -m, --deselect, --lf)"),
+    ],
+    ids=["deselected", "node-id", "xdist"],
+)
+def test_a_run_of_part_of_the_suite_calls_no_recording_unused(
+    narrowing: tuple[str, ...], reason: str, pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=questions("Mars", "Venus"))
+    record = ("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    run(pytester, *record).assert_outcomes(passed=2)
+
+    result = run(pytester, *narrowing)
+
+    assert result.parseoutcomes()["passed"] == 1
+    # Venus's recording is the left-out test's, not one that no test uses.
+    result.stdout.fnmatch_lines(
+        [
+            "seedcache (replay): 1 hits, 0 misses*",
+            "seedcache: recordings no test used are listed only on a run of the whole suite; "
+            f"this run {reason}",
+        ]
+    )
+    assert "no test used:" not in result.stdout.str()
+
+
 def test_under_xdist_a_crashed_worker_is_named_and_no_recording_is_called_unused(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
