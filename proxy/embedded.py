@@ -77,6 +77,7 @@ class EmbeddedProxy:
         self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         self._app[HANDLERS].used = set()  # for SeedcacheSession.unused()
+        self._app[HANDLERS].unreadable = set()  # for the plugin's --seedcache-fail-on-miss
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])

@@ -385,6 +385,9 @@ class Handlers:
         # Keys replayed or recorded by this run, when asked for (an embedded proxy: the pytest
         # plugin lists recordings no test used); a long-running server would grow it for ever.
         self.used: set[str] | None = None
+        # Keys of recordings a request could not be answered from, unreadable (a merge conflict
+        # in a committed file), when asked for: the plugin fails a session on them as on misses.
+        self.unreadable: set[str] | None = None
         self._salt: str | None = None
         self._salt_at = 0.0
         self._salt_lock = asyncio.Lock()
@@ -703,10 +706,21 @@ class Handlers:
         if raw is None:
             self._recordings.pop(canon.key, None)
             return None  # misses are not remembered: another proxy may record it any moment
-        decoded = Decoded(load(raw, canon.key, self._store_shown), now)
+        try:
+            recording = Recording.loads(raw)
+        except FormatError as exc:
+            raise self._unreadable(exc, canon.key) from None
+        decoded = Decoded(recording, now)
         if len(raw) > RECORDING_CACHE_LIMIT:
             return decoded
         return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
+
+    def _unreadable(self, exc: FormatError, key: str) -> FormatError:
+        """The error of a request whose recording cannot be read or replayed, its key kept in
+        `unreadable` when asked for."""
+        if self.unreadable is not None:
+            self.unreadable.add(key)
+        return unreadable(exc, key, self._store_shown)
 
     async def _lookup_sequence(
         self, request: web.Request, incoming: Incoming, decoded: Decoded
@@ -766,7 +780,7 @@ class Handlers:
                 return await self._replay_paced(request, incoming, sample, events, status, exact)
             body, base, echoes = decoded.render(sample, canon.key, incoming)
         except FormatError as exc:
-            raise unreadable(exc, canon.key, self._store_shown) from None
+            raise self._unreadable(exc, canon.key) from None
         asked = echoed(incoming.body)
         if asked or echoes:
             body = echo(body, asked, stream=incoming.stream, exact=decoded.exact(sample))

@@ -75,7 +75,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--seedcache-fail-on-miss",
         action="store_true",
         default=None,
-        help="Fail the session when any request had no recording.",
+        help="Fail the session when any request had no recording, or one that cannot be read.",
     )
     parser.addini("seedcache_mode", "seedcache mode for the test session", default="")
     parser.addini("seedcache_store", "seedcache store for the test session", default="")
@@ -103,7 +103,7 @@ class _Plugin:
     tallies: list[Tally] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)  # pytest-xdist workers that sent none
     summary: list[str] = field(default_factory=list)
-    failed: bool = False
+    failures: list[str] = field(default_factory=list)  # why the session fails: "because …"
     placeholder_key: bool = False  # OPENAI_API_KEY was not set: the plugin set a placeholder
     deselected: bool = False  # -k, -m, --deselect, --lf or another plugin left tests out
 
@@ -136,6 +136,8 @@ class Tally(TypedDict):
     # Recordings this proxy did not use: [key, method, path, model, namespace].
     unused: list[list[Any]]
     unreadable: list[str]
+    # Recordings requests asked for that could not be read or replayed: they got no answer.
+    asked_unreadable: list[str]
     # Unused recordings whose `key` member is not the key they are stored under (a file copied
     # under another name): [stored key, key member].
     misnamed: list[list[str]]
@@ -442,6 +444,7 @@ def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
         early=plugin.early,
         unused=[],
         unreadable=[],
+        asked_unreadable=sorted(session.proxy.handlers.unreadable or ()),
         misnamed=[],
         error=None,
         store=StoreSpec.parse(session.proxy.config.store).shown,
@@ -461,10 +464,10 @@ def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
 
 def _summary(
     tallies: list[Tally], crashed: list[str], narrowed: str | None
-) -> tuple[list[str], int]:
+) -> tuple[list[str], int, int]:
     """The summary's lines for the tallies of one or more proxies (and the pytest-xdist workers
-    that crashed before sending theirs, and how the run left part of the suite out), and their
-    misses."""
+    that crashed before sending theirs, and how the run left part of the suite out), their
+    misses, and the recordings requests asked for that could not be read."""
     counts = {name: sum(tally["counts"][name] for tally in tallies) for name in COUNTED}
     workers = f" ({len(tallies)} workers)" if len(tallies) > 1 else ""
     lines = [
@@ -527,15 +530,28 @@ def _summary(
             f"(its file name), so that is the one listed; delete a stray copy with seedcache rm "
             f"--store {tallies[0]['store']} KEY"
         )
-    unreadable = sorted({key for tally in tallies for key in tally["unreadable"]})
+    store = tallies[0]["store"]
+    asked = sorted({key for tally in tallies for key in tally["asked_unreadable"]})
+    if asked:
+        keys = ", ".join(key[:12] for key in asked[:5])
+        more = ", …" if len(asked) > 5 else ""
+        lines.append(
+            f"seedcache: {len(asked)} recording(s) that requests asked for could not be read, "
+            f"so they got no recorded answer ({keys}{more}): where a merge left conflict markers "
+            "in one, take one side of the conflict (git checkout --theirs or --ours on its file, "
+            f"KEY.json); else fix it, or delete it with seedcache rm --store {store} KEY and "
+            "record it again"
+        )
+    # Those asked for are said above; another worker's proxy may not have used one either.
+    unreadable = sorted({key for tally in tallies for key in tally["unreadable"]} - set(asked))
     if unreadable:
         keys = ", ".join(key[:12] for key in unreadable[:5])
         more = ", …" if len(unreadable) > 5 else ""
         lines.append(
             f"seedcache: {len(unreadable)} unreadable recording(s) skipped ({keys}{more}): fix "
-            f"them, or delete them with seedcache rm --store {tallies[0]['store']} KEY"
+            f"them, or delete them with seedcache rm --store {store} KEY"
         )
-    return lines, counts["misses"]
+    return lines, counts["misses"], len(asked)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -558,12 +574,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.section("seedcache")
     for line in plugin.summary:
         terminalreporter.write_line(line)
-    if plugin.failed:
-        terminalreporter.write_line(
-            "seedcache: failing the session because requests had no recording "
-            "(--seedcache-fail-on-miss)",
-            red=True,
-        )
+    for reason in plugin.failures:
+        terminalreporter.write_line(f"seedcache: failing the session because {reason}", red=True)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -588,7 +600,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     # Under pytest-xdist the workers collect, and deselect, the tests.
     narrowed = narrowed or next((t["narrowed"] for t in plugin.tallies if t["narrowed"]), None)
-    plugin.summary, misses = _summary(plugin.tallies, plugin.crashed, narrowed)
-    plugin.failed = plugin.fail_on_miss and misses > 0
-    if plugin.failed and exitstatus == 0:
+    plugin.summary, misses, unreadable = _summary(plugin.tallies, plugin.crashed, narrowed)
+    if plugin.fail_on_miss and misses:
+        plugin.failures.append("requests had no recording (--seedcache-fail-on-miss)")
+    if plugin.fail_on_miss and unreadable:
+        # Answered with an error, not a miss, but as unanswered from the recordings: code that
+        # swallows API errors passes on it just the same.
+        plugin.failures.append(
+            "requests found their recording unreadable (--seedcache-fail-on-miss)"
+        )
+    if plugin.failures and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -687,6 +687,46 @@ def test_an_unreadable_recording_is_skipped_and_counted_in_the_unused_list(
     assert "could not list" not in result.stdout.str()
 
 
+def test_fail_on_miss_fails_the_session_on_an_unreadable_recording_the_code_swallowed(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(
+        test_app="""
+import openai
+
+def test_mars(seedcache):
+    try:
+        openai.OpenAI(max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", seed=7,
+            messages=[{"role": "user", "content": "Tell me about Mars"}])
+    except openai.APIError:
+        pass  # the application under test falls back on a default answer
+"""
+    )
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    [mars] = (pytester.path / "tests" / "recordings").glob("[0-9a-f]*.json")
+    text = mars.read_text()
+    mars.write_text(f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> branch\n")
+
+    result = run(pytester, "--seedcache-fail-on-miss")
+
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "seedcache (replay): 0 hits, 0 misses*",
+            f"seedcache: 1 recording(s) that requests asked for could not be read, so they got "
+            f"no recorded answer ({mars.stem[:12]}): where a merge left conflict markers in one, "
+            "take one side of the conflict (git checkout --theirs or --ours on its file, "
+            f"KEY.json); else fix it, or delete it with seedcache rm --store files:{mars.parent} "
+            "KEY and record it again",
+            "seedcache: failing the session because requests found their recording unreadable "
+            "(--seedcache-fail-on-miss)",
+        ]
+    )
+    assert "skipped" not in result.stdout.str()
+
+
 def test_a_recording_copied_under_another_name_is_the_unused_one_in_the_summary(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
