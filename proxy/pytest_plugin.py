@@ -10,6 +10,7 @@ controller reports for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ from typing import Any, TypedDict
 
 import pytest
 
-from proxy.config import Config, Mode, StoreSpec
+from proxy.config import Config, Mode, OnFingerprintChange, StoreSpec
 from proxy.embedded import EmbeddedProxy
-from proxy.errors import ConfigError, FormatError, SeedcacheError
+from proxy.errors import ConfigError, FormatError, SeedcacheError, StoreError
 from proxy.keys import NAMESPACE_RULE, namespace_problem
 from proxy.recording import Recording, redact_path
 
@@ -142,6 +143,7 @@ class Tally(TypedDict):
     # under another name): [stored key, key member].
     misnamed: list[list[str]]
     error: str | None  # why the store could not be scanned for unused recordings
+    damaged_meta: str | None  # the files store's meta file, when a merge left it unreadable
     store: str
     placeholder_key: bool
     # How this process's run left tests out (deselected them), or None.
@@ -314,6 +316,17 @@ class SeedcacheSession:
         """Recordings in the store that no request of this session replayed or recorded."""
         return self.scan_unused()[0]
 
+    def damaged_meta(self) -> str | None:
+        """The files store's meta file when it cannot be read (a merge conflict): the current
+        fingerprints are unknown while it is. None when it reads, and for other stores."""
+        from proxy.stores.files import FilesStore  # fcntl: the plugin loads where it is not
+
+        store = self.proxy.handlers.store
+        if not isinstance(store, FilesStore):
+            return None  # not a committed file, so no merge meets it
+        result: str | None = self.proxy.call(store.damaged_meta())
+        return result
+
     def scan_unused(self) -> tuple[list[Recording], list[str], list[list[str]]]:
         """The recordings no request of this session used, the keys of those that could not be
         read (a merge conflict in a committed file): one bad file hides no others, and [stored
@@ -447,10 +460,13 @@ def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
         asked_unreadable=sorted(session.proxy.handlers.unreadable or ()),
         misnamed=[],
         error=None,
+        damaged_meta=None,
         store=StoreSpec.parse(session.proxy.config.store).shown,
         placeholder_key=plugin.placeholder_key,
         narrowed=narrowed,
     )
+    with contextlib.suppress(StoreError):  # a store it cannot read fails requests, which say so
+        tally["damaged_meta"] = session.damaged_meta()
     try:
         unused, tally["unreadable"], tally["misnamed"] = session.scan_unused()
     except Exception as exc:  # the summary must never hide the session's own result
@@ -530,6 +546,16 @@ def _summary(
             f"(its file name), so that is the one listed; delete a stray copy with seedcache rm "
             f"--store {tallies[0]['store']} KEY"
         )
+    # The store logs it once, at WARNING, which a passing pytest run does not show.
+    damaged = sorted({tally["damaged_meta"] for tally in tallies if tally["damaged_meta"]})
+    lines += [
+        f"seedcache: {path} cannot be read (a merge conflict?): while it is damaged the current "
+        "fingerprints are unknown, so recordings of any fingerprint replay as current "
+        "(--seedcache-on-fingerprint-change fail refuses none) and the fingerprints seen live "
+        "are not saved. Resolve it by taking either side of the conflict: git checkout "
+        f"--theirs (or --ours) {path} during the merge, or by hand, keeping one side's lines"
+        for path in damaged
+    ]
     store = tallies[0]["store"]
     asked = sorted({key for tally in tallies for key in tally["asked_unreadable"]})
     if asked:
@@ -552,6 +578,26 @@ def _summary(
             f"them, or delete them with seedcache rm --store {store} KEY"
         )
     return lines, counts["misses"], len(asked)
+
+
+def _failures(plugin: _Plugin, misses: int, unreadable: int) -> list[str]:
+    """Why the session fails, though its tests may pass (each said after "because")."""
+    failures = []
+    if plugin.fail_on_miss and misses:
+        failures.append("requests had no recording (--seedcache-fail-on-miss)")
+    if plugin.fail_on_miss and unreadable:
+        # Answered with an error, not a miss, but as unanswered from the recordings: code that
+        # swallows API errors passes on it just the same.
+        failures.append("requests found their recording unreadable (--seedcache-fail-on-miss)")
+    if plugin.config.on_fingerprint_change is OnFingerprintChange.FAIL and any(
+        tally["damaged_meta"] for tally in plugin.tallies
+    ):
+        # Unknown fingerprints match every sample: a strict CI would refuse no stale one.
+        failures.append(
+            "the current fingerprints are unknown while the meta file is damaged "
+            "(--seedcache-on-fingerprint-change fail)"
+        )
+    return failures
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -601,13 +647,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Under pytest-xdist the workers collect, and deselect, the tests.
     narrowed = narrowed or next((t["narrowed"] for t in plugin.tallies if t["narrowed"]), None)
     plugin.summary, misses, unreadable = _summary(plugin.tallies, plugin.crashed, narrowed)
-    if plugin.fail_on_miss and misses:
-        plugin.failures.append("requests had no recording (--seedcache-fail-on-miss)")
-    if plugin.fail_on_miss and unreadable:
-        # Answered with an error, not a miss, but as unanswered from the recordings: code that
-        # swallows API errors passes on it just the same.
-        plugin.failures.append(
-            "requests found their recording unreadable (--seedcache-fail-on-miss)"
-        )
+    plugin.failures = _failures(plugin, misses, unreadable)
     if plugin.failures and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -622,6 +622,42 @@ def test_a_new_question_sees_the_new_fingerprint():
     assert upstream.count() == calls
 
 
+@pytest.mark.parametrize("policy", ["keep", "fail"])
+def test_a_meta_file_left_with_merge_conflict_markers_is_said_and_fails_a_strict_session(
+    policy: str, pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=APP_TESTS)
+    run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    # Two branches saw different fingerprints: git leaves both sides in the file.
+    meta = pytester.path / "tests" / "recordings" / ".seedcache-meta.json"
+    text = meta.read_text()
+    moved = text.replace(upstream.fingerprint, "fp_moved")
+    meta.write_text(f"<<<<<<< HEAD\n{text}=======\n{moved}>>>>>>> branch\n")
+
+    result = run(pytester, f"--seedcache-on-fingerprint-change={policy}")
+
+    result.assert_outcomes(passed=2)  # unknown fingerprints refuse no sample
+    result.stdout.fnmatch_lines(
+        [
+            "seedcache (replay): 2 hits, 0 misses*",
+            f"seedcache: {meta} cannot be read (a merge conflict?): while it is damaged the "
+            "current fingerprints are unknown, so recordings of any fingerprint replay as "
+            "current*Resolve it by taking either side of the conflict: git checkout --theirs "
+            f"(or --ours) {meta} during the merge*",
+        ]
+    )
+    failing = (
+        "seedcache: failing the session because the current fingerprints are unknown while the "
+        "meta file is damaged (--seedcache-on-fingerprint-change fail)"
+    )
+    if policy == "fail":
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.stdout.fnmatch_lines([failing])
+    else:
+        assert result.ret == pytest.ExitCode.OK
+        result.stdout.no_fnmatch_line(failing)
+
+
 def test_an_invalid_namespace_fails_the_test_before_it_runs(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:

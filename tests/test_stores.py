@@ -851,7 +851,9 @@ class TestFilesStore:
         meta = tmp_path / "rec" / ".seedcache-meta.json"
         text = meta.read_text()
         damaged = f"<<<<<<< HEAD\n{text}=======\n{text.replace('fp_1', 'fp_2')}>>>>>>> b\n"
+        assert await files.damaged_meta() is None
         meta.write_text(damaged)
+        assert await files.damaged_meta() == str(meta)  # the pytest plugin's summary says so
         with caplog.at_level(logging.WARNING, logger="seedcache"):
             assert await files.get_meta("fingerprint:a") is None
             assert await files.get_meta("fingerprint:b") is None
@@ -866,6 +868,7 @@ class TestFilesStore:
             await files.add_meta("isolation-salt", "other")
         meta.write_text(text)
         assert await files.get_meta("fingerprint:a") == "fp_1"
+        assert await files.damaged_meta() is None
         meta.write_text("[1, 2")  # damaged again, after it was fixed: warned again
         assert await files.get_meta("fingerprint:a") is None
         assert len(caplog.records) == 2

@@ -184,6 +184,12 @@ class FilesStore:
     async def check(self) -> None:
         await self.get_meta("health")
 
+    async def damaged_meta(self) -> str | None:
+        """The meta file's path when it is damaged (a merge conflict): the current fingerprints
+        are unknown until it is resolved. None when it reads, or there is none."""
+        damaged = await self._off_loop(self._read_meta) is None
+        return str(self._root / _META_FILE) if damaged else None
+
     async def set_meta(self, name: str, value: str) -> None:
         await self._locked("meta", functools.partial(self._set_meta, name, value))
 
