@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -32,8 +33,9 @@ DEFAULTS = {"mode": "replay", "store": "files:tests/recordings"}
 SETTINGS = ("mode", "store", "upstream", "repeat", "on_fingerprint_change")
 # The variables the plugin sets, and restores when pytest is done.
 ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY")
-RECORD_HINT = "pytest --seedcache-mode auto"
-RERECORD_HINT = "pytest --seedcache-mode record"
+# The settings that the commands a miss advises (record, re-record) repeat when this run's command
+# line gave them: a `pytest` without them would record elsewhere, or the wrong number of samples.
+CARRIED = ("store", "repeat")
 PLACEHOLDER_KEY = "seedcache-placeholder-key"
 # The totals of the summary line (/_seedcache/stats names).
 COUNTED = ("hits", "misses", "recorded", "stale", "upstream_errors")
@@ -117,8 +119,8 @@ class _Plugin:
         return (
             f"seedcache: no recordings to replay: {os.path.abspath(directory)} does not exist "
             f"(a relative store is taken from the rootdir, {self.rootdir}). Record them with "
-            f"{RECORD_HINT} and commit them, or point --seedcache-store / seedcache_store at "
-            "the recordings"
+            f"{self.config.record_hint} and commit them, or point --seedcache-store / "
+            "seedcache_store at the recordings"
         )
 
 
@@ -236,16 +238,20 @@ def _set_environment(config: pytest.Config, base_url: str | None) -> None:
     config.add_cleanup(restore)
 
 
-def _setting(config: pytest.Config, name: str) -> Any:
-    """A setting given on the command line or in the ini file; None if neither gives it."""
+def _option(config: pytest.Config, name: str) -> Any:
+    """A setting given on the command line; None if it gives none."""
     dest = f"seedcache_{name}"
     # The command line as parsed before conftest files load: `getoption` reads it only from
     # pytest_configure on (and only it has the options of a plugin a conftest file registered).
     value = getattr(config.known_args_namespace, dest, None)
+    return config.getoption(dest, None) if value is None else value
+
+
+def _setting(config: pytest.Config, name: str) -> Any:
+    """A setting given on the command line or in the ini file; None if neither gives it."""
+    value = _option(config, name)
     if value is None:
-        value = config.getoption(dest, None)
-    if value is None:
-        value = config.getini(dest)
+        value = config.getini(f"seedcache_{name}")
     # An ini key that is absent reads as its default: "" for text, None (or [] before pytest 9)
     # for the flag; an explicit `false` stays False.
     return None if value is None or value == "" or value == [] else value
@@ -265,14 +271,24 @@ def _settings(config: pytest.Config) -> _Plugin:
         built = Config.build(
             port=0,
             access_log=False,
-            record_hint=RECORD_HINT,
-            rerecord_hint=RERECORD_HINT,
+            record_hint=_command(config, "auto"),
+            rerecord_hint=_command(config, "record"),
             rerecord_header="",
             **options,
         )
     except ConfigError as exc:
         raise pytest.UsageError(_problem(exc)) from None
     return _Plugin(built, bool(given["fail_on_miss"]), str(config.rootpath), _opted_in(given))
+
+
+def _command(config: pytest.Config, mode: str) -> str:
+    """The pytest command line that runs the suite in `mode` as this run was set up."""
+    words = ["pytest", "--seedcache-mode", mode]
+    for name in CARRIED:
+        value = _option(config, name)
+        if value is not None:
+            words += [f"--seedcache-{name}", shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def _given(config: pytest.Config) -> dict[str, Any]:

@@ -412,6 +412,28 @@ def test_b(seedcache):
     assert first == again == (pytester.path / "answers-a.jsonl").read_text().strip()
 
 
+def test_the_record_hint_of_a_miss_carries_the_store_and_repeat_the_run_was_given(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    pytester.makepyfile(test_app=UNSEEDED + "\ndef test_twice(seedcache):\n    ask_unseeded(2)\n")
+    upstream.nondeterministic = True
+    live = f"--seedcache-upstream={upstream.base_url}"
+    given = ("--seedcache-store=files:cassettes", "--seedcache-repeat=sequence")
+    # Recorded without --seedcache-repeat: one sample, where the test asks twice.
+    run(pytester, "--seedcache-mode=auto", live, given[0]).assert_outcomes(passed=1)
+
+    missed = run(pytester, *given)
+
+    missed.assert_outcomes(failed=1)
+    hint = (
+        "pytest --seedcache-mode auto --seedcache-store files:cassettes --seedcache-repeat sequence"
+    )
+    missed.stdout.fnmatch_lines([f"*only 1 sample(s) are recorded*Record it with: {hint}*"])
+    # Run as it says (with an upstream to record from), it records what the run missed.
+    run(pytester, *hint.split()[1:], live).assert_outcomes(passed=1)
+    run(pytester, *given, "--seedcache-fail-on-miss").assert_outcomes(passed=1)
+
+
 def answers_of_each_run(pytester: pytest.Pytester, name: str) -> list[list[str]]:
     """The answers a test wrote down, one list per run."""
     return [json.loads(line) for line in (pytester.path / name).read_text().splitlines()]
