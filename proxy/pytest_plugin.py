@@ -554,11 +554,10 @@ def _summary(
             lines.append(f"  … and {len(unused) - LISTED} more")
     misnamed = sorted({(pair[0], pair[1]) for tally in tallies for pair in tally["misnamed"]})
     if misnamed:
-        pairs = ", ".join(f"{stored[:12]} holds {member[:12]}" for stored, member in misnamed[:5])
-        more = ", …" if len(misnamed) > 5 else ""
+        pairs = _first_few([f"{stored[:12]} holds {member[:12]}" for stored, member in misnamed])
         lines.append(
             f"seedcache: {len(misnamed)} recording(s) stored under another key than their `key` "
-            f"member ({pairs}{more}): requests find a recording by the key it is stored under "
+            f"member ({pairs}): requests find a recording by the key it is stored under "
             f"(its file name), so that is the one listed; delete a stray copy with seedcache rm "
             f"--store {tallies[0]['store']} KEY"
         )
@@ -575,11 +574,10 @@ def _summary(
     store = tallies[0]["store"]
     asked = sorted({key for tally in tallies for key in tally["asked_unreadable"]})
     if asked:
-        keys = ", ".join(key[:12] for key in asked[:5])
-        more = ", …" if len(asked) > 5 else ""
+        keys = _first_few([key[:12] for key in asked])
         lines.append(
             f"seedcache: {len(asked)} recording(s) that requests asked for could not be read, "
-            f"so they got no recorded answer ({keys}{more}): where a merge left conflict markers "
+            f"so they got no recorded answer ({keys}): where a merge left conflict markers "
             "in one, take one side of the conflict (git checkout --theirs or --ours on its file, "
             f"KEY.json); else fix it, or delete it with seedcache rm --store {store} KEY and "
             "record it again"
@@ -587,13 +585,17 @@ def _summary(
     # Those asked for are said above; another worker's proxy may not have used one either.
     unreadable = sorted({key for tally in tallies for key in tally["unreadable"]} - set(asked))
     if unreadable:
-        keys = ", ".join(key[:12] for key in unreadable[:5])
-        more = ", …" if len(unreadable) > 5 else ""
+        keys = _first_few([key[:12] for key in unreadable])
         lines.append(
-            f"seedcache: {len(unreadable)} unreadable recording(s) skipped ({keys}{more}): fix "
+            f"seedcache: {len(unreadable)} unreadable recording(s) skipped ({keys}): fix "
             f"them, or delete them with seedcache rm --store {store} KEY"
         )
     return lines, counts["misses"], len(asked)
+
+
+def _first_few(names: list[str], most: int = 5) -> str:
+    """The first `most` of `names`, joined, with an ellipsis when there are more."""
+    return ", ".join(names[:most]) + (", …" if len(names) > most else "")
 
 
 def _failures(plugin: _Plugin, misses: int, unreadable: int) -> list[str]:
