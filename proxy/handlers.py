@@ -138,8 +138,8 @@ NO_USAGE = (
     "stream recorded without one; record it again asking include_usage"
 )
 NO_CACHE = (
-    "the request says Cache-Control: no-cache (answer live, not from a recording), and a replay "
-    "server never goes upstream"
+    "the request says Cache-Control: no-cache (answer live, not from a recording), and replay "
+    "never goes upstream"
 )
 NO_CACHE_HINT = "Send it without Cache-Control: no-cache to be served its recording, if it has one"
 # Cross-proxy coalescing on a shared store: how long a fill lock lives if its holder dies, and
@@ -707,20 +707,19 @@ class Handlers:
             self._recordings.pop(canon.key, None)
             return None  # misses are not remembered: another proxy may record it any moment
         try:
-            recording = Recording.loads(raw)
-        except FormatError as exc:
-            raise self._unreadable(exc, canon.key) from None
-        decoded = Decoded(recording, now)
+            decoded = Decoded(load(raw, canon.key, self._store_shown), now)
+        except FormatError:
+            self._note_unreadable(canon.key)
+            raise
         if len(raw) > RECORDING_CACHE_LIMIT:
             return decoded
         return remember(self._recordings, canon.key, decoded, RECORDING_CACHE_SIZE)
 
-    def _unreadable(self, exc: FormatError, key: str) -> FormatError:
-        """The error of a request whose recording cannot be read or replayed, its key kept in
-        `unreadable` when asked for."""
+    def _note_unreadable(self, key: str) -> None:
+        """A request's recording could not be read or replayed: its key is kept in `unreadable`
+        when asked for."""
         if self.unreadable is not None:
             self.unreadable.add(key)
-        return unreadable(exc, key, self._store_shown)
 
     async def _lookup_sequence(
         self, request: web.Request, incoming: Incoming, decoded: Decoded
@@ -780,7 +779,8 @@ class Handlers:
                 return await self._replay_paced(request, incoming, sample, events, status, exact)
             body, base, echoes = decoded.render(sample, canon.key, incoming)
         except FormatError as exc:
-            raise self._unreadable(exc, canon.key) from None
+            self._note_unreadable(canon.key)
+            raise unreadable(exc, canon.key, self._store_shown) from None
         asked = echoed(incoming.body)
         if asked or echoes:
             body = echo(body, asked, stream=incoming.stream, exact=decoded.exact(sample))
@@ -1386,6 +1386,8 @@ class Handlers:
             self.metrics.upstream_error(0)
             if flight is not None and not flight.done():
                 flight.set_result(broken)  # those waiting have had nothing yet: a clean 502
+            # Broken off after its `data: [DONE]`: the answer is whole, and the client gets it.
+            await self._send_held(request, response, held)
             # Ending the body cleanly would make a truncated answer look complete to the SDK:
             # close the connection with the chunked body unterminated instead.
             if request.transport is not None:
@@ -1428,17 +1430,25 @@ class Handlers:
                 response.headers[STATUS] = outcome
         if buffered:
             await begin(request, response)
-        if held:
-            try:
-                async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
-                    await response.write(b"".join(held))
-            except (ConnectionError, TimeoutError):
-                # The client left, or stopped reading, at the very end: what was recorded stays.
-                if request.transport is not None:
-                    request.transport.close()
+        await self._send_held(request, response, held)
         request[OUTCOME] = outcome
         self.metrics.count(outcome, incoming.model, sample.system_fingerprint)
         return response
+
+    @staticmethod
+    async def _send_held(
+        request: web.Request, response: web.StreamResponse, held: list[bytes]
+    ) -> None:
+        """Send the end of a live stream that was held back (`_relay_stream`)."""
+        if not held:
+            return
+        try:
+            async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
+                await response.write(b"".join(held))
+        except (ConnectionError, TimeoutError):
+            # The client left, or stopped reading, at the very end: what was recorded stays.
+            if request.transport is not None:
+                request.transport.close()
 
     def _sample(
         self,
@@ -1735,12 +1745,15 @@ class Throttled:
         spell.logged_at, spell.left_out = now, 0
         self._logger.error(message, *args)
 
-    def ended(self, kind: str, message: str) -> None:
-        """Say `message`, and how many lines of `kind` were left out, if any were: what failed
-        works again (or the proxy stops), and no line of the kind may come to say it."""
+    def ended(self, kind: str, message: str, *, closing: bool = False) -> None:
+        """Say `message`, and how many lines of `kind` were left out, if any were, once what
+        failed has worked for as long as lines are kept apart (or the proxy stops, `closing`):
+        no line of the kind may come to say it."""
         spell = self._spells.get(kind)
         if spell is None or not spell.left_out:
             return
+        if not closing and time.monotonic() - spell.left_out_at < self._interval:
+            return  # still failing now and then: the next line of the kind will count them
         span = spell.left_out_at - spell.logged_at
         self._logger.warning(
             "%s; %d more like the last failure logged were not logged, in the %.0f s after it",
@@ -1753,7 +1766,7 @@ class Throttled:
     def close(self) -> None:
         """Say what was left out of every kind, as the proxy stops."""
         for kind in self._spells:
-            self.ended(kind, f"stopping ({kind})")
+            self.ended(kind, f"stopping ({kind})", closing=True)
 
 
 @dataclass(slots=True)

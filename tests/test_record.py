@@ -19,6 +19,7 @@ import brotli
 import openai
 import pytest
 
+from proxy import handlers
 from proxy.handlers import Throttled
 from proxy.recording import STORED_RESPONSE_HEADERS
 from tests.conftest import API_KEY, RunningProxy, StartProxy, status
@@ -888,4 +889,26 @@ def test_store_failures_left_out_of_the_log_are_counted_when_the_proxy_stops(
         "not recording /v1/chat/0: the store is full",
         "stopping (record); 2 more like the last failure logged were not logged, in the 0 s "
         "after it",
+    ]
+
+
+def test_store_failures_left_out_of_the_log_are_counted_once_the_store_works_for_a_while(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store that fails now and then (a flapping Redis) between recordings that work: still a
+    # line once in a while, not one per failure; the count comes once it has worked for as long.
+    now = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: now[0])
+    throttled = Throttled(logging.getLogger("seedcache"), interval=60)
+    for _ in range(5):
+        throttled.error("record", "not recording: Redis went away")
+        now[0] += 1
+        throttled.ended("record", "recording again")
+    now[0] += 60
+    throttled.ended("record", "recording again")
+    throttled.ended("record", "recording again")
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "not recording: Redis went away",
+        "recording again; 4 more like the last failure logged were not logged, in the 4 s after it",
     ]

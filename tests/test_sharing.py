@@ -744,11 +744,8 @@ def test_a_full_redis_answers_a_miss_live_and_unrecorded_rather_than_with_a_503(
     said = [r.getMessage() for r in caplog.records]
     assert sum("not coalescing across proxies" in line for line in said) == 1
     assert sum(line.startswith("not recording") and "is full" in line for line in said) == 1
-    # Once Redis takes writes again, the log says how many answers went unrecorded meanwhile.
+    # Redis takes writes again: recorded (how many answers went unrecorded is said once the
+    # failures have stopped for a while, or when the proxy stops: tests/test_record.py).
     with proxy.client() as client:
         recorded = client.chat.completions.with_raw_response.create(**chat_request(seed=5))
     assert status(recorded) == "recorded"
-    said = [r.getMessage() for r in caplog.records]
-    assert [line for line in said if line.startswith("recording again")] == [
-        "recording again; 1 more like the last failure logged were not logged, in the 0 s after it"
-    ]

@@ -605,6 +605,21 @@ def test_the_sdk_sees_a_live_stream_end_only_once_it_is_recorded(
     assert len(proxy.recordings()) == 1
 
 
+def test_an_upstream_that_breaks_off_after_done_still_gives_the_client_its_whole_answer(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    # The end of a stream being recorded is held back until it is stored; an upstream that
+    # aborts after its `data: [DONE]` (before the body's end) leaves nothing recorded, but the
+    # answer was whole, and the SDK gets it as it would have through a bare hop.
+    body = chat_request(seed=27)
+    upstream.drop_stream_after(len(upstream.chat_chunks({**body, "stream": True})) + 1)
+    with proxy.client() as client:
+        chunks = list(client.chat.completions.create(**body, stream=True))
+
+    assert text_of(chunks) == message_text(upstream.chat_completion(body))
+    assert proxy.recordings() == []
+
+
 def test_an_in_band_error_frame_reaches_the_sdk_and_stores_nothing(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
