@@ -290,10 +290,9 @@ class RequestIndex:
         if len(tied) > 1:
             mine = {path: value.encode() for path, value in leaves}
             tied.sort(key=lambda item: -_closeness(mine, item[1].leaves - leaves))
-        ranked = tied + sorted(
-            (item for item, size in zip(candidates, sizes, strict=True) if size != fewest),
-            key=lambda item: len(leaves ^ item[1].leaves),
-        )
+        others = [pair for pair in zip(sizes, candidates, strict=True) if pair[0] != fewest]
+        others.sort(key=lambda pair: pair[0])
+        ranked = tied + [item for _, item in others]
         best: tuple[str, list[Difference]] | None = None
         for key, indexed in ranked[:shortlist]:
             bound = len(best[1]) if best is not None else 200
