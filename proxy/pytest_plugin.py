@@ -440,7 +440,7 @@ def _narrowing(session: pytest.Session, plugin: _Plugin, exitstatus: int) -> str
     invocation = config.invocation_params
     if plugin.deselected:
         return "deselected tests (-k, -m, --deselect, --lf)"
-    if config.args_source is pytest.Config.ArgsSource.ARGS:
+    if config.args_source is pytest.Config.ArgsSource.ARGS and not _whole_suite(config):
         return "was given test paths or node ids"
     if (
         config.args_source is pytest.Config.ArgsSource.INVOCATION_DIR
@@ -456,6 +456,17 @@ def _narrowing(session: pytest.Session, plugin: _Plugin, exitstatus: int) -> str
     if session.shouldfail or session.shouldstop or exitstatus == pytest.ExitCode.INTERRUPTED:
         return "stopped before every test had run (-x, --maxfail, --sw, an interruption)"
     return None
+
+
+def _whole_suite(config: pytest.Config) -> bool:
+    """Whether the paths given on the command line are the suite's own: its `testpaths`, or the
+    rootdir without them (`pytest tests/`, as a CI runs it)."""
+    if any("::" in str(arg) for arg in config.args):
+        return False
+    base = config.invocation_params.dir
+    given = {(base / str(arg)).resolve() for arg in config.args}
+    suite = {(config.rootpath / path).resolve() for path in config.getini("testpaths")}
+    return given == (suite or {config.rootpath.resolve()})
 
 
 def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:

@@ -916,6 +916,21 @@ def test_a_run_of_part_of_the_suite_calls_no_recording_unused(
     assert "no test used:" not in result.stdout.str()
 
 
+def test_a_run_given_the_suites_own_folder_is_a_run_of_the_whole_suite(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # `pytest tests/` (here the rootdir, which is the suite without testpaths), as a CI runs it.
+    record = ("--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    pytester.makepyfile(test_app=questions("Mars", "Venus"))
+    run(pytester, *record).assert_outcomes(passed=2)
+    pytester.makepyfile(test_app=questions("Mars"))  # Venus's test is gone
+
+    result = run(pytester, ".")
+
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["seedcache: 1 recording(s) no test used:"])
+
+
 def test_under_xdist_a_crashed_worker_is_named_and_no_recording_is_called_unused(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
