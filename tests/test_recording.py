@@ -378,19 +378,26 @@ def test_redact(value: Any, expected: Any) -> None:
 
 GOOGLE_KEY = "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jk"  # no sk- shape: named by its parameter
 KEPT = "/v1/x?api-version=2024-10-21&limit=3&max_tokens=5&order=asc"
+
+
+def named(name: str, parameter: str) -> tuple[str, str, str]:
+    """A case of a query parameter redacted by its name alone: (id, path, redacted path)."""
+    return (name, f"/v1/x?{parameter}=a1", f"/v1/x?{parameter}={REDACTED}")
+
+
 PATHS = [
     ("gemini key", f"/v1/x?key={GOOGLE_KEY}&alt=sse", f"/v1/x?key={REDACTED}&alt=sse"),
     ("azure key", "/v1/x?api-version=1&api-key=0a1b", f"/v1/x?api-version=1&api-key={REDACTED}"),
-    ("api_key", "/v1/x?api_key=a1", f"/v1/x?api_key={REDACTED}"),
-    ("apikey", "/v1/x?apikey=a1", f"/v1/x?apikey={REDACTED}"),
-    ("header-like name", "/v1/x?X-Api-Key=a1", f"/v1/x?X-Api-Key={REDACTED}"),
-    ("camel case", "/v1/x?accessToken=a1", f"/v1/x?accessToken={REDACTED}"),
-    ("percent-encoded name", "/v1/x?api%5Fkey=a1", f"/v1/x?api%5Fkey={REDACTED}"),
-    ("access_token", "/v1/x?access_token=a1", f"/v1/x?access_token={REDACTED}"),
-    ("token", "/v1/x?token=a1", f"/v1/x?token={REDACTED}"),
-    ("auth", "/v1/x?auth=a1", f"/v1/x?auth={REDACTED}"),
-    ("client secret", "/v1/x?client_secret=a1", f"/v1/x?client_secret={REDACTED}"),
-    ("password", "/v1/x?PASSWORD=a1", f"/v1/x?PASSWORD={REDACTED}"),
+    named("api_key", "api_key"),
+    named("apikey", "apikey"),
+    named("header-like name", "X-Api-Key"),
+    named("camel case", "accessToken"),
+    named("percent-encoded name", "api%5Fkey"),
+    named("access_token", "access_token"),
+    named("token", "token"),
+    named("auth", "auth"),
+    named("client secret", "client_secret"),
+    named("password", "PASSWORD"),
     ("signature", "/v1/x?sv=1&sig=a1", f"/v1/x?sv=1&sig={REDACTED}"),
     ("amazon signature", "/v1/x?X-Amz-Signature=b2", f"/v1/x?X-Amz-Signature={REDACTED}"),
     ("sk- key anywhere", f"/v1/files/{SECRET}?q={SECRET}", f"/v1/files/{REDACTED}?q={REDACTED}"),
