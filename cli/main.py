@@ -11,6 +11,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -193,6 +194,13 @@ def serve(**options: Any) -> None:
     try:
         options["access_tokens"] = read_tokens(options.get("access_tokens") or ())
         config = Config.build(**options)
+        # A miss or a stale recording says how to record it: into the same store and namespace,
+        # with the same --repeat, as this server reads them.
+        config = replace(
+            config,
+            record_hint=serve_command(config, "auto"),
+            rerecord_hint=serve_command(config, "record"),
+        )
         if config.workers > 1 and config.port == 0:
             raise ConfigError("--workers needs a fixed --port", options=("workers", "port"))
     except ConfigError as exc:
@@ -228,6 +236,22 @@ def serve(**options: Any) -> None:
     code = run_workers(config)
     if code:
         sys.exit(code)
+
+
+def serve_command(config: Config, mode: str) -> str:
+    """The `seedcache serve` command line that records in `mode` where `config` replays from."""
+    words = ["seedcache", "serve", "--mode", mode]
+    if config.store != DEFAULTS.store:
+        words += ["--store", shlex.quote(StoreSpec.parse(config.store).shown)]
+    if config.upstream != DEFAULTS.upstream:
+        words += ["--upstream", shlex.quote(config.upstream_base)]
+    if config.namespace != DEFAULTS.namespace:
+        words += ["--namespace", shlex.quote(config.namespace)]
+    if config.repeat is not DEFAULTS.repeat:
+        words += ["--repeat", config.repeat.value]
+    if config.isolate_by_key:
+        words.append("--isolate-by-key")
+    return " ".join(words)
 
 
 async def reach(spec: str) -> None:

@@ -26,9 +26,9 @@ import redis
 from aiohttp import web
 from click.testing import CliRunner
 
-from cli.main import main, start_line, stop_signals
+from cli.main import main, serve_command, start_line, stop_signals
 from proxy.app import CONFIG
-from proxy.config import Config, Mode
+from proxy.config import Config, Mode, Repeat
 from tests.conftest import API_KEY, RunningProxy, StartProxy
 from tests.fake_upstream import FakeUpstream, chat_request, legacy_request
 from tests.redis_server import RedisServer
@@ -782,6 +782,55 @@ def test_serve_on_port_0_announces_the_port_it_listens_on(
         process.terminate()
         process.communicate(timeout=15)
     assert process.returncode == 0
+
+
+def test_a_replay_server_says_how_to_record_its_miss_where_it_replays_from(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "my store"
+    store.mkdir()
+    port = free_port()
+    command = [seedcache_executable(), "serve", "--port", str(port), "--mode", "replay"]
+    command += ["--store", str(store), "--upstream", upstream.base_url, "--namespace", "evals"]
+    command += ["--repeat", "sequence"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ, text=True
+    )
+    try:
+        wait_healthy(port, process)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+        with client, pytest.raises(openai.NotFoundError) as missed:
+            client.chat.completions.create(**chat_request())
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+
+    assert (
+        f"Record it with: seedcache serve --mode auto --store '{store}' "
+        f"--upstream {upstream.base_url} --namespace evals --repeat sequence"
+    ) in missed.value.message
+    assert upstream.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("given", "command"),
+    [
+        ({}, "seedcache serve --mode record"),
+        ({"store": "files:recordings"}, "seedcache serve --mode record --store files:recordings"),
+        # The store's credentials stay out of an answer a client reads.
+        (
+            {"store": "redis://:hunter2secret@cache:6379/0?ssl_cert_reqs=none"},
+            "seedcache serve --mode record --store redis://cache:6379/0",
+        ),
+        ({"isolate_by_key": True}, "seedcache serve --mode record --isolate-by-key"),
+        ({"repeat": Repeat.REUSE}, "seedcache serve --mode record"),
+    ],
+)
+def test_the_record_command_of_a_hint_carries_what_decides_where_recordings_go(
+    given: dict[str, Any], command: str
+) -> None:
+    assert serve_command(Config.build(**given), "record") == command
 
 
 # -- seedcache serve --workers ---------------------------------------------------------------------
