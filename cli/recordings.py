@@ -86,13 +86,18 @@ def drop_samples(
 
 
 def merge(existing: Recording, incoming: Recording) -> Recording:
-    """`existing` with every sample of `incoming` added, oldest first.
+    """`existing` with every sample of `incoming` it lacks added, oldest first.
 
-    `with_sample` moves a sample it already holds to the end; sorting by time afterwards keeps
-    the newest sample last, which is the one replay prefers (DESIGN §4).
+    A sample `existing` already holds, exactly, is left where it is: under `--repeat sequence`
+    a sample's place is the request it answers, and a run that got the same answer twice holds
+    it twice, which `with_sample` would fold into one. `with_sample` adds the others; sorting by
+    time afterwards keeps the newest sample last, which is the one replay prefers (DESIGN §4).
     """
+    lacking = [sample for sample in incoming.samples if sample not in existing.samples]
+    if not lacking:
+        return existing
     merged = existing
-    for sample in incoming.samples:
+    for sample in lacking:
         merged = merged.with_sample(sample)
     ordered = sorted(merged.samples, key=lambda s: recorded_at(s) or EARLIEST)
     return replace(merged, samples=tuple(ordered))

@@ -563,6 +563,32 @@ def test_merge_keeps_the_newest_sample_last(recorded: Recorded) -> None:
     assert merge(mini, only_old).samples == (old, new)  # with_sample alone would move `old` last
 
 
+def test_import_keeps_every_sample_of_a_sequence_in_its_place(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # A --repeat sequence run that got the same answer twice holds it twice: the second
+    # identical request replays the second sample.
+    spec = str(tmp_path / "disk")
+    asked = chat_request(seed=None, temperature=1)
+    recorder = start_proxy(repeat="sequence", store=spec)
+    client = recorder.client()
+    recorded = [client.chat.completions.create(**asked).id for _ in range(2)]
+    recorder.stop()
+    copy = f"files:{tmp_path / 'teammate'}"
+    assert run("export", "--store", spec, copy).exit_code == 0
+    before = stored(spec)
+
+    # A teammate's copy merged back, as after pulling their branch.
+    result = run("import", "--store", spec, copy)
+
+    assert result.exit_code == 0, result.output
+    assert "imported 1 recording (0 new, 1 merged)" in result.stdout
+    assert stored(spec) == before
+    replayer = start_proxy(repeat="sequence", store=spec, mode="replay")
+    client = replayer.client()
+    assert [client.chat.completions.create(**asked).id for _ in range(2)] == recorded
+
+
 def test_export_draws_no_progress_bar_or_label_off_a_terminal(
     recorded: Recorded, tmp_path: Path
 ) -> None:
