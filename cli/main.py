@@ -216,6 +216,15 @@ def serve(**options: Any) -> None:
         if from_env:
             raise ConfigError(f"{exc} (set in the environment: {', '.join(from_env)})") from None
         raise
+    if config.access_tokens and not config.upstream_api_key_env and config.mode is not Mode.REPLAY:
+        # A client's token is seedcache's, not the upstream's: it is never sent on, so a miss
+        # would reach the upstream with no key at all (fine for a local server only).
+        click.echo(
+            "seedcache: warning: with --access-token, clients' tokens are not sent upstream: "
+            "misses reach the upstream without an API key; give --upstream-api-key-env VAR "
+            "to send the key in VAR",
+            err=True,
+        )
     # A files store's directory given without files: (or the reverse) is refused before binding.
     spec = check_store(config.store)
     if spec.kind == "redis" and config.mode is not Mode.PASSTHROUGH:  # DESIGN §2: not touched

@@ -445,6 +445,41 @@ def test_serve_refuses_access_control_that_yields_no_token(
     assert "app" not in captured_run_app  # nothing was started
 
 
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (("--access-token", "team-token-1"), True),
+        (("--access-token", "team-token-1", "--upstream-api-key-env", "UPSTREAM_KEY"), False),
+        # Replay never goes upstream.
+        (("--access-token", "team-token-1", "--mode", "replay"), False),
+        ((), False),
+    ],
+)
+def test_serve_warns_when_access_tokens_leave_the_upstream_without_a_key(
+    args: tuple[str, ...],
+    warned: bool,
+    captured_run_app: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A client's token is seedcache's own: it is not sent on, so without a key of the proxy's
+    # every miss reached the upstream with none, and nothing said so.
+    monkeypatch.setenv("UPSTREAM_KEY", "proxy-own-key")
+    store = tmp_path / "s"
+    store.mkdir()
+
+    result = run("serve", "--port", "0", "--store", str(store), *args)
+
+    assert result.exit_code == 0, result.output
+    assert "app" in captured_run_app
+    warning = (
+        "seedcache: warning: with --access-token, clients' tokens are not sent upstream: "
+        "misses reach the upstream without an API key; give --upstream-api-key-env VAR to "
+        "send the key in VAR\n"
+    )
+    assert (warning in result.stderr) is warned
+
+
 def test_a_bad_value_on_the_command_line_is_not_said_to_come_from_the_environment(
     captured_run_app: dict[str, Any],
 ) -> None:
