@@ -202,11 +202,15 @@ def too_large_to_compare(canon: CanonicalRequest) -> str | None:
     """Why the miss of `canon` is not compared with the recordings (its body is too large to walk
     on the event loop), to append to the miss message; None when it is compared."""
     size = len(canon.material)
-    if size <= COMPARE_SIZE and not _more_leaves(canon.body, COMPARE_LEAVES):
+    if size > COMPARE_SIZE:
+        measure = f"{size / 1e6:.1f} MB of JSON"
+    elif _more_leaves(canon.body, COMPARE_LEAVES):
+        measure = f"more than {COMPARE_LEAVES:,} JSON values"
+    else:
         return None
     return (
-        f". Its body ({size / 1e6:.1f} MB of JSON) is too large to compare with the recordings, "
-        "so none is named as the nearest"
+        f". Its body ({measure}) is too large to compare with the recordings, so none is named as "
+        "the nearest"
     )
 
 

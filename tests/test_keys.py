@@ -19,6 +19,7 @@ from proxy.keys import (
     make_key,
     normalise_path,
     parse_json,
+    too_large_to_compare,
 )
 
 
@@ -273,6 +274,28 @@ def test_describe_differences_lists_at_most_five() -> None:
     assert found is not None
     text = describe_differences(found[1])
     assert text.count("!=") == 5 and text.endswith("and 3 more")
+
+
+@pytest.mark.parametrize(
+    ("size", "said"),
+    [
+        (100, None),
+        # 10,001 token ids, ~60 kB: too many values, which the message gave as "0.1 MB".
+        (10_001, ". Its body (more than 10,000 JSON values) is too large to compare"),
+        (700_000, ". Its body (4.8 MB of JSON) is too large to compare"),
+    ],
+)
+def test_a_body_too_large_to_compare_is_said_so_by_what_makes_it_so(
+    size: int, said: str | None
+) -> None:
+    canon = make_key("POST", "/v1/embeddings", {"model": "m", "input": list(range(size))})
+
+    why = too_large_to_compare(canon)
+
+    if said is None:
+        assert why is None
+    else:
+        assert why is not None and why.startswith(said)
 
 
 def test_the_index_keeps_no_leaves_of_a_recording_too_large_to_compare() -> None:
