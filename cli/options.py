@@ -54,7 +54,8 @@ def store_option(func: F) -> F:
         cls=EnvOption,
         envvar=env("store"),
         help=f"Where recordings live: a directory (default {DEFAULT_STORE}), files:DIR, "
-        "or redis://host:port/db (rediss:// for TLS).",
+        "or redis://host:port/db (rediss:// for TLS, unix:///path/to/redis.sock?db=N for a "
+        "socket).",
     )(func)
 
 
