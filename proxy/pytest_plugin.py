@@ -146,6 +146,8 @@ class Tally(TypedDict):
     misnamed: list[list[str]]
     error: str | None  # why the store could not be scanned for unused recordings
     damaged_meta: str | None  # the files store's meta file, when a merge left it unreadable
+    # Namespaces written to that are folder names Windows refuses (con, aux, a trailing '.').
+    unportable: list[str]
     store: str
     placeholder_key: bool
     # How this process's run left tests out (deselected them), or None.
@@ -343,6 +345,13 @@ class SeedcacheSession:
         result: str | None = self.proxy.call(store.damaged_meta())
         return result
 
+    def unportable_namespaces(self) -> list[str]:
+        """The namespaces the files store wrote to that Windows refuses as folder names."""
+        from proxy.stores.files import FilesStore
+
+        store = self.proxy.handlers.store
+        return store.unportable_namespaces() if isinstance(store, FilesStore) else []
+
     def scan_unused(self) -> tuple[list[Recording], list[str], list[list[str]]]:
         """The recordings no request of this session used, the keys of those that could not be
         read (a merge conflict in a committed file): one bad file hides no others, and [stored
@@ -488,6 +497,7 @@ def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
         misnamed=[],
         error=None,
         damaged_meta=None,
+        unportable=session.unportable_namespaces(),
         store=StoreSpec.parse(session.proxy.config.store).shown,
         placeholder_key=plugin.placeholder_key,
         narrowed=narrowed,
@@ -582,6 +592,14 @@ def _summary(
         f"--theirs (or --ours) {path} during the merge, or by hand, keeping one side's lines"
         for path in damaged
     ]
+    # Logged once, at WARNING, too: a passing run does not show it.
+    unportable = sorted({name for tally in tallies for name in tally["unportable"]})
+    if unportable:
+        lines.append(
+            f"seedcache: namespace(s) {', '.join(map(repr, unportable))} of the recordings are "
+            "folder names Windows refuses (a device name such as con or aux, or a trailing "
+            "'.'): a checkout there cannot create them; prefer other names"
+        )
     store = tallies[0]["store"]
     asked = sorted({key for tally in tallies for key in tally["asked_unreadable"]})
     if asked:

@@ -244,6 +244,35 @@ def test_in_a_namespace():
     assert len(list((pytester.path / "cassettes" / "team-a").glob("[0-9a-f]*.json"))) == 1
 
 
+def test_a_namespace_windows_cannot_check_out_is_said_in_the_summary(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # The files store logs it at WARNING, which a passing run never showed.
+    pytester.makepyfile(
+        test_app=APP_TESTS
+        + """
+@pytest.mark.seedcache(namespace="con")
+def test_in_a_device_name():
+    assert ask("Tell me about Mars").choices[0].message.content
+"""
+    )
+    upstream_option = f"--seedcache-upstream={upstream.base_url}"
+
+    recorded = run(pytester, "--seedcache-mode=auto", upstream_option)
+    replayed = run(pytester)
+
+    recorded.assert_outcomes(passed=3)
+    recorded.stdout.fnmatch_lines(
+        [
+            "seedcache: namespace(s) 'con' of the recordings are folder names Windows refuses (a "
+            "device name such as con or aux, or a trailing '.'): a checkout there cannot create "
+            "them; prefer other names"
+        ]
+    )
+    replayed.assert_outcomes(passed=3)
+    replayed.stdout.no_fnmatch_line("*Windows refuses*")  # only said of what a run writes
+
+
 def test_the_namespace_marker_applies_to_a_client_created_at_import_time(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:

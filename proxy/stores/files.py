@@ -190,6 +190,10 @@ class FilesStore:
         damaged = await self._off_loop(self._read_meta) is None
         return str(self._root / _META_FILE) if damaged else None
 
+    def unportable_namespaces(self) -> list[str]:
+        """The namespaces written to that are folder names Windows refuses (warned of once)."""
+        return sorted(self._warned)
+
     async def set_meta(self, name: str, value: str) -> None:
         await self._locked("meta", functools.partial(self._set_meta, name, value))
 
