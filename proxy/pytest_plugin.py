@@ -51,6 +51,13 @@ _NO_TESTS = (
 )
 # Unused recordings listed by name in the summary; the rest are counted.
 LISTED = 20
+# The pytest APIs the plugin uses (Config.args_source, stash, …): on an older pytest it stays
+# out of the way of every project that does not use it, and says why to one that does.
+SUPPORTED = int(pytest.__version__.split(".")[0]) >= 8
+UNSUPPORTED = (
+    f"seedcache: the pytest plugin needs pytest 8 or newer, and this is pytest "
+    f"{pytest.__version__}; upgrade it (pip install 'pytest>=8')"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -186,6 +193,10 @@ def _setup(config: pytest.Config) -> None:
     """Check the settings; if the project set any, start the proxy and set the environment."""
     if _PLUGIN in config.stash or getattr(config.known_args_namespace, "help", False):
         return
+    if not SUPPORTED:
+        if _opted_in(_given(config)):
+            raise pytest.UsageError(UNSUPPORTED)
+        return  # never stashed: every hook and fixture below does nothing
     if any(getattr(config.known_args_namespace, name, False) for name in _NO_TESTS):
         # Nothing will run (IDE test discovery, --fixtures): no proxy and no store to check,
         # but a client created while test modules are imported still needs a key offline.
@@ -385,6 +396,8 @@ class SeedcacheSession:
 @pytest.fixture(scope="session")
 def seedcache(request: pytest.FixtureRequest) -> SeedcacheSession:
     """The session's seedcache proxy; OPENAI_BASE_URL points at it while tests run."""
+    if not SUPPORTED:
+        pytest.fail(UNSUPPORTED, pytrace=False)
     plugin = request.config.stash[_PLUGIN]
     plugin.fixture_used = True
     if plugin.session is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy import pytest_plugin
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_port
 
@@ -1148,3 +1149,25 @@ def test_options_reach_a_plugin_that_a_conftest_file_registers(
     )
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["seedcache (auto): 1 hits, 0 misses, 1 recorded*"])
+
+
+def test_on_a_pytest_older_than_8_the_plugin_leaves_other_suites_alone_and_says_why(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Installing seedcache installs its plugin into every pytest run of the environment.
+    monkeypatch.setattr(pytest_plugin, "SUPPORTED", False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_plain="def test_plain():\n    assert 1\n")
+
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert "OPENAI_BASE_URL" not in os.environ
+
+    settings = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--seedcache-mode=replay")
+    assert settings.ret == pytest.ExitCode.USAGE_ERROR
+    settings.stderr.fnmatch_lines(["*seedcache: the pytest plugin needs pytest 8 or newer*"])
+
+    pytester.makepyfile(test_uses="def test_uses(seedcache):\n    assert seedcache\n")
+    fixture = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    fixture.assert_outcomes(passed=1, errors=1)
+    fixture.stdout.fnmatch_lines(["*the pytest plugin needs pytest 8 or newer*"])
