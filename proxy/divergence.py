@@ -357,7 +357,7 @@ def ngram_cosine_distance(a: str, b: str, n: int = 3) -> float:
     grams_a, grams_b = _gram_ids(ranks_a, ranks_b, alphabet, n)
     _, inverse = np.unique(np.concatenate((grams_a, grams_b)), return_inverse=True)
     inverse = inverse.reshape(-1)
-    size = int(inverse.max()) + 1
+    size = int(np.max(inverse)) + 1
     counts_a = np.bincount(inverse[: grams_a.size], minlength=size)
     counts_b = np.bincount(inverse[grams_a.size :], minlength=size)
     return cosine_distance(counts_a, counts_b)
