@@ -915,11 +915,18 @@ def start_workers(
         text=True,
         start_new_session=True,  # so that a test can signal the whole group, and clean it up
     )
-    line = read_line(process, timeout=60)
-    assert f"listening on http://127.0.0.1:{port} " in line
-    assert (f"{workers} workers" in line) == (workers > 1)
-    assert wait_healthy(port, process)["status"] == "ok"  # announced once serving
-    return process, port, worker_pids(process.pid) if workers > 1 else []
+    try:
+        line = read_line(process, timeout=60)
+        assert f"listening on http://127.0.0.1:{port} " in line
+        assert (f"{workers} workers" in line) == (workers > 1)
+        assert wait_healthy(port, process)["status"] == "ok"  # announced once serving
+        return process, port, worker_pids(process.pid) if workers > 1 else []
+    except BaseException:
+        # The callers clean up only what they were handed: left running, it would outlive pytest.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
 
 
 @pytest.mark.parametrize(

@@ -602,6 +602,8 @@ def test_workers_serve_one_port_from_several_processes(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     port = free_port()
+    # Made before the server starts: nothing that can fail stands between its start and the try.
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
     env = {**os.environ, "SEEDCACHE_ACCESS_LOG": "false"}
     process = subprocess.Popen(
         [
@@ -624,7 +626,6 @@ def test_workers_serve_one_port_from_several_processes(
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
     try:
         assert process.stdout is not None
         assert "2 workers" in process.stdout.readline()
