@@ -672,8 +672,27 @@ class TestDiskStore:
     def test_a_file_that_is_not_a_database_is_a_store_error(self, tmp_path: Path) -> None:
         (tmp_path / "disk").mkdir()
         (tmp_path / "disk" / "cache.db").write_bytes(b"not a database " * 100)
-        with pytest.raises(StoreError, match="cannot open the disk store"):
+        with pytest.raises(StoreError, match="cannot open the disk store") as caught:
             DiskStore(str(tmp_path / "disk"))
+        assert "full" not in str(caught.value)
+        gc.collect()
+
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    def test_a_store_that_cannot_be_opened_on_a_full_disk_says_the_disk_is_full(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # On a full disk SQLite cannot create a database's shared-memory file, and says only
+        # "disk I/O error", even to a replay that would write nothing.
+        (tmp_path / "disk").mkdir()
+        (tmp_path / "disk" / "cache.db").write_bytes(b"not a database " * 100)
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(
+            "proxy.stores.disk.shutil.disk_usage",
+            lambda path: usage._replace(used=usage.total, free=4096),
+        )
+        with pytest.raises(StoreError) as caught:
+            DiskStore(str(tmp_path / "disk"))
+        assert str(caught.value).endswith("the disk holding it is full (4,096 bytes free)")
         gc.collect()
 
 

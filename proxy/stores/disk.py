@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -55,6 +56,9 @@ _LOOP_BATCH = 64
 _GATHER_TURNS = 2
 # Transactions on the loop between two checkpoints in the writer thread.
 _CHECKPOINT_EVERY = 50
+# Free bytes below which a failure is said to be the disk's: SQLite needs a page or two to commit,
+# and room for its shared-memory file even to open a database for reading.
+_FULL = 1 << 20
 
 
 class _Disk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type hints
@@ -123,6 +127,18 @@ def holds_database(directory: str) -> bool:
     return True
 
 
+def _failure(exc: BaseException, directory: str) -> str:
+    """What went wrong, saying so when the disk holding `directory` is full: opening a store
+    there fails with SQLite's bare "disk I/O error" (it cannot create its shared-memory file)."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return str(exc)
+    if free >= _FULL or "full" in str(exc):
+        return str(exc)
+    return f"{exc}: the disk holding it is full ({free:,} bytes free)"
+
+
 class DiskStore:
     """Recordings in a local diskcache directory."""
 
@@ -157,7 +173,9 @@ class DiskStore:
             self._path = os.path.join(self._cache.directory, diskcache.core.DBNAME)
             self._opened = self._identity()
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
-            raise StoreError(f"cannot open the disk store at {directory!r}: {exc}") from None
+            raise StoreError(
+                f"cannot open the disk store at {directory!r}: {_failure(exc, directory)}"
+            ) from None
 
     async def get(self, namespace: str, key: str) -> bytes | None:
         self._follow()
@@ -363,7 +381,7 @@ class DiskStore:
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise StoreError(
                 f"the disk store at {self.description!r} was removed while in use, and cannot "
-                f"be created again: {exc}"
+                f"be created again: {_failure(exc, self.description)}"
             ) from None
         self._generation += 1
         log.warning(
@@ -394,7 +412,9 @@ class DiskStore:
             raise StoreError(f"the disk store at {self.description!r} is locked") from None
         except (OSError, sqlite3.Error) as exc:
             # sqlite3.Error: a corrupt or unwritable database file.
-            raise StoreError(f"the disk store at {self.description!r} failed: {exc}") from None
+            raise StoreError(
+                f"the disk store at {self.description!r} failed: {_failure(exc, self.description)}"
+            ) from None
 
     async def _off_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(self._call, self._in_thread, method, *args, **kwargs)
