@@ -7,9 +7,12 @@ import asyncio
 import base64
 import json
 import math
+import os
 import re
 import shlex
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -1260,3 +1263,94 @@ def test_a_rebuilt_miss_index_reads_only_the_recordings_that_came_since(
         key_of(chat_request(seed=3, temperature=0.9)),
     }
     assert [key for key in read if key not in looked_up] == [key_of(added)]
+
+
+# Windows' standard library, as far as the files store is concerned: no fcntl, no os.pread, and
+# (before Python 3.13) no os.fchmod.
+WINDOWS_LIKE = """
+import os, sys
+sys.modules["fcntl"] = None
+for name in ("pread", "fchmod"):
+    if hasattr(os, name):
+        delattr(os, name)
+"""
+
+REPLAY_ON_WINDOWS = """
+import asyncio, sys
+import openai
+from proxy.config import Config
+from proxy.embedded import EmbeddedProxy
+from proxy.errors import StoreError
+from proxy.stores.files import FilesStore
+
+store = sys.argv[1]
+proxy = EmbeddedProxy(
+    Config.build(mode="replay", store="files:" + store, upstream="http://127.0.0.1:9/v1")
+).start()
+try:
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="replay", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(**__import__("json").loads(sys.argv[2]))
+    print(raw.headers["x-seedcache-status"], raw.parse().choices[0].message.content)
+finally:
+    proxy.stop()
+
+async def write():
+    files = FilesStore(store)
+    try:
+        await files.put("", "0" * 64, b"{}")
+    except StoreError as exc:
+        print(exc)
+    finally:
+        await files.close()
+asyncio.run(write())
+"""
+
+
+def test_a_files_store_recorded_elsewhere_replays_on_windows_and_refuses_writes(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # A team records on Linux or macOS, commits the files store, and its CI runs on Windows.
+    store = tmp_path / "recordings"
+    recorder = start_proxy(store=f"files:{store}")
+    recorded = recorder.client().chat.completions.create(**chat_request())
+    recorder.stop()
+    repo = Path(__file__).resolve().parent.parent
+    site = tmp_path / "windows-like"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WINDOWS_LIKE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
+    files_before = sorted(p.relative_to(store) for p in store.rglob("*"))
+
+    replay = subprocess.run(
+        [sys.executable, "-c", REPLAY_ON_WINDOWS, str(store), json.dumps(chat_request())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    listing = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "ls",
+            "--store",
+            f"files:{store}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert replay.returncode == 0, replay.stderr
+    hit, refusal = replay.stdout.splitlines()
+    assert hit == f"hit {recorded.choices[0].message.content}"
+    assert refusal.endswith(
+        "can only replay on this system: it has no file locks (fcntl) to keep writers from "
+        "overwriting each other's recordings. Record on Linux or macOS, or into a disk or "
+        "redis:// store"
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "gpt-4o-mini" in listing.stdout
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == files_before

@@ -4,13 +4,16 @@ Layout: `DIR/<key>.json`, or `DIR/<namespace>/<key>.json`, and the current finge
 `DIR/.seedcache-meta.json`, all committed; audit events in `DIR/.audit/events.jsonl` and advisory
 locks in `DIR/.locks/`, each folder ignoring itself in git (a `.gitignore` of `*`). A file is
 written as a temp file beside it, `.<name>.<random>.tmp`, then renamed.
+
+Writers exclude each other with advisory file locks (fcntl.flock), which Windows lacks: there the
+store replays what was recorded elsewhere (CI on a Windows runner) and refuses every write,
+saying why, before it takes any lock or touches any file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -26,6 +29,13 @@ import orjson
 from proxy.errors import StoreError
 from proxy.keys import NAMESPACE, unportable
 from proxy.stores.base import DELETE, Updater
+
+try:
+    import fcntl
+
+    WRITABLE = True
+except ImportError:  # Windows
+    WRITABLE = False
 
 T = TypeVar("T")
 log = logging.getLogger("seedcache")
@@ -337,6 +347,12 @@ class FilesStore:
             os.close(fd)
 
     def _with_file_lock(self, name: str, work: Callable[[], T]) -> T:
+        if not WRITABLE:
+            raise StoreError(
+                f"the files store at {str(self._root)!r} can only replay on this system: it has "
+                "no file locks (fcntl) to keep writers from overwriting each other's "
+                "recordings. Record on Linux or macOS, or into a disk or redis:// store"
+            )
         path = self._root / _LOCKS / f"{name}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
