@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -62,6 +63,11 @@ class Group(click.Group):
 @click.version_option(package_name="seedcache")
 def main() -> None:
     """seedcache: record, replay and audit OpenAI-compatible LLM calls."""
+    # A redirected output on Windows is written in its ANSI code page (cp1252), which lacks most
+    # of what recordings hold: such characters are written as \u escapes instead of failing.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 # Config owns the defaults (STYLE: defaults in one place); the help texts name them from it.

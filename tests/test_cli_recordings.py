@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -286,6 +288,27 @@ def test_show_prints_the_recording_as_pretty_json(recorded: Recorded) -> None:
     assert result.stdout.startswith('{\n  "format": "seedcache.recording/1",\n')
     assert Recording.loads(result.stdout) == recordings(recorded.store)[key]
     assert result.stdout == recordings(recorded.store)[key].dumps(pretty=True).decode()
+
+
+def test_show_writes_what_the_output_cannot_encode_as_escapes(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Windows writes a redirected output (a CI log) in its ANSI code page, cp1252: no ✈ there.
+    store = str(tmp_path / "disk")
+    content = "Plan a trip ✈ to Kraków"
+    key = send(
+        start_proxy(store=store), chat_request(messages=[{"role": "user", "content": content}])
+    )
+
+    shown = subprocess.run(
+        [sys.executable, "-c", "from cli.main import main; main()", "show", "--store", store, key],
+        env={**os.environ, "PYTHONIOENCODING": "cp1252"},
+        capture_output=True,
+        timeout=60,
+    )
+
+    assert shown.returncode == 0, shown.stderr.decode("cp1252")
+    assert '"content": "Plan a trip \\u2708 to Krak\xf3w"'.encode("latin-1") in shown.stdout
 
 
 def test_show_takes_a_full_key_in_any_case(recorded: Recorded) -> None:
