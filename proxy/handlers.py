@@ -894,6 +894,13 @@ class Handlers:
                 )
             return ". No recording has the same method, path and model"
         key, differences = found
+        if not differences:
+            # Its key is not its request's: a recording is found by the key it was made under.
+            return (
+                f". The recording {key[:12]} holds this same request under another key: its "
+                "request was edited after it was recorded (record it again instead), or the two "
+                "differ only in an API-key shaped value, which recordings hold redacted"
+            )
         return (
             f". The nearest recording, {key[:12]}, differs at (this request != recorded): "
             f"{describe_differences(differences)}"

@@ -1064,6 +1064,37 @@ def test_recordings_replay_when_the_meta_file_has_merge_conflict_markers(
     assert meta.read_text() == damaged  # the conflict is the user's to resolve
 
 
+@pytest.mark.parametrize("change", ["edited by hand", "another secret"])
+def test_a_miss_on_a_recording_holding_the_same_request_says_why_it_misses(
+    change: str, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    store = tmp_path / "rec"
+    secret = "sk-" + "a1B2" * 8  # API-key shaped: recordings hold it redacted
+    recorded = chat_request(
+        messages=[{"role": "user", "content": f"Tell me about rivers {secret}"}]
+    )
+    path = recorded_file(start_proxy, store, recorded)
+    if change == "edited by hand":
+        # What a VCR cassette allows: the prompt fixed in the recording instead of re-recorded.
+        data = json.loads(path.read_text())
+        data["request"]["body"]["messages"][0]["content"] = "Tell me about lakes"
+        path.write_text(json.dumps(data, indent=2))
+        asked = chat_request(messages=[{"role": "user", "content": "Tell me about lakes"}])
+    else:
+        asked = json.loads(json.dumps(recorded).replace(secret, "sk-" + "c3D4" * 8))
+    replay = start_proxy(store=f"files:{store}", mode="replay")
+
+    with replay.client() as client, pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**asked)
+
+    assert (
+        f". The recording {path.stem[:12]} holds this same request under another key: its "
+        "request was edited after it was recorded (record it again instead), or the two differ "
+        "only in an API-key shaped value, which recordings hold redacted." in str(caught.value)
+    )
+    assert "differs at" not in str(caught.value)
+
+
 def test_a_miss_on_a_huge_body_is_not_walked_to_find_the_nearest_recording(
     start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
