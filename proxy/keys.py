@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -372,11 +373,24 @@ def describe_differences(differences: Iterable[Difference], most: int = 5) -> st
 
     listed = list(differences)
     parts = [
-        f"{d.path or '(body)'}: {short(d.recorded)!r} != {short(d.live)!r}" for d in listed[:most]
+        f"{d.path or '(body)'}: {_pair(short(d.recorded), short(d.live))}" for d in listed[:most]
     ]
     if len(listed) > most:
         parts.append(f"and {len(listed) - most} more")
     return "; ".join(parts)
+
+
+def _pair(asked: Any, recorded: Any) -> str:
+    """`'asked' != 'recorded'`, escaped to ASCII where the two would print alike: the same text
+    in another Unicode normal form (an accent composed, or combining after its letter as in
+    macOS file names)."""
+    if (
+        isinstance(asked, str)
+        and isinstance(recorded, str)
+        and unicodedata.normalize("NFC", asked) == unicodedata.normalize("NFC", recorded)
+    ):
+        return f"{asked!a} != {recorded!a} (the same text in another Unicode form)"
+    return f"{asked!r} != {recorded!r}"
 
 
 def _canonical_value(value: Any) -> Any:

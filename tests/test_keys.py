@@ -263,6 +263,22 @@ def test_among_recordings_that_differ_as_much_the_nearest_has_the_closest_values
     )
 
 
+def test_text_in_another_unicode_form_is_told_apart_in_the_description() -> None:
+    # "café" typed (é composed) and taken from a macOS file name (e, then a combining accent).
+    index = RequestIndex()
+    recorded = make_key("POST", "/v1/x", {"prompt": "Describe café", "seed": 1})
+    index.add(recorded.key, "", "POST", recorded.path, recorded.body)
+    asked = make_key("POST", "/v1/x", {"prompt": "Describe cafe\u0301", "seed": 2})
+
+    found = index.nearest(asked, asked.body)
+
+    assert found is not None
+    assert describe_differences(found[1]) == (
+        "prompt: 'Describe cafe\\u0301' != 'Describe caf\\xe9' (the same text in another "
+        "Unicode form); seed: 2 != 1"
+    )
+
+
 def test_describe_differences_lists_at_most_five() -> None:
     a = {f"m{i}": "x" for i in range(8)}
     b = {f"m{i}": "y" for i in range(8)}
