@@ -6,6 +6,7 @@ Redis tests use a real redis-server (tests/redis_server.py); parallel writers ar
 from __future__ import annotations
 
 import asyncio
+import codecs
 import fcntl
 import gc
 import hashlib
@@ -860,6 +861,24 @@ class TestFilesStore:
         await files.set_meta("fingerprint:a", "fp_1")
         text = (tmp_path / "rec" / ".seedcache-meta.json").read_text()
         assert text == '{\n  "fingerprint:a": "fp_1",\n  "fingerprint:b": "fp_2"\n}\n'
+
+    async def test_files_saved_with_a_byte_order_mark_read_as_without(
+        self, files: FilesStore, tmp_path: Path
+    ) -> None:
+        # A recording or the meta file fixed by hand in a Windows editor that writes one.
+        value = b'{\r\n  "format": "seedcache.recording/1"\r\n}\r\n'
+        await files.put("team", key(1), value)
+        await files.set_meta("fingerprint:a", "fp_1")
+        for path in (
+            tmp_path / "rec" / "team" / f"{key(1)}.json",
+            tmp_path / "rec" / ".seedcache-meta.json",
+        ):
+            path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+
+        assert await files.get("team", key(1)) == value
+        assert [stored async for _, _, stored in files.scan()] == [value]
+        assert await files.get_meta("fingerprint:a") == "fp_1"
+        assert await files.damaged_meta() is None
 
     async def test_a_damaged_meta_file_means_unknown_fingerprints(
         self, files: FilesStore, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -13,6 +13,7 @@ saying why, before it takes any lock or touches any file.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 import logging
@@ -472,9 +473,12 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
 
 def _read(path: Path) -> bytes | None:
     try:
-        return path.read_bytes()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
+    # A file saved by a Windows editor (PowerShell 5.1's UTF8, Visual Studio) may start with a
+    # byte order mark, which JSON parsers may ignore (RFC 8259 §8.1) and orjson refuses.
+    return raw.removeprefix(codecs.BOM_UTF8)
 
 
 def _write(path: Path, value: bytes) -> None:
