@@ -155,6 +155,10 @@ class Tally(TypedDict):
     damaged_meta: str | None  # the files store's meta file, when a merge left it unreadable
     # Namespaces written to that are folder names Windows refuses (con, aux, a trailing '.').
     unportable: list[str]
+    # [namespace, folder]: a namespace written to, and a folder whose name differs only in case.
+    clashing: list[list[str]]
+    # [key, folder, `namespace` member] of recordings filed in another namespace's folder.
+    misfiled: list[list[str]]
     store: str
     placeholder_key: bool
     # How this process's run left tests out (deselected them), or None.
@@ -356,26 +360,30 @@ class SeedcacheSession:
         result: str | None = self.proxy.call(store.damaged_meta())
         return result
 
-    def unportable_namespaces(self) -> list[str]:
-        """The namespaces the files store wrote to that Windows refuses as folder names."""
+    def unportable_namespaces(self) -> tuple[list[str], list[list[str]]]:
+        """The namespaces the files store wrote to that Windows refuses as folder names, and
+        [namespace, folder] of those that differ from a folder there only in case."""
         from proxy.stores.files import FilesStore
 
         store = self.proxy.handlers.store
-        return store.unportable_namespaces() if isinstance(store, FilesStore) else []
+        if not isinstance(store, FilesStore):
+            return [], []
+        return store.unportable_namespaces(), store.case_clashes()
 
-    def scan_unused(self) -> tuple[list[Recording], list[str], list[list[str]]]:
+    def scan_unused(self) -> tuple[list[Recording], list[str], list[list[str]], list[list[str]]]:
         """The recordings no request of this session used, the keys of those that could not be
-        read (a merge conflict in a committed file): one bad file hides no others, and [stored
-        key, `key` member] of those whose member disagrees.
+        read (a merge conflict in a committed file): one bad file hides no others, [stored
+        key, `key` member] of those whose member disagrees, and [key, namespace stored under,
+        `namespace` member] of those filed in another namespace (a folder of another case).
 
         Requests find a recording by the key it is stored under (a files store's file name), so
         each is returned under that key: a file copied under another name is the unused one,
         not the recording it was copied from."""
         used = self.proxy.handlers.used or set()
 
-        async def scan() -> tuple[list[Recording], list[str], list[list[str]]]:
-            found, unreadable, misnamed = [], [], []
-            async for _, key, raw in self.proxy.handlers.store.scan():
+        async def scan() -> tuple[list[Recording], list[str], list[list[str]], list[list[str]]]:
+            found, unreadable, misnamed, misfiled = [], [], [], []
+            async for namespace, key, raw in self.proxy.handlers.store.scan():
                 if key in used:
                     continue
                 try:
@@ -386,10 +394,13 @@ class SeedcacheSession:
                 if recording.key != key:
                     misnamed.append([key, recording.key])
                     recording = recording.stored_under(key)
+                if recording.namespace != namespace:
+                    misfiled.append([key, namespace, recording.namespace])
                 found.append(recording)
-            return found, unreadable, misnamed
+            return found, unreadable, misnamed, misfiled
 
-        result: tuple[list[Recording], list[str], list[list[str]]] = self.proxy.call(scan())
+        result: tuple[list[Recording], list[str], list[list[str]], list[list[str]]]
+        result = self.proxy.call(scan())
         return result
 
 
@@ -510,15 +521,18 @@ def _tally(plugin: _Plugin, narrowed: str | None) -> Tally | None:
         misnamed=[],
         error=None,
         damaged_meta=None,
-        unportable=session.unportable_namespaces(),
+        unportable=[],
+        clashing=[],
+        misfiled=[],
         store=StoreSpec.parse(session.proxy.config.store).shown,
         placeholder_key=plugin.placeholder_key,
         narrowed=narrowed,
     )
+    tally["unportable"], tally["clashing"] = session.unportable_namespaces()
     with contextlib.suppress(StoreError):  # a store it cannot read fails requests, which say so
         tally["damaged_meta"] = session.damaged_meta()
     try:
-        unused, tally["unreadable"], tally["misnamed"] = session.scan_unused()
+        unused, tally["unreadable"], tally["misnamed"], tally["misfiled"] = session.scan_unused()
     except Exception as exc:  # the summary must never hide the session's own result
         tally["error"] = str(exc)
     else:
@@ -612,6 +626,28 @@ def _summary(
             f"seedcache: namespace(s) {', '.join(map(repr, unportable))} of the recordings are "
             "folder names Windows refuses (a device name such as con or aux, or a trailing "
             "'.'): a checkout there cannot create them; prefer other names"
+        )
+    clashing = sorted({(pair[0], pair[1]) for tally in tallies for pair in tally["clashing"]})
+    if clashing:
+        pairs = _first_few([f"{ns!r} and {other!r}" for ns, other in clashing])
+        lines.append(
+            f"seedcache: namespaces that differ only in letter case ({pairs}): on macOS and "
+            "Windows they are one folder, so the recordings of one are written into the "
+            "other's; prefer names that differ otherwise"
+        )
+    misfiled = sorted({tuple(row) for tally in tallies for row in tally["misfiled"]})
+    if misfiled:
+        listed = _first_few(
+            [
+                f"{key[:12]} of namespace {member!r} in {folder!r}"
+                for key, folder, member in misfiled
+            ]
+        )
+        lines.append(
+            f"seedcache: {len(misfiled)} recording(s) in the folder of another namespace "
+            f"({listed}), where their requests do not look for them: recorded on macOS or "
+            "Windows, where folders whose names differ only in case are one; move each into "
+            "its namespace's folder (git mv), and give namespaces names that differ otherwise"
         )
     store = tallies[0]["store"]
     asked = sorted({key for tally in tallies for key in tally["asked_unreadable"]})

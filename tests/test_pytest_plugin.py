@@ -274,6 +274,47 @@ def test_in_a_device_name():
     replayed.stdout.no_fnmatch_line("*Windows refuses*")  # only said of what a run writes
 
 
+def test_namespaces_that_differ_only_in_case_and_recordings_filed_by_them_are_said(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # One folder on macOS and Windows: recordings made there for "mars" land in "Mars/".
+    pytester.makepyfile(
+        test_app=APP_TESTS
+        + """
+@pytest.mark.seedcache(namespace="Mars")
+def test_upper():
+    assert ask("Tell me about Mars").choices[0].message.content
+
+@pytest.mark.seedcache(namespace="mars")
+def test_lower():
+    assert ask("Tell me about Mars").choices[0].message.content
+"""
+    )
+    recorded = run(pytester, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    recordings = pytester.path / "tests" / "recordings"
+    [lower] = (recordings / "mars").glob("*.json")
+    lower.rename(recordings / "Mars" / lower.name)  # as a commit from macOS holds it
+    replayed = run(pytester)
+
+    recorded.assert_outcomes(passed=4)
+    recorded.stdout.fnmatch_lines(
+        [
+            "seedcache: namespaces that differ only in letter case ('mars' and 'Mars'): on macOS "
+            "and Windows they are one folder, so the recordings of one are written into the "
+            "other's; prefer names that differ otherwise"
+        ]
+    )
+    replayed.assert_outcomes(passed=3, failed=1)
+    replayed.stdout.fnmatch_lines(
+        [
+            f"seedcache: 1 recording(s) in the folder of another namespace ({lower.stem[:12]} of "
+            "namespace 'mars' in 'Mars'), where their requests do not look for them: recorded on "
+            "macOS or Windows, where folders whose names differ only in case are one; move each "
+            "into its namespace's folder (git mv), and give namespaces names that differ otherwise"
+        ]
+    )
+
+
 def test_the_namespace_marker_applies_to_a_client_created_at_import_time(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:

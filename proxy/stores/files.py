@@ -142,6 +142,8 @@ class FilesStore:
         # The meta file was found damaged and that was logged: once, until it reads again.
         self._meta_damaged = False
         self._warned: set[str] = set()  # namespaces warned of as folder names Windows refuses
+        # Namespaces written to, each with the folders there whose names differ only in case.
+        self._cased: dict[str, list[str]] = {}
         try:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -163,7 +165,20 @@ class FilesStore:
         await self._locked(_record_lock(key), functools.partial(_write, path, value))
 
     def _warn_if_unportable(self, namespace: str) -> None:
-        """Once per namespace: a folder of this name cannot be checked out on Windows."""
+        """Once per namespace: a folder of this name cannot be checked out on Windows, or is
+        the same folder as another namespace's on macOS and Windows."""
+        if namespace and namespace not in self._cased:
+            self._cased[namespace] = clashes = self._same_but_for_case(namespace)
+            if clashes:
+                log.warning(
+                    "namespace %r of the files store at %r differs only in letter case from "
+                    "%s there: on macOS and Windows they are one folder, so the recordings of "
+                    "one are written into the other's, and a checkout elsewhere misses them; "
+                    "prefer names that differ otherwise",
+                    namespace,
+                    self.description,
+                    ", ".join(map(repr, clashes)),
+                )
         if namespace and namespace not in self._warned and unportable(namespace):
             self._warned.add(namespace)
             log.warning(
@@ -204,6 +219,21 @@ class FilesStore:
     def unportable_namespaces(self) -> list[str]:
         """The namespaces written to that are folder names Windows refuses (warned of once)."""
         return sorted(self._warned)
+
+    def case_clashes(self) -> list[list[str]]:
+        """[namespace, folder] for each namespace written to and each folder of the store whose
+        name differs from it only in case (warned of once)."""
+        return sorted([ns, other] for ns, others in self._cased.items() for other in others)
+
+    def _same_but_for_case(self, namespace: str) -> list[str]:
+        # On a case-insensitive file system the folder found may be the namespace's own folder,
+        # created under another case: that is the clash this looks for.
+        folded = namespace.casefold()
+        try:
+            names = [entry.name for entry in os.scandir(self._root) if entry.is_dir()]
+        except OSError:
+            return []
+        return sorted(n for n in names if n != namespace and n.casefold() == folded)
 
     async def set_meta(self, name: str, value: str) -> None:
         await self._locked("meta", functools.partial(self._set_meta, name, value))
