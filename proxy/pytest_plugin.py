@@ -379,10 +379,15 @@ class SeedcacheSession:
         Requests find a recording by the key it is stored under (a files store's file name), so
         each is returned under that key: a file copied under another name is the unused one,
         not the recording it was copied from."""
+        from proxy.stores.files import FilesStore
+
         used = self.proxy.handlers.used or set()
 
         async def scan() -> tuple[list[Recording], list[str], list[list[str]], list[list[str]]]:
             found, unreadable, misnamed, misfiled = [], [], [], []
+            # Only a files store files recordings by namespace (its folders); the others list
+            # every recording under none.
+            by_folder = isinstance(self.proxy.handlers.store, FilesStore)
             async for namespace, key, raw in self.proxy.handlers.store.scan():
                 if key in used:
                     continue
@@ -394,7 +399,7 @@ class SeedcacheSession:
                 if recording.key != key:
                     misnamed.append([key, recording.key])
                     recording = recording.stored_under(key)
-                if recording.namespace != namespace:
+                if by_folder and recording.namespace != namespace:
                     misfiled.append([key, namespace, recording.namespace])
                 found.append(recording)
             return found, unreadable, misnamed, misfiled

@@ -315,6 +315,27 @@ def test_lower():
     )
 
 
+def test_unused_namespaced_recordings_of_a_disk_store_are_not_called_misfiled(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
+    # A disk store has no folders: it lists every recording under no namespace.
+    namespaced = """
+@pytest.mark.seedcache(namespace="team")
+def test_team():
+    assert ask("Tell me about Mars").choices[0].message.content
+"""
+    pytester.makepyfile(test_app=APP_TESTS + namespaced)
+    store = f"--seedcache-store={pytester.path / 'disk'}"
+    run(pytester, store, "--seedcache-mode=auto", f"--seedcache-upstream={upstream.base_url}")
+    pytester.makepyfile(test_app=APP_TESTS)  # test_team is gone: its recording is unused
+
+    replayed = run(pytester, store)
+
+    replayed.assert_outcomes(passed=2)
+    replayed.stdout.fnmatch_lines(["seedcache: 1 recording(s) no test used:"])
+    replayed.stdout.no_fnmatch_line("*folder of another namespace*")
+
+
 def test_the_namespace_marker_applies_to_a_client_created_at_import_time(
     pytester: pytest.Pytester, upstream: FakeUpstream
 ) -> None:
