@@ -156,19 +156,29 @@ class FilesStore:
     async def update(self, namespace: str, key: str, fn: Updater) -> bytes | None:
         path = self._path(namespace, key)
         self._warn_if_unportable(namespace)
-        return await self._locked(_record_lock(key), functools.partial(self._update, path, fn))
+        work = functools.partial(self._update, path, fn)
+        return await self._locked(_record_lock(key), functools.partial(self._in, namespace, work))
 
     async def put(self, namespace: str, key: str, value: bytes) -> None:
         # Locked too, so a put cannot fall between the read and the write of another's update.
         path = self._path(namespace, key)
         self._warn_if_unportable(namespace)
-        await self._locked(_record_lock(key), functools.partial(_write, path, value))
+        work = functools.partial(_write, path, value)
+        await self._locked(_record_lock(key), functools.partial(self._in, namespace, work))
 
-    def _warn_if_unportable(self, namespace: str) -> None:
-        """Once per namespace: a folder of this name cannot be checked out on Windows, or is
-        the same folder as another namespace's on macOS and Windows."""
+    def _in(self, namespace: str, work: Callable[[], T]) -> T:
+        """`work`, a write into `namespace`, off the loop. Before the first one, once per
+        namespace: the folders whose names differ from it only in case, which are the same
+        folder on macOS and Windows (a directory listing, so not on the loop)."""
         if namespace and namespace not in self._cased:
-            self._cased[namespace] = clashes = self._same_but_for_case(namespace)
+            folded = namespace.casefold()
+            self._cased[namespace] = clashes = sorted(
+                entry.name
+                for entry in _entries(self._root)
+                # On a case-insensitive file system the folder found may be the namespace's
+                # own, created under another case: that is the clash this looks for.
+                if entry.name != namespace and entry.name.casefold() == folded and entry.is_dir()
+            )
             if clashes:
                 log.warning(
                     "namespace %r of the files store at %r differs only in letter case from "
@@ -179,6 +189,10 @@ class FilesStore:
                     self.description,
                     ", ".join(map(repr, clashes)),
                 )
+        return work()
+
+    def _warn_if_unportable(self, namespace: str) -> None:
+        """Once per namespace: a folder of this name cannot be checked out on Windows."""
         if namespace and namespace not in self._warned and unportable(namespace):
             self._warned.add(namespace)
             log.warning(
@@ -224,16 +238,6 @@ class FilesStore:
         """[namespace, folder] for each namespace written to and each folder of the store whose
         name differs from it only in case (warned of once)."""
         return sorted([ns, other] for ns, others in self._cased.items() for other in others)
-
-    def _same_but_for_case(self, namespace: str) -> list[str]:
-        # On a case-insensitive file system the folder found may be the namespace's own folder,
-        # created under another case: that is the clash this looks for.
-        folded = namespace.casefold()
-        try:
-            names = [entry.name for entry in os.scandir(self._root) if entry.is_dir()]
-        except OSError:
-            return []
-        return sorted(n for n in names if n != namespace and n.casefold() == folded)
 
     async def set_meta(self, name: str, value: str) -> None:
         await self._locked("meta", functools.partial(self._set_meta, name, value))
